@@ -1,0 +1,1 @@
+"""Sub-commands of the ``neoxja`` CLI; each module has ``register(subparsers)``."""

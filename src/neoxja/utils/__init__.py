@@ -1,0 +1,1 @@
+"""Utilities around the model (attention-mask visualisation, ...)."""
