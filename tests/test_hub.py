@@ -43,7 +43,8 @@ def test_local_directory(tmp_path: Path) -> None:
 def test_local_subfolder(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "config.json").write_text("{}")
-    assert resolve_file(tmp_path, "config.json", HubOptions(subfolder="sub")) == tmp_path / "sub" / "config.json"
+    found = resolve_file(tmp_path, "config.json", HubOptions(subfolder="sub"))
+    assert found == tmp_path / "sub" / "config.json"
 
 
 def test_offline_cache_hit_and_absent_file(offline: Path) -> None:
