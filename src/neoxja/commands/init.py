@@ -1,0 +1,101 @@
+"""``neoxja init``: write a randomly initialised model directory, to try things without a download.
+
+The directory holds ``config.json``, the weights and the tokenizer files taken from ``--tokenizer``,
+so every loader (``from_pretrained``, ``pipeline``, the CLI) treats it like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+# Architecture of each --size; everything else keeps GPTNeoXJapaneseConfig's defaults (the 2.7B model).
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "small": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "2.7b": {},
+}
+
+EPILOG = """\
+example:
+  neoxja init --size tiny --tokenizer ./abeja-tokenizer --out ./tiny-model
+  neoxja generate --model ./tiny-model --max-new-tokens 20 "こんにちは"
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``init`` sub-command."""
+    parser = subparsers.add_parser(
+        "init",
+        help="write a randomly initialised model directory (no download needed)",
+        description=(
+            "Write a model directory with random weights of the chosen size, the tokenizer files of "
+            "--tokenizer and a matching config.json: for trying the package and for benchmarks."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--size", choices=tuple(SIZES), default="tiny", help="architecture (default: tiny)")
+    parser.add_argument(
+        "--tokenizer", required=True, help="directory (or Hub id) with vocab.txt and emoji.json"
+    )
+    parser.add_argument(
+        "--out", required=True, help="directory to write (created; must be empty if it exists)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="dtype of the saved weights (default: float32)",
+    )
+    parser.set_defaults(func=run_init)
+
+
+def build_config(size: str, tokenizer: Any) -> Any:
+    """The configuration of ``size``, with the vocabulary and special ids of ``tokenizer``."""
+    from neoxja.configuration import GPTNeoXJapaneseConfig
+
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not one of {', '.join(SIZES)}")
+    return GPTNeoXJapaneseConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **SIZES[size],
+    )
+
+
+def init_model(config: Any, dtype: Any, seed: int) -> Any:
+    """A randomly initialised causal LM, built directly in ``dtype`` (no float32 copy on the side)."""
+    import torch
+
+    from neoxja.modeling import GPTNeoXJapaneseForCausalLM
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = GPTNeoXJapaneseForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def run_init(args: argparse.Namespace) -> int:
+    """``neoxja init``: build, initialise and save the model and tokenizer into ``--out``."""
+    from neoxja.pipelines import load_tokenizer, resolve_dtype
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} already exists and is not an empty directory")
+    tokenizer = load_tokenizer(args.tokenizer)
+    config = build_config(args.size, tokenizer)
+    model = init_model(config, resolve_dtype(args.dtype), args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    count = sum(parameter.numel() for parameter in model.parameters())
+    print(f"wrote a random {args.size} model ({count / 1e6:.1f}M parameters, {args.dtype}) to {out}")
+    return 0

@@ -1,0 +1,226 @@
+"""``pipeline("text-generation", ...)``: prompt in, ``[{"generated_text": ...}]`` out, as in the seed.
+
+The pipeline is a thin layer over the tokenizer and ``model.generate``: it loads both (from a Hub
+id, a directory or objects you pass), moves the model to ``device``, encodes each prompt, calls
+``generate`` with your keyword arguments and decodes. Its results have the shape transformers'
+pipeline returns: one list of dicts per prompt, one dict per returned sequence.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from neoxja.hub import DEFAULT_MODEL
+
+SUPPORTED_TASKS = ("text-generation",)
+
+# What the pipeline passes to ``generate`` unless the call sets it (transformers' pipeline uses the
+# same defaults for free-form text generation); sampling-only values are dropped when not sampling.
+PIPELINE_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
+SAMPLING_ARGS = ("temperature", "top_k", "top_p")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_device(device: int | str | torch.device | None) -> torch.device:
+    """``0`` -> ``cuda:0``, ``-1``/``None`` -> cpu, strings and ``torch.device`` as torch reads them."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, bool):
+        raise TypeError(f"device must be an int, a string or a torch.device, not {device!r}")
+    if isinstance(device, int):
+        return torch.device("cpu") if device < 0 else torch.device("cuda", device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device torch knows (e.g. 'cpu', 'cuda:0', 0)") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asks for CUDA, but torch sees no CUDA GPU on this machine")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """A ``torch.dtype`` from a name such as ``"float16"`` or ``"bf16"``; None and ``"auto"`` pass through."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(set(_DTYPES))} or 'auto'")
+
+
+def load_model_and_tokenizer(
+    model: Any, tokenizer: Any = None, *, dtype: Any = None, device: Any = None, **model_kwargs: Any
+) -> tuple[Any, Any]:
+    """Load (or take) a causal LM and its tokenizer; ``model`` is a Hub id, a directory or a model.
+
+    A model directory without ``vocab.txt``/``emoji.json`` is an error that says to pass
+    ``tokenizer=`` (or ``--tokenizer``) rather than a failure deep inside the tokenizer.
+    """
+    from neoxja.auto import AutoModelForCausalLM
+
+    dtype = resolve_dtype(dtype)
+    target = resolve_device(device) if device is not None else None
+    if isinstance(model, (str, os.PathLike)):
+        source = model
+        kwargs = dict(model_kwargs)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if target is not None:
+            kwargs["device"] = target
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    else:
+        source = getattr(model, "name_or_path", None) or getattr(
+            getattr(model, "config", None), "_name_or_path", None
+        )
+        if isinstance(dtype, torch.dtype) or target is not None:
+            model = model.to(device=target, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+    if tokenizer is None:
+        if not source:
+            raise ValueError("tokenizer= is required when model= is a model object without a name_or_path")
+        tokenizer = source
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
+    """The tokenizer of a directory or Hub id, or an error saying how to pass one if it has none."""
+    from neoxja.auto import AutoTokenizer
+    from neoxja.hub import resolve_file
+
+    if resolve_file(name_or_path, "vocab.txt") is None:
+        raise OSError(
+            f"{str(name_or_path)!r} has no tokenizer files (vocab.txt, emoji.json); pass the tokenizer "
+            f"explicitly (tokenizer= in Python, --tokenizer DIR on the command line)"
+        )
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+class TextGenerationPipeline:
+    """Continue Japanese text: ``pipe("人とAIが協調するためには、")`` -> ``[{"generated_text": ...}]``.
+
+    Keyword arguments given at construction are defaults for every call; those given to a call
+    override them. Besides the pipeline's own ``return_full_text``, ``return_tensors``,
+    ``skip_special_tokens`` and ``clean_up_tokenization_spaces``, every keyword goes to
+    ``model.generate`` (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+    ``repetition_penalty``, ``num_return_sequences``, ``streamer``, ...).
+    """
+
+    task = "text-generation"
+
+    def __init__(self, model: Any, tokenizer: Any, device: Any = None, **kwargs: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        if device is not None:
+            self.model.to(resolve_device(device))
+        self.model.eval()
+        self._call_defaults = kwargs
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights (and so the inputs) live."""
+        return next(self.model.parameters()).device
+
+    def __call__(self, text_inputs: str | list[str], **kwargs: Any) -> list:
+        """Generate for one prompt (-> list of dicts) or a list of prompts (-> list of lists of dicts)."""
+        if isinstance(text_inputs, str):
+            return self._generate_one(text_inputs, **{**self._call_defaults, **kwargs})
+        if isinstance(text_inputs, (list, tuple)) and all(isinstance(text, str) for text in text_inputs):
+            if not text_inputs:
+                raise ValueError("text_inputs is an empty list; pass a prompt string or a list of them")
+            return [self._generate_one(text, **{**self._call_defaults, **kwargs}) for text in text_inputs]
+        raise TypeError(
+            f"text_inputs must be a string or a list of strings, not {type(text_inputs).__name__}"
+        )
+
+    def _generate_one(
+        self,
+        prompt: str,
+        *,
+        return_full_text: bool = True,
+        return_tensors: bool = False,
+        skip_special_tokens: bool = True,
+        clean_up_tokenization_spaces: bool | None = None,
+        prefix: str = "",
+        **generate_kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        if not prompt:
+            raise ValueError("text_inputs: the prompt is empty; give some text for the model to continue")
+        encoded = self.tokenizer(prefix + prompt, return_tensors="pt")
+        input_ids = encoded["input_ids"].to(self.device)
+        attention_mask = encoded.get("attention_mask")
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        generate_kwargs = self._with_defaults(generate_kwargs)
+        with torch.inference_mode():
+            sequences = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
+            )
+        prompt_length = input_ids.shape[-1]
+        records = []
+        for sequence in sequences.tolist():
+            if return_tensors:
+                records.append({"generated_token_ids": sequence})
+                continue
+            decode_kwargs = {"skip_special_tokens": skip_special_tokens}
+            if clean_up_tokenization_spaces is not None:
+                decode_kwargs["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
+            text = self.tokenizer.decode(sequence[prompt_length:], **decode_kwargs)
+            records.append({"generated_text": prompt + text if return_full_text else text})
+        return records
+
+    def _with_defaults(self, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Add the pipeline's defaults for what the call leaves unset (cf. transformers' pipeline)."""
+        added = {key: value for key, value in PIPELINE_DEFAULTS.items() if key not in generate_kwargs}
+        if "max_length" in generate_kwargs:
+            added.pop("max_new_tokens", None)
+        if not {**added, **generate_kwargs}.get("do_sample"):
+            added = {key: value for key, value in added.items() if key not in SAMPLING_ARGS}
+        pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
+        if pad_token_id is not None and "pad_token_id" not in generate_kwargs:
+            added["pad_token_id"] = pad_token_id
+        return {**generate_kwargs, **added}
+
+
+def pipeline(
+    task: str | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    *,
+    dtype: Any = None,
+    torch_dtype: Any = None,
+    device: int | str | torch.device | None = None,
+    **kwargs: Any,
+) -> TextGenerationPipeline:
+    """Build a pipeline for ``task`` (only ``"text-generation"``), as ``transformers.pipeline`` does.
+
+    ``model`` is a Hub id, a local directory or a loaded model (default: the 2.7B Hub model);
+    ``tokenizer`` likewise (default: the model's own). ``dtype`` (``torch.float16``, ``"bfloat16"``,
+    ...) and ``device`` (``0`` -> ``cuda:0``, ``"cpu"``, ``torch.device``, ``-1``/``None`` -> cpu)
+    apply to the loaded model. Other keywords become defaults for every call (e.g. ``max_new_tokens``).
+    """
+    task = task or "text-generation"
+    if task not in SUPPORTED_TASKS:
+        raise ValueError(f"task={task!r} is not supported; neoxja supports: {', '.join(SUPPORTED_TASKS)}")
+    if dtype is not None and torch_dtype is not None:
+        raise ValueError("pass dtype= or its old name torch_dtype=, not both")
+    dtype = dtype if dtype is not None else torch_dtype
+    model_kwargs = kwargs.pop("model_kwargs", None) or {}
+    model, tokenizer = load_model_and_tokenizer(
+        DEFAULT_MODEL if model is None else model, tokenizer, dtype=dtype, device=device, **model_kwargs
+    )
+    return TextGenerationPipeline(model, tokenizer, **kwargs)

@@ -1,0 +1,245 @@
+"""Show which tokens may attend to which: :class:`AttentionMaskVisualizer`, as in the seed's example.
+
+``AttentionMaskVisualizer("abeja/gpt-neox-japanese-2.7b")("吾輩は猫である")`` prints a grid with one
+row per query token (labelled with the token) and one column per key position: ``■`` where the
+model lets the query attend to the key, ``⬚`` where the mask forbids it, the diagonal in green. A
+list of texts is left-padded into one batch, as generation does, and each row of the batch gets
+its own grid, so the masked padding columns show. Printing the mask needs only the config and the
+tokenizer; ``png=...`` with ``layer``/``head`` also runs the model to draw its attention weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GREEN = "\033[92m"
+RESET = "\033[0m"
+ALLOWED = "■"
+MASKED = "⬚"
+
+
+def allowed_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T, T]`` booleans: may query ``i`` of row ``b`` attend to key ``j``?
+
+    Built by the model's own mask function (:func:`neoxja.modeling.build_attention_mask`) for a
+    prompt of ``T`` tokens with this padding mask, so the grid shows exactly what the model applies:
+    causal, padding keys masked, and a padding query attending only to itself.
+    """
+    from neoxja.modeling import build_attention_mask
+
+    if attention_mask.ndim != 2:
+        raise ValueError(f"attention_mask must be [batch, seq_len], got shape {tuple(attention_mask.shape)}")
+    batch, length = attention_mask.shape
+    positions = torch.arange(length, device=attention_mask.device)
+    mask, _ = build_attention_mask(attention_mask, positions, length, batch)
+    if mask is None:  # no padding: the model uses plain causal attention
+        mask = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()[None, None]
+    return mask[:, 0].expand(batch, length, length)
+
+
+def format_grid(tokens: list[str], allowed: torch.Tensor, *, color: bool = False) -> str:
+    """The grid of ``allowed`` (``[T, T]``) with ``tokens`` as row labels and indices as column labels."""
+    n = len(tokens)
+    if tuple(allowed.shape) != (n, n):
+        raise ValueError(f"allowed must be [{n}, {n}] for {n} tokens, got shape {tuple(allowed.shape)}")
+    labels = [repr(token) for token in tokens]
+    label_width = max(len(label) for label in labels)
+    index_width = len(str(n - 1))
+    diagonal = f"{GREEN}{ALLOWED}{RESET}" if color else ALLOWED
+    legend = f"{ALLOWED}: may attend   {MASKED}: masked"
+    lines = [f" {diagonal}: i == j (diagonal)   {legend}" if color else f" {legend}"]
+    indent = " " * (label_width + 2 + index_width + 1)
+    for digit in range(index_width):  # column numbers, written vertically
+        lines.append(indent + " ".join(str(j).rjust(index_width)[digit] for j in range(n)))
+    rows = allowed.tolist()
+    for i, label in enumerate(labels):
+        cells = " ".join(
+            diagonal if i == j and rows[i][j] else ALLOWED if rows[i][j] else MASKED for j in range(n)
+        )
+        lines.append(f"{label.ljust(label_width)}: {str(i).rjust(index_width)} {cells}")
+    return "\n".join(lines)
+
+
+class AttentionMaskVisualizer:
+    """Print (and optionally draw) the attention mask of GPT-NeoX-Japanese for some text.
+
+    ``model`` is a Hub id, a model directory or a loaded model; ``tokenizer`` defaults to the
+    model's own. For an id or directory only the config and tokenizer are read until attention
+    weights are asked for (``png=`` with ``layer``/``head``), which loads the weights.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        dtype: Any = None,
+        device: Any = None,
+        color: bool | None = None,
+    ) -> None:
+        from neoxja.pipelines import load_tokenizer
+
+        if isinstance(model, (str, os.PathLike)):
+            from neoxja.auto import AutoConfig
+
+            self.name = str(model)
+            self.config = AutoConfig.from_pretrained(model)
+            self.model = None
+        else:
+            self.model = model
+            self.config = model.config
+            self.name = getattr(model, "name_or_path", None) or type(model).__name__
+        self._dtype, self._device = dtype, device
+        if tokenizer is None and self.model is not None and self.name == type(model).__name__:
+            raise ValueError("tokenizer= is required when model= is a model object without a name_or_path")
+        self.tokenizer = load_tokenizer(self.name) if tokenizer is None else tokenizer
+        if isinstance(self.tokenizer, (str, os.PathLike)):
+            self.tokenizer = load_tokenizer(self.tokenizer)
+        self.color = color
+
+    def __call__(
+        self,
+        input_sentence: str | list[str],
+        *,
+        png: str | os.PathLike | None = None,
+        layer: int | None = None,
+        head: int | None = None,
+    ) -> None:
+        """Print the mask grid(s) for the text(s); with ``png`` also write an image (see :meth:`save_png`)."""
+        color = self.color if self.color is not None else _stdout_is_terminal()
+        print(self.render(input_sentence, color=color))
+        if png is not None:
+            self.save_png(png, input_sentence, layer=layer, head=head)
+
+    def encode(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of ``texts`` as one left-padded batch ``[B, T]``."""
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        if not batch or any(not isinstance(text, str) or not text for text in batch):
+            raise ValueError("input_sentence must be a non-empty string or a list of non-empty strings")
+        encoded = [list(self.tokenizer.encode(text)) for text in batch]
+        length = max(len(ids) for ids in encoded)
+        max_positions = self.config.max_position_embeddings
+        if length > max_positions:
+            raise ValueError(
+                f"input_sentence has {length} tokens, more than max_position_embeddings={max_positions}"
+            )
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids in encoded], dtype=torch.long)
+        attention_mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in encoded])
+        return input_ids, attention_mask
+
+    def mask(self, texts: str | list[str]) -> tuple[list[list[str]], torch.Tensor]:
+        """The tokens of each batch row and the ``[B, T, T]`` boolean mask the model applies to them."""
+        input_ids, attention_mask = self.encode(texts)
+        tokens = [self.tokenizer.convert_ids_to_tokens(row) for row in input_ids.tolist()]
+        return tokens, allowed_positions(attention_mask)
+
+    def render(self, texts: str | list[str], *, color: bool = False) -> str:
+        """The text :meth:`__call__` prints: a title box, then one grid per batch row."""
+        tokens, allowed = self.mask(texts)
+        title = f"Attention visualization for {self.config.model_type}:{self.name} (causal mask)"
+        border = "#" * (len(title) + 8)
+        lines = [border, f"##  {title}  ##", border]
+        for row, row_tokens in enumerate(tokens):
+            if len(tokens) > 1:
+                lines.append(f"batch row {row} (left-padded; padding columns are masked)")
+            lines.append(format_grid(row_tokens, allowed[row], color=color))
+        lines.append(border)
+        return "\n".join(lines)
+
+    def attention_weights(self, texts: str | list[str], layer: int, head: int) -> torch.Tensor:
+        """``[B, T, T]`` attention probabilities of ``head`` in ``layer`` (runs the model)."""
+        layers, heads = self.config.num_hidden_layers, self.config.num_attention_heads
+        if not 0 <= layer < layers:
+            raise ValueError(f"layer={layer} is out of range: the model has layers 0..{layers - 1}")
+        if not 0 <= head < heads:
+            raise ValueError(f"head={head} is out of range: the model has heads 0..{heads - 1}")
+        model = self._loaded_model()
+        input_ids, attention_mask = self.encode(texts)
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            outputs = model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                output_attentions=True,
+            )
+        return outputs.attentions[layer][:, head].float().cpu()
+
+    def save_png(
+        self,
+        path: str | os.PathLike,
+        texts: str | list[str],
+        *,
+        layer: int | None = None,
+        head: int | None = None,
+    ) -> Path:
+        """Draw the mask (or ``layer``/``head``'s attention weights) of each batch row into ``path``."""
+        if (layer is None) != (head is None):
+            raise ValueError(
+                "give both layer and head to draw attention weights, or neither to draw the mask"
+            )
+        figure_class = _figure_class()
+        tokens, allowed = self.mask(texts)
+        if layer is None:
+            images, what = allowed.float(), "attention mask (1 = may attend)"
+        else:
+            images, what = (
+                self.attention_weights(texts, layer, head),
+                f"attention weights, layer {layer} head {head}",
+            )
+        batch, length = images.shape[0], images.shape[-1]
+        size = max(4.0, 0.3 * length + 2)
+        figure = figure_class(figsize=(size * batch, size))
+        axes = figure.subplots(1, batch, squeeze=False)
+        for row in range(batch):
+            ax = axes[0][row]
+            shown = ax.imshow(images[row].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            labels = [f"{i}:{token}" for i, token in enumerate(tokens[row])]
+            ax.set_xticks(range(length), labels=labels, rotation=90, fontsize=7)
+            ax.set_yticks(range(length), labels=labels, fontsize=7)
+            ax.set_xlabel("key")
+            ax.set_ylabel("query")
+            ax.set_title(f"{what}" + (f", batch row {row}" if batch > 1 else ""), fontsize=9)
+            figure.colorbar(shown, ax=ax, fraction=0.046)
+        figure.tight_layout()
+        path = Path(path)
+        import warnings
+
+        with warnings.catch_warnings():  # the default font has no Japanese glyphs; the image is still fine
+            warnings.simplefilter("ignore", UserWarning)
+            figure.savefig(path, dpi=100)
+        return path
+
+    def _loaded_model(self) -> torch.nn.Module:
+        if self.model is None:
+            from neoxja.auto import AutoModelForCausalLM
+            from neoxja.pipelines import resolve_device, resolve_dtype
+
+            kwargs: dict[str, Any] = {}
+            if self._dtype is not None:
+                kwargs["dtype"] = resolve_dtype(self._dtype)
+            if self._device is not None:
+                kwargs["device"] = resolve_device(self._device)
+            self.model = AutoModelForCausalLM.from_pretrained(self.name, **kwargs).eval()
+        return self.model
+
+
+def _figure_class() -> type:
+    """matplotlib's ``Figure`` (used without pyplot, so no GUI backend or global state is touched)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(
+            "writing a PNG needs matplotlib, an optional dependency: pip install 'neoxja[viz]'"
+        ) from err
+    return Figure
+
+
+def _stdout_is_terminal() -> bool:
+    import sys
+
+    return sys.stdout.isatty()
