@@ -1,0 +1,154 @@
+"""Key/value cache for incremental decoding.
+
+Design
+------
+One pair of preallocated buffers per layer, ``keys[i]`` and ``values[i]`` of shape
+``[batch, heads, capacity, head_dim]``. A forward pass over ``T`` new tokens writes them at
+``[:, :, length : length + T]`` (an in-place slice copy, no concatenation) and attends to the
+view ``[:, :, : length + T]``; after the last layer the model calls :meth:`KVCache.advance` once,
+so every layer of one forward sees the same offset. A decoding step therefore costs the same
+Python work whatever the sequence length. If ``length + T`` exceeds the capacity, the buffers are
+reallocated at (at least) twice the capacity, so appends are amortised O(1).
+
+The layout is chosen so that two later extensions need no change to the model:
+
+* static cache for ``torch.compile``: allocate ``capacity`` once, never grow, write with
+  ``index_copy_`` at ``cache_position`` and attend to the whole buffer under a mask built from
+  ``cache_position`` (the model already derives its masks from absolute key positions);
+* slot-based cache for a batching server: each batch row is a slot with its own length; the
+  row operations here (:meth:`select`, :meth:`reorder`) are the primitives such a server needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers with a shared filled length.
+
+    ``KVCache(config, batch_size, max_length, dtype, device)`` allocates everything up front;
+    ``max_length`` is a capacity hint, not a limit (the cache doubles when it is exceeded).
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if batch_size <= 0 or max_length <= 0:
+            raise ValueError(f"KVCache needs batch_size, max_length > 0, got {batch_size}, {max_length}")
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.length = 0
+        shape = (batch_size, self.num_heads, max_length, self.head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """Same as the constructor; mirrors the ``from_config`` spelling used elsewhere."""
+        return cls(config, batch_size, max_length, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        """Number of positions the buffers hold before they must grow."""
+        return self.keys[0].shape[2]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of positions already stored (the same for every layer between forwards)."""
+        return self.length
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def update(
+        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``key``/``value`` ``[batch, heads, T, head_dim]`` after the filled part of layer
+        ``layer_idx`` and return views of everything stored so far,
+        ``[batch, heads, length + T, head_dim]``.
+
+        Does not advance the length: the model calls :meth:`advance` once after all layers.
+        """
+        if key.shape != value.shape or key.dim() != 4:
+            raise ValueError(
+                f"key and value must have the same 4-d shape, got {tuple(key.shape)}, {tuple(value.shape)}"
+            )
+        batch, heads, new, head_dim = key.shape
+        if (batch, heads, head_dim) != (self.batch_size, self.num_heads, self.head_dim):
+            raise ValueError(
+                f"KVCache holds [batch={self.batch_size}, heads={self.num_heads}, *, "
+                f"head_dim={self.head_dim}], "
+                f"got key of shape {tuple(key.shape)}"
+            )
+        end = self.length + new
+        if end > self.keys[layer_idx].shape[2]:
+            self._grow(end)
+        self.keys[layer_idx][:, :, self.length : end] = key
+        self.values[layer_idx][:, :, self.length : end] = value
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        """Mark ``num_tokens`` more positions as filled (called once per forward by the model)."""
+        self.length += num_tokens
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.capacity)
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_empty(old.shape[:2] + (capacity,) + old.shape[3:])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                buffers[i] = new
+
+    def reset(self) -> None:
+        """Forget every stored position; the buffers are kept for reuse."""
+        self.length = 0
+
+    def crop(self, max_length: int) -> None:
+        """Keep only the first ``max_length`` positions (a negative value drops that many from the end)."""
+        if max_length < 0:
+            max_length = self.length + max_length
+        if max_length < 0:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {max_length}")
+        self.length = min(self.length, max_length)
+
+    def select(self, indices: torch.Tensor | list[int]) -> None:
+        """Keep (repeat, reorder) batch rows ``indices``: drop finished sequences, follow beams."""
+        indices = torch.as_tensor(indices, dtype=torch.long, device=self.device)
+        if indices.dim() != 1:
+            raise ValueError(f"select expects a 1-d list of batch rows, got shape {tuple(indices.shape)}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.batch_size):
+            raise IndexError(
+                f"batch rows {indices.tolist()} out of range for a cache of batch size {self.batch_size}"
+            )
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                buffers[i] = old.index_select(0, indices)
+        self.batch_size = indices.numel()
+
+    def reorder(self, beam_idx: torch.Tensor | list[int]) -> None:
+        """Reorder batch rows for beam search; the same operation as :meth:`select`."""
+        self.select(beam_idx)
+
+    def __repr__(self) -> str:
+        return (
+            f"KVCache(layers={self.num_layers}, batch={self.batch_size}, heads={self.num_heads}, "
+            f"length={self.length}, capacity={self.capacity}, dtype={self.dtype})"
+        )
