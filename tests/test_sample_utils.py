@@ -1,0 +1,180 @@
+"""Logits processors against transformers' processors on random scores, and the sampler's contract."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.generation import logits_process as ref
+
+from neoxja.sample_utils import (
+    MinLengthProcessor,
+    NoRepeatNGramProcessor,
+    RepetitionPenaltyProcessor,
+    Sampler,
+    TemperatureProcessor,
+    TopKProcessor,
+    TopPProcessor,
+    greedy,
+    make_multinomial,
+    make_sampler,
+)
+
+VOCAB = 50
+
+
+def _scores(seed: int, batch: int = 3, vocab: int = VOCAB) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(batch, vocab, generator=g) * 3
+    scores[0, :5] = scores[0, 5]  # ties at the top-k / top-p boundaries
+    return scores
+
+
+def _ids(seed: int, batch: int = 3, length: int = 12, vocab: int = 8) -> torch.Tensor:
+    # A small id range makes repeats (and repeated n-grams) frequent.
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _same(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("temperature", [0.3, 1.7])
+def test_temperature_matches_reference(seed: int, temperature: float) -> None:
+    scores, ids = _scores(seed), _ids(seed)
+    _same(
+        TemperatureProcessor(temperature)(ids, scores.clone()),
+        ref.TemperatureLogitsWarper(temperature)(ids, scores),
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("top_k", [1, 3, 6, 49, 50, 80])
+def test_top_k_matches_reference(seed: int, top_k: int) -> None:
+    scores, ids = _scores(seed), _ids(seed)
+    _same(TopKProcessor(top_k)(ids, scores.clone()), ref.TopKLogitsWarper(top_k)(ids, scores))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("top_p", [1e-6, 0.1, 0.5, 0.9, 0.999, 1.0])
+def test_top_p_matches_reference(seed: int, top_p: float) -> None:
+    scores, ids = _scores(seed), _ids(seed)
+    ours = TopPProcessor(top_p)(ids, scores.clone())
+    _same(ours, ref.TopPLogitsWarper(top_p)(ids, scores))
+    assert (ours > -math.inf).sum(-1).min() >= 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("penalty", [0.5, 1.3, 2.0])
+def test_repetition_penalty_matches_reference_while_decoding(seed: int, penalty: float) -> None:
+    """Fed a growing sequence step by step, the incremental penalty equals the reference at each step."""
+    ids = _ids(seed, length=20)
+    ours = RepetitionPenaltyProcessor(penalty)
+    for length in range(6, 21):
+        scores = _scores(seed * 100 + length, vocab=10)
+        _same(
+            ours(ids[:, :length], scores.clone()),
+            ref.RepetitionPenaltyLogitsProcessor(penalty)(ids[:, :length], scores),
+        )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_repetition_penalty_ignores_left_padding_like_reference(seed: int) -> None:
+    ids = _ids(seed, length=10)
+    padding = torch.tensor([0, 3, 7])
+    ours = RepetitionPenaltyProcessor(1.5, padding)
+    for length in (10, 11, 12):
+        full = torch.cat([ids, _ids(seed + 7, length=2)], dim=1)[:, :length]
+        scores = _scores(seed + length, vocab=10)
+        theirs = ref.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=padding)(full, scores.clone())
+        _same(ours(full, scores.clone()), theirs)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram_matches_reference_while_decoding(seed: int, n: int) -> None:
+    ids = _ids(seed, length=24, vocab=4)
+    ours = NoRepeatNGramProcessor(n)
+    for length in [1, 2, 3, *range(5, 25)]:
+        scores = _scores(seed + length, vocab=6)
+        _same(
+            ours(ids[:, :length], scores.clone()),
+            ref.NoRepeatNGramLogitsProcessor(n)(ids[:, :length], scores),
+        )
+
+
+@pytest.mark.parametrize("eos", [3, [3, 7]])
+def test_min_length_and_min_new_tokens_match_reference(eos: int | list[int]) -> None:
+    ids = _ids(0, length=12)
+    for length in range(8, 13):
+        scores = _scores(length, vocab=10)
+        theirs = ref.MinLengthLogitsProcessor(11, eos)(ids[:, :length], scores)
+        _same(MinLengthProcessor(11, eos)(ids[:, :length], scores.clone()), theirs)
+        theirs = ref.MinNewTokensLengthLogitsProcessor(8, 3, eos)(ids[:, :length], scores)
+        _same(MinLengthProcessor(8 + 3, eos)(ids[:, :length], scores.clone()), theirs)
+
+
+def test_chain_matches_reference_order() -> None:
+    """The sampler's processor chain equals the reference's chain for the same settings."""
+    settings = dict(temperature=0.7, top_k=9, top_p=0.8, repetition_penalty=1.2, no_repeat_ngram_size=2)
+    ids = _ids(1, length=15)
+    sampler = make_sampler(do_sample=True, min_length=20, eos_token_id=4, **settings)
+    chain = ref.LogitsProcessorList(
+        [
+            ref.RepetitionPenaltyLogitsProcessor(1.2),
+            ref.NoRepeatNGramLogitsProcessor(2),
+            ref.MinLengthLogitsProcessor(20, 4),
+            ref.TemperatureLogitsWarper(0.7),
+            ref.TopKLogitsWarper(9),
+            ref.TopPLogitsWarper(0.8),
+        ]
+    )
+    scores = _scores(5, vocab=30)
+    _same(sampler.process(ids, scores.clone()), chain(ids, scores))
+
+
+def test_greedy_chain_skips_sampling_processors() -> None:
+    sampler = make_sampler(do_sample=False, temperature=0.5, top_k=3, top_p=0.5)
+    assert sampler.processors == [] and sampler.pick is greedy
+    scores = _scores(3)
+    _same(sampler(_ids(3), scores.clone()), scores.argmax(-1))
+
+
+def test_multinomial_is_reproducible_with_a_generator() -> None:
+    scores = _scores(2)
+
+    def draw(seed: int) -> list[int]:
+        pick = make_multinomial(torch.Generator().manual_seed(seed))
+        return [pick(scores.clone()).tolist() for _ in range(10)]
+
+    assert draw(0) == draw(0)
+    assert draw(0) != draw(1)
+
+
+def test_multinomial_never_picks_filtered_tokens() -> None:
+    sampler = Sampler([TopKProcessor(2)], make_multinomial(torch.Generator().manual_seed(0)))
+    scores = _scores(4)
+    allowed = scores.topk(2).indices
+    for _ in range(20):
+        picked = sampler(_ids(4), scores.clone())
+        assert (allowed == picked[:, None]).any(-1).all()
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda: TemperatureProcessor(0.0), "temperature"),
+        (lambda: TemperatureProcessor(-1.0), "temperature"),
+        (lambda: TopKProcessor(0), "top_k"),
+        (lambda: TopPProcessor(0.0), "top_p"),
+        (lambda: TopPProcessor(1.5), "top_p"),
+        (lambda: RepetitionPenaltyProcessor(0.0), "repetition_penalty"),
+        (lambda: NoRepeatNGramProcessor(0), "no_repeat_ngram_size"),
+        (lambda: MinLengthProcessor(-1, 0), "min_length"),
+    ],
+)
+def test_bad_settings_name_the_argument(build, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        build()
