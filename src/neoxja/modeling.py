@@ -28,6 +28,7 @@ from torch import nn
 
 from neoxja.cache import KVCache
 from neoxja.configuration import GPTNeoXJapaneseConfig, get_activation
+from neoxja.generation import GenerationMixin
 from neoxja.rope import RotaryEmbedding, apply_rotary
 
 # ----- outputs --------------------------------------------------------------------------------------
@@ -484,7 +485,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         return list(head_mask.to(dtype).view(layers, 1, heads, 1, 1))
 
 
-class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel):
+class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin):
     """The transformer with its language-modelling head ``embed_out`` (tied to ``embed_in`` by default)."""
 
     def __init__(self, config: GPTNeoXJapaneseConfig) -> None:
