@@ -1,0 +1,423 @@
+"""Load and save model weights in the files transformers reads and writes.
+
+Loading builds the module on the meta device (no random initialisation, no memory), then reads
+one tensor at a time straight into its final buffer and assigns it to the module, so the weights
+exist once: safetensors files are read with plain ``readinto`` (no mmap whose touched pages would
+count as a second copy), ``.bin`` files through ``torch.load(weights_only=True, mmap=True)``.
+
+Files looked for, in order: ``model.safetensors``, ``model.safetensors.index.json`` (shards),
+``pytorch_model.bin``, ``pytorch_model.bin.index.json`` (shards).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import pickle
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from neoxja.configuration import GPTNeoXJapaneseConfig
+from neoxja.hub import HubOptions, resolve_file
+
+if TYPE_CHECKING:
+    from neoxja.modeling import GPTNeoXJapanesePreTrainedModel
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)
+
+# Buffers that old transformers versions saved with the weights; they are recomputed, never loaded.
+_STALE_KEYS = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+_READ_CHUNK = 1 << 30
+
+
+class CheckpointError(ValueError):
+    """A weights file is unreadable, or its contents do not fit the model."""
+
+
+# ----- reading files --------------------------------------------------------------------------------
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """Parse and check a safetensors header: ``({name: {dtype, shape, data_offsets}}, data_start)``.
+
+    Raises :class:`CheckpointError` naming the file (and tensor) for a truncated or corrupt file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        length = int.from_bytes(prefix, "little")
+        if length > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors file "
+                f"(header claims {length} bytes, the file has {size})"
+            )
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + length
+    for name, info in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}: {info!r}") from err
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * dtype.itemsize or begin < 0:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors entry for {name!r}: shape {shape} of {info['dtype']} needs "
+                f"{numel * dtype.itemsize} bytes, offsets give {end - begin}"
+            )
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file: tensor {name!r} ends at byte {data_start + end}, "
+                f"the file has {size} bytes"
+            )
+    return header, data_start
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from a safetensors file, each read into fresh memory, in file order."""
+    header, data_start = read_safetensors_header(path)
+    entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+    with open(path, "rb", buffering=0) as f:
+        for name, info in entries:
+            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes:
+                f.seek(data_start + info["data_offsets"][0])
+                view = memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+                done = 0
+                while done < nbytes:
+                    got = f.readinto(view[done : done + _READ_CHUNK])
+                    if not got:
+                        raise CheckpointError(f"{path}: truncated safetensors file while reading {name!r}")
+                    done += got
+            yield name, tensor
+
+
+def iter_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from a PyTorch pickle, refusing anything but plain tensors (weights_only)."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):  # the legacy (non-zip) format cannot be memory-mapped
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refusing to load it: the pickle holds more than tensors and unpickling it could run "
+            f"code (torch.load weights_only=True said: {str(err).splitlines()[0]}). Convert it to "
+            f"safetensors with a tool you trust."
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    while state:
+        name, tensor = state.popitem()
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        # A memory-mapped tensor would keep the model tied to the file: copy it into owned memory.
+        yield name, tensor.clone()
+
+
+def find_weight_files(name_or_path: str | os.PathLike, options: HubOptions) -> list[Path]:
+    """The weight files of a model directory or Hub id (all shards), in the preferred format."""
+    for filename in WEIGHT_FILES:
+        path = resolve_file(name_or_path, filename, options)
+        if path is None:
+            continue
+        if not filename.endswith(".index.json"):
+            return [path]
+        try:
+            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+            shard_names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{path}: not a shard index (no 'weight_map' object): {err}") from err
+        shards = []
+        for shard in shard_names:
+            shard_path = resolve_file(name_or_path, shard, options)
+            if shard_path is None:
+                raise OSError(f"{path} lists shard {shard!r}, which is missing from {str(name_or_path)!r}")
+            shards.append(shard_path)
+        return shards
+    where = Path(name_or_path) / options.subfolder if options.subfolder else name_or_path
+    raise OSError(f"no weights found in {str(where)!r}: looked for {', '.join(WEIGHT_FILES)}")
+
+
+def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every ``(name, tensor)`` of the given weight files."""
+    for path in files:
+        yield from iter_safetensors(path) if path.name.endswith(".safetensors") else iter_bin(path)
+
+
+# ----- loading into a model -------------------------------------------------------------------------
+
+
+def resolve_dtype(
+    dtype: torch.dtype | str | None, config: GPTNeoXJapaneseConfig, files: list[Path]
+) -> torch.dtype:
+    """The dtype to load in: a torch dtype, its name (``"bfloat16"``), or ``"auto"`` (also None, as in
+    transformers 5) = the config's ``dtype``/``torch_dtype``, else the checkpoint's first float tensor."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if config.dtype is not None:
+            return config.dtype
+        for path in files:
+            if path.name.endswith(".safetensors"):
+                header, _ = read_safetensors_header(path)
+                kinds = [_SAFETENSORS_DTYPES[info["dtype"]] for info in header.values()]
+            else:
+                kinds = [t.dtype for _, t in iter_bin(path)]
+            for kind in kinds:
+                if kind.is_floating_point:
+                    return kind
+        return torch.float32
+    name = str(dtype).removeprefix("torch.")
+    resolved = getattr(torch, name, None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype (nor 'auto')")
+    return resolved
+
+
+def _convert(name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``tensor`` in ``dtype`` on ``device``; an error instead of inf when ``dtype`` cannot hold a value."""
+    if not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor.to(device)
+    converted = tensor.to(device=device, dtype=dtype)
+    if torch.finfo(dtype).max < torch.finfo(tensor.dtype).max:
+        overflow = converted.isinf() & ~tensor.to(device).isinf()
+        if bool(overflow.any()):
+            peak = tensor.abs().max().item()
+            raise CheckpointError(
+                f"{name}: values up to {peak:.4g} do not fit in {dtype} (max {torch.finfo(dtype).max:.4g}); "
+                f"load it in a wider dtype such as torch.float32 or torch.bfloat16"
+            )
+    return converted
+
+
+def load_state(
+    model: GPTNeoXJapanesePreTrainedModel,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: torch.device,
+    strict: bool = True,
+) -> None:
+    """Assign checkpoint tensors to a (meta) model one by one, checking names and shapes.
+
+    Keys are matched with or without the ``gpt_neox_japanese.`` prefix, so a bare-model
+    checkpoint loads into the causal-LM class (its head tied or reported missing) and a causal-LM
+    checkpoint into the bare model (its head skipped). The tied ``embed_out`` may be absent.
+    With ``strict`` every missing or unexpected key is an error (listed).
+    """
+    prefix = model.base_model_prefix + "."
+    expected = dict(model.state_dict(keep_vars=True))
+    tied = getattr(model.config, "tie_word_embeddings", True) and "embed_out.weight" in expected
+    if tied:
+        del expected["embed_out.weight"]
+    has_prefix = any(key.startswith(prefix) for key in expected)
+
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for name, tensor in tensors:
+        key = name
+        if has_prefix and not key.startswith(prefix) and prefix + key in expected:
+            key = prefix + key
+        elif not has_prefix and key.startswith(prefix):
+            key = key[len(prefix) :]
+        if key not in expected:
+            # The LM head is no error for a tied model, nor for the bare model (transformers agrees).
+            head = key == "embed_out.weight" and (tied or not has_prefix)
+            if not (head or _STALE_KEYS.search(key)):
+                unexpected.append(name)
+            continue
+        target = expected[key]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"shape mismatch for {name}: checkpoint has {list(tensor.shape)}, "
+                f"the model (from its config) expects {list(target.shape)}"
+            )
+        loaded[key] = _convert(name, tensor, dtype, device)
+
+    missing = sorted(set(expected) - set(loaded))
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(sorted(unexpected))}")
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+    if missing:  # non-strict: initialise what the checkpoint lacks
+        for key in missing:
+            loaded[key] = torch.empty_like(expected[key], device=device, dtype=dtype)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if missing:
+        _init_missing(model, missing)
+
+
+def _init_missing(model: GPTNeoXJapanesePreTrainedModel, missing: list[str]) -> None:
+    modules = {name.rsplit(".", 1)[0] for name in missing}
+    for name, module in model.named_modules():
+        if name in modules:
+            model._init_weights(module)
+
+
+def _device(device: torch.device | str | int | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu")
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    return torch.device(device)
+
+
+def load_pretrained(
+    cls: type[GPTNeoXJapanesePreTrainedModel],
+    name_or_path: str | os.PathLike,
+    *,
+    config: GPTNeoXJapaneseConfig | None = None,
+    dtype: torch.dtype | str | None = "auto",
+    device: torch.device | str | int | None = None,
+    strict: bool = True,
+    **kwargs: Any,
+) -> GPTNeoXJapanesePreTrainedModel:
+    """Build ``cls`` from ``config.json`` + weights of a directory or Hub id; the model is in eval mode.
+
+    Hub keyword arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``,
+    ``subfolder``) go to :func:`neoxja.hub.resolve_file`; ``torch_dtype`` is an old name of
+    ``dtype`` and ``device_map`` (a single device or ``"auto"``) of ``device``; other keyword
+    arguments override config fields.
+    """
+    options = HubOptions.pop_from(kwargs)
+    if "torch_dtype" in kwargs:
+        dtype = kwargs.pop("torch_dtype")
+    if "device_map" in kwargs:
+        device = kwargs.pop("device_map")
+    if config is None:
+        hub_kwargs = {key: value for key, value in vars(options).items() if value}
+        config = GPTNeoXJapaneseConfig.from_pretrained(name_or_path, **hub_kwargs)
+    elif not isinstance(config, GPTNeoXJapaneseConfig):
+        raise TypeError(f"config must be a GPTNeoXJapaneseConfig, got {type(config).__name__}")
+    for key, value in kwargs.items():
+        if not hasattr(config, key):
+            raise TypeError(f"from_pretrained() got an unexpected keyword argument {key!r}")
+        setattr(config, key, value)
+
+    files = find_weight_files(name_or_path, options)
+    dtype = resolve_dtype(dtype, config, files)
+    device = _device(device)
+    with torch.device("meta"):
+        model = cls(config)
+    load_state(model, iter_checkpoint(files), dtype, device, strict=strict)
+    model.tie_weights()
+    model._reset_rotary(device)
+    return model.eval()
+
+
+# ----- saving ---------------------------------------------------------------------------------------
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string like ``"5GB"`` (10**9), ``"500MiB"`` (2**20), ``"10KB"``."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
+    if not match:
+        raise ValueError(f"max_shard_size={size!r} is not a size like 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), match.group(2)
+    base = 1024 if "I" in unit else 1000
+    return int(number * base ** "BKMGT".index(unit[0]))
+
+
+def save_pretrained(
+    model: GPTNeoXJapanesePreTrainedModel,
+    save_directory: str | os.PathLike,
+    *,
+    safe_serialization: bool = True,
+    max_shard_size: int | str = "50GB",
+) -> None:
+    """Write ``config.json`` and the weights, sharded above ``max_shard_size`` with an index file.
+
+    A tied ``embed_out.weight`` is left out, as transformers does: it is rebuilt from ``embed_in``.
+    Old weight files of the directory are removed first so that shards of two saves never mix.
+    """
+    directory = Path(save_directory)
+    if directory.is_file():
+        raise OSError(f"cannot save the model into {directory}: it is a file, not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", True):
+        state.pop("embed_out.weight", None)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + nbytes > limit:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][key] = tensor.detach().to("cpu").contiguous()
+        shard_bytes += nbytes
+
+    for old in directory.iterdir():
+        if re.fullmatch(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?", old.name):
+            old.unlink()
+
+    model.config.dtype = model.dtype
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+
+    stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
+    count = len(shards)
+    names = [f"{stem}-{i:05d}-of-{count:05d}.{ext}" for i in range(1, count + 1)]
+    if count == 1:
+        names = [f"{stem}.{ext}"]
+    for name, shard in zip(names, shards, strict=True):
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(shard, directory / name, metadata={"format": "pt"})
+        else:
+            torch.save(shard, directory / name)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard},
+        }
+        index_name = SAFE_INDEX if safe_serialization else BIN_INDEX
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        (directory / index_name).write_text(text, encoding="utf-8")
