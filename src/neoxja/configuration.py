@@ -282,8 +282,13 @@ class GPTNeoXJapaneseConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value the model cannot be built with."""
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "max_position_embeddings"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
             value = getattr(self, key)
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")

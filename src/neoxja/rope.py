@@ -146,9 +146,7 @@ _INV_FREQ = {
 }
 
 
-def rope_frequencies(
-    config: GPTNeoXJapaneseConfig, seq_len: Tensor | None = None
-) -> tuple[Tensor, float]:
+def rope_frequencies(config: GPTNeoXJapaneseConfig, seq_len: Tensor | None = None) -> tuple[Tensor, float]:
     """Inverse frequencies ``[rotary_ndims // 2]`` (float32) and the cos/sin scale for ``config``.
 
     ``seq_len`` (a 0-dim tensor: the longest position + 1) matters only for ``dynamic`` and
