@@ -183,7 +183,9 @@ class GPTNeoXJapaneseConfig:
         rope = copy.deepcopy(rope_scaling or rope_parameters or {})
         if not isinstance(rope, dict):
             raise ValueError(f"rope_parameters must be a dict, got {type(rope).__name__}")
-        rope.setdefault("rope_theta", float(rotary_emb_base))
+        rope.setdefault(
+            "rope_theta", float(rotary_emb_base) if _is_number(rotary_emb_base) else rotary_emb_base
+        )
         rope.setdefault("partial_rotary_factor", rotary_pct)
         rope.setdefault("rope_type", rope.get("type", "default"))
         if rope["rope_type"] in _ROPE_NEEDS_ORIGINAL_MAX:

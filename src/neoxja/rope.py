@@ -21,6 +21,7 @@ difference in a frequency would show.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -33,17 +34,23 @@ def _exponents(dim: int, device: torch.device | None = None) -> Tensor:
     return torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
 
 
-def _default(config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None) -> tuple[Tensor, float]:
+def _default(
+    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None, device: torch.device | None
+) -> tuple[Tensor, float]:
     base = config.rope_parameters["rope_theta"]
-    return 1.0 / (base ** _exponents(dim)), 1.0
+    return 1.0 / (base ** _exponents(dim, device)), 1.0
 
 
-def _linear(config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None) -> tuple[Tensor, float]:
-    inv_freq, _ = _default(config, dim, None)
+def _linear(
+    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None, device: torch.device | None
+) -> tuple[Tensor, float]:
+    inv_freq, _ = _default(config, dim, None, device)
     return inv_freq / config.rope_parameters["factor"], 1.0
 
 
-def _dynamic(config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None) -> tuple[Tensor, float]:
+def _dynamic(
+    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None, device: torch.device | None
+) -> tuple[Tensor, float]:
     """NTK scaling: enlarge the base so that the lowest frequency stretches over ``seq_len`` positions.
 
     At construction (``seq_len`` None) this is the plain RoPE of the trained length. During a forward,
@@ -58,10 +65,12 @@ def _dynamic(config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None) ->
     else:
         length = torch.maximum(seq_len, torch.tensor(trained, dtype=seq_len.dtype, device=seq_len.device))
     base = base * ((factor * length / trained) - (factor - 1)) ** (dim / (dim - 2))
-    return 1.0 / (base ** _exponents(dim)), 1.0
+    return 1.0 / (base ** _exponents(dim, device)), 1.0
 
 
-def _yarn(config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None) -> tuple[Tensor, float]:
+def _yarn(
+    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None, device: torch.device | None
+) -> tuple[Tensor, float]:
     """YaRN: keep high frequencies (many rotations within the trained length), interpolate low ones."""
     rope = config.rope_parameters
     base = rope["rope_theta"]
@@ -93,16 +102,19 @@ def _yarn(config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None) -> tu
     if low == high:
         high += 0.001  # the ramp below divides by high - low
 
-    powers = base ** _exponents(dim)
+    powers = base ** _exponents(dim, device)
     extrapolated = 1.0 / powers
     interpolated = 1.0 / (factor * powers)
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.arange(dim // 2, dtype=torch.float32, device=device)
+    ramp = torch.clamp((ramp - low) / (high - low), 0, 1)
     keep = 1 - ramp  # 1 where the frequency is kept as trained, 0 where it is interpolated
     inv_freq = interpolated * (1 - keep) + extrapolated * keep
     return inv_freq, attention_factor
 
 
-def _longrope(config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None) -> tuple[Tensor, float]:
+def _longrope(
+    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None, device: torch.device | None
+) -> tuple[Tensor, float]:
     """LongRoPE: frequencies divided by per-dimension factors, the long set past the trained length."""
     rope = config.rope_parameters
     base = rope["rope_theta"]
@@ -114,14 +126,18 @@ def _longrope(config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None) -
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     long = seq_len is not None and bool(seq_len > original)
-    ext = torch.tensor(rope["long_factor"] if long else rope["short_factor"], dtype=torch.float32)
-    return 1.0 / (ext * base ** _exponents(dim)), attention_factor
+    ext = torch.tensor(
+        rope["long_factor"] if long else rope["short_factor"], dtype=torch.float32, device=device
+    )
+    return 1.0 / (ext * base ** _exponents(dim, device)), attention_factor
 
 
-def _llama3(config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None) -> tuple[Tensor, float]:
+def _llama3(
+    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None, device: torch.device | None
+) -> tuple[Tensor, float]:
     """Llama 3.1: divide wavelengths longer than original/low_freq_factor by ``factor``, keep short ones."""
     rope = config.rope_parameters
-    inv_freq, _ = _default(config, dim, None)
+    inv_freq, _ = _default(config, dim, None, device)
     factor = rope["factor"]
     low_factor, high_factor = rope["low_freq_factor"], rope["high_freq_factor"]
     original = rope["original_max_position_embeddings"]
@@ -146,13 +162,15 @@ _INV_FREQ = {
 }
 
 
-def rope_frequencies(config: GPTNeoXJapaneseConfig, seq_len: Tensor | None = None) -> tuple[Tensor, float]:
+def rope_frequencies(
+    config: GPTNeoXJapaneseConfig, seq_len: Tensor | None = None, device: torch.device | None = None
+) -> tuple[Tensor, float]:
     """Inverse frequencies ``[rotary_ndims // 2]`` (float32) and the cos/sin scale for ``config``.
 
     ``seq_len`` (a 0-dim tensor: the longest position + 1) matters only for ``dynamic`` and
-    ``longrope``; None means "within the trained length".
+    ``longrope``; None means "within the trained length". ``device`` defaults to torch's current one.
     """
-    return _INV_FREQ[config.rope_parameters["rope_type"]](config, config.rotary_ndims, seq_len)
+    return _INV_FREQ[config.rope_parameters["rope_type"]](config, config.rotary_ndims, seq_len, device)
 
 
 class RotaryEmbedding(nn.Module):
@@ -179,7 +197,7 @@ class RotaryEmbedding(nn.Module):
             long_seq = torch.tensor(self.longrope_threshold + 1)
             self.register_buffer("long_inv_freq", rope_frequencies(config, long_seq)[0], persistent=False)
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's hook signature
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding:
         # Follow device moves but not dtype casts (model.half() etc.): frequencies stay float32,
         # because rounding them to 16 bits would shift every angle by up to position * 2**-8.
         def move_only(t: Tensor) -> Tensor:
@@ -193,7 +211,8 @@ class RotaryEmbedding(nn.Module):
         seq_len = position_ids.max() + 1
         cached = self.max_seq_len_cached
         if seq_len > cached:  # longer than ever: stretch the base further
-            inv_freq, self.attention_scaling = rope_frequencies(self.config, seq_len.cpu())
+            # computed on the positions' device, as the reference does, for the same float32 rounding
+            inv_freq, self.attention_scaling = rope_frequencies(self.config, seq_len, seq_len.device)
             self.inv_freq = inv_freq.to(self.original_inv_freq.device)
             self.max_seq_len_cached = seq_len
         if seq_len < self.original_max_seq_len and cached > self.original_max_seq_len:  # short again
