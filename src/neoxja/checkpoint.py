@@ -343,7 +343,7 @@ def load_pretrained(
         model = cls(config)
     load_state(model, iter_checkpoint(files), dtype, device, strict=strict)
     model.tie_weights()
-    model._reset_rotary(device)
+    model.base_model.rotary_emb.to(device)
     return model.eval()
 
 

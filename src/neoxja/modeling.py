@@ -326,23 +326,16 @@ class GPTNeoXJapanesePreTrainedModel(nn.Module):
         return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Number of (distinct) parameters; tied weights count once."""
+        """Number of (distinct) parameters; tied weights count once. ``exclude_embeddings`` leaves out
+        the input embedding (as transformers does, an untied output head still counts)."""
         skip = set()
         if exclude_embeddings:
             skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-            output = self.get_output_embeddings()
-            if output is not None:
-                skip.add(id(output.weight))
         return sum(
             p.numel()
             for p in self.parameters()
             if id(p) not in skip and (p.requires_grad or not only_trainable)
         )
-
-    def _reset_rotary(self, device: torch.device | str) -> None:
-        """(Re)build the rotary tables on ``device``; they are not in checkpoints, so loading needs it."""
-        with torch.device(device):
-            self.base_model.rotary_emb = RotaryEmbedding(self.config)
 
     @classmethod
     def from_pretrained(
@@ -386,7 +379,11 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GPTNeoXJapaneseLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config)
+        # The rotary tables are computed, never loaded, so they are built for real even when the
+        # weights are created on the meta device (as from_pretrained does).
+        device = torch.get_default_device()
+        with torch.device("cpu" if device.type == "meta" else device):
+            self.rotary_emb = RotaryEmbedding(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
