@@ -188,3 +188,12 @@ def test_apply_rotary_matches_reference_attention_math(rotary_pct: float, layout
     assert (out_q - ref_q).abs().max() <= 1e-6
     assert (out_k - ref_k).abs().max() <= 1e-6
     assert torch.equal(out_q[..., ndims:], q[..., ndims:])  # the pass-through part is untouched
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_builds_on_the_meta_device(case: str) -> None:
+    """Checkpoint loading builds the network on the meta device; RoPE must not need real values there."""
+    ours_cfg, _ = _configs(ROPE_CASES[case])
+    with torch.device("meta"):
+        rope = RotaryEmbedding(ours_cfg)
+    assert rope.inv_freq.is_meta

@@ -35,21 +35,21 @@ def _exponents(dim: int, device: torch.device | None = None) -> Tensor:
 
 
 def _default(
-    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None, device: torch.device | None
+    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | int | None, device: torch.device | None
 ) -> tuple[Tensor, float]:
     base = config.rope_parameters["rope_theta"]
     return 1.0 / (base ** _exponents(dim, device)), 1.0
 
 
 def _linear(
-    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None, device: torch.device | None
+    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | int | None, device: torch.device | None
 ) -> tuple[Tensor, float]:
     inv_freq, _ = _default(config, dim, None, device)
     return inv_freq / config.rope_parameters["factor"], 1.0
 
 
 def _dynamic(
-    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None, device: torch.device | None
+    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | int | None, device: torch.device | None
 ) -> tuple[Tensor, float]:
     """NTK scaling: enlarge the base so that the lowest frequency stretches over ``seq_len`` positions.
 
@@ -69,7 +69,7 @@ def _dynamic(
 
 
 def _yarn(
-    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None, device: torch.device | None
+    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | int | None, device: torch.device | None
 ) -> tuple[Tensor, float]:
     """YaRN: keep high frequencies (many rotations within the trained length), interpolate low ones."""
     rope = config.rope_parameters
@@ -113,7 +113,7 @@ def _yarn(
 
 
 def _longrope(
-    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None, device: torch.device | None
+    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | int | None, device: torch.device | None
 ) -> tuple[Tensor, float]:
     """LongRoPE: frequencies divided by per-dimension factors, the long set past the trained length."""
     rope = config.rope_parameters
@@ -125,7 +125,7 @@ def _longrope(
     attention_factor = rope.get("attention_factor")
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    long = seq_len is not None and bool(seq_len > original)
+    long = seq_len is not None and seq_len > original
     ext = torch.tensor(
         rope["long_factor"] if long else rope["short_factor"], dtype=torch.float32, device=device
     )
@@ -133,7 +133,7 @@ def _longrope(
 
 
 def _llama3(
-    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | None, device: torch.device | None
+    config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | int | None, device: torch.device | None
 ) -> tuple[Tensor, float]:
     """Llama 3.1: divide wavelengths longer than original/low_freq_factor by ``factor``, keep short ones."""
     rope = config.rope_parameters
@@ -163,12 +163,13 @@ _INV_FREQ = {
 
 
 def rope_frequencies(
-    config: GPTNeoXJapaneseConfig, seq_len: Tensor | None = None, device: torch.device | None = None
+    config: GPTNeoXJapaneseConfig, seq_len: Tensor | int | None = None, device: torch.device | None = None
 ) -> tuple[Tensor, float]:
     """Inverse frequencies ``[rotary_ndims // 2]`` (float32) and the cos/sin scale for ``config``.
 
-    ``seq_len`` (a 0-dim tensor: the longest position + 1) matters only for ``dynamic`` and
-    ``longrope``; None means "within the trained length". ``device`` defaults to torch's current one.
+    ``seq_len`` (the longest position + 1) matters only for ``dynamic`` (a 0-dim tensor there: the new
+    base is computed in float32 like the reference) and ``longrope``; None means "within the trained
+    length". ``device`` defaults to torch's current one.
     """
     return _INV_FREQ[config.rope_parameters["rope_type"]](config, config.rotary_ndims, seq_len, device)
 
@@ -194,8 +195,8 @@ class RotaryEmbedding(nn.Module):
         self.max_seq_len_cached: int | Tensor = config.max_position_embeddings
         if self.rope_type == "longrope":
             self.longrope_threshold = config.rope_parameters["original_max_position_embeddings"]
-            long_seq = torch.tensor(self.longrope_threshold + 1)
-            self.register_buffer("long_inv_freq", rope_frequencies(config, long_seq)[0], persistent=False)
+            long_inv_freq, _ = rope_frequencies(config, self.longrope_threshold + 1)
+            self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding:
         # Follow device moves but not dtype casts (model.half() etc.): frequencies stay float32,
