@@ -204,6 +204,32 @@ def test_legacy_names_read_and_write_rope_parameters() -> None:
     assert config.dtype == torch.float16 and config.to_dict()["dtype"] == "float16"
 
 
+def test_rope_scaling_beats_rope_parameters_as_in_transformers() -> None:
+    kwargs = dict(
+        **TINY,
+        rotary_pct=0.5,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0},
+        rope_scaling={"rope_type": "dynamic", "factor": 3.0},
+    )
+    ours = GPTNeoXJapaneseConfig(**copy.deepcopy(kwargs))
+    _assert_same_config(ours, Reference(**copy.deepcopy(kwargs)))
+    assert ours.rope_parameters["rope_type"] == "dynamic"
+
+
+def test_overriding_rope_parameters_fills_in_the_rest(tmp_path: Path) -> None:
+    GPTNeoXJapaneseConfig(**TINY, rotary_pct=0.5, rotary_emb_base=500).save_pretrained(tmp_path)
+    config = GPTNeoXJapaneseConfig.from_pretrained(
+        tmp_path, rope_parameters={"rope_type": "yarn", "factor": 2.0}
+    )
+    assert config.rope_parameters == {
+        "rope_type": "yarn",
+        "factor": 2.0,
+        "rope_theta": 500.0,
+        "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 2048,
+    }
+
+
 def test_from_pretrained_overrides_and_hub_arguments(tmp_path: Path) -> None:
     _write(tmp_path / "sub", {**TINY, "model_type": "gpt_neox_japanese", "rotary_pct": 0.5})
     config = GPTNeoXJapaneseConfig.from_pretrained(

@@ -116,9 +116,11 @@ class GPTNeoXJapaneseConfig:
     """Hyper-parameters of a GPT-NeoX-Japanese model; the defaults describe abeja/gpt-neox-japanese-2.7b.
 
     The arguments are the seed's (transformers') ones. ``rotary_pct``, ``rotary_emb_base`` and
-    ``rope_scaling`` are folded into ``rope_parameters`` (transformers-5 form); when both are given,
-    the values inside ``rope_parameters``/``rope_scaling`` win, as in transformers. Any other keyword
-    becomes an attribute and is written back by :meth:`to_dict`.
+    ``rope_scaling`` are folded into ``rope_parameters`` (transformers-5 form). As in transformers,
+    ``rope_scaling`` wins over ``rope_parameters``, and keys inside either win over ``rotary_pct`` and
+    ``rotary_emb_base``. Any other keyword becomes an attribute and is written back by :meth:`to_dict`
+    (``head_dim``, ``intermediate_size`` and ``rotary_ndims`` are accepted only if they agree with the
+    fields they derive from).
     """
 
     model_type = "gpt_neox_japanese"
@@ -180,27 +182,19 @@ class GPTNeoXJapaneseConfig:
         legacy_dtype = kwargs.pop("torch_dtype", None)
         self.dtype = dtype if dtype is not None else legacy_dtype
 
-        rope = copy.deepcopy(rope_scaling or rope_parameters or {})
-        if not isinstance(rope, dict):
-            raise ValueError(f"rope_parameters must be a dict, got {type(rope).__name__}")
-        rope.setdefault(
-            "rope_theta", float(rotary_emb_base) if _is_number(rotary_emb_base) else rotary_emb_base
+        theta = float(rotary_emb_base) if _is_number(rotary_emb_base) else rotary_emb_base
+        self.rope_parameters = _complete_rope(
+            rope_scaling or rope_parameters, theta, rotary_pct, max_position_embeddings
         )
-        rope.setdefault("partial_rotary_factor", rotary_pct)
-        rope.setdefault("rope_type", rope.get("type", "default"))
-        if rope["rope_type"] in _ROPE_NEEDS_ORIGINAL_MAX:
-            rope.setdefault("original_max_position_embeddings", max_position_embeddings)
-        self.rope_parameters = rope
 
-        for key in _WRITER_KEYS:
+        for key in (*_WRITER_KEYS, "model_type"):
             kwargs.pop(key, None)
-        kwargs.pop("model_type", None)
-        for key in _DERIVED:
-            if key in kwargs:
-                self._check_derived(key, kwargs.pop(key))
+        derived = {key: kwargs.pop(key) for key in _DERIVED if key in kwargs}
         for key, value in kwargs.items():
             setattr(self, key, value)
         self.validate()
+        for key, value in derived.items():
+            self._check_derived(key, value)
 
     # ----- derived values used by the network -------------------------------------------------------
 
@@ -250,13 +244,12 @@ class GPTNeoXJapaneseConfig:
 
     @rope_scaling.setter
     def rope_scaling(self, value: dict | None) -> None:
-        rope = copy.deepcopy(value) if value else {}
-        rope["rope_theta"] = self.rope_parameters["rope_theta"]
-        rope["partial_rotary_factor"] = self.rotary_pct
-        rope.setdefault("rope_type", rope.get("type", "default"))
-        if rope["rope_type"] in _ROPE_NEEDS_ORIGINAL_MAX:
-            rope.setdefault("original_max_position_embeddings", self.max_position_embeddings)
-        self.rope_parameters = rope
+        rope = {
+            key: v for key, v in (value or {}).items() if key not in ("rope_theta", "partial_rotary_factor")
+        }
+        self.rope_parameters = _complete_rope(
+            rope, self.rotary_emb_base, self.rotary_pct, self.max_position_embeddings
+        )
 
     @property
     def dtype(self) -> Any:
@@ -401,12 +394,7 @@ class GPTNeoXJapaneseConfig:
         if model_type != cls.model_type:
             raise ValueError(f"model_type={model_type!r} is not {cls.model_type!r}: another model's config")
         config = cls(**config_dict)
-        for key, value in kwargs.items():
-            if key in _DERIVED:
-                config._check_derived(key, value)
-            else:
-                setattr(config, key, value)
-        config.validate()
+        config._override(kwargs)
         return config
 
     @classmethod
@@ -434,14 +422,23 @@ class GPTNeoXJapaneseConfig:
             where = Path(name_or_path) / options.subfolder if options.subfolder else name_or_path
             raise OSError(f"no {CONFIG_NAME} in {str(where)!r}")
         config = cls.from_json_file(path)
-        for key, value in kwargs.items():
-            if key in _DERIVED:
-                config._check_derived(key, value)
-            else:
-                setattr(config, key, value)
-        config.validate()
+        config._override(kwargs)
         config._name_or_path = str(name_or_path)
         return config
+
+    def _override(self, values: dict[str, Any]) -> None:
+        """Set fields from ``from_pretrained``/``from_dict`` keyword arguments, then re-validate."""
+        for key, value in values.items():
+            if key == "rope_parameters":
+                value = _complete_rope(
+                    value, self.rotary_emb_base, self.rotary_pct, self.max_position_embeddings
+                )
+            if key not in _DERIVED:
+                setattr(self, key, value)
+        self.validate()
+        for key in _DERIVED:
+            if key in values:
+                self._check_derived(key, values[key])
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``config.json`` into ``save_directory`` (created if needed) and return its path."""
@@ -470,6 +467,21 @@ class GPTNeoXJapaneseConfig:
 
 
 _DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _complete_rope(rope: Any, theta: Any, rotary_pct: Any, max_positions: Any) -> dict[str, Any]:
+    """A copy of ``rope`` with what transformers fills in: theta, rotary fraction, type, original max."""
+    if rope is None:
+        rope = {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_parameters (rope_scaling) must be a dict, got {type(rope).__name__}")
+    rope = copy.deepcopy(rope)
+    rope.setdefault("rope_theta", theta)
+    rope.setdefault("partial_rotary_factor", rotary_pct)
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    if rope["rope_type"] in _ROPE_NEEDS_ORIGINAL_MAX:
+        rope.setdefault("original_max_position_embeddings", max_positions)
+    return rope
 
 
 def _is_int(value: Any) -> bool:
