@@ -41,11 +41,12 @@ def resolve_device(device: int | str | torch.device | None) -> torch.device:
     if isinstance(device, bool):
         raise TypeError(f"device must be an int, a string or a torch.device, not {device!r}")
     if isinstance(device, int):
-        return torch.device("cpu") if device < 0 else torch.device("cuda", device)
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device={device!r} is not a device torch knows (e.g. 'cpu', 'cuda:0', 0)") from err
+        resolved = torch.device("cpu") if device < 0 else torch.device("cuda", device)
+    else:
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device={device!r} is not a device torch knows (e.g. 'cpu', 'cuda:0', 0)") from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} asks for CUDA, but torch sees no CUDA GPU on this machine")
     return resolved

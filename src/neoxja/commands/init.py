@@ -59,8 +59,11 @@ def build_config(size: str, tokenizer: Any) -> Any:
 
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not one of {', '.join(SIZES)}")
+    # abeja's vocabulary has 31998 entries but special ids up to 31999: the model has 32000 rows.
+    special_ids = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    vocab_size = max([len(tokenizer)] + [token_id + 1 for token_id in special_ids if token_id is not None])
     return GPTNeoXJapaneseConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **SIZES[size],

@@ -11,6 +11,8 @@ tokenizer; ``png=...`` with ``layer``/``head`` also runs the model to draw its a
 from __future__ import annotations
 
 import os
+import unicodedata
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,7 @@ def format_grid(tokens: list[str], allowed: torch.Tensor, *, color: bool = False
     if tuple(allowed.shape) != (n, n):
         raise ValueError(f"allowed must be [{n}, {n}] for {n} tokens, got shape {tuple(allowed.shape)}")
     labels = [repr(token) for token in tokens]
-    label_width = max(len(label) for label in labels)
+    label_width = max(_width(label) for label in labels)
     index_width = len(str(n - 1))
     diagonal = f"{GREEN}{ALLOWED}{RESET}" if color else ALLOWED
     legend = f"{ALLOWED}: may attend   {MASKED}: masked"
@@ -60,7 +62,8 @@ def format_grid(tokens: list[str], allowed: torch.Tensor, *, color: bool = False
         cells = " ".join(
             diagonal if i == j and rows[i][j] else ALLOWED if rows[i][j] else MASKED for j in range(n)
         )
-        lines.append(f"{label.ljust(label_width)}: {str(i).rjust(index_width)} {cells}")
+        padding = " " * (label_width - _width(label))
+        lines.append(f"{label}{padding}: {str(i).rjust(index_width)} {cells}")
     return "\n".join(lines)
 
 
@@ -205,12 +208,10 @@ class AttentionMaskVisualizer:
             ax.set_ylabel("query")
             ax.set_title(f"{what}" + (f", batch row {row}" if batch > 1 else ""), fontsize=9)
             figure.colorbar(shown, ax=ax, fraction=0.046)
-        figure.tight_layout()
         path = Path(path)
-        import warnings
-
         with warnings.catch_warnings():  # the default font has no Japanese glyphs; the image is still fine
             warnings.simplefilter("ignore", UserWarning)
+            figure.tight_layout()
             figure.savefig(path, dpi=100)
         return path
 
@@ -226,6 +227,11 @@ class AttentionMaskVisualizer:
                 kwargs["device"] = resolve_device(self._device)
             self.model = AutoModelForCausalLM.from_pretrained(self.name, **kwargs).eval()
         return self.model
+
+
+def _width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: East Asian wide and full-width characters take two."""
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
 def _figure_class() -> type:

@@ -1,0 +1,162 @@
+"""neoxja.pipeline("text-generation") gives what transformers' pipeline gives on the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_auto import build_tiny_checkpoint
+
+import neoxja
+from neoxja.pipelines import TextGenerationPipeline, pipeline, resolve_device, resolve_dtype
+
+PROMPTS = ["人とAIが協調するためには、", "吾輩は猫である。名前はまだ無い。"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), assets_dir, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir: Path) -> TextGenerationPipeline:
+    return pipeline("text-generation", model=str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir: Path):
+    import transformers
+
+    return transformers.pipeline("text-generation", model=str(tiny_dir), device="cpu")
+
+
+def test_greedy_outputs_match_transformers(pipe: TextGenerationPipeline, reference) -> None:
+    for kwargs in ({}, {"return_full_text": False}):
+        ours = pipe(PROMPTS[0], do_sample=False, max_new_tokens=24, **kwargs)
+        assert ours == reference(PROMPTS[0], do_sample=False, max_new_tokens=24, **kwargs)
+        assert len(ours) == 1 and set(ours[0]) == {"generated_text"}
+    ours = pipe(PROMPTS, do_sample=False, max_new_tokens=16)
+    assert ours == reference(PROMPTS, do_sample=False, max_new_tokens=16)
+    assert [len(row) for row in ours] == [1, 1]
+    assert ours[1][0]["generated_text"].startswith(PROMPTS[1])
+
+
+def test_defaults_are_those_of_the_transformers_pipeline(
+    pipe: TextGenerationPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers.pipelines.text_generation import TextGenerationPipeline as Reference
+
+    seen: dict = {}
+
+    def fake_generate(input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        seen.clear()
+        seen.update(kwargs)
+        return input_ids
+
+    monkeypatch.setattr(pipe.model, "generate", fake_generate)
+    expected = Reference._default_generation_config
+    pipe(PROMPTS[0])
+    assert (seen["max_new_tokens"], seen["do_sample"], seen["temperature"]) == (
+        expected.max_new_tokens,
+        expected.do_sample,
+        expected.temperature,
+    )
+    assert seen["pad_token_id"] == pipe.tokenizer.pad_token_id
+    pipe(PROMPTS[0], do_sample=False)  # sampling-only defaults are not passed to greedy decoding
+    assert seen["do_sample"] is False and "temperature" not in seen
+    pipe(PROMPTS[0], max_length=40)  # a total length replaces the default number of new tokens
+    assert seen["max_length"] == 40 and "max_new_tokens" not in seen
+
+
+def test_sampling_returns_several_reproducible_sequences(pipe: TextGenerationPipeline) -> None:
+    first = pipe(
+        PROMPTS[0], max_new_tokens=8, num_return_sequences=3, top_k=5, seed=123, return_full_text=False
+    )
+    again = pipe(
+        PROMPTS[0], max_new_tokens=8, num_return_sequences=3, top_k=5, seed=123, return_full_text=False
+    )
+    assert len(first) == 3 and first == again
+    assert all(isinstance(record["generated_text"], str) for record in first)
+
+
+def test_construction_kwargs_are_call_defaults(tiny_dir: Path) -> None:
+    pipe = pipeline("text-generation", model=tiny_dir, max_new_tokens=3, do_sample=False)
+    ids = pipe(PROMPTS[0], return_tensors=True)[0]["generated_token_ids"]
+    prompt_length = len(pipe.tokenizer.encode(PROMPTS[0]))
+    assert len(ids) == prompt_length + 3
+    assert (
+        len(pipe(PROMPTS[0], max_new_tokens=5, return_tensors=True)[0]["generated_token_ids"])
+        == prompt_length + 5
+    )
+
+
+def test_loaded_model_and_tokenizer_objects(tiny_dir: Path, pipe: TextGenerationPipeline) -> None:
+    model = neoxja.AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tokenizer = neoxja.AutoTokenizer.from_pretrained(tiny_dir)
+    objects = pipeline("text-generation", model=model, tokenizer=tokenizer, device=-1)
+    args = {"do_sample": False, "max_new_tokens": 6}
+    assert objects(PROMPTS[0], **args) == pipe(PROMPTS[0], **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "float16", "bf16"])
+def test_dtype_argument(tiny_dir: Path, dtype) -> None:
+    pipe = pipeline("text-generation", model=tiny_dir, dtype=dtype)
+    assert next(pipe.model.parameters()).dtype == resolve_dtype(dtype)
+    assert pipe(PROMPTS[0], max_new_tokens=2, do_sample=False)[0]["generated_text"].startswith(PROMPTS[0])
+
+
+def test_device_argument_forms() -> None:
+    assert resolve_device(None) == torch.device("cpu")
+    assert resolve_device(-1) == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert resolve_device(0) == torch.device("cuda", 0)
+    else:
+        with pytest.raises(ValueError, match="device=0 asks for CUDA"):
+            resolve_device(0)
+    with pytest.raises(ValueError, match="device='gpu-please'"):
+        resolve_device("gpu-please")
+
+
+def test_unknown_task_lists_supported_ones() -> None:
+    with pytest.raises(ValueError, match="task='summarization'.*text-generation"):
+        pipeline("summarization", model="unused")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -1.0, "do_sample": True}, "temperature"),
+        ({"top_p": 0.0, "do_sample": True}, "top_p"),
+        ({"top_p": 1.5, "do_sample": True}, "top_p"),
+        ({"top_k": -1, "do_sample": True}, "top_k"),
+        ({"max_new_tokens": 5000}, "max_new_tokens"),
+    ],
+)
+def test_bad_generation_arguments_are_named(pipe: TextGenerationPipeline, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        pipe(PROMPTS[0], **kwargs)
+
+
+def test_bad_prompts(pipe: TextGenerationPipeline) -> None:
+    with pytest.raises(ValueError, match="text_inputs: the prompt is empty"):
+        pipe("")
+    with pytest.raises(ValueError, match="text_inputs is an empty list"):
+        pipe([])
+    with pytest.raises(TypeError, match="text_inputs must be a string"):
+        pipe(42)
+    too_long = "猫。" * 2100
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        pipe(too_long, max_new_tokens=1)
+
+
+def test_bad_model_paths(tmp_path: Path, assets_dir: Path) -> None:
+    with pytest.raises(OSError, match="does not exist"):
+        pipeline("text-generation", model=str(tmp_path / "no" / "such-model"))
+    bare = build_tiny_checkpoint(tmp_path / "bare", assets_dir, with_tokenizer=False)
+    with pytest.raises(OSError, match="no tokenizer files.*tokenizer="):
+        pipeline("text-generation", model=bare)
+    pipe = pipeline("text-generation", model=bare, tokenizer=assets_dir)
+    assert pipe(PROMPTS[0], max_new_tokens=2, do_sample=False)[0]["generated_text"].startswith(PROMPTS[0])

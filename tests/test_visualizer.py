@@ -1,0 +1,135 @@
+"""AttentionMaskVisualizer prints the mask the model applies (checked against its attention weights)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_auto import build_tiny_checkpoint
+
+import neoxja
+from neoxja.utils.attention_visualizer import ALLOWED, MASKED, AttentionMaskVisualizer
+
+TEXTS = ["猫", "吾輩は猫である。", "名前はまだ無い"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), assets_dir, seed=3)
+
+
+@pytest.fixture(scope="module")
+def visualizer(tiny_dir: Path) -> AttentionMaskVisualizer:
+    return AttentionMaskVisualizer(str(tiny_dir))
+
+
+def parse_grids(text: str) -> list[tuple[list[str], list[list[bool]]]]:
+    """(row labels, cells) of every grid in the printed output."""
+    grids: list[tuple[list[str], list[list[bool]]]] = []
+    row = re.compile(r"^(?P<label>'.*'|\".*\") *: *(?P<index>\d+) (?P<cells>[■⬚ ]+)$")
+    for line in text.splitlines():
+        match = row.match(line)
+        if not match:
+            continue
+        if int(match["index"]) == 0:
+            grids.append(([], []))
+        labels, cells = grids[-1]
+        labels.append(eval(match["label"]))  # the label is repr(token)
+        cells.append([cell == ALLOWED for cell in match["cells"].split(" ")])
+    return grids
+
+
+def model_mask(tiny_dir: Path, visualizer: AttentionMaskVisualizer, texts) -> torch.Tensor:
+    """Where the model's attention weights are non-zero, in every layer and head: ``[B, T, T]``."""
+    model = neoxja.AutoModelForCausalLM.from_pretrained(tiny_dir)
+    input_ids, attention_mask = visualizer.encode(texts)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+    weights = torch.stack(out.attentions)  # [layers, B, heads, T, T]
+    nonzero = weights > 0
+    assert torch.equal(nonzero.all(dim=(0, 2)), nonzero.any(dim=(0, 2)))  # all heads agree
+    return nonzero.any(dim=(0, 2))
+
+
+def test_printed_grid_is_the_mask_the_model_applies(
+    tiny_dir: Path, visualizer: AttentionMaskVisualizer, capsys: pytest.CaptureFixture
+) -> None:
+    visualizer(TEXTS[1])
+    out = capsys.readouterr().out
+    [(labels, cells)] = parse_grids(out)
+    assert labels == visualizer.tokenizer.tokenize(TEXTS[1])
+    assert cells == model_mask(tiny_dir, visualizer, TEXTS[1])[0].tolist()
+    assert "gpt_neox_japanese" in out
+
+
+def test_left_padded_batch_grid_per_row(
+    tiny_dir: Path, visualizer: AttentionMaskVisualizer, capsys: pytest.CaptureFixture
+) -> None:
+    visualizer(TEXTS)
+    grids = parse_grids(capsys.readouterr().out)
+    expected = model_mask(tiny_dir, visualizer, TEXTS)
+    input_ids, attention_mask = visualizer.encode(TEXTS)
+    assert len(grids) == len(TEXTS)
+    for row, (labels, cells) in enumerate(grids):
+        assert labels == visualizer.tokenizer.convert_ids_to_tokens(input_ids[row].tolist())
+        assert cells == expected[row].tolist()
+        padding = int((attention_mask[row] == 0).sum())
+        # Left padding: the padding columns are masked for every real token of the row.
+        assert all(not cell for line in cells[padding:] for cell in line[:padding])
+    assert int((attention_mask[0] == 0).sum()) > 0
+
+
+def test_grid_matches_transformers_visualizer_cells(
+    tiny_dir: Path, visualizer: AttentionMaskVisualizer, capsys: pytest.CaptureFixture
+) -> None:
+    from transformers.utils.attention_visualizer import AttentionMaskVisualizer as Reference
+
+    Reference(str(tiny_dir))(TEXTS[1])
+    reference = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    reference_cells = [
+        [cell != MASKED for cell in line.split(":", 1)[1].split("|")[0].split()[1:]]
+        for line in reference.splitlines()
+        if re.match(r"^'.*' *: +\d+ ", line)
+    ]
+    visualizer(TEXTS[1])
+    [(_, cells)] = parse_grids(capsys.readouterr().out)
+    assert cells == reference_cells
+
+
+def test_loaded_model_and_png_outputs(tiny_dir: Path, tmp_path: Path) -> None:
+    model = neoxja.AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tokenizer = neoxja.AutoTokenizer.from_pretrained(tiny_dir)
+    visualizer = neoxja.AttentionMaskVisualizer(model, tokenizer, color=False)
+    text = visualizer.render(TEXTS)
+    assert "\x1b[" not in text and text.count("batch row") == 3
+    weights = visualizer.attention_weights(TEXTS[1], layer=1, head=2)
+    input_ids, attention_mask = visualizer.encode(TEXTS[1])
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, output_attentions=True).attentions[1][:, 2]
+    torch.testing.assert_close(weights, expected)
+    for name, kwargs in (("mask.png", {}), ("weights.png", {"layer": 0, "head": 1})):
+        path = visualizer.save_png(tmp_path / name, TEXTS, **kwargs)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_clear_errors(
+    tiny_dir: Path, visualizer: AttentionMaskVisualizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match="non-empty string"):
+        visualizer("")
+    with pytest.raises(ValueError, match="head=4 is out of range"):
+        visualizer.attention_weights(TEXTS[0], layer=0, head=4)
+    with pytest.raises(ValueError, match="both layer and head"):
+        visualizer.save_png("x.png", TEXTS[0], layer=0)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"neoxja\[viz\]"):
+        visualizer.save_png("x.png", TEXTS[0])
+
+
+def test_importable_from_both_places() -> None:
+    from neoxja.utils.attention_visualizer import AttentionMaskVisualizer as direct
+
+    assert neoxja.AttentionMaskVisualizer is direct
