@@ -1,0 +1,273 @@
+"""Loading and saving weights: every file layout transformers uses, the Hub cache, dtypes, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from neoxja import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseModel
+from neoxja.checkpoint import CheckpointError, parse_size
+from neoxja.hub import HubUnavailableError
+
+transformers = pytest.importorskip("transformers")
+
+CONFIG = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_multiple_size=2,
+    rotary_pct=0.5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+X = torch.arange(3, 13).view(1, 10)
+
+
+@pytest.fixture(scope="module")
+def reference() -> transformers.GPTNeoXJapaneseForCausalLM:
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**CONFIG))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def expected(reference: transformers.GPTNeoXJapaneseForCausalLM) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(X).logits
+
+
+@pytest.fixture
+def saved(reference: transformers.GPTNeoXJapaneseForCausalLM, tmp_path: Path) -> Path:
+    reference.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def logits(model: GPTNeoXJapaneseForCausalLM) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X).logits.float()
+
+
+def state_of(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(directory / "model.safetensors")
+
+
+def write_bin_shards(state: dict[str, torch.Tensor], directory: Path) -> None:
+    keys = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, part in halves.items():
+        torch.save({k: state[k] for k in part}, directory / name)
+    weight_map = {k: name for name, part in halves.items() for k in part}
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded-safetensors", "bin", "sharded-bin"])
+def test_every_layout_loads_to_reference_logits(
+    layout: str, reference: transformers.GPTNeoXJapaneseForCausalLM, expected: torch.Tensor, tmp_path: Path
+) -> None:
+    directory = tmp_path / layout
+    if layout == "sharded-safetensors":
+        reference.save_pretrained(directory, max_shard_size="20KB")
+        assert (directory / "model.safetensors.index.json").is_file()
+    else:
+        reference.save_pretrained(directory)
+    if layout.endswith("bin"):
+        state = state_of(directory)
+        (directory / "model.safetensors").unlink()
+        if layout == "bin":
+            torch.save(state, directory / "pytorch_model.bin")
+        else:
+            write_bin_shards(state, directory)
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(directory)
+    assert not model.training
+    assert (logits(model) - expected).abs().max() <= 1e-5
+
+
+def test_hub_id_from_an_offline_cache(
+    saved: Path, expected: torch.Tensor, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-neox-ja"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    shutil.copytree(saved, repo / "snapshots" / COMMIT)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained("someone/tiny-neox-ja", cache_dir=cache)
+    assert (logits(model) - expected).abs().max() <= 1e-5
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    from_env_cache = GPTNeoXJapaneseForCausalLM.from_pretrained("someone/tiny-neox-ja")
+    assert (logits(from_env_cache) - expected).abs().max() <= 1e-5
+    with pytest.raises(HubUnavailableError, match="not reachable"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained("someone/not-cached", cache_dir=cache)
+    (repo / "snapshots" / COMMIT / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="no weights found.*model.safetensors.*pytorch_model.bin.index.json"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained("someone/tiny-neox-ja", cache_dir=cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16", "float16", torch.float64])
+def test_dtype_argument(saved: Path, expected: torch.Tensor, dtype: torch.dtype | str) -> None:
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(saved, dtype=dtype)
+    wanted = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+    assert model.dtype == wanted
+    assert all(p.dtype == wanted for p in model.parameters())
+    assert model.gpt_neox_japanese.rotary_emb.inv_freq.dtype == torch.float32
+    assert (logits(model) - expected).abs().max() <= (1e-5 if wanted == torch.float64 else 0.1)
+
+
+def test_auto_dtype_follows_the_config(
+    reference: transformers.GPTNeoXJapaneseForCausalLM, tmp_path: Path
+) -> None:
+    copy.deepcopy(reference).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path).dtype == torch.bfloat16
+    assert GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
+    legacy_name = GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    assert legacy_name.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path, dtype="int8")
+
+
+def test_bare_and_causal_checkpoints_load_into_each_other(
+    reference: transformers.GPTNeoXJapaneseForCausalLM, saved: Path, tmp_path: Path
+) -> None:
+    bare = GPTNeoXJapaneseModel.from_pretrained(saved)  # the LM head is skipped
+    with torch.no_grad():
+        hidden = reference.gpt_neox_japanese(X).last_hidden_state
+        assert (bare(X).last_hidden_state - hidden).abs().max() <= 1e-5
+    bare.save_pretrained(tmp_path / "bare")
+    assert not any(k.startswith("gpt_neox_japanese.") for k in state_of(tmp_path / "bare"))
+    full = GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path / "bare")  # tied head comes from embed_in
+    assert (logits(full) - logits(GPTNeoXJapaneseForCausalLM.from_pretrained(saved))).abs().max() <= 1e-5
+
+
+def test_stale_buffers_of_old_checkpoints_are_ignored(saved: Path, expected: torch.Tensor) -> None:
+    state = state_of(saved)
+    state["gpt_neox_japanese.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(2)
+    state["gpt_neox_japanese.layers.0.attention.masked_bias"] = torch.tensor(-1e4)
+    state["gpt_neox_japanese.layers.0.attention.bias"] = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    save_file(state, saved / "model.safetensors")
+    assert (logits(GPTNeoXJapaneseForCausalLM.from_pretrained(saved)) - expected).abs().max() <= 1e-5
+
+
+def test_save_is_loaded_by_transformers_and_drops_the_tied_copy(saved: Path, tmp_path: Path) -> None:
+    ours = GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+    ours.save_pretrained(tmp_path / "out")
+    assert "embed_out.weight" not in state_of(tmp_path / "out")
+    back = transformers.GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (back(X).logits - logits(ours)).abs().max() <= 1e-5
+    # Saving again with shards replaces the single file instead of mixing the two.
+    ours.save_pretrained(tmp_path / "out", max_shard_size=20_000)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    assert torch.equal(logits(GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path / "out")), logits(ours))
+    ours.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert torch.equal(logits(GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path / "bin")), logits(ours))
+
+
+def test_parse_size() -> None:
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
+    with pytest.raises(ValueError, match="max_shard_size='lots'"):
+        parse_size("lots")
+
+
+# ----- errors ---------------------------------------------------------------------------------------
+
+
+def test_missing_config_and_missing_weights(saved: Path) -> None:
+    (saved / "config.json").unlink()
+    with pytest.raises(OSError, match="config.json"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+    config = GPTNeoXJapaneseConfig(**CONFIG)
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="model.safetensors, model.safetensors.index.json, pytorch_model.bin, "):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved, config=config)
+
+
+def test_missing_shard_is_named(reference: transformers.GPTNeoXJapaneseForCausalLM, tmp_path: Path) -> None:
+    reference.save_pretrained(tmp_path, max_shard_size="20KB")
+    next(tmp_path.glob("model-00002-of-*.safetensors")).unlink()
+    with pytest.raises(OSError, match="shard 'model-00002-of-"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
+
+
+def test_truncated_and_corrupt_safetensors(saved: Path) -> None:
+    path = saved / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match="truncated safetensors file: tensor '.*' ends at byte"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+    path.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match="truncated"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+    path.write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+    path.write_bytes((10**12).to_bytes(8, "little") + data[8:])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+def test_shape_mismatch_names_key_and_shapes(saved: Path) -> None:
+    state = state_of(saved)
+    state["gpt_neox_japanese.layers.1.mlp.dense_h_to_4h.weight"] = torch.zeros(60, 32)
+    save_file(state, saved / "model.safetensors")
+    message = r"layers\.1\.mlp\.dense_h_to_4h\.weight: checkpoint has \[60, 32\].*expects \[64, 32\]"
+    with pytest.raises(CheckpointError, match=message):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+def test_missing_and_unexpected_keys_are_listed(saved: Path, expected: torch.Tensor) -> None:
+    state = state_of(saved)
+    del state["gpt_neox_japanese.layers.0.post_attention_layernorm.bias"]
+    state["gpt_neox_japanese.layers.0.extra.weight"] = torch.zeros(3)
+    save_file(state, saved / "model.safetensors")
+    message = "missing keys: .*post_attention_layernorm.bias; unexpected keys: .*extra.weight"
+    with pytest.raises(CheckpointError, match=message):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+    loose = GPTNeoXJapaneseForCausalLM.from_pretrained(saved, strict=False)
+    assert torch.equal(loose.gpt_neox_japanese.layers[0].post_attention_layernorm.bias, torch.zeros(32))
+
+
+def test_pickle_that_needs_code_is_refused(saved: Path, tmp_path: Path) -> None:
+    state = state_of(saved)
+    (saved / "model.safetensors").unlink()
+    torch.save({**state, "hook": pickle.loads(pickle.dumps(Path("x")))}, saved / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: refusing to load it"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+    (saved / "pytorch_model.bin").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+def test_values_float16_cannot_hold_are_an_error(saved: Path) -> None:
+    state = state_of(saved)
+    state["gpt_neox_japanese.layers.0.mlp.dense_4h_to_h.weight"][0, 0] = 1e6
+    save_file(state, saved / "model.safetensors")
+    message = r"dense_4h_to_h.weight: values up to 1e\+06 do not fit in torch.float16"
+    with pytest.raises(CheckpointError, match=message):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved, dtype=torch.float16)
+    assert GPTNeoXJapaneseForCausalLM.from_pretrained(saved, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_unknown_keyword_and_config_overrides(saved: Path) -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved, bogus=1)
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(saved, output_hidden_states=True)
+    with torch.no_grad():
+        assert len(model(X).hidden_states) == 3
