@@ -46,7 +46,7 @@ def resolve_device(device: int | str | torch.device | None) -> torch.device:
         try:
             resolved = torch.device(device)
         except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device={device!r} is not a device torch knows (e.g. 'cpu', 'cuda:0', 0)") from err
+            raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda:0', 0)") from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} asks for CUDA, but torch sees no CUDA GPU on this machine")
     return resolved
