@@ -1,0 +1,133 @@
+"""KVCache: preallocated buffers, growth, row selection, cropping, and its use by the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neoxja import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM, KVCache
+
+CONFIG = GPTNeoXJapaneseConfig(
+    vocab_size=50,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_multiple_size=2,
+    rotary_pct=0.5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def kv(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, length, 8, generator=g), torch.randn(batch, 2, length, 8, generator=g)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPTNeoXJapaneseForCausalLM:
+    torch.manual_seed(0)
+    return GPTNeoXJapaneseForCausalLM(CONFIG).eval()
+
+
+def test_update_writes_in_place_and_returns_views() -> None:
+    cache = KVCache(CONFIG, batch_size=3, max_length=8)
+    buffer = cache.keys[1]
+    k1, v1 = kv(3, 5, 0)
+    keys, values = cache.update(1, k1, v1)
+    assert torch.equal(keys, k1) and torch.equal(values, v1)
+    assert keys.data_ptr() == buffer.data_ptr()  # a view of the preallocated buffer
+    assert cache.get_seq_length() == 0  # the model advances once per forward, not per layer
+    cache.advance(5)
+    k2, v2 = kv(3, 2, 1)
+    keys, values = cache.update(1, k2, v2)
+    assert torch.equal(keys, torch.cat([k1, k2], dim=2)) and torch.equal(values, torch.cat([v1, v2], dim=2))
+    assert cache.keys[1] is buffer and cache.capacity == 8
+
+
+def test_growth_doubles_and_keeps_the_content() -> None:
+    cache = KVCache(CONFIG, batch_size=1, max_length=4)
+    stored = []
+    for step in range(6):
+        k, v = kv(1, 3, step)
+        stored.append(k)
+        for layer in range(2):
+            keys, _ = cache.update(layer, k, v)
+        cache.advance(3)
+        assert torch.equal(keys, torch.cat(stored, dim=2))
+    assert cache.get_seq_length() == 18
+    assert cache.capacity == 32  # 4 -> 8 -> 16 -> 32
+
+
+def test_reset_crop_select_reorder() -> None:
+    cache = KVCache(CONFIG, batch_size=3, max_length=10)
+    k, v = kv(3, 6, 0)
+    for layer in range(2):
+        cache.update(layer, k, v)
+    cache.advance(6)
+    cache.crop(4)
+    assert cache.get_seq_length() == 4
+    cache.crop(-1)
+    assert cache.get_seq_length() == 3
+    with pytest.raises(ValueError, match="cannot crop"):
+        cache.crop(-5)
+    cache.select([2, 0])
+    assert cache.batch_size == 2 and cache.keys[0].shape[0] == 2
+    assert torch.equal(cache.keys[0][:, :, :3], k[[2, 0], :, :3])
+    cache.reorder(torch.tensor([1, 1]))
+    assert torch.equal(cache.values[1][:, :, :3], v[[0, 0], :, :3])
+    with pytest.raises(IndexError, match="out of range"):
+        cache.select([2])
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.capacity == 10
+
+
+def test_shape_errors_name_the_shapes() -> None:
+    cache = KVCache(CONFIG, batch_size=2, max_length=4)
+    k, v = kv(3, 1, 0)
+    with pytest.raises(ValueError, match=r"batch=2.*got key of shape \(3, 2, 1, 8\)"):
+        cache.update(0, k, v)
+    with pytest.raises(ValueError, match="same 4-d shape"):
+        cache.update(0, k[:2], v[:2, :, :0])
+    with pytest.raises(ValueError, match="max_length > 0"):
+        KVCache(CONFIG, batch_size=1, max_length=0)
+
+
+@torch.no_grad()
+def test_model_decodes_into_preallocated_buffers(model: GPTNeoXJapaneseForCausalLM) -> None:
+    ids = torch.randint(3, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    cache = KVCache.from_config(CONFIG, batch_size=2, max_length=12)
+    pointers = [t.data_ptr() for t in cache.keys + cache.values]
+    out = model(ids[:, :4], past_key_values=cache)
+    assert out.past_key_values is cache
+    steps = [out.logits]
+    for t in range(4, 12):
+        steps.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+    assert [t.data_ptr() for t in cache.keys + cache.values] == pointers
+    assert (torch.cat(steps, dim=1) - model(ids).logits).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_crop_then_continue_equals_a_fresh_run(model: GPTNeoXJapaneseForCausalLM) -> None:
+    """What speculative decoding does: roll the cache back and feed different tokens."""
+    ids = torch.randint(3, 50, (1, 10), generator=torch.Generator().manual_seed(1))
+    other = torch.randint(3, 50, (1, 3), generator=torch.Generator().manual_seed(2))
+    cache = model(ids, use_cache=True).past_key_values
+    cache.crop(6)
+    rolled = model(other, past_key_values=cache).logits
+    fresh = model(torch.cat([ids[:, :6], other], dim=1)).logits[:, 6:]
+    assert (rolled - fresh).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_select_rows_then_continue(model: GPTNeoXJapaneseForCausalLM) -> None:
+    ids = torch.randint(3, 50, (3, 8), generator=torch.Generator().manual_seed(3))
+    cache = model(ids[:, :6], use_cache=True).past_key_values
+    cache.select([2, 0])
+    step = model(ids[[2, 0], 6:], past_key_values=cache).logits
+    assert (step - model(ids[[2, 0]]).logits[:, 6:]).abs().max() <= 1e-5
+
+
+def test_model_rejects_other_cache_types(model: GPTNeoXJapaneseForCausalLM) -> None:
+    with pytest.raises(TypeError, match="neoxja.KVCache"):
+        model(torch.ones(1, 2, dtype=torch.long), past_key_values=((torch.zeros(1),),))
