@@ -138,7 +138,14 @@ class AttentionMaskVisualizer:
     def mask(self, texts: str | list[str]) -> tuple[list[list[str]], torch.Tensor]:
         """The tokens of each batch row and the ``[B, T, T]`` boolean mask the model applies to them."""
         input_ids, attention_mask = self.encode(texts)
-        tokens = [self.tokenizer.convert_ids_to_tokens(row) for row in input_ids.tolist()]
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        tokens = []
+        for text, ids, mask in zip(texts, input_ids.tolist(), attention_mask.tolist(), strict=True):
+            padding = mask.count(0)
+            words = list(self.tokenizer.tokenize(text))  # labels as the tokenizer spells them (e.g. <SP>)
+            if len(words) != len(ids) - padding:
+                words = self.tokenizer.convert_ids_to_tokens(ids[padding:])
+            tokens.append(self.tokenizer.convert_ids_to_tokens(ids[:padding]) + words)
         return tokens, allowed_positions(attention_mask)
 
     def render(self, texts: str | list[str], *, color: bool = False) -> str:
