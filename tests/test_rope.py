@@ -164,30 +164,50 @@ def test_dynamic_grows_then_resets() -> None:
     assert torch.equal(rope.inv_freq, original)
 
 
+def _reference_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """What transformers' GPTNeoXJapaneseAttention does with the rotary and pass-through parts."""
+    ndims = cos.shape[-1]
+    q_rot, k_rot = reference.apply_rotary_pos_emb(q[..., :ndims], k[..., :ndims], cos, sin)
+    return torch.cat((q_rot, q[..., ndims:]), dim=-1), torch.cat((k_rot, k[..., ndims:]), dim=-1)
+
+
 @pytest.mark.parametrize("rotary_pct", [0.25, 0.5, 1.0])
 @pytest.mark.parametrize("layout", ["heads-first", "seq-first"])
-def test_apply_rotary_matches_reference_attention_math(rotary_pct: float, layout: str) -> None:
-    ours_cfg, theirs_cfg = _configs(ROPE_CASES["linear"], rotary_pct=rotary_pct)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rotary_matches_reference_attention_math(
+    rotary_pct: float, layout: str, dtype: torch.dtype
+) -> None:
+    ours_cfg, _ = _configs(ROPE_CASES["yarn"], rotary_pct=rotary_pct)
     generator = torch.Generator().manual_seed(0)
     batch, heads, seq, head_dim = 2, ours_cfg.num_attention_heads, 7, ours_cfg.head_dim
-    q = torch.randn(batch, heads, seq, head_dim, generator=generator)
-    k = torch.randn(batch, heads, seq, head_dim, generator=generator)
+    # q and k as the attention makes them: strided views into one fused projection
+    qkv = torch.randn(batch, seq, heads, 3 * head_dim, generator=generator).to(dtype).transpose(1, 2)
+    q, k = qkv[..., :head_dim], qkv[..., head_dim : 2 * head_dim]
     position_ids = torch.stack([torch.arange(3, 3 + seq), torch.arange(90, 90 + seq)])
     cos, sin = RotaryEmbedding(ours_cfg)(q, position_ids)
-
-    ndims = int(theirs_cfg.rope_parameters["partial_rotary_factor"] * head_dim)
-    ref_q, ref_k = reference.apply_rotary_pos_emb(q[..., :ndims], k[..., :ndims], cos, sin)
-    ref_q = torch.cat((ref_q, q[..., ndims:]), dim=-1)
-    ref_k = torch.cat((ref_k, k[..., ndims:]), dim=-1)
+    ref_q, ref_k = _reference_rotary(q, k, cos, sin)
 
     if layout == "heads-first":
         out_q, out_k = apply_rotary(q, k, cos, sin)
     else:
         out_q, out_k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, head_axis=2)
         out_q, out_k = out_q.transpose(1, 2), out_k.transpose(1, 2)
-    assert (out_q - ref_q).abs().max() <= 1e-6
-    assert (out_k - ref_k).abs().max() <= 1e-6
-    assert torch.equal(out_q[..., ndims:], q[..., ndims:])  # the pass-through part is untouched
+    assert out_q.dtype == dtype
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+
+
+def test_apply_rotary_gradients_match_reference() -> None:
+    ours_cfg, _ = _configs(None, rotary_pct=0.5)
+    q = torch.randn(2, 2, 5, ours_cfg.head_dim, requires_grad=True)
+    k = torch.randn(2, 2, 5, ours_cfg.head_dim, requires_grad=True)
+    cos, sin = RotaryEmbedding(ours_cfg)(q, torch.arange(5).expand(2, -1))
+    weights = torch.randn(2, 2, 5, ours_cfg.head_dim)
+    grads = torch.autograd.grad(sum((t * weights).sum() for t in apply_rotary(q, k, cos, sin)), (q, k))
+    ref_grads = torch.autograd.grad(
+        sum((t * weights).sum() for t in _reference_rotary(q, k, cos, sin)), (q, k)
+    )
+    for ours, theirs in zip(grads, ref_grads, strict=True):
+        assert (ours - theirs).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("case", list(ROPE_CASES))

@@ -239,27 +239,26 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """``[x1, x2] -> [-x2, x1]`` over the last dimension: multiplication by i in RoPE's half-split layout."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, head_axis: int = 1) -> tuple[Tensor, Tensor]:
     """Rotate the first ``cos.shape[-1]`` dimensions of each head of ``q`` and ``k``; pass the rest through.
 
     ``q``/``k`` are ``[batch, heads, seq, head_dim]`` (``head_axis=1``) or ``[batch, seq, heads,
     head_dim]`` (``head_axis=2``); ``cos``/``sin`` are ``[batch, seq, rotary_ndims]`` from
-    :class:`RotaryEmbedding`.
+    :class:`RotaryEmbedding`. Returns new contiguous tensors, bit-equal to the reference's
+    ``q * cos + rotate_half(q) * sin`` (the two halves of cos/sin are equal, so each half of the
+    result needs only one of them).
     """
-    cos = cos.unsqueeze(head_axis)
-    sin = sin.unsqueeze(head_axis)
+    half = cos.shape[-1] // 2
+    cos = cos[..., :half].unsqueeze(head_axis)
+    sin = sin[..., :half].unsqueeze(head_axis)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    ndims = cos.shape[-1]
-    if ndims == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    x_rot, x_pass = x[..., :ndims], x[..., ndims:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    # [x1, x2] * cos + [-x2, x1] * sin, written per half: a + (-b) * s is exactly a - b * s.
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if 2 * half < x.shape[-1]:
+        parts.append(x[..., 2 * half :])
+    return torch.cat(parts, dim=-1)
