@@ -237,6 +237,7 @@ def test_from_pretrained_overrides_and_hub_arguments(tmp_path: Path) -> None:
     )
     assert config.hidden_dropout == 0.25 and config.rotary_pct == 0.25 and config.new_key == 7
     assert config.name_or_path == str(tmp_path)
+    assert GPTNeoXJapaneseConfig.from_pretrained(tmp_path / "sub" / "config.json").rotary_pct == 0.5
     with pytest.raises(ValueError, match="attention_dropout"):
         GPTNeoXJapaneseConfig.from_pretrained(tmp_path, subfolder="sub", attention_dropout=1.5)
 

@@ -411,13 +411,17 @@ class GPTNeoXJapaneseConfig:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> GPTNeoXJapaneseConfig:
-        """Load ``config.json`` from a model directory or Hub id; other keyword arguments override fields.
+        """Load ``config.json`` from a model directory, a Hub id or the file itself; other keyword
+        arguments override fields.
 
         Hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``subfolder``) are
         taken out first and passed to :func:`neoxja.hub.resolve_file`.
         """
         options = HubOptions.pop_from(kwargs)
-        path = resolve_file(name_or_path, CONFIG_NAME, options)
+        if Path(name_or_path).is_file():  # a config.json given directly
+            path: Path | None = Path(name_or_path)
+        else:
+            path = resolve_file(name_or_path, CONFIG_NAME, options)
         if path is None:
             where = Path(name_or_path) / options.subfolder if options.subfolder else name_or_path
             raise OSError(f"no {CONFIG_NAME} in {str(where)!r}")
