@@ -139,10 +139,11 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
+    # Half-precision matmuls are slow on CPUs, so there the stored dtype is only used when asked for.
+    dtype = args.dtype or ("float32" if device.type == "cpu" else "auto")
     try:
-        model, tokenizer = load_model_and_tokenizer(
-            args.model, args.tokenizer, dtype=args.dtype, device=resolve_device(device)
-        )
+        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=dtype, device=device)
     except HubUnavailableError as err:
         raise HubUnavailableError(
             f"{err} For example: neoxja {args.command} --model /path/to/gpt-neox-japanese-2.7b ... "
