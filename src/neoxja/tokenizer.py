@@ -119,6 +119,83 @@ def _char_bytes(ch: str) -> bytes:
         return "\ufffd".encode()
 
 
+def _char_class(chars: Iterable[str]) -> str:
+    """A regex character class matching at least ``chars``, written as few ranges. Astral
+    characters are merged into wide ranges (a superset): the regex engine tests a long list of
+    astral ranges one by one for every character, which made this check the encoder's bottleneck."""
+    ranges: list[list[int]] = []
+    for cp in sorted(map(ord, chars)):
+        gap = 256 if cp > 0xFFFF else 1
+        if ranges and cp - ranges[-1][1] <= gap:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    body = "".join(
+        re.escape(chr(lo)) if lo == hi else f"{re.escape(chr(lo))}-{re.escape(chr(hi))}" for lo, hi in ranges
+    )
+    return f"[{body}]"
+
+
+# Character classes for cutting text into chunks (see _chunk_pattern). Any partition is correct;
+# this one follows the scripts so that chunks come out word-sized.
+_CHUNK_CLASSES = {
+    "H": "\u3041-\u3096",  # hiragana
+    "T": "\u30a1-\u30fa",  # katakana
+    "M": "\u3099-\u309f\u30fb-\u30ff",  # kana marks and signs (゛, ー, ・, ゝ, ...)
+    # ideographs, radicals, 々〆〇, compatibility forms; astral characters (one range keeps the
+    # regex engine's class test fast)
+    "K": "\u2e80-\u2fdf\u3005-\u3007\u3190-\u319f\u3200-\u33ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uf900-\ufaff\U00010000-\U0010ffff",
+    "A": "\x21-\x7e",  # ASCII (the tags <SP>, <BR>, ... included)
+    "F": "\uff01-\uff9f",  # full-width and half-width forms
+}
+_OTHER_CLASS = "[^" + "".join(_CHUNK_CLASSES.values()) + "]"
+
+
+def _chunk_pattern(lines: list[str]) -> str:
+    """A regex whose matches cut (rewritten) text into chunks that segment independently.
+
+    A token never spans two chunks: a chunk ends between characters x and y only when no
+    vocabulary word has a character of x's class followed by one of y's class. Every word is a
+    candidate-or-not superset, so the cut positions are safe for any vocabulary; only words that
+    mix classes need to be looked at, and a regex finds those.
+    """
+    classes = {name: f"[{body}]" for name, body in _CHUNK_CLASSES.items()}
+    classes["O"] = _OTHER_CLASS
+    pure = "|".join(f"{cls}+" for cls in classes.values())
+    mixed = re.compile(rf"(?<![^,\n])(?!(?:{pure})(?:[,\n]|\Z))[^,\n]+")
+    matchers = [(name, re.compile(cls).match) for name, cls in classes.items()]
+
+    def class_of(ch: str) -> str:
+        return next(name for name, match in matchers if match(ch))
+
+    follows = {name: {name} for name in classes}
+    for m in mixed.finditer("\n".join(lines)):
+        labels = [class_of(ch) for ch in m.group()]
+        for x, y in zip(labels, labels[1:], strict=False):
+            follows[x].add(y)
+    steps = []
+    for name in ("K", "H", "T", "M", "A", "F", "O"):
+        successors = "".join(classes[y][1:-1] for y in sorted(follows[name]) if y != "O")
+        if "O" in follows[name]:  # "other" is a negated class: add it as a separate step
+            steps.append(f"(?<={classes[name]}){_OTHER_CLASS}")
+        if successors:
+            steps.append(f"(?<={classes[name]})[{successors}]")
+    return "(?s:.)(?:" + "|".join(steps) + ")*"
+
+
+class _ChunkCache(dict):
+    """chunk -> its ids, computed on first use (``map(cache.__getitem__, chunks)`` runs in C)."""
+
+    def __init__(self, segment: Any) -> None:
+        super().__init__()
+        self._segment = segment
+
+    def __missing__(self, chunk: str) -> tuple[int, ...]:
+        ids = self[chunk] = self._segment(chunk)
+        return ids
+
+
 def _trie_regex(words: Iterable[str]) -> str:
     """A regex alternation of ``words`` shaped as a trie that prefers the longest word."""
     trie: dict = {}
@@ -320,6 +397,8 @@ class GPTNeoXJapaneseTokenizer:
         # Words that win outright at "<": every vocabulary word of 3+ characters starting with "<".
         self._lt_match = re.compile(_trie_regex(self._lt_words)).match if self._lt_words else None
         self._window_cache: dict[str, tuple] = {}
+        self._chunk_cache = _ChunkCache(self._segment)
+        self._chunk_findall = re.compile(_chunk_pattern(self._lines)).findall
         unk_id = vocab.get(self.unk_token, 0)
         self._kigou_id = vocab.get("<KIGOU>", unk_id)
         self._u2000_id = vocab.get("<U2000U2BFF>", unk_id)
@@ -336,8 +415,8 @@ class GPTNeoXJapaneseTokenizer:
         self._emoji_index: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
             self._emoji_index.setdefault(key[:2], []).append(i)
-        first = sorted({k[0] for k in keys})
-        self._emoji_start = re.compile("[" + "".join(map(re.escape, first)) + "]") if first else None
+        first = {k[0] for k in keys}
+        self._emoji_start = re.compile(_char_class(first)) if first else None
         tags = set(self.emoji["emoji"].values())
         tag_chars = set("".join(tags))
         self._emoji_indexable = not any(
@@ -557,13 +636,13 @@ class GPTNeoXJapaneseTokenizer:
 
     def _encode(self, text: str) -> list[int]:
         if self._special_split_re is None or "<" not in text:
-            return self._segment(self._rewrite(text))
+            return self._segment_chunks(self._rewrite(text))
         ids: list[int] = []
         for piece, is_special in self._split_special(text):
             if is_special:
                 ids.append(self.added_tokens_encoder[piece])
             else:
-                ids.extend(self._segment(self._rewrite(piece)))
+                ids.extend(self._segment_chunks(self._rewrite(piece)))
         return ids
 
     def _split_special(self, text: str) -> list[tuple[str, bool]]:
@@ -623,7 +702,15 @@ class GPTNeoXJapaneseTokenizer:
             return (self._u2000_id,), 0
         return tuple(self._byte_ids[b] for b in _char_bytes(ch)), 0
 
-    def _segment(self, text: str) -> list[int]:
+    def _segment_chunks(self, text: str) -> list[int]:
+        """Step 3 on rewritten text -> ids, chunk by chunk (see :func:`_chunk_pattern`); each
+        distinct chunk is segmented once and then served from a cache."""
+        cache = self._chunk_cache
+        if len(cache) > 200_000:  # bound memory on huge, varied inputs
+            cache.clear()
+        return list(chain.from_iterable(map(cache.__getitem__, self._chunk_findall(text))))
+
+    def _segment(self, text: str) -> tuple[int, ...]:
         """Step 3 on rewritten text -> ids. The hot loop: one cached decision per token."""
         ids: list[int] = []
         append, extend = ids.append, ids.extend
@@ -654,7 +741,7 @@ class GPTNeoXJapaneseTokenizer:
             else:
                 extend(tid)
                 pos += 1
-        return ids
+        return tuple(ids)
 
     def _pieces(self, text: str) -> list[tuple[str, int]]:
         """Step 3 as the reference's token strings, each with how many characters of ``text`` it
@@ -788,19 +875,30 @@ class GPTNeoXJapaneseTokenizer:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        global _WORKER_TOKENIZER
         chunk = -(-len(texts) // (num_workers * 4))
         parts = [texts[i : i + chunk] for i in range(0, len(texts), chunk)]
-        with ProcessPoolExecutor(
-            num_workers, mp_context=mp.get_context(method), initializer=_worker_init, initargs=(self,)
-        ) as pool:
-            return [ids for part in pool.map(_worker_encode, parts) for ids in part]
+        if "fork" in mp.get_all_start_methods():
+            # Forked workers inherit this tokenizer, warm caches included, without pickling it.
+            _WORKER_TOKENIZER = self
+            pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context("fork"))
+        else:
+            pool = ProcessPoolExecutor(
+                num_workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(self,)
+            )
+        try:
+            with pool:
+                return [ids for part in pool.map(_worker_encode, parts) for ids in part]
+        finally:
+            _WORKER_TOKENIZER = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         for key in ("_lt_match", "_emoji_start", "_special_split_re", "_decoding"):
             state.pop(key, None)
         state["_window_cache"] = {}
+        state.pop("_chunk_cache", None)
+        state.pop("_chunk_findall", None)
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -1,0 +1,84 @@
+"""Streaming detokenization: turn ids into text one id at a time, never showing half a character.
+
+GPT-NeoX-Japanese spells every character outside its vocabulary as UTF-8 byte tokens, so one
+character can arrive over up to four ids. :class:`StreamingDetokenizer` holds such bytes back until
+the character is complete and emits text only when it is final::
+
+    detok = StreamingDetokenizer(tokenizer, skip_special_tokens=True)
+    for token_id in generated_ids:
+        piece = detok.add_token(token_id)  # "" while a character is still incomplete
+        print(piece, end="", flush=True)
+    print(detok.finalize(), end="")       # flushes an unfinished byte sequence (as U+FFFD)
+    assert detok.text == tokenizer.decode(generated_ids, skip_special_tokens=True)
+
+API: ``add_token(id) -> str`` (the new text), ``add_tokens(ids) -> str``, ``finalize() -> str``
+(the rest; call once at the end), ``text`` (everything emitted so far) and ``reset()``.
+The pieces always join to ``tokenizer.decode(all ids)``: a piece never ends inside a character, and
+U+FFFD appears only where ``decode`` would put it (invalid bytes, or bytes left over at the end).
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tokenizer import GPTNeoXJapaneseTokenizer
+
+
+class StreamingDetokenizer:
+    """Incremental :meth:`GPTNeoXJapaneseTokenizer.decode`: feed ids, get text pieces."""
+
+    def __init__(self, tokenizer: GPTNeoXJapaneseTokenizer, skip_special_tokens: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything fed so far."""
+        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = False  # whether byte tokens have been fed since the last text token
+        self._parts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    def add_token(self, token_id: int) -> str:
+        """Feed one id; returns the text it completes ("" while a character is unfinished)."""
+        tok = self.tokenizer
+        idx = tok._check_id(token_id)
+        if self.skip_special_tokens and idx in tok._special_ids:
+            return ""
+        id_text, id_byte = tok._decoding
+        if id_byte[idx] >= 0:
+            self._pending = True
+            piece = self._bytes.decode(bytes((id_byte[idx],)))
+        else:
+            piece = self._flush() + id_text[idx]
+        if piece:
+            self._parts.append(piece)
+        return piece
+
+    def add_tokens(self, token_ids: Iterable[int]) -> str:
+        """Feed several ids; returns the text they complete."""
+        return "".join([self.add_token(i) for i in token_ids])
+
+    def finalize(self) -> str:
+        """End of stream: returns the text still held back (an unfinished character as U+FFFD)."""
+        piece = self._flush()
+        if piece:
+            self._parts.append(piece)
+        return piece
+
+    def _flush(self) -> str:
+        if not self._pending:
+            return ""
+        self._pending = False
+        piece = self._bytes.decode(b"", final=True)
+        self._bytes.reset()
+        return piece
