@@ -19,7 +19,24 @@ from neoxja.tokenizer import GPTNeoXJapaneseTokenizer, normalize
 from neoxja.tokenizer_utils import StreamingDetokenizer
 
 SEED_TEXT = "吾輩は猫である🐯。実は慶応(慶應)大学出身"
-SEED_IDS = [30014, 26883, 26638, 27228, 25, 26650, 31732, 31679, 27809, 26638, 17749, 31592, 17749, 31593, 321, 1281]
+SEED_IDS = [
+    30014,
+    26883,
+    26638,
+    27228,
+    25,
+    26650,
+    31732,
+    31679,
+    27809,
+    26638,
+    17749,
+    31592,
+    17749,
+    31593,
+    321,
+    1281,
+]
 SAMPLES = [
     SEED_TEXT,
     "人とAIが協調するためには、",
@@ -178,9 +195,10 @@ def test_batch_padding_and_truncation_match_reference(tok, ref, kwargs: dict) ->
 
 
 def test_single_text_tensors_and_encode_tensors(tok, ref) -> None:
-    assert tok(SEED_TEXT, return_tensors="pt")["input_ids"].tolist() == ref(SEED_TEXT, return_tensors="pt")[
-        "input_ids"
-    ].tolist()
+    assert (
+        tok(SEED_TEXT, return_tensors="pt")["input_ids"].tolist()
+        == ref(SEED_TEXT, return_tensors="pt")["input_ids"].tolist()
+    )
     assert tok.encode(SEED_TEXT, return_tensors="pt").tolist() == [SEED_IDS]
     with pytest.raises(ValueError, match="padding"):
         tok(BATCH, return_tensors="pt")
