@@ -1,0 +1,140 @@
+"""Greedy decoding speed, neoxja vs transformers, on the same random weights, plus the memory-bandwidth limit.
+
+Setup: 2 threads, float32, 32-token random prompts, 128 new tokens, greedy, batch 1 and 8, for a tiny
+config (hidden 64, 2 layers, 4 heads) and a small one (hidden 768, 12 layers, 12 heads), vocab 32000.
+The weights are made by transformers, saved with save_pretrained and loaded by neoxja from the same
+directory. tokens/s = batch * new tokens / wall time of one generate() call (prefill included), best of
+``--repeats`` runs.
+
+Bandwidth limit (batch 1): decoding one token must read every weight matrix once (all layers, final
+norm, ``embed_out``; the input embedding is a row lookup). Dividing those bytes by the measured speed
+of a large float32 matrix-vector product (the same access pattern, far larger than the caches) gives
+the fastest a memory-bound decoder can go on this machine.
+
+    python benchmarks/bench_generate.py            # prints a markdown table
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import transformers
+
+import neoxja
+
+PROMPT, NEW_TOKENS, VOCAB = 32, 128, 32000
+CONFIGS = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+}
+
+
+def matvec_gbps(rows: int = 16384, cols: int = 4096, repeats: int = 30) -> float:
+    """GB/s of y = W x for a float32 W far larger than the last-level cache (median of ``repeats``)."""
+    weight = torch.randn(rows, cols)
+    x = torch.randn(1, cols)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        times.append(time.perf_counter() - start)
+    return weight.numel() * weight.element_size() / statistics.median(times) / 1e9
+
+
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoding step reads: every parameter except the input-embedding lookup
+    (unless that matrix is also the output head)."""
+    embed_in = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    total = 0
+    for param in {id(p): p for p in model.parameters()}.values():
+        if param is embed_in and param is not head:
+            continue
+        total += param.numel() * param.element_size()
+    return total
+
+
+def timed_generate(
+    model: torch.nn.Module, input_ids: torch.Tensor, repeats: int
+) -> tuple[float, torch.Tensor]:
+    """Best wall time of greedy generate() over ``repeats`` runs (after one warm-up run)."""
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    with torch.no_grad():
+        out = model.generate(input_ids, **kwargs)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = model.generate(input_ids, **kwargs)
+            best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    gbps = matvec_gbps()
+    rows = []
+    for name in args.configs:
+        torch.manual_seed(0)
+        config = transformers.GPTNeoXJapaneseConfig(vocab_size=VOCAB, **CONFIGS[name])
+        reference = transformers.GPTNeoXJapaneseForCausalLM(config).eval()
+        with tempfile.TemporaryDirectory() as directory:
+            reference.save_pretrained(directory)
+            ours = neoxja.GPTNeoXJapaneseForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        limit = gbps * 1e9 / bytes_per_token(ours)
+        for batch in args.batches:
+            # Token ids below the special tokens, so the prompt has no eos in it.
+            input_ids = torch.randint(
+                0, 31000, (batch, PROMPT), generator=torch.Generator().manual_seed(batch)
+            )
+            ref_time, ref_out = timed_generate(reference, input_ids, args.repeats)
+            our_time, our_out = timed_generate(ours, input_ids, args.repeats)
+            if our_out.shape != (batch, PROMPT + NEW_TOKENS):
+                raise RuntimeError(f"neoxja stopped early: {tuple(our_out.shape)}")
+            ref_tps, our_tps = batch * NEW_TOKENS / ref_time, batch * NEW_TOKENS / our_time
+            rows.append(
+                (
+                    name,
+                    batch,
+                    f"{ref_tps:.1f}",
+                    f"{our_tps:.1f}",
+                    f"{our_tps / ref_tps:.2f}x",
+                    "yes" if torch.equal(ref_out, our_out) else "NO",
+                    f"{limit:.1f}" if batch == 1 else "-",
+                    f"{100 * our_tps / limit:.0f}%" if batch == 1 else "-",
+                )
+            )
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
+        "float32, "
+        f"prompt {PROMPT}, {NEW_TOKENS} new tokens, greedy; matvec bandwidth {gbps:.1f} GB/s\n"
+    )
+    header = (
+        "config",
+        "batch",
+        "transformers tok/s",
+        "neoxja tok/s",
+        "ratio",
+        "same tokens",
+        "bandwidth limit tok/s",
+        "% of limit",
+    )
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
