@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from array import array
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from itertools import chain, repeat
@@ -174,14 +175,34 @@ def _chunk_pattern(lines: list[str]) -> str:
         labels = [class_of(ch) for ch in m.group()]
         for x, y in zip(labels, labels[1:], strict=False):
             follows[x].add(y)
-    steps = []
-    for name in ("K", "H", "T", "M", "A", "F", "O"):
-        successors = "".join(classes[y][1:-1] for y in sorted(follows[name]) if y != "O")
-        if "O" in follows[name]:  # "other" is a negated class: add it as a separate step
-            steps.append(f"(?<={classes[name]}){_OTHER_CLASS}")
-        if successors:
-            steps.append(f"(?<={classes[name]})[{successors}]")
-    return "(?s:.)(?:" + "|".join(steps) + ")*"
+    # Reading a chunk: classes that can follow each other both ways (a strongly connected set,
+    # like kana and their marks) form runs; after a run the chunk may go on only into sets that
+    # can follow it, in topological order, never back. Every place this stops is a safe cut.
+    names = list(classes)
+    reach = {x: set(follows[x]) for x in names}
+    for k in names:
+        for x in names:
+            if k in reach[x]:
+                reach[x] |= reach[k]
+    components: list[list[str]] = []
+    for x in names:
+        if not any(x in c for c in components):
+            components.append([y for y in names if y == x or (y in reach[x] and x in reach[y])])
+
+    def atom(component: list[str]) -> str:
+        ranges = "".join(classes[y][1:-1] for y in component if y != "O")
+        parts = ([f"[{ranges}]"] if ranges else []) + ([_OTHER_CLASS] if "O" in component else [])
+        return parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
+
+    def later(a: list[str], b: list[str]) -> bool:  # b can follow a
+        return b is not a and b[0] in reach[a[0]]
+
+    order = sorted(components, key=lambda c: sum(later(o, c) for o in components))  # topological
+    alternatives = []
+    for component in order:
+        tail = "".join(atom(c) + "*" for c in order if later(component, c))
+        alternatives.append(atom(component) + "+" + tail)
+    return "|".join(alternatives)
 
 
 class _ChunkCache(dict):
@@ -876,7 +897,7 @@ class GPTNeoXJapaneseTokenizer:
         from concurrent.futures import ProcessPoolExecutor
 
         global _WORKER_TOKENIZER
-        chunk = -(-len(texts) // (num_workers * 4))
+        chunk = -(-len(texts) // (num_workers * 2))
         parts = [texts[i : i + chunk] for i in range(0, len(texts), chunk)]
         if "fork" in mp.get_all_start_methods():
             # Forked workers inherit this tokenizer, warm caches included, without pickling it.
@@ -888,7 +909,7 @@ class GPTNeoXJapaneseTokenizer:
             )
         try:
             with pool:
-                return [ids for part in pool.map(_worker_encode, parts) for ids in part]
+                return [ids for part in pool.map(_worker_encode, parts) for ids in _unpack(*part)]
         finally:
             _WORKER_TOKENIZER = None
 
@@ -1366,5 +1387,19 @@ def _worker_init(tokenizer: GPTNeoXJapaneseTokenizer) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
-def _worker_encode(texts: list[str]) -> list[list[int]]:
-    return [_WORKER_TOKENIZER._encode(t) for t in texts]
+def _worker_encode(texts: list[str]) -> tuple[bytes, bytes]:
+    """Encode in a worker; ids travel back as two packed arrays (lengths, ids), which pickle far
+    faster than lists of ints."""
+    encoded = [_WORKER_TOKENIZER._encode(t) for t in texts]
+    return array("l", map(len, encoded)).tobytes(), array("l", chain.from_iterable(encoded)).tobytes()
+
+
+def _unpack(lengths: bytes, flat: bytes) -> list[list[int]]:
+    sizes, ids = array("l"), array("l")
+    sizes.frombytes(lengths)
+    ids.frombytes(flat)
+    out, start = [], 0
+    for size in sizes:
+        out.append(ids[start : start + size].tolist())
+        start += size
+    return out
