@@ -212,7 +212,11 @@ class _ChunkCache(dict):
         super().__init__()
         self._segment = segment
 
+    limit = 200_000  # entries; the cache starts over when full, which bounds its memory
+
     def __missing__(self, chunk: str) -> tuple[int, ...]:
+        if len(self) >= self.limit:
+            self.clear()
         ids = self[chunk] = self._segment(chunk)
         return ids
 
@@ -726,10 +730,7 @@ class GPTNeoXJapaneseTokenizer:
     def _segment_chunks(self, text: str) -> list[int]:
         """Step 3 on rewritten text -> ids, chunk by chunk (see :func:`_chunk_pattern`); each
         distinct chunk is segmented once and then served from a cache."""
-        cache = self._chunk_cache
-        if len(cache) > 200_000:  # bound memory on huge, varied inputs
-            cache.clear()
-        return list(chain.from_iterable(map(cache.__getitem__, self._chunk_findall(text))))
+        return list(chain.from_iterable(map(self._chunk_cache.__getitem__, self._chunk_findall(text))))
 
     def _segment(self, text: str) -> tuple[int, ...]:
         """Step 3 on rewritten text -> ids. The hot loop: one cached decision per token."""
