@@ -80,6 +80,16 @@ def test_sampling_returns_several_reproducible_sequences(pipe: TextGenerationPip
     assert all(isinstance(record["generated_text"], str) for record in first)
 
 
+def test_stop_sequence_matches_transformers(pipe: TextGenerationPipeline, reference) -> None:
+    full = pipe(PROMPTS[0], do_sample=False, max_new_tokens=24, return_full_text=False)[0]["generated_text"]
+    stop = full[len(full) // 2 : len(full) // 2 + 1]
+    args = {"do_sample": False, "max_new_tokens": 24, "return_full_text": False, "stop_sequence": stop}
+    ours = pipe(PROMPTS[0], **args)
+    assert ours == reference(PROMPTS[0], **args)
+    # Generation stops at the token that completes the stop text (which may run past it).
+    assert len(ours[0]["generated_text"]) < len(full) and stop in ours[0]["generated_text"]
+
+
 def test_construction_kwargs_are_call_defaults(tiny_dir: Path) -> None:
     pipe = pipeline("text-generation", model=tiny_dir, max_new_tokens=3, do_sample=False)
     ids = pipe(PROMPTS[0], return_tensors=True)[0]["generated_token_ids"]

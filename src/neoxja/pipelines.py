@@ -116,7 +116,8 @@ class TextGenerationPipeline:
 
     Keyword arguments given at construction are defaults for every call; those given to a call
     override them. Besides the pipeline's own ``return_full_text``, ``return_tensors``,
-    ``skip_special_tokens`` and ``clean_up_tokenization_spaces``, every keyword goes to
+    ``skip_special_tokens``, ``clean_up_tokenization_spaces``, ``prefix`` and ``stop_sequence``
+    (text that ends generation, kept in the output), every keyword goes to
     ``model.generate`` (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
     ``repetition_penalty``, ``num_return_sequences``, ``streamer``, ...).
     """
@@ -157,8 +158,13 @@ class TextGenerationPipeline:
         skip_special_tokens: bool = True,
         clean_up_tokenization_spaces: bool | None = None,
         prefix: str = "",
+        stop_sequence: str | list[str] | None = None,
         **generate_kwargs: Any,
     ) -> list[dict[str, Any]]:
+        if stop_sequence is not None:
+            generate_kwargs["stop_strings"] = stop_sequence
+        if generate_kwargs.get("stop_strings") is not None:
+            generate_kwargs.setdefault("tokenizer", self.tokenizer)
         if not prompt:
             raise ValueError("text_inputs: the prompt is empty; give some text for the model to continue")
         encoded = self.tokenizer(prefix + prompt, return_tensors="pt")
