@@ -29,6 +29,7 @@ import json
 import os
 import re
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from itertools import chain, repeat
@@ -1202,13 +1203,13 @@ def _find_prices(text: str) -> list[tuple[int, int]]:
     if not units:
         return []
     n = len(text)
-    ends: dict[tuple[int, int], int] = {}
+    ends: dict[int, int] = {}  # 3 * position + phase -> where the number part ends
 
     def number_end(p: int) -> int:
         path = []
         phase, x = 0, p
         while True:
-            state = (phase, x)
+            state = 3 * x + phase
             if state in ends:
                 result = ends[state]
                 break
@@ -1231,20 +1232,24 @@ def _find_prices(text: str) -> list[tuple[int, int]]:
 
     # A start that succeeds is a unit itself or lies in a run of number characters that reaches
     # (or contains) a unit.
-    candidates = set(units)
+    unit_list = sorted(units)
+    segments = [(u, u + 1) for u in unit_list]
     for m in _PRICE_RUN_RE.finditer(text):
         start, end = m.span()
-        if end in units or any(i in units for i in range(start, end) if text[i] in "万千"):
-            candidates.update(range(start, end))
+        k = bisect_left(unit_list, start)
+        if k < len(unit_list) and unit_list[k] <= end:
+            segments.append((start, end))
+    segments.sort()
     spans, pos = [], 0
-    for p in sorted(candidates):
-        if p < pos or number_end(p) not in units:
-            continue
-        m = _PRICE_RE.match(text, p)
-        if m is None:
-            continue
-        spans.append(m.span())
-        pos = m.end()
+    for start, end in segments:
+        for p in range(max(start, pos), end):
+            if p < pos or number_end(p) not in units:
+                continue  # (p < pos: inside the match just found)
+            m = _PRICE_RE.match(text, p)
+            if m is None:
+                continue
+            spans.append(m.span())
+            pos = m.end()
     return spans
 
 
