@@ -8,7 +8,10 @@ One pair of preallocated buffers per layer, ``keys[i]`` and ``values[i]`` of sha
 view ``[:, :, : length + T]``; after the last layer the model calls :meth:`KVCache.advance` once,
 so every layer of one forward sees the same offset. A decoding step therefore costs the same
 Python work whatever the sequence length. If ``length + T`` exceeds the capacity, the buffers are
-reallocated at (at least) twice the capacity, so appends are amortised O(1).
+reallocated at (at least) twice the capacity, so appends are amortised O(1). A cache created
+without ``max_length`` (what the model makes for a plain ``forward(use_cache=True)``) allocates
+nothing up front and adopts each layer's first keys/values as its buffers, so a single forward
+pays no copy; it grows on the first append like any other.
 
 The layout is chosen so that two later extensions need no change to the model:
 
@@ -31,17 +34,18 @@ class KVCache:
 
     ``KVCache(config, batch_size, max_length, dtype, device)`` allocates everything up front;
     ``max_length`` is a capacity hint, not a limit (the cache doubles when it is exceeded).
+    ``max_length=None`` allocates lazily (see the module docstring).
     """
 
     def __init__(
         self,
         config: Any,
         batch_size: int,
-        max_length: int,
+        max_length: int | None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        if batch_size <= 0 or max_length <= 0:
+        if batch_size <= 0 or (max_length is not None and max_length <= 0):
             raise ValueError(f"KVCache needs batch_size, max_length > 0, got {batch_size}, {max_length}")
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
@@ -50,16 +54,19 @@ class KVCache:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.length = 0
-        shape = (batch_size, self.num_heads, max_length, self.head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
+        self.keys: list[torch.Tensor | None] = [None] * self.num_layers
+        self.values: list[torch.Tensor | None] = [None] * self.num_layers
+        if max_length is not None:
+            shape = (batch_size, self.num_heads, max_length, self.head_dim)
+            self.keys = [torch.empty(shape, dtype=dtype, device=self.device) for _ in self.keys]
+            self.values = [torch.empty(shape, dtype=dtype, device=self.device) for _ in self.values]
 
     @classmethod
     def from_config(
         cls,
         config: Any,
         batch_size: int,
-        max_length: int,
+        max_length: int | None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> KVCache:
@@ -68,8 +75,8 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        """Number of positions the buffers hold before they must grow."""
-        return self.keys[0].shape[2]
+        """Number of positions the buffers hold before they must grow (0 before a lazy cache's first use)."""
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of positions already stored (the same for every layer between forwards)."""
@@ -98,6 +105,9 @@ class KVCache:
                 f"head_dim={self.head_dim}], "
                 f"got key of shape {tuple(key.shape)}"
             )
+        if self.keys[layer_idx] is None:  # lazy cache, first block: adopt it instead of copying
+            self.keys[layer_idx], self.values[layer_idx] = key.contiguous(), value.contiguous()
+            return self.keys[layer_idx], self.values[layer_idx]
         end = self.length + new
         if end > self.keys[layer_idx].shape[2]:
             self._grow(end)
@@ -113,6 +123,8 @@ class KVCache:
         capacity = max(needed, 2 * self.capacity)
         for buffers in (self.keys, self.values):
             for i, old in enumerate(buffers):
+                if old is None:
+                    continue
                 new = old.new_empty(old.shape[:2] + (capacity,) + old.shape[3:])
                 new[:, :, : self.length] = old[:, :, : self.length]
                 buffers[i] = new
@@ -140,7 +152,8 @@ class KVCache:
             )
         for buffers in (self.keys, self.values):
             for i, old in enumerate(buffers):
-                buffers[i] = old.index_select(0, indices)
+                if old is not None:
+                    buffers[i] = old.index_select(0, indices)
         self.batch_size = indices.numel()
 
     def reorder(self, beam_idx: torch.Tensor | list[int]) -> None:
