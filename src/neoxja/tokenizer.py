@@ -31,8 +31,9 @@ import re
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
-from functools import cached_property
+from functools import cached_property, reduce
 from itertools import chain, repeat
+from operator import iadd
 from pathlib import Path
 from typing import Any
 
@@ -731,7 +732,8 @@ class GPTNeoXJapaneseTokenizer:
     def _segment_chunks(self, text: str) -> list[int]:
         """Step 3 on rewritten text -> ids, chunk by chunk (see :func:`_chunk_pattern`); each
         distinct chunk is segmented once and then served from a cache."""
-        return list(chain.from_iterable(map(self._chunk_cache.__getitem__, self._chunk_findall(text))))
+        # reduce(iadd) extends one list by each chunk's tuple: C-level, faster than chain().
+        return reduce(iadd, map(self._chunk_cache.__getitem__, self._chunk_findall(text)), [])
 
     def _segment(self, text: str) -> tuple[int, ...]:
         """Step 3 on rewritten text -> ids. The hot loop: one cached decision per token."""
