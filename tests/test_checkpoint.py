@@ -271,3 +271,14 @@ def test_unknown_keyword_and_config_overrides(saved: Path) -> None:
     model = GPTNeoXJapaneseForCausalLM.from_pretrained(saved, output_hidden_states=True)
     with torch.no_grad():
         assert len(model(X).hidden_states) == 3
+
+
+def test_memory_mapped_weights_survive_saving_over_their_file(saved: Path, expected: torch.Tensor) -> None:
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(saved)  # float32 file, float32 model: mapped
+    model.save_pretrained(saved, max_shard_size="30KB")  # replaces model.safetensors with shards
+    assert not (saved / "model.safetensors").exists()
+    assert (logits(model) - expected).abs().max() <= 1e-5
+    assert (logits(GPTNeoXJapaneseForCausalLM.from_pretrained(saved)) - expected).abs().max() <= 1e-5
+    with torch.no_grad():  # copy-on-write: the weights are writable, the file is not touched
+        model.gpt_neox_japanese.embed_in.weight.add_(1.0)
+    assert (logits(GPTNeoXJapaneseForCausalLM.from_pretrained(saved)) - expected).abs().max() <= 1e-5

@@ -1,9 +1,11 @@
 """Load and save model weights in the files transformers reads and writes.
 
-Loading builds the module on the meta device (no random initialisation, no memory), then reads
-one tensor at a time straight into its final buffer and assigns it to the module, so the weights
-exist once: safetensors files are read with plain ``readinto`` (no mmap whose touched pages would
-count as a second copy), ``.bin`` files through ``torch.load(weights_only=True, mmap=True)``.
+Loading builds the module on the meta device (no random initialisation, no memory), then takes
+one tensor at a time and assigns it to the module, so the weights exist once. A safetensors file
+already in the wanted dtype, for the CPU, is memory-mapped copy-on-write (no copy at all; pages are
+read on first use). One that must be converted is read tensor by tensor with plain ``readinto``
+(no mapping whose touched pages would count as a second copy), converted, and the read buffer
+freed. ``.bin`` files go through ``torch.load(weights_only=True, mmap=True)``.
 
 Files looked for, in order: ``model.safetensors``, ``model.safetensors.index.json`` (shards),
 ``pytorch_model.bin``, ``pytorch_model.bin.index.json`` (shards).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 import pickle
 import re
@@ -107,10 +110,20 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, data_start
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` from a safetensors file, each read into fresh memory, in file order."""
+def iter_safetensors(path: Path, keep_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from a safetensors file in file order.
+
+    If every floating tensor of the file already has dtype ``keep_dtype``, the tensors are
+    copy-on-write views of a memory map of the file: nothing is copied, and pages are read when
+    first used (as transformers does). Otherwise each tensor is read into fresh memory, so that
+    converting it never keeps the file's pages mapped beside the converted copy.
+    """
     header, data_start = read_safetensors_header(path)
     entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+    kinds = {_SAFETENSORS_DTYPES[info["dtype"]] for info in header.values()}
+    if keep_dtype is not None and all(k == keep_dtype for k in kinds if k.is_floating_point):
+        yield from _map_safetensors(path, entries, data_start)
+        return
     with open(path, "rb", buffering=0) as f:
         for name, info in entries:
             tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
@@ -125,6 +138,18 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                         raise CheckpointError(f"{path}: truncated safetensors file while reading {name!r}")
                     done += got
             yield name, tensor
+
+
+def _map_safetensors(path: Path, entries: list, data_start: int) -> Iterator[tuple[str, torch.Tensor]]:
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else None
+    for name, info in entries:
+        dtype, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+        if end == begin:
+            yield name, torch.empty(info["shape"], dtype=dtype)
+            continue
+        raw = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=data_start + begin)
+        yield name, raw.view(dtype).view(info["shape"])
 
 
 def iter_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -178,10 +203,14 @@ def find_weight_files(name_or_path: str | os.PathLike, options: HubOptions) -> l
     raise OSError(f"no weights found in {str(where)!r}: looked for {', '.join(WEIGHT_FILES)}")
 
 
-def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every ``(name, tensor)`` of the given weight files."""
+def iter_checkpoint(
+    files: list[Path], dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every ``(name, tensor)`` of the given weight files; safetensors already in ``dtype`` are
+    memory-mapped rather than read when they are to stay on the CPU."""
+    keep = dtype if device is not None and device.type == "cpu" else None
     for path in files:
-        yield from iter_safetensors(path) if path.name.endswith(".safetensors") else iter_bin(path)
+        yield from iter_safetensors(path, keep) if path.name.endswith(".safetensors") else iter_bin(path)
 
 
 # ----- loading into a model -------------------------------------------------------------------------
@@ -341,7 +370,7 @@ def load_pretrained(
     device = _device(device)
     with torch.device("meta"):
         model = cls(config)
-    load_state(model, iter_checkpoint(files), dtype, device, strict=strict)
+    load_state(model, iter_checkpoint(files, dtype, device), dtype, device, strict=strict)
     model.tie_weights()
     model.base_model.rotary_emb.to(device)
     return model.eval()
