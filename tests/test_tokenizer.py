@@ -148,6 +148,23 @@ def test_decode_skip_special_batch_and_errors(tok) -> None:
         tok.decode([-1])
 
 
+def test_clean_up_tokenization_spaces_matches_reference(tok, ref) -> None:
+    ids = tok.encode("I ' m here , is n't it ? yes . don 't 're")
+    for flag in (True, False):
+        assert tok.decode(ids, clean_up_tokenization_spaces=flag) == ref.decode(
+            ids, clean_up_tokenization_spaces=flag
+        )
+    assert tok.batch_decode([ids], clean_up_tokenization_spaces=True) == [
+        tok.decode(ids, clean_up_tokenization_spaces=True)
+    ]
+
+
+def test_streaming_detokenizer_aliases_for_streamers(tok) -> None:
+    ids = tok.encode("ŧ猫👍🏻")
+    detok = StreamingDetokenizer(tok)
+    assert "".join(detok.add(i) for i in ids) + detok.finish() == tok.decode(ids)
+
+
 def test_streaming_detokenizer_never_emits_partial_characters(tok) -> None:
     text = "ŧ吾輩👍🏻は 猫𠮷<|endoftext|>である\x00🇯🇵"
     ids = tok.encode(text)

@@ -68,6 +68,10 @@ _TAG_TEXT = {
 # CAB9-CBBF and CC80-CDA2 in the original encoder) and to <U2000U2BFF>.
 _KIGOU_RANGES = ((0x00A1, 0x00BF), (0x01C0, 0x01C3), (0x02B9, 0x02FF), (0x0300, 0x0362))
 _U2000_RANGE = (0x2000, 0x2BFF)
+# decode(clean_up_tokenization_spaces=True): the space before these goes, in this order.
+_CLEAN_UP_SPACES = tuple(
+    (" " + s, s.strip()) for s in (".", "?", "!", ",", "' ", "n't", "'m", "'s", "'ve", "'re")
+)
 _BYTE_TOKEN_RE = re.compile(r"<\|byte(\d{1,3})\|>")
 # Candidates for vocabulary words of 3+ characters starting with "<" (kept if they are words).
 _LT_WORD_RE = re.compile(r"<[^,\n]{2,}")
@@ -972,9 +976,24 @@ class GPTNeoXJapaneseTokenizer:
 
     # ------------------------------------------------------------------ decoding
 
-    def decode(self, token_ids: int | Sequence[int] | Any, skip_special_tokens: bool = False) -> str:
+    def decode(
+        self,
+        token_ids: int | Sequence[int] | Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> str:
         """Ids -> text. Byte tokens are joined across tokens before UTF-8 decoding, spaces are kept;
-        ``decode(encode(x)) == normalize(x)``. An id outside the vocabulary raises ValueError."""
+        ``decode(encode(x)) == normalize(x)``. An id outside the vocabulary raises ValueError.
+
+        ``clean_up_tokenization_spaces=True`` removes the space before English punctuation and
+        contractions, like transformers' option (off by default, as there)."""
+        text = self._decode(token_ids, skip_special_tokens)
+        if clean_up_tokenization_spaces:
+            for old, new in _CLEAN_UP_SPACES:
+                text = text.replace(old, new)
+        return text
+
+    def _decode(self, token_ids: int | Sequence[int] | Any, skip_special_tokens: bool) -> str:
         ids = [token_ids] if isinstance(token_ids, int) else _as_id_list(token_ids)
         (id_text, id_byte), check = self._decoding, self._check_id
         skip = self._special_ids if skip_special_tokens else ()
@@ -1001,12 +1020,15 @@ class GPTNeoXJapaneseTokenizer:
         return "".join(parts)
 
     def batch_decode(
-        self, sequences: Iterable[Sequence[int]] | Any, skip_special_tokens: bool = False
+        self,
+        sequences: Iterable[Sequence[int]] | Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
     ) -> list[str]:
         """:meth:`decode` for each sequence of a batch (list of lists or a 2-D tensor)."""
         if hasattr(sequences, "tolist"):
             sequences = sequences.tolist()
-        return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
+        return [self.decode(seq, skip_special_tokens, clean_up_tokenization_spaces) for seq in sequences]
 
     def normalize(self, text: str) -> str:
         """What :meth:`decode` gives back for ``encode(text)``; see the module-level :func:`normalize`."""

@@ -13,6 +13,7 @@ the character is complete and emits text only when it is final::
 
 API: ``add_token(id) -> str`` (the new text), ``add_tokens(ids) -> str``, ``finalize() -> str``
 (the rest; call once at the end), ``text`` (everything emitted so far) and ``reset()``.
+``add`` and ``finish`` are the same as ``add_token`` and ``finalize`` (the names the streamers use).
 The pieces always join to ``tokenizer.decode(all ids)``: a piece never ends inside a character, and
 U+FFFD appears only where ``decode`` would put it (invalid bytes, or bytes left over at the end).
 """
@@ -74,6 +75,9 @@ class StreamingDetokenizer:
         if piece:
             self._parts.append(piece)
         return piece
+
+    add = add_token
+    finish = finalize
 
     def _flush(self) -> str:
         if not self._pending:
