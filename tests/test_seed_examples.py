@@ -62,6 +62,8 @@ def test_pipeline_example(model_id: str) -> None:
     assert len(result) == 1 and result[0]["generated_text"].startswith(PROMPT)
 
 
+@pytest.mark.filterwarnings("ignore:.*max_length:UserWarning")  # the seed's generate() sets no length
+@pytest.mark.filterwarnings("ignore:.*max_new_tokens:UserWarning")
 def test_quantized_automodel_example(model_id: str, tiny_dir: Path) -> None:
     import transformers
 
