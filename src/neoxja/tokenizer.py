@@ -15,11 +15,14 @@ trained with, and of transformers' ``GPTNeoXJapaneseTokenizer``):
    no candidate becomes ``<KIGOU>`` (some Latin-1/IPA symbols and combining marks),
    ``<U2000U2BFF>`` (U+2000..U+2BFF) or one byte token per UTF-8 byte.
 
-Speed comes from doing the same thing with less work: the fixed rewrites are C-level
-``str.replace`` calls, emoji are looked up only where a possible first character occurs, the
-decision at each position is cached per 3-character window, and the ``do_clean_text`` patterns are
-searched with linear-time scanners (the reference's regular expressions backtrack quadratically on
-long digit runs). Decoding joins byte tokens across tokens, so characters outside the vocabulary
+Speed comes from doing the same thing with less work, in pure Python: the fixed rewrites are
+C-level ``str.replace`` calls; emoji are looked up only where a possible first character occurs; a
+regex derived from the vocabulary cuts the text into chunks that no token can cross (e.g. a kana
+run and the kanji after it), each distinct chunk is segmented once and then served from a cache
+(``map`` over a dict, in C); inside a new chunk the decision is cached per 3-character window; and
+the ``do_clean_text`` patterns are searched with linear-time scanners (the reference's regular
+expressions backtrack quadratically on long digit runs). Caches are bounded and start over when
+full. Decoding joins byte tokens across tokens, so characters outside the vocabulary
 come back intact, and keeps spaces; :func:`normalize` says exactly what comes back.
 """
 
