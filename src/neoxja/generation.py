@@ -551,6 +551,7 @@ def stream_generate(
     generation_config: GenerationConfig | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    logits_processor: Sequence[Processor] = (),
     **kwargs: Any,
 ) -> Iterator[str]:
     """Yield the continuation of ``prompt`` (text or ids) as text pieces, as soon as each is complete.
@@ -569,7 +570,16 @@ def stream_generate(
     config = _resolve_config(model, generation_config, kwargs)
     detokenizer = make_detokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
     with torch.no_grad():
-        plan = _plan(model, input_ids, None, config, tokenizer=tokenizer, generator=generator, seed=seed)
+        plan = _plan(
+            model,
+            input_ids,
+            None,
+            config,
+            tokenizer=tokenizer,
+            generator=generator,
+            seed=seed,
+            logits_processor=logits_processor,
+        )
     if plan.input_ids.shape[0] != 1:
         raise ValueError(
             f"stream_generate continues a single prompt, got a batch of {plan.input_ids.shape[0]}"
