@@ -11,6 +11,7 @@ import torch
 from test_auto import build_tiny_checkpoint
 
 import neoxja.commands.generate as generate_command
+from neoxja import GPTNeoXJapaneseTokenizer
 from neoxja.cli import main
 from neoxja.commands.init import SIZES, build_config
 
@@ -143,9 +144,9 @@ def test_chat_keeps_the_conversation_and_quits_on_eof(
     seen: list[list[int]] = []
     real_stream = generate_command.stream
 
-    def recording_stream(model, tokenizer, input_ids, kwargs):
+    def recording_stream(model, tokenizer, input_ids, kwargs, shown):
         seen.append(input_ids[0].tolist())
-        return real_stream(model, tokenizer, input_ids, kwargs)
+        real_stream(model, tokenizer, input_ids, kwargs, shown)
 
     monkeypatch.setattr(generate_command, "stream", recording_stream)
     monkeypatch.setattr("sys.stdin", io.StringIO("吾輩は\n猫である\n"))  # then EOF
@@ -157,20 +158,22 @@ def test_chat_keeps_the_conversation_and_quits_on_eof(
 def test_chat_ctrl_c_stops_the_generation_not_the_program(
     tiny_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = []
+    seen: list[list[int]] = []
     real_stream = generate_command.stream
 
-    def interrupted_once(model, tokenizer, input_ids, kwargs):
-        calls.append(1)
-        if len(calls) == 1:
+    def interrupted_once(model, tokenizer, input_ids, kwargs, shown):
+        seen.append(input_ids[0].tolist())
+        if len(seen) == 1:
+            shown.append("途中")  # printed before Ctrl-C
             raise KeyboardInterrupt
-        return real_stream(model, tokenizer, input_ids, kwargs)
+        real_stream(model, tokenizer, input_ids, kwargs, shown)
 
     monkeypatch.setattr(generate_command, "stream", interrupted_once)
     monkeypatch.setattr("sys.stdin", io.StringIO("一行目\n二行目\n"))
     assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "3", "--temperature", "0"]) == 0
-    captured = capsys.readouterr()
-    assert len(calls) == 2 and "[stopped]" in captured.err
+    assert len(seen) == 2 and "[stopped]" in capsys.readouterr().err
+    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(tiny_dir)
+    assert seen[1] == tokenizer.encode("一行目途中二行目")  # the interrupted turn's shown text is kept
 
 
 def test_init_tiny_writes_a_checkpoint_transformers_loads(

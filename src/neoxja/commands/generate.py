@@ -169,16 +169,17 @@ def generate_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
     return kwargs
 
 
-def stream(model: Any, tokenizer: Any, input_ids: Any, kwargs: dict[str, Any]) -> str:
-    """Generate from ``input_ids`` (1 x T), writing the new text to stdout as it comes; returns it."""
+def stream(model: Any, tokenizer: Any, input_ids: Any, kwargs: dict[str, Any], shown: list[str]) -> None:
+    """Generate from ``input_ids`` (1 x T), writing the new text to stdout as it comes.
+
+    Each piece is also appended to ``shown``, so after a Ctrl-C the caller knows what was printed.
+    """
     from neoxja.generation import stream_generate
 
-    pieces = []
     for piece in stream_generate(model, tokenizer, input_ids.to(model.device), **kwargs):
-        pieces.append(piece)
+        shown.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
-    return "".join(pieces)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -193,7 +194,7 @@ def run_generate(args: argparse.Namespace) -> int:
     kwargs = generate_kwargs(args, tokenizer)
     if args.seed is not None:
         kwargs["seed"] = args.seed
-    stream(model, tokenizer, input_ids, kwargs)
+    stream(model, tokenizer, input_ids, kwargs, [])
     print()
     return 0
 
@@ -230,9 +231,11 @@ def run_chat(args: argparse.Namespace) -> int:
         if len(ids) > keep:
             print(f"[context: keeping the last {keep} of {len(ids)} tokens]", file=sys.stderr)
             ids = ids[-keep:]
+        shown: list[str] = []
         try:
-            history += stream(model, tokenizer, torch.tensor([ids], dtype=torch.long), kwargs)
+            stream(model, tokenizer, torch.tensor([ids], dtype=torch.long), kwargs, shown)
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
-            continue
-        print()
+        else:
+            print()
+        history += "".join(shown)  # what was printed stays in the context, even if interrupted
