@@ -431,6 +431,7 @@ class GPTNeoXJapaneseTokenizer:
         # Words that win outright at "<": every vocabulary word of 3+ characters starting with "<".
         self._lt_match = re.compile(_trie_regex(self._lt_words)).match if self._lt_words else None
         self._window_cache: dict[str, tuple] = {}
+        self._lt_cache: dict[str, tuple] = {}  # windows starting with "<" where no long word matched
         self._chunk_cache = _ChunkCache(self._segment)
         self._chunk_findall = re.compile(_chunk_pattern(self._lines)).findall
         unk_id = vocab.get(self.unk_token, 0)
@@ -451,6 +452,7 @@ class GPTNeoXJapaneseTokenizer:
             self._emoji_index.setdefault(key[:2], []).append(i)
         first = {k[0] for k in keys}
         self._emoji_start = re.compile(_char_class(first)) if first else None
+        self._emoji_prefixes = re.compile(f"(?=({_char_class(first)}(?s:.)?))").findall if first else None
         tags = set(self.emoji["emoji"].values())
         tag_chars = set("".join(tags))
         self._emoji_indexable = not any(
@@ -701,9 +703,9 @@ class GPTNeoXJapaneseTokenizer:
             return list(range(len(self._emoji_keys)))
         index = self._emoji_index
         found: set[int] = set()
-        for m in self._emoji_start.finditer(text):
-            p = m.start()
-            for key in (text[p], text[p : p + 2]):
+        # The distinct 1-2 character prefixes at possible emoji starts, collected in C.
+        for prefix in set(self._emoji_prefixes(text)):
+            for key in (prefix[0], prefix):
                 hits = index.get(key)
                 if hits:
                     found.update(hits)
@@ -749,8 +751,9 @@ class GPTNeoXJapaneseTokenizer:
         cache = self._window_cache
         if len(cache) > 500_000:  # bound memory on huge, varied inputs
             cache.clear()
+            self._lt_cache.clear()
         get = cache.get
-        lt_match = self._lt_match
+        lt_match, lt_cache = self._lt_match, self._lt_cache
         vocab = self.vocab
         pos, n = 0, len(text)
         while pos < n:
@@ -763,7 +766,8 @@ class GPTNeoXJapaneseTokenizer:
                         append(vocab[m.group()])
                         pos = m.end()
                         continue
-                    hit = self._decide(window)  # depends on more than 3 characters: not cached
+                    # No long word here, so the 3-character window decides: cache it apart.
+                    hit = lt_cache.get(window) or lt_cache.setdefault(window, self._decide(window))
                 else:
                     hit = cache[window] = self._decide(window)
             tid, length = hit
@@ -926,7 +930,7 @@ class GPTNeoXJapaneseTokenizer:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for key in ("_lt_match", "_emoji_start", "_special_split_re", "_decoding"):
+        for key in ("_lt_match", "_emoji_start", "_emoji_prefixes", "_special_split_re", "_decoding"):
             state.pop(key, None)
         state["_window_cache"] = {}
         state.pop("_chunk_cache", None)
