@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--load", action="store_true", help="also benchmark loading a 2.7B bf16 checkpoint")
     parser.add_argument("--no-speed", action="store_true", help="skip the forward/training benchmark")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the 2.7B checkpoint (tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep the 2.7B checkpoint")
+    parser.add_argument("--keep", action="store_true", help="keep the 2.7B checkpoint (and reuse a kept one)")
     parser.add_argument("--cpu-time", action="store_true", help="time in process CPU time, not wall time")
     args = parser.parse_args()
     if args.cpu_time:
@@ -239,7 +239,10 @@ def main() -> None:
         directory = args.dir or Path(tempfile.mkdtemp(prefix="neoxja-2.7b-"))
         try:
             start = time.perf_counter()
-            weight_bytes = write_checkpoint(directory)
+            if args.keep and (directory / "model.safetensors").is_file():  # kept from an earlier run
+                weight_bytes = (directory / "model.safetensors").stat().st_size
+            else:
+                weight_bytes = write_checkpoint(directory)
             written = time.perf_counter() - start
             results = bench_load(directory)
         finally:

@@ -381,7 +381,10 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
 
     def __init__(self, config: GPTNeoXJapaneseConfig) -> None:
         super().__init__(config)
-        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        # An uninitialised table (post_init fills it): nn.Embedding's own N(0, 1) init would be wasted
+        # work, and on the meta device it costs a slow first-time import inside torch.
+        table = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_in = nn.Embedding.from_pretrained(table, freeze=False)
         self.layers = nn.ModuleList(GPTNeoXJapaneseLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         # The rotary tables are computed, never loaded, so they are built for real even when the
