@@ -282,3 +282,14 @@ def test_memory_mapped_weights_survive_saving_over_their_file(saved: Path, expec
     with torch.no_grad():  # copy-on-write: the weights are writable, the file is not touched
         model.gpt_neox_japanese.embed_in.weight.add_(1.0)
     assert (logits(GPTNeoXJapaneseForCausalLM.from_pretrained(saved)) - expected).abs().max() <= 1e-5
+
+
+def test_config_argument_object_or_path(saved: Path, expected: torch.Tensor) -> None:
+    config = GPTNeoXJapaneseConfig.from_pretrained(saved)
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(saved, config=config, output_attentions=True)
+    assert model.config.output_attentions and not config.output_attentions  # the caller's config is kept
+    assert (logits(model) - expected).abs().max() <= 1e-5
+    by_path = GPTNeoXJapaneseForCausalLM.from_pretrained(saved, config=str(saved))
+    assert (logits(by_path) - expected).abs().max() <= 1e-5
+    with pytest.raises(TypeError, match="config must be"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved, config={"hidden_size": 32})

@@ -13,6 +13,7 @@ Files looked for, in order: ``model.safetensors``, ``model.safetensors.index.jso
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import mmap
@@ -337,7 +338,7 @@ def load_pretrained(
     cls: type[GPTNeoXJapanesePreTrainedModel],
     name_or_path: str | os.PathLike,
     *,
-    config: GPTNeoXJapaneseConfig | None = None,
+    config: GPTNeoXJapaneseConfig | str | os.PathLike | None = None,
     dtype: torch.dtype | str | None = "auto",
     device: torch.device | str | int | None = None,
     strict: bool = True,
@@ -355,11 +356,13 @@ def load_pretrained(
         dtype = kwargs.pop("torch_dtype")
     if "device_map" in kwargs:
         device = kwargs.pop("device_map")
-    if config is None:
+    if config is None or isinstance(config, (str, os.PathLike)):
         hub_kwargs = {key: value for key, value in vars(options).items() if value}
-        config = GPTNeoXJapaneseConfig.from_pretrained(name_or_path, **hub_kwargs)
+        config = GPTNeoXJapaneseConfig.from_pretrained(config or name_or_path, **hub_kwargs)
     elif not isinstance(config, GPTNeoXJapaneseConfig):
-        raise TypeError(f"config must be a GPTNeoXJapaneseConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a GPTNeoXJapaneseConfig or a path, got {type(config).__name__}")
+    else:
+        config = copy.deepcopy(config)  # the overrides below and save_pretrained must not touch the caller's
     for key, value in kwargs.items():
         if not hasattr(config, key):
             raise TypeError(f"from_pretrained() got an unexpected keyword argument {key!r}")

@@ -347,7 +347,7 @@ class GPTNeoXJapanesePreTrainedModel(nn.Module):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *,
-        config: GPTNeoXJapaneseConfig | None = None,
+        config: GPTNeoXJapaneseConfig | str | os.PathLike | None = None,
         dtype: torch.dtype | str | None = "auto",
         device: torch.device | str | int | None = None,
         strict: bool = True,
