@@ -234,3 +234,17 @@ def test_bad_input_raises_naming_the_argument(models, kwargs, name) -> None:
     kwargs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), **kwargs}
     with pytest.raises(ValueError, match=name):
         ours.generate(**kwargs)
+
+
+def test_generation_config_json_round_trips_with_transformers(tmp_path) -> None:
+    theirs = transformers.GenerationConfig(max_new_tokens=33, do_sample=True, top_p=0.9, eos_token_id=[1, 2])
+    theirs.save_pretrained(tmp_path / "ref")
+    ours = GenerationConfig.from_pretrained(tmp_path / "ref")
+    assert (ours.max_new_tokens, ours.do_sample, ours.top_p, ours.eos_token_id) == (33, True, 0.9, [1, 2])
+    assert "transformers_version" in ours.extra  # unknown keys are kept
+    ours.temperature = 0.6
+    ours.save_pretrained(tmp_path / "ours")
+    back = transformers.GenerationConfig.from_pretrained(tmp_path / "ours")
+    assert (back.max_new_tokens, back.top_p, back.temperature, back.eos_token_id) == (33, 0.9, 0.6, [1, 2])
+    with pytest.raises(OSError, match="generation_config.json"):
+        GenerationConfig.from_pretrained(tmp_path)
