@@ -61,7 +61,7 @@ def test_generate_reads_the_prompt_from_stdin(
     args = ["generate", "--model", str(tiny_dir), "--max-new-tokens", "6", "--temperature", "0"]
     assert main([*args, PROMPT]) == 0
     direct = capsys.readouterr().out
-    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT))
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT + "\n"))  # as `echo PROMPT |` gives it
     assert main([*args, "-"]) == 0
     assert capsys.readouterr().out == direct
 

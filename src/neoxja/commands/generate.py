@@ -149,7 +149,6 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
             f"{err} For example: neoxja {args.command} --model /path/to/gpt-neox-japanese-2.7b ... "
             f"(a directory with config.json, the weights, vocab.txt and emoji.json)."
         ) from err
-    model.eval()
     return model, tokenizer
 
 
@@ -186,7 +185,8 @@ def run_generate(args: argparse.Namespace) -> int:
     """``neoxja generate``: print the continuation of PROMPT."""
     import torch
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # From stdin, the newline that ends the input (echo, a file) is not part of the prompt.
+    prompt = sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise ValueError("PROMPT is empty; give some text for the model to continue")
     model, tokenizer = load(args)
