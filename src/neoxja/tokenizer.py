@@ -452,7 +452,18 @@ class GPTNeoXJapaneseTokenizer:
             self._emoji_index.setdefault(key[:2], []).append(i)
         first = {k[0] for k in keys}
         self._emoji_start = re.compile(_char_class(first)) if first else None
-        self._emoji_prefixes = re.compile(f"(?=({_char_class(first)}(?s:.)?))").findall if first else None
+        # What can start a key: a one-character key, or the first two characters of a longer one.
+        # Collected with two findall calls in C; the pair pattern matches only plausible pairs.
+        singles = {k for k in keys if len(k) == 1}
+        firsts, seconds = {k[0] for k in keys if len(k) > 1}, {k[1] for k in keys if len(k) > 1}
+        self._emoji_prefixes = [
+            re.compile(pattern).findall
+            for pattern in (
+                _char_class(singles) if singles else None,
+                f"(?=({_char_class(firsts)}{_char_class(seconds)}))" if firsts else None,
+            )
+            if pattern
+        ]
         tags = set(self.emoji["emoji"].values())
         tag_chars = set("".join(tags))
         self._emoji_indexable = not any(
@@ -703,12 +714,9 @@ class GPTNeoXJapaneseTokenizer:
             return list(range(len(self._emoji_keys)))
         index = self._emoji_index
         found: set[int] = set()
-        # The distinct 1-2 character prefixes at possible emoji starts, collected in C.
-        for prefix in set(self._emoji_prefixes(text)):
-            for key in (prefix[0], prefix):
-                hits = index.get(key)
-                if hits:
-                    found.update(hits)
+        for findall in self._emoji_prefixes:
+            for prefix in set(findall(text)):
+                found.update(index.get(prefix, ()))
         return sorted(found)
 
     def _replace_emoji(self, text: str) -> str:
