@@ -28,6 +28,7 @@ _EXPORTS = {
     "AutoTokenizer": "neoxja.auto",
     "AutoModel": "neoxja.auto",
     "AutoModelForCausalLM": "neoxja.auto",
+    "BitsAndBytesConfig": "neoxja.auto",
     "AttentionMaskVisualizer": "neoxja.utils.attention_visualizer",
 }
 
