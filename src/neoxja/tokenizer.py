@@ -438,7 +438,7 @@ class GPTNeoXJapaneseTokenizer:
         self._kigou_id = vocab.get("<KIGOU>", unk_id)
         self._u2000_id = vocab.get("<U2000U2BFF>", unk_id)
         self._byte_ids = [vocab.get(f"<|byte{b}|>", unk_id) for b in range(256)]
-        self._unk_id = unk_id
+        self._unk_id = unk_id  # (0 when there is no unk token, as unknown tokens need some id)
 
         self._special_ids = frozenset(self.added_tokens_decoder)
 
@@ -522,7 +522,7 @@ class GPTNeoXJapaneseTokenizer:
             value = config.get(key)
             if isinstance(value, dict):  # AddedToken written as {"content": ...}
                 value = value.get("content")
-            if isinstance(value, str):
+            if isinstance(value, str) or (key in config and value is None):
                 init[key] = value
         for key, kind in (("do_clean_text", bool), ("model_max_length", int), ("padding_side", str)):
             if isinstance(config.get(key), kind):
@@ -584,27 +584,28 @@ class GPTNeoXJapaneseTokenizer:
 
     @property
     def all_special_tokens(self) -> list[str]:
-        return list(dict.fromkeys((self.bos_token, self.eos_token, self.unk_token, self.pad_token)))
+        tokens = (self.bos_token, self.eos_token, self.unk_token, self.pad_token)
+        return [t for t in dict.fromkeys(tokens) if t is not None]
 
     @property
     def all_special_ids(self) -> list[int]:
         return [self.added_tokens_encoder[t] for t in self.all_special_tokens]
 
     @property
-    def unk_token_id(self) -> int:
-        return self.added_tokens_encoder[self.unk_token]
+    def unk_token_id(self) -> int | None:
+        return self.added_tokens_encoder.get(self.unk_token)
 
     @property
-    def pad_token_id(self) -> int:
-        return self.added_tokens_encoder[self.pad_token]
+    def pad_token_id(self) -> int | None:
+        return self.added_tokens_encoder.get(self.pad_token)
 
     @property
-    def bos_token_id(self) -> int:
-        return self.added_tokens_encoder[self.bos_token]
+    def bos_token_id(self) -> int | None:
+        return self.added_tokens_encoder.get(self.bos_token)
 
     @property
-    def eos_token_id(self) -> int:
-        return self.added_tokens_encoder[self.eos_token]
+    def eos_token_id(self) -> int | None:
+        return self.added_tokens_encoder.get(self.eos_token)
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
         """Token string(s) -> id(s); an unknown token gives the unk id, as in the reference."""
@@ -870,6 +871,8 @@ class GPTNeoXJapaneseTokenizer:
             if side not in ("left", "right"):
                 raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
             pad_id = self.pad_token_id
+            if pad_id is None:
+                raise ValueError("padding needs a pad token: this tokenizer was created with pad_token=None")
             all_ids = [_pad(ids, target, pad_id, side) for ids in all_ids]
             masks = [_pad(mask, target, 0, side) for mask in masks]
             if all_offsets is not None:
