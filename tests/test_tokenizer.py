@@ -227,6 +227,15 @@ def test_padding_side_attribute_is_used(assets_dir: Path) -> None:
     assert out["attention_mask"][0][0] == 0 and out["input_ids"][0][0] == left.pad_token_id
 
 
+def test_special_tokens_can_be_none(assets_dir: Path, tmp_path: Path) -> None:
+    tok = GPTNeoXJapaneseTokenizer(assets_dir / "vocab.txt", assets_dir / "emoji.json", pad_token=None)
+    assert tok.pad_token_id is None and tok.eos_token_id == 31999
+    with pytest.raises(ValueError, match="pad token"):
+        tok(["猫", "吾輩は猫"], padding=True)
+    tok.save_pretrained(tmp_path)
+    assert GPTNeoXJapaneseTokenizer.from_pretrained(tmp_path).pad_token is None
+
+
 def test_encode_batch_with_workers_matches_single_process(tok, corpus_dir: Path) -> None:
     lines = (corpus_dir / "gsd-test.txt").read_text(encoding="utf-8").split("\n")[:400]
     assert tok.encode_batch(lines, num_workers=2) == tok.encode_batch(lines) == [tok.encode(t) for t in lines]
