@@ -919,25 +919,31 @@ class GPTNeoXJapaneseTokenizer:
         texts = _check_batch(texts)
         if num_workers <= 1 or len(texts) < 2 * num_workers:
             return [self._encode(t) for t in texts]
+        import gc
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
 
-        global _WORKER_TOKENIZER
-        chunk = -(-len(texts) // (num_workers * 2))
-        parts = [texts[i : i + chunk] for i in range(0, len(texts), chunk)]
+        global _WORKER_TOKENIZER, _WORKER_TEXTS
+        step = -(-len(texts) // (num_workers * 2))
+        ranges = [(i, min(i + step, len(texts))) for i in range(0, len(texts), step)]
         if "fork" in mp.get_all_start_methods():
-            # Forked workers inherit this tokenizer, warm caches included, without pickling it.
-            _WORKER_TOKENIZER = self
-            pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context("fork"))
+            # Forked workers inherit this tokenizer (warm caches included) and the texts, so only
+            # index ranges go out and packed ids come back. Freezing the GC while forking keeps
+            # the workers' collector from touching (and so copying) every inherited object.
+            _WORKER_TOKENIZER, _WORKER_TEXTS = self, texts
+            context, initargs, tasks = mp.get_context("fork"), None, ranges
         else:
-            pool = ProcessPoolExecutor(
-                num_workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(self,)
-            )
+            context, initargs, tasks = mp.get_context("spawn"), (self,), [texts[a:b] for a, b in ranges]
+        gc.freeze()
+        try:
+            pool = context.Pool(num_workers, _worker_init if initargs else None, initargs or ())
+        finally:
+            gc.unfreeze()
         try:
             with pool:
-                return [ids for part in pool.map(_worker_encode, parts) for ids in _unpack(*part)]
+                parts = pool.map(_worker_encode, tasks, chunksize=1)
         finally:
-            _WORKER_TOKENIZER = None
+            _WORKER_TOKENIZER, _WORKER_TEXTS = None, None
+        return [ids for part in parts for ids in _unpack(*part)]
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -1428,6 +1434,7 @@ def _to_tensor(rows: list, kind: str) -> Any:
 
 
 _WORKER_TOKENIZER: GPTNeoXJapaneseTokenizer | None = None
+_WORKER_TEXTS: list[str] | None = None
 
 
 def _worker_init(tokenizer: GPTNeoXJapaneseTokenizer) -> None:
@@ -1435,9 +1442,10 @@ def _worker_init(tokenizer: GPTNeoXJapaneseTokenizer) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
-def _worker_encode(texts: list[str]) -> tuple[bytes, bytes]:
-    """Encode in a worker; ids travel back as two packed arrays (lengths, ids), which pickle far
-    faster than lists of ints."""
+def _worker_encode(task: tuple[int, int] | list[str]) -> tuple[bytes, bytes]:
+    """Encode in a worker (an index range of the inherited texts, or the texts themselves); ids
+    travel back as two packed arrays (lengths, ids), which pickle far faster than lists of ints."""
+    texts = _WORKER_TEXTS[task[0] : task[1]] if isinstance(task, tuple) else task
     encoded = [_WORKER_TOKENIZER._encode(t) for t in texts]
     return array("l", map(len, encoded)).tobytes(), array("l", chain.from_iterable(encoded)).tobytes()
 
