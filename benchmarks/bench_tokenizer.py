@@ -102,7 +102,8 @@ def main() -> None:
         after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = [a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before, strict=True)]
         print(
-            f"  {workers} process(es): {wall:.2f}s wall, CPU {cpu[0]:.2f}s in this process + {cpu[1]:.2f}s in workers"
+            f"  {workers} process(es): {wall:.2f}s wall, "
+            f"CPU {cpu[0]:.2f}s in this process + {cpu[1]:.2f}s in workers"
         )
 
 
