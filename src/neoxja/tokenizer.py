@@ -166,9 +166,10 @@ def _chunk_pattern(lines: list[str]) -> str:
     """A regex whose matches cut (rewritten) text into chunks that segment independently.
 
     A token never spans two chunks: a chunk ends between characters x and y only when no
-    vocabulary word has a character of x's class followed by one of y's class. Every word is a
-    candidate-or-not superset, so the cut positions are safe for any vocabulary; only words that
-    mix classes need to be looked at, and a regex finds those.
+    vocabulary word has a character of x's class followed by one of y's class, so segmenting each
+    chunk alone gives the same tokens, whatever the vocabulary. All words are looked at, whether
+    they can be candidates or not (being too careful only makes chunks longer); words within one
+    class say nothing new, so a regex picks out the few that mix classes.
     """
     classes = {name: f"[{body}]" for name, body in _CHUNK_CLASSES.items()}
     classes["O"] = _OTHER_CLASS
