@@ -759,7 +759,7 @@ class GPTNeoXJapaneseTokenizer:
         ids: list[int] = []
         append, extend = ids.append, ids.extend
         cache = self._window_cache
-        if len(cache) > 500_000:  # bound memory on huge, varied inputs
+        if len(cache) > 200_000:  # bound memory on huge, varied inputs
             cache.clear()
             self._lt_cache.clear()
         get = cache.get
