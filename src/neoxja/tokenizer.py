@@ -94,10 +94,10 @@ _WEEKDAY = r"\(日\)|\(月\)|\(火\)|\(水\)|\(木\)|\(金\)|\(土\)|㈰|㈪|㈫
 _DATE_TAIL = r"(?:\d{1,2}|:|\d{1,2}時|\d{1,2}分|" + _WEEKDAY + r")*"
 _MONTH_SEP = r"(?:0?[1-9]|1[0-2])[/\-月]"
 _YEAR_UNIT = r"[12]\d{3}[/\-年]"
-# A month never starts where a year unit starts, so taking the year units possessively matches
-# exactly what backtracking over them would.
+# A month never starts where a year unit starts, so greedy year units never need to give one
+# back: the scanner below calls this only where it succeeds, and it does so without backtracking.
 _DATE_RE = re.compile(
-    "(?:" + _YEAR_UNIT + ")*+" + _MONTH_SEP + r"(?:(?:0?[1-9]|[12][0-9]|3[01])日?)*" + _DATE_TAIL
+    "(?:" + _YEAR_UNIT + ")*" + _MONTH_SEP + r"(?:(?:0?[1-9]|[12][0-9]|3[01])日?)*" + _DATE_TAIL
 )
 _YEAR_UNIT_AT = re.compile("(?=" + _YEAR_UNIT + ")")
 _MONTH_SEP_AT = re.compile("(?=" + _MONTH_SEP + ")")
@@ -106,8 +106,10 @@ _ERA_DATE_RE = re.compile(
     r"\d{1,2}年(?:0?[1-9]|1[0-2])月(?:0?[1-9]|[12][0-9]|3[01])日" + _DATE_TAIL
 )
 _PRICE_UNITS = "千円|万円|千万円|円|千ドル|万ドル|千万ドル|ドル|千ユーロ|万ユーロ|千万ユーロ|ユーロ"
+# The number phases never give characters back (possessive, as in the reference); written as
+# "(?=(X*))\1" because Python 3.10 has no possessive quantifiers.
 _PRICE_RE = re.compile(
-    r"(?:\d,\d{3}|[\d億])*+(?:\d,\d{3}|[\d万])*+(?:\d,\d{3}|[\d千])*+"
+    r"(?=((?:\d,\d{3}|[\d億])*))\1(?=((?:\d,\d{3}|[\d万])*))\2(?=((?:\d,\d{3}|[\d千])*))\3"
     "(?:" + _PRICE_UNITS + r")+(?:\(税込\)|\(税抜\)|\+tax)*"
 )
 _PRICE_UNIT_AT = re.compile("(?=" + _PRICE_UNITS + ")")
