@@ -455,18 +455,13 @@ class GPTNeoXJapaneseTokenizer:
             self._emoji_index.setdefault(key[:2], []).append(i)
         first = {k[0] for k in keys}
         self._emoji_start = re.compile(_char_class(first)) if first else None
-        # What can start a key: a one-character key, or the first two characters of a longer one.
-        # Collected with two findall calls in C; the pair pattern matches only plausible pairs.
-        singles = {k for k in keys if len(k) == 1}
-        firsts, seconds = {k[0] for k in keys if len(k) > 1}, {k[1] for k in keys if len(k) > 1}
-        self._emoji_prefixes = [
-            re.compile(pattern).findall
-            for pattern in (
-                _char_class(singles) if singles else None,
-                f"(?=({_char_class(firsts)}{_char_class(seconds)}))" if firsts else None,
-            )
-            if pattern
-        ]
+        # Where a key may start: one findall (in C) yields each possible first character and, when
+        # the next character can be a key's second one, that character too.
+        seconds = {k[1] for k in keys if len(k) > 1}
+        pattern = (
+            f"({_char_class(first)})(?=({_char_class(seconds)})?)" if seconds else f"({_char_class(first)})()"
+        )
+        self._emoji_prefixes = re.compile(pattern).findall if first else None
         tags = set(self.emoji["emoji"].values())
         tag_chars = set("".join(tags))
         self._emoji_indexable = not any(
@@ -718,9 +713,10 @@ class GPTNeoXJapaneseTokenizer:
             return list(range(len(self._emoji_keys)))
         index = self._emoji_index
         found: set[int] = set()
-        for findall in self._emoji_prefixes:
-            for prefix in set(findall(text)):
-                found.update(index.get(prefix, ()))
+        for first, second in set(self._emoji_prefixes(text)):
+            found.update(index.get(first, ()))
+            if second:
+                found.update(index.get(first + second, ()))
         return sorted(found)
 
     def _replace_emoji(self, text: str) -> str:
