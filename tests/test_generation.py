@@ -248,3 +248,23 @@ def test_generation_config_json_round_trips_with_transformers(tmp_path) -> None:
     assert (back.max_new_tokens, back.top_p, back.temperature, back.eos_token_id) == (33, 0.9, 0.6, [1, 2])
     with pytest.raises(OSError, match="generation_config.json"):
         GenerationConfig.from_pretrained(tmp_path)
+
+
+def test_model_reads_its_checkpoint_generation_config(tmp_path) -> None:
+    config = transformers.GPTNeoXJapaneseConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    reference = transformers.GPTNeoXJapaneseForCausalLM(config)
+    reference.generation_config.max_new_tokens = 7
+    reference.generation_config.pad_token_id = 3
+    reference.save_pretrained(tmp_path)
+    ours = neoxja.GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
+    assert (ours.generation_config.max_new_tokens, ours.generation_config.pad_token_id) == (7, 3)
+    assert ours.generation_config.eos_token_id == 1
+    ids, _ = _prompts([4], pad=1, seed=13)
+    assert ours.generate(ids, eos_token_id=None).shape == (1, 4 + 7)

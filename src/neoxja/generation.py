@@ -467,15 +467,32 @@ def _resolve_config(
     return config
 
 
+def _checkpoint_generation_config(model_config: Any) -> GenerationConfig:
+    defaults = GenerationConfig.from_model_config(model_config)
+    source = getattr(model_config, "name_or_path", "")
+    if not source:
+        return defaults
+    try:
+        config = GenerationConfig.from_pretrained(source, local_files_only=True)
+    except OSError:  # no such file, or a Hub id whose files are not cached
+        return defaults
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(config, name) is None:
+            setattr(config, name, getattr(defaults, name))
+    return config
+
+
 class GenerationMixin:
     """Adds :meth:`generate` to a causal LM whose forward follows neoxja's model contract."""
 
     @property
     def generation_config(self) -> GenerationConfig:
-        """The model's default decoding settings (from its config's special token ids unless set)."""
+        """The model's default decoding settings: its checkpoint's ``generation_config.json`` when that is
+        on disk (model directory or Hub cache; never downloaded here), else its config's special token ids.
+        """
         config = self.__dict__.get("_generation_config")
         if config is None:
-            config = GenerationConfig.from_model_config(self.config)
+            config = _checkpoint_generation_config(self.config)
             self.__dict__["_generation_config"] = config
         return config
 
