@@ -204,8 +204,7 @@ class GPTNeoXJapaneseAttention(nn.Module):
         dropout: float,
         head_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention with explicit weights; scores and softmax in float32 so half precision cannot overflow.
-        """
+        """Attention with explicit weights; scores and softmax in float32, so fp16/bf16 cannot overflow."""
         scale = 1.0 / math.sqrt(self.head_size)
         scores = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
         if is_causal:
