@@ -180,6 +180,17 @@ def test_save_is_loaded_by_transformers_and_drops_the_tied_copy(saved: Path, tmp
     assert torch.equal(logits(GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path / "bin")), logits(ours))
 
 
+def test_progress_bar_counts_every_tensor(
+    saved: Path, expected: torch.Tensor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(saved, progress=True)
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+    count = len(state_of(saved))
+    assert f"{count}/{count}" in capsys.readouterr().err
+    GPTNeoXJapaneseForCausalLM.from_pretrained(saved)  # a tiny checkpoint shows no bar by default
+    assert "loading weights" not in capsys.readouterr().err
+
+
 def test_parse_size() -> None:
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
     with pytest.raises(ValueError, match="max_shard_size='lots'"):

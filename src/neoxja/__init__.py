@@ -16,6 +16,7 @@ _EXPORTS = {
     "GPTNeoXJapaneseModel": "neoxja.modeling",
     "GPTNeoXJapaneseForCausalLM": "neoxja.modeling",
     "KVCache": "neoxja.cache",
+    "CheckpointError": "neoxja.checkpoint",
     "GPTNeoXJapaneseTokenizer": "neoxja.tokenizer",
     "normalize": "neoxja.tokenizer",
     "StreamingDetokenizer": "neoxja.tokenizer_utils",

@@ -326,6 +326,25 @@ def _init_missing(model: GPTNeoXJapanesePreTrainedModel, missing: list[str]) -> 
             model._init_weights(module)
 
 
+PROGRESS_MIN_BYTES = 512 * 2**20
+
+
+def _with_progress(
+    tensors: Iterator[tuple[str, torch.Tensor]], files: list[Path], show: bool | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``tensors`` wrapped in a progress bar when ``show`` (or, if None, when the files are large)."""
+    if show is None:
+        show = sum(path.stat().st_size for path in files) >= PROGRESS_MIN_BYTES
+    if not show:
+        return tensors
+    from tqdm.auto import tqdm
+
+    total = None  # a .bin file's tensor count is only known once it is unpickled
+    if all(path.name.endswith(".safetensors") for path in files):
+        total = sum(len(read_safetensors_header(path)[0]) for path in files)
+    return tqdm(tensors, total=total, desc="loading weights", unit=" tensors")
+
+
 def _device(device: torch.device | str | int | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu")
@@ -342,9 +361,13 @@ def load_pretrained(
     dtype: torch.dtype | str | None = "auto",
     device: torch.device | str | int | None = None,
     strict: bool = True,
+    progress: bool | None = None,
     **kwargs: Any,
 ) -> GPTNeoXJapanesePreTrainedModel:
     """Build ``cls`` from ``config.json`` + weights of a directory or Hub id; the model is in eval mode.
+
+    ``progress`` shows a tqdm bar over the tensors (None: only for checkpoints of at least
+    ``PROGRESS_MIN_BYTES``).
 
     Hub keyword arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``,
     ``subfolder``) go to :func:`neoxja.hub.resolve_file`; ``torch_dtype`` is an old name of
@@ -373,7 +396,8 @@ def load_pretrained(
     device = _device(device)
     with torch.device("meta"):
         model = cls(config)
-    load_state(model, iter_checkpoint(files, dtype, device), dtype, device, strict=strict)
+    tensors = _with_progress(iter_checkpoint(files, dtype, device), files, progress)
+    load_state(model, tensors, dtype, device, strict=strict)
     model.tie_weights()
     model.base_model.rotary_emb.to(device)
     return model.eval()
