@@ -59,18 +59,24 @@ def bytes_per_token(model: torch.nn.Module) -> int:
 
 
 def timed_generate(
-    model: torch.nn.Module, input_ids: torch.Tensor, repeats: int
-) -> tuple[float, torch.Tensor]:
-    """Best wall time of greedy generate() over ``repeats`` runs (after one warm-up run)."""
+    models: list[torch.nn.Module], input_ids: torch.Tensor, repeats: int
+) -> list[tuple[float, torch.Tensor]]:
+    """Best wall time of greedy generate() over ``repeats`` runs per model (after a warm-up run each).
+
+    The models take turns in every repeat, so a busy machine slows all of them alike.
+    """
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    best = [float("inf")] * len(models)
+    outputs = []
     with torch.no_grad():
-        out = model.generate(input_ids, **kwargs)
-        best = float("inf")
+        for model in models:
+            outputs.append(model.generate(input_ids, **kwargs))
         for _ in range(repeats):
-            start = time.perf_counter()
-            out = model.generate(input_ids, **kwargs)
-            best = min(best, time.perf_counter() - start)
-    return best, out
+            for i, model in enumerate(models):
+                start = time.perf_counter()
+                model.generate(input_ids, **kwargs)
+                best[i] = min(best[i], time.perf_counter() - start)
+    return list(zip(best, outputs, strict=True))
 
 
 def main() -> None:
@@ -98,8 +104,9 @@ def main() -> None:
             input_ids = torch.randint(
                 0, 31000, (batch, PROMPT), generator=torch.Generator().manual_seed(batch)
             )
-            ref_time, ref_out = timed_generate(reference, input_ids, args.repeats)
-            our_time, our_out = timed_generate(ours, input_ids, args.repeats)
+            (ref_time, ref_out), (our_time, our_out) = timed_generate(
+                [reference, ours], input_ids, args.repeats
+            )
             if our_out.shape != (batch, PROMPT + NEW_TOKENS):
                 raise RuntimeError(f"neoxja stopped early: {tuple(our_out.shape)}")
             ref_tps, our_tps = batch * NEW_TOKENS / ref_time, batch * NEW_TOKENS / our_time
