@@ -1,5 +1,6 @@
 """Zero mismatches against transformers' tokenizer: every corpus line and file, the do_clean_text
-patterns (adversarial inputs included), and a hypothesis fuzz of mixed Japanese text."""
+patterns (adversarial inputs included), and a hypothesis fuzz of mixed Japanese text -- for both
+segmentation paths, the compiled one (neoxja._segment) and the pure-Python one."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from neoxja import tokenizer as tokenizer_module
 from neoxja.tokenizer import GPTNeoXJapaneseTokenizer, normalize
 
 # The fuzz alphabets sample the real files at import time (the fixtures skip or fail without them).
@@ -21,27 +23,50 @@ ASSETS = Path(
 )
 
 
+def neoxja_paths(*files: str, **kwargs) -> dict[str, GPTNeoXJapaneseTokenizer]:
+    """neoxja tokenizers on each segmentation path: "python" always, "compiled" when it is built."""
+    paths = {}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("NEOXJA_PURE_PYTHON", "1")
+        paths["python"] = GPTNeoXJapaneseTokenizer(*files, **kwargs)
+        assert paths["python"]._segmenter is None
+        if tokenizer_module._compiled is not None:
+            env.delenv("NEOXJA_PURE_PYTHON")
+            paths["compiled"] = GPTNeoXJapaneseTokenizer(*files, **kwargs)
+            assert paths["compiled"]._segmenter is not None
+    return paths
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "clean"])
 def pair(request, assets_dir: Path):
-    """(neoxja, transformers) tokenizers with the same do_clean_text."""
+    """(neoxja tokenizers by path, transformers' tokenizer), all with the same do_clean_text."""
     from transformers import GPTNeoXJapaneseTokenizer as Reference
 
     files = (str(assets_dir / "vocab.txt"), str(assets_dir / "emoji.json"))
-    return (
-        GPTNeoXJapaneseTokenizer(*files, do_clean_text=request.param),
-        Reference(*files, do_clean_text=request.param),
-    )
+    return neoxja_paths(*files, do_clean_text=request.param), Reference(*files, do_clean_text=request.param)
+
+
+def test_the_compiled_path_is_built() -> None:
+    """The C extension is optional for users, but CI must build and test it."""
+    if tokenizer_module._compiled is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("neoxja._segment was not compiled (required in CI)")
+        pytest.skip("neoxja._segment is not compiled: only the pure-Python path is tested")
 
 
 def test_corpus_lines_and_files(pair, corpus_dir: Path) -> None:
-    ours, ref = pair
+    paths, ref = pair
     files = sorted(p for p in corpus_dir.glob("*.txt"))
     assert len(files) >= 2
     for path in files:
         text = path.read_text(encoding="utf-8")
-        mismatched = [line for line in text.split("\n") if ours.encode(line) != ref.encode(line)]
-        assert mismatched == [], f"{path.name}: {len(mismatched)} lines differ, first {mismatched[0]!r}"
-        assert ours.encode(text) == ref.encode(text), path.name
+        lines = text.split("\n")
+        expected, expected_doc = [ref.encode(line) for line in lines], ref.encode(text)
+        for name, ours in paths.items():
+            mismatched = [line for line, ids in zip(lines, expected, strict=True) if ours.encode(line) != ids]
+            where = f"{name} path, {path.name}"
+            assert mismatched == [], f"{where}: {len(mismatched)} lines differ, first {mismatched[0]!r}"
+            assert ours.encode(text) == expected_doc, where
 
 
 CLEAN_CASES = [
@@ -62,10 +87,12 @@ CLEAN_CASES = [
 
 @pytest.mark.parametrize("text", CLEAN_CASES)
 def test_clean_text_patterns_and_adversarial_inputs(pair, text: str) -> None:
-    ours, ref = pair
-    assert ours.tokenize(text) == ref.tokenize(text)
-    assert ours.encode(text) == ref.encode(text)
-    assert ours.decode(ours.encode(text)) == normalize(text, ours)
+    paths, ref = pair
+    expected = ref.encode(text)
+    for ours in paths.values():
+        assert ours.tokenize(text) == ref.tokenize(text)
+        assert ours.encode(text) == expected
+        assert ours.decode(ours.encode(text)) == normalize(text, ours)
 
 
 # ---------------------------------------------------------------------- fuzz
@@ -128,17 +155,48 @@ MIXED_TEXT = st.lists(FRAGMENTS, max_size=24).map("".join)
 @settings(max_examples=250, deadline=None)
 @given(text=MIXED_TEXT)
 def test_fuzz_matches_reference(pair, text: str) -> None:
-    ours, ref = pair
-    assert ours.tokenize(text) == ref.tokenize(text)
-    assert ours.encode(text) == ref.encode(text)
+    paths, ref = pair
+    expected = ref.encode(text)
+    assert paths["python"].tokenize(text) == ref.tokenize(text)
+    for ours in paths.values():
+        assert ours.encode(text) == expected
 
 
 @settings(max_examples=250, deadline=None)
 @given(text=st.one_of(MIXED_TEXT, st.text(max_size=40)))
 def test_fuzz_decode_of_encode_is_normalize(pair, text: str) -> None:
-    ours, _ = pair
+    paths, _ = pair
+    ours = paths.get("compiled", paths["python"])
     ids = ours.encode(text)
     assert ours.decode(ids) == normalize(text, ours)
     spans = ours(text, return_offsets_mapping=True)["offset_mapping"]
     assert len(spans) == len(ids)
     assert "".join(text[s:e] for s, e in spans) == text
+
+
+# ---------------------------------------------------------------------- step 3 alone, C against Python
+
+SEGMENT_TEXT = st.lists(
+    st.one_of(
+        FRAGMENTS,
+        st.text(max_size=8),  # any code point: NUL, surrogates, astral, Latin-1 only (1-byte strings)
+        st.sampled_from(["<SP>", "<BR>", "<TAB>", "<|emoji1|>", "<|byte255|>", "<|startoftext|>", "<U2000U"]),
+    ),
+    max_size=30,
+).map("".join)
+
+
+@pytest.fixture(scope="module")
+def segmenters(assets_dir: Path) -> dict[str, GPTNeoXJapaneseTokenizer]:
+    paths = neoxja_paths(str(assets_dir / "vocab.txt"), str(assets_dir / "emoji.json"))
+    if "compiled" not in paths:
+        pytest.skip("neoxja._segment is not compiled")
+    return paths
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=SEGMENT_TEXT)
+def test_fuzz_compiled_segmentation_equals_python(segmenters, text: str) -> None:
+    """The C segmenter gives the pure-Python segmenter's ids on any (rewritten or raw) text,
+    tags cut anywhere included."""
+    assert segmenters["compiled"]._segmenter.segment(text) == list(segmenters["python"]._segment(text))

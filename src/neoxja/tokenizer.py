@@ -40,6 +40,11 @@ from operator import iadd
 from pathlib import Path
 from typing import Any
 
+try:
+    from . import _segment as _compiled
+except ImportError:  # built without a C compiler: the pure-Python segmentation is used
+    _compiled = None
+
 VOCAB_FILES = {"vocab_file": "vocab.txt", "emoji_file": "emoji.json"}
 # transformers' "no limit" value, so saved configs round-trip unchanged.
 VERY_LARGE_INTEGER = int(1e30)
@@ -436,12 +441,16 @@ class GPTNeoXJapaneseTokenizer:
         self._window_cache: dict[str, tuple] = {}
         self._lt_cache: dict[str, tuple] = {}  # windows starting with "<" where no long word matched
         self._chunk_cache = _ChunkCache(self._segment)
-        self._chunk_findall = re.compile(_chunk_pattern(self._lines)).findall
         unk_id = vocab.get(self.unk_token, 0)
         self._kigou_id = vocab.get("<KIGOU>", unk_id)
         self._u2000_id = vocab.get("<U2000U2BFF>", unk_id)
         self._byte_ids = [vocab.get(f"<|byte{b}|>", unk_id) for b in range(256)]
         self._unk_id = unk_id  # (0 when there is no unk token, as unknown tokens need some id)
+        # Step 3 in C when the extension is built (NEOXJA_PURE_PYTHON=1 forces the Python path).
+        self._segmenter = None
+        if _compiled is not None and os.environ.get("NEOXJA_PURE_PYTHON", "0") in ("", "0"):
+            self._segmenter = _compiled.Segmenter(vocab, self._kigou_id, self._u2000_id, self._byte_ids)
+        self._segment_text = self._segmenter.segment if self._segmenter is not None else self._segment_chunks
 
         self._special_ids = frozenset(self.added_tokens_decoder)
 
@@ -467,6 +476,11 @@ class GPTNeoXJapaneseTokenizer:
         self._emoji_indexable = not any(
             _overlaps_tag(k, tags) for k in keys if k[0] in tag_chars or k[-1] in tag_chars
         )
+
+    @cached_property
+    def _chunk_findall(self) -> Any:
+        """Cuts rewritten text into chunks (pure-Python path only; built on first use)."""
+        return re.compile(_chunk_pattern(self._lines)).findall
 
     @cached_property
     def _decoding(self) -> tuple[list[str | None], list[int]]:
@@ -682,13 +696,13 @@ class GPTNeoXJapaneseTokenizer:
 
     def _encode(self, text: str) -> list[int]:
         if self._special_split_re is None or "<" not in text:
-            return self._segment_chunks(self._rewrite(text))
+            return self._segment_text(self._rewrite(text))
         ids: list[int] = []
         for piece, is_special in self._split_special(text):
             if is_special:
                 ids.append(self.added_tokens_encoder[piece])
             else:
-                ids.extend(self._segment_chunks(self._rewrite(piece)))
+                ids.extend(self._segment_text(self._rewrite(piece)))
         return ids
 
     def _split_special(self, text: str) -> list[tuple[str, bool]]:
@@ -949,8 +963,8 @@ class GPTNeoXJapaneseTokenizer:
         for key in ("_lt_match", "_emoji_start", "_emoji_prefixes", "_special_split_re", "_decoding"):
             state.pop(key, None)
         state["_window_cache"] = {}
-        state.pop("_chunk_cache", None)
-        state.pop("_chunk_findall", None)
+        for key in ("_chunk_cache", "_chunk_findall", "_segmenter", "_segment_text"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict) -> None:

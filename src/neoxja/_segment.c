@@ -1,0 +1,540 @@
+/* Step 3 of neoxja's tokenizer in C: rewritten text -> token ids.
+ *
+ * The rule (the reference's, see neoxja/tokenizer.py): at a position that starts with "<", the
+ * longest vocabulary word of 3+ characters starting there wins. Otherwise the candidates are the
+ * vocabulary words among the next 1, 2 and 3 characters and the smallest id wins (on a tie the
+ * longer word). A character with no candidate becomes the <KIGOU> id (U+00A1..U+00BF,
+ * U+01C0..U+01C3, U+02B9..U+0362), the <U2000U2BFF> id (U+2000..U+2BFF) or one byte id per UTF-8
+ * byte (a lone surrogate stands for U+FFFD).
+ *
+ * Why C: in Python every token costs a loop iteration, a slice and dict look-ups (about 1 us);
+ * here a token is two or three probes of an open-addressing table.
+ *
+ * Tables, built once per tokenizer from its word -> id dict:
+ * - words of 1..3 characters, keyed by their code points packed into 64 bits (21 bits each,
+ *   stored plus one so that a shorter word never equals a longer one and 0 means "empty slot").
+ *   Each 1- and 2-character prefix of a word is in the table too, flagged "extends", so that the
+ *   longer look-ups are skipped where no word continues;
+ * - words of 3+ characters starting with "<", keyed by a hash of their code points and their
+ *   length, checked against their stored text.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    uint64_t key; /* packed code points; 0: empty slot */
+    int32_t id;   /* -1: only a prefix of longer words */
+    int32_t extends;
+} ShortEntry;
+
+typedef struct {
+    ShortEntry *slots;
+    uint64_t mask;
+} ShortTable;
+
+typedef struct {
+    uint64_t hash; /* 0: empty slot */
+    Py_ssize_t offset;
+    Py_ssize_t length;
+    int32_t id;
+} LongEntry;
+
+typedef struct {
+    PyObject_HEAD
+    /* bmp[c]: the 1-character entry of a BMP character c as (id + 1) | extends << 31 (0: none) */
+    uint32_t *bmp;
+    ShortTable shorts[3]; /* words (and prefixes) of 1 (outside the BMP), 2 and 3 characters */
+    LongEntry *longs; /* NULL when the vocabulary has no "<" word of 3+ characters */
+    uint64_t long_mask;
+    Py_UCS4 *long_text; /* the "<" words' code points, back to back */
+    Py_ssize_t long_max; /* the longest "<" word */
+    char *long_lengths;  /* long_lengths[L]: some "<" word has length L */
+    int32_t kigou_id, u2000_id;
+    int32_t byte_ids[256];
+    PyObject **ints; /* id -> its int object, made on first use */
+    Py_ssize_t n_ints;
+} Segmenter;
+
+static inline uint64_t
+pack3(Py_UCS4 a, Py_UCS4 b, Py_UCS4 c)
+{
+    return (uint64_t)(a + 1) | ((uint64_t)(b + 1) << 21) | ((uint64_t)(c + 1) << 42);
+}
+
+static inline uint64_t
+mix(uint64_t x)
+{
+    x ^= x >> 31;
+    x *= 0x9E3779B97F4A7C15ULL;
+    x ^= x >> 29;
+    return x;
+}
+
+static ShortEntry *
+short_slot(const ShortTable *t, uint64_t key)
+{
+    uint64_t i = mix(key) & t->mask;
+    while (t->slots[i].key != 0 && t->slots[i].key != key)
+        i = (i + 1) & t->mask;
+    return &t->slots[i];
+}
+
+static inline const ShortEntry *
+short_find(const ShortTable *t, uint64_t key)
+{
+    uint64_t i = mix(key) & t->mask;
+    for (;;) {
+        const ShortEntry *e = &t->slots[i];
+        if (e->key == key)
+            return e;
+        if (e->key == 0)
+            return NULL;
+        i = (i + 1) & t->mask;
+    }
+}
+
+static inline uint64_t
+hash_step(uint64_t h, Py_UCS4 c)
+{
+    return (h ^ c) * 0x100000001B3ULL;
+}
+
+static inline uint64_t
+long_hash(uint64_t h, Py_ssize_t length)
+{
+    uint64_t x = mix(h ^ ((uint64_t)length << 56));
+    return x ? x : 1;
+}
+
+static uint64_t
+table_size(Py_ssize_t entries)
+{
+    uint64_t size = 16;
+    while (size < (uint64_t)entries * 4 / 3)
+        size <<= 1;
+    return size;
+}
+
+/* Enter a word of 1..3 characters and mark its shorter prefixes as extended. */
+static void
+add_short(Segmenter *s, const Py_UCS4 *cp, Py_ssize_t len, int32_t id)
+{
+    for (Py_ssize_t k = 1; k <= len; k++) {
+        if (k == 1 && cp[0] < 0x10000) {
+            uint32_t *v = &s->bmp[cp[0]];
+            if (k == len)
+                *v = (*v & 0x80000000u) | (uint32_t)(id + 1);
+            else
+                *v |= 0x80000000u;
+            continue;
+        }
+        uint64_t key = pack3(cp[0], k > 1 ? cp[1] : (Py_UCS4)-1, k > 2 ? cp[2] : (Py_UCS4)-1);
+        ShortEntry *e = short_slot(&s->shorts[k - 1], key);
+        if (e->key == 0) {
+            e->key = key;
+            e->id = -1;
+        }
+        if (k == len)
+            e->id = id;
+        else
+            e->extends = 1;
+    }
+}
+
+static void
+Segmenter_dealloc(Segmenter *s)
+{
+    if (s->ints != NULL) {
+        for (Py_ssize_t i = 0; i < s->n_ints; i++)
+            Py_XDECREF(s->ints[i]);
+        PyMem_Free(s->ints);
+    }
+    PyMem_Free(s->bmp);
+    for (int k = 0; k < 3; k++)
+        PyMem_Free(s->shorts[k].slots);
+    PyMem_Free(s->longs);
+    PyMem_Free(s->long_text);
+    PyMem_Free(s->long_lengths);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static int
+id_arg(PyObject *value, const char *what, int32_t *out)
+{
+    long v = PyLong_AsLong(value);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: id %ld is outside 0..%ld", what, v, (long)INT32_MAX);
+        return -1;
+    }
+    *out = (int32_t)v;
+    return 0;
+}
+
+static int
+Segmenter_init(Segmenter *s, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"vocab", "kigou_id", "u2000_id", "byte_ids", NULL};
+    PyObject *vocab, *kigou, *u2000, *byte_ids;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOO:Segmenter", kwlist, &PyDict_Type, &vocab, &kigou,
+                                     &u2000, &byte_ids))
+        return -1;
+    if (s->bmp != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Segmenter is already initialised");
+        return -1;
+    }
+    if (id_arg(kigou, "kigou_id", &s->kigou_id) < 0 || id_arg(u2000, "u2000_id", &s->u2000_id) < 0)
+        return -1;
+    PyObject *seq = PySequence_Fast(byte_ids, "byte_ids must be a sequence of 256 ids");
+    if (seq == NULL)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != 256) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "byte_ids must hold 256 ids");
+        return -1;
+    }
+    for (int b = 0; b < 256; b++) {
+        if (id_arg(PySequence_Fast_GET_ITEM(seq, b), "byte_ids", &s->byte_ids[b]) < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+
+    /* First pass: count the words of each table and find the largest id. */
+    Py_ssize_t n_short[3] = {0, 0, 0}, n_long = 0, long_chars = 0, pos = 0;
+    int32_t max_id = s->kigou_id > s->u2000_id ? s->kigou_id : s->u2000_id;
+    for (int b = 0; b < 256; b++)
+        max_id = s->byte_ids[b] > max_id ? s->byte_ids[b] : max_id;
+    PyObject *word, *value;
+    while (PyDict_Next(vocab, &pos, &word, &value)) {
+        int32_t id;
+        if (!PyUnicode_Check(word)) {
+            PyErr_Format(PyExc_TypeError, "vocab keys must be str, got %.100s", Py_TYPE(word)->tp_name);
+            return -1;
+        }
+        if (id_arg(value, "vocab", &id) < 0)
+            return -1;
+        max_id = id > max_id ? id : max_id;
+        Py_ssize_t len = PyUnicode_GET_LENGTH(word);
+        for (Py_ssize_t k = 1; k <= len && len <= 3; k++)
+            n_short[k - 1]++; /* the word and its prefixes (an upper bound of each table's entries) */
+        if (len >= 3 && PyUnicode_READ_CHAR(word, 0) == '<') {
+            n_long++;
+            long_chars += len;
+            s->long_max = len > s->long_max ? len : s->long_max;
+        }
+    }
+    if (max_id == INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "ids must be below 2**31 - 1");
+        return -1;
+    }
+    s->bmp = PyMem_Calloc(0x10000, sizeof(uint32_t));
+    for (int k = 0; k < 3; k++) {
+        uint64_t size = table_size(n_short[k]);
+        s->shorts[k].slots = PyMem_Calloc(size, sizeof(ShortEntry));
+        s->shorts[k].mask = size - 1;
+        if (s->shorts[k].slots == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    s->n_ints = (Py_ssize_t)max_id + 1;
+    s->ints = PyMem_Calloc(s->n_ints, sizeof(PyObject *));
+    if (s->bmp == NULL || s->ints == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (n_long) {
+        uint64_t size = table_size(n_long);
+        s->longs = PyMem_Calloc(size, sizeof(LongEntry));
+        s->long_mask = size - 1;
+        s->long_text = PyMem_Malloc(long_chars * sizeof(Py_UCS4));
+        s->long_lengths = PyMem_Calloc(s->long_max + 1, 1);
+        if (s->longs == NULL || s->long_text == NULL || s->long_lengths == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+
+    /* Second pass: fill the tables. */
+    Py_ssize_t text_used = 0;
+    pos = 0;
+    while (PyDict_Next(vocab, &pos, &word, &value)) {
+        int32_t id = (int32_t)PyLong_AsLong(value);
+        Py_ssize_t len = PyUnicode_GET_LENGTH(word);
+        if (len >= 1 && len <= 3) {
+            Py_UCS4 cp[3];
+            for (Py_ssize_t k = 0; k < len; k++)
+                cp[k] = PyUnicode_READ_CHAR(word, k);
+            add_short(s, cp, len, id);
+        }
+        if (len >= 3 && PyUnicode_READ_CHAR(word, 0) == '<') {
+            Py_UCS4 *text = s->long_text + text_used;
+            uint64_t h = 0;
+            for (Py_ssize_t k = 0; k < len; k++) {
+                text[k] = PyUnicode_READ_CHAR(word, k);
+                h = hash_step(h, text[k]);
+            }
+            h = long_hash(h, len);
+            uint64_t i = h & s->long_mask;
+            while (s->longs[i].hash != 0)
+                i = (i + 1) & s->long_mask;
+            s->longs[i] = (LongEntry){h, text_used, len, id};
+            s->long_lengths[len] = 1;
+            text_used += len;
+        }
+    }
+    return 0;
+}
+
+/* The id of the longest "<" word of 3+ characters at text[pos:], or -1; its length in *len. */
+#define DEFINE_LONG_MATCH(NAME, T)                                                                       \
+    static int32_t NAME(const Segmenter *s, const T *text, Py_ssize_t pos, Py_ssize_t n, Py_ssize_t *len) \
+    {                                                                                                    \
+        Py_ssize_t limit = n - pos < s->long_max ? n - pos : s->long_max;                                \
+        int32_t best = -1;                                                                               \
+        uint64_t h = 0;                                                                                  \
+        for (Py_ssize_t L = 1; L <= limit; L++) {                                                        \
+            h = hash_step(h, text[pos + L - 1]);                                                         \
+            if (L < 3 || !s->long_lengths[L])                                                            \
+                continue;                                                                                \
+            uint64_t want = long_hash(h, L);                                                             \
+            for (uint64_t i = want & s->long_mask; s->longs[i].hash != 0; i = (i + 1) & s->long_mask) { \
+                const LongEntry *e = &s->longs[i];                                                       \
+                if (e->hash != want || e->length != L)                                                   \
+                    continue;                                                                            \
+                const Py_UCS4 *w = s->long_text + e->offset;                                             \
+                Py_ssize_t k = 0;                                                                        \
+                while (k < L && w[k] == (Py_UCS4)text[pos + k])                                          \
+                    k++;                                                                                 \
+                if (k == L) {                                                                            \
+                    best = e->id;                                                                        \
+                    *len = L;                                                                            \
+                    break;                                                                               \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+        return best;                                                                                     \
+    }
+
+DEFINE_LONG_MATCH(long_match_1, Py_UCS1)
+DEFINE_LONG_MATCH(long_match_2, Py_UCS2)
+DEFINE_LONG_MATCH(long_match_4, Py_UCS4)
+
+typedef struct {
+    int32_t *ids;
+    Py_ssize_t size, capacity;
+} IdBuffer;
+
+static int
+reserve(IdBuffer *buf, Py_ssize_t more)
+{
+    if (buf->size + more <= buf->capacity)
+        return 0;
+    Py_ssize_t capacity = buf->capacity * 2 + more + 64;
+    int32_t *ids = PyMem_Realloc(buf->ids, capacity * sizeof(int32_t));
+    if (ids == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    buf->ids = ids;
+    buf->capacity = capacity;
+    return 0;
+}
+
+/* The ids of one character that no word covers. Room for 4 ids must be reserved. */
+static inline void
+fallback(const Segmenter *s, Py_UCS4 c, IdBuffer *buf)
+{
+    int32_t *out = buf->ids + buf->size;
+    if ((c >= 0xA1 && c <= 0xBF) || (c >= 0x1C0 && c <= 0x1C3) || (c >= 0x2B9 && c <= 0x362)) {
+        out[0] = s->kigou_id;
+        buf->size += 1;
+    }
+    else if (c >= 0x2000 && c <= 0x2BFF) {
+        out[0] = s->u2000_id;
+        buf->size += 1;
+    }
+    else if (c < 0x80) {
+        out[0] = s->byte_ids[c];
+        buf->size += 1;
+    }
+    else if (c < 0x800) {
+        out[0] = s->byte_ids[0xC0 | (c >> 6)];
+        out[1] = s->byte_ids[0x80 | (c & 0x3F)];
+        buf->size += 2;
+    }
+    else if (c < 0x10000) {
+        if (c >= 0xD800 && c <= 0xDFFF) /* a lone surrogate has no UTF-8 form: U+FFFD */
+            c = 0xFFFD;
+        out[0] = s->byte_ids[0xE0 | (c >> 12)];
+        out[1] = s->byte_ids[0x80 | ((c >> 6) & 0x3F)];
+        out[2] = s->byte_ids[0x80 | (c & 0x3F)];
+        buf->size += 3;
+    }
+    else {
+        out[0] = s->byte_ids[0xF0 | (c >> 18)];
+        out[1] = s->byte_ids[0x80 | ((c >> 12) & 0x3F)];
+        out[2] = s->byte_ids[0x80 | ((c >> 6) & 0x3F)];
+        out[3] = s->byte_ids[0x80 | (c & 0x3F)];
+        buf->size += 4;
+    }
+}
+
+#define DEFINE_SEGMENT(NAME, T, LONG_MATCH)                                                       \
+    static int NAME(const Segmenter *s, const T *text, Py_ssize_t n, IdBuffer *buf)               \
+    {                                                                                            \
+        Py_ssize_t pos = 0;                                                                      \
+        while (pos < n) {                                                                        \
+            if (reserve(buf, 4) < 0)                                                             \
+                return -1;                                                                       \
+            Py_UCS4 c0 = text[pos];                                                              \
+            if (c0 == '<' && s->longs != NULL) {                                                 \
+                Py_ssize_t len;                                                                  \
+                int32_t id = LONG_MATCH(s, text, pos, n, &len);                                  \
+                if (id >= 0) {                                                                   \
+                    buf->ids[buf->size++] = id;                                                  \
+                    pos += len;                                                                  \
+                    continue;                                                                    \
+                }                                                                                \
+            }                                                                                    \
+            int32_t best = -1;                                                                   \
+            Py_ssize_t best_len = 0;                                                             \
+            int extends = 0;                                                                     \
+            if (c0 < 0x10000) {                                                                  \
+                uint32_t v = s->bmp[c0];                                                         \
+                best = (int32_t)(v & 0x7FFFFFFFu) - 1;                                           \
+                extends = (v >> 31) != 0;                                                        \
+            }                                                                                    \
+            else {                                                                               \
+                const ShortEntry *e1 = short_find(&s->shorts[0], pack3(c0, -1, -1));             \
+                if (e1 != NULL) {                                                                \
+                    best = e1->id;                                                               \
+                    extends = e1->extends;                                                       \
+                }                                                                                \
+            }                                                                                    \
+            best_len = best >= 0;                                                                \
+            {                                                                                    \
+                if (extends && pos + 1 < n) {                                                    \
+                    Py_UCS4 c1 = text[pos + 1];                                                  \
+                    const ShortEntry *e = short_find(&s->shorts[1], pack3(c0, c1, -1));          \
+                    if (e != NULL) {                                                             \
+                        if (e->id >= 0 && (best < 0 || e->id <= best)) {                         \
+                            best = e->id;                                                        \
+                            best_len = 2;                                                        \
+                        }                                                                        \
+                        if (e->extends && pos + 2 < n) {                                         \
+                            e = short_find(&s->shorts[2], pack3(c0, c1, text[pos + 2]));         \
+                            if (e != NULL && e->id >= 0 && (best < 0 || e->id <= best)) {        \
+                                best = e->id;                                                    \
+                                best_len = 3;                                                    \
+                            }                                                                    \
+                        }                                                                        \
+                    }                                                                            \
+                }                                                                                \
+            }                                                                                    \
+            if (best >= 0) {                                                                     \
+                buf->ids[buf->size++] = best;                                                    \
+                pos += best_len;                                                                 \
+            }                                                                                    \
+            else {                                                                               \
+                fallback(s, c0, buf);                                                            \
+                pos += 1;                                                                        \
+            }                                                                                    \
+        }                                                                                        \
+        return 0;                                                                                \
+    }
+
+DEFINE_SEGMENT(segment_1, Py_UCS1, long_match_1)
+DEFINE_SEGMENT(segment_2, Py_UCS2, long_match_2)
+DEFINE_SEGMENT(segment_4, Py_UCS4, long_match_4)
+
+static PyObject *
+Segmenter_segment(Segmenter *s, PyObject *text)
+{
+    if (!PyUnicode_Check(text))
+        return PyErr_Format(PyExc_TypeError, "text must be a str, got %.100s", Py_TYPE(text)->tp_name);
+    if (s->bmp == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Segmenter is not initialised");
+        return NULL;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    IdBuffer buf = {NULL, 0, 0};
+    if (reserve(&buf, n + 4) < 0)
+        return NULL;
+    const void *data = PyUnicode_DATA(text);
+    int status;
+    switch (PyUnicode_KIND(text)) {
+    case PyUnicode_1BYTE_KIND:
+        status = segment_1(s, data, n, &buf);
+        break;
+    case PyUnicode_2BYTE_KIND:
+        status = segment_2(s, data, n, &buf);
+        break;
+    default:
+        status = segment_4(s, data, n, &buf);
+        break;
+    }
+    PyObject *list = status < 0 ? NULL : PyList_New(buf.size);
+    for (Py_ssize_t i = 0; list != NULL && i < buf.size; i++) {
+        int32_t id = buf.ids[i];
+        PyObject *obj = s->ints[id];
+        if (obj == NULL) {
+            obj = s->ints[id] = PyLong_FromLong(id);
+            if (obj == NULL)
+                Py_CLEAR(list);
+        }
+        if (obj != NULL) {
+            Py_INCREF(obj);
+            PyList_SET_ITEM(list, i, obj);
+        }
+    }
+    PyMem_Free(buf.ids);
+    return list;
+}
+
+static PyMethodDef Segmenter_methods[] = {
+    {"segment", (PyCFunction)Segmenter_segment, METH_O,
+     "segment(text) -> list of ids: step 3 of the tokenizer on already rewritten text."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SegmenterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "neoxja._segment.Segmenter",
+    .tp_basicsize = sizeof(Segmenter),
+    .tp_dealloc = (destructor)Segmenter_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Segmenter(vocab, kigou_id, u2000_id, byte_ids): the tokenizer's segmentation tables.\n\n"
+              "vocab maps each word to its id; byte_ids holds the id of each UTF-8 byte value.",
+    .tp_methods = Segmenter_methods,
+    .tp_init = (initproc)Segmenter_init,
+    .tp_new = PyType_GenericNew,
+};
+
+static struct PyModuleDef segment_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_segment",
+    .m_doc = "The tokenizer's segmentation step, compiled.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__segment(void)
+{
+    if (PyType_Ready(&SegmenterType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&segment_module);
+    if (module == NULL)
+        return NULL;
+    Py_INCREF(&SegmenterType);
+    if (PyModule_AddObject(module, "Segmenter", (PyObject *)&SegmenterType) < 0) {
+        Py_DECREF(&SegmenterType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
