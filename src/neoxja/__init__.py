@@ -21,6 +21,7 @@ _EXPORTS = {
     "normalize": "neoxja.tokenizer",
     "StreamingDetokenizer": "neoxja.tokenizer_utils",
     "GenerationConfig": "neoxja.generation",
+    "stream_generate": "neoxja.generation",
     "TextStreamer": "neoxja.streamers",
     "TextIteratorStreamer": "neoxja.streamers",
     "pipeline": "neoxja.pipelines",
