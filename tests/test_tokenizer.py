@@ -236,10 +236,35 @@ def test_special_tokens_can_be_none(assets_dir: Path, tmp_path: Path) -> None:
     assert GPTNeoXJapaneseTokenizer.from_pretrained(tmp_path).pad_token is None
 
 
-def test_encode_batch_with_workers_matches_single_process(tok, corpus_dir: Path) -> None:
+def test_encode_batch_with_workers_matches_single_process(tok, corpus_dir: Path, monkeypatch) -> None:
+    import neoxja.tokenizer as module
+
+    monkeypatch.setattr(module, "_FORK_MIN_CHARS", 0)  # fork even for this small batch
     lines = (corpus_dir / "gsd-test.txt").read_text(encoding="utf-8").split("\n")[:400]
-    assert tok.encode_batch(lines, num_workers=2) == tok.encode_batch(lines) == [tok.encode(t) for t in lines]
-    assert tok(lines[:50], num_workers=2)["input_ids"] == [tok.encode(t) for t in lines[:50]]
+    expected = [tok.encode(t) for t in lines]
+    for workers in (2, 3):
+        assert tok.encode_batch(lines, num_workers=workers) == expected
+    assert tok(lines[:50], num_workers=2)["input_ids"] == expected[:50]
+    assert tok.encode_batch(["", lines[0], ""], num_workers=3) == [[], expected[0], []]
+
+
+@pytest.mark.parametrize("lengths", [[5, 5, 5, 5], [100, 1, 1, 1], [1, 1, 1, 100], [3], [0, 7, 0]])
+@pytest.mark.parametrize("weights", [[1.0], [0.8, 1.0], [1.0, 1.0, 1.0]])
+def test_batch_cuts_cover_the_batch_in_order(lengths: list[int], weights: list[float]) -> None:
+    from neoxja.tokenizer import _balanced_cuts
+
+    texts = ["x" * n for n in lengths]
+    cuts = _balanced_cuts(texts, weights, max(sum(lengths), 1))
+    assert len(cuts) == len(weights) + 1 and cuts[0] == 0 and cuts[-1] == len(texts)
+    assert cuts == sorted(cuts)
+
+
+def test_batch_cuts_follow_the_weights() -> None:
+    from neoxja.tokenizer import _balanced_cuts
+
+    texts = ["x" * 10] * 90
+    assert _balanced_cuts(texts, [1.0, 1.0, 1.0], 900) == [0, 30, 60, 90]
+    assert _balanced_cuts(texts, [0.8, 1.0], 900) == [0, 40, 90]
 
 
 @pytest.mark.parametrize("text", SAMPLES + ["https://example.com/a 2020/1/2 3,000円 ─━│ a@b.jp"])

@@ -453,6 +453,18 @@ DEFINE_SEGMENT(segment_1, Py_UCS1, long_match_1)
 DEFINE_SEGMENT(segment_2, Py_UCS2, long_match_2)
 DEFINE_SEGMENT(segment_4, Py_UCS4, long_match_4)
 
+/* The int object of an id (new reference), from the cache when the id is a vocabulary id. */
+static inline PyObject *
+id_object(Segmenter *s, int32_t id)
+{
+    if (id < 0 || id >= s->n_ints)
+        return PyLong_FromLong(id);
+    if (s->ints[id] == NULL && (s->ints[id] = PyLong_FromLong(id)) == NULL)
+        return NULL;
+    Py_INCREF(s->ints[id]);
+    return s->ints[id];
+}
+
 static PyObject *
 Segmenter_segment(Segmenter *s, PyObject *text)
 {
@@ -481,25 +493,110 @@ Segmenter_segment(Segmenter *s, PyObject *text)
     }
     PyObject *list = status < 0 ? NULL : PyList_New(buf.size);
     for (Py_ssize_t i = 0; list != NULL && i < buf.size; i++) {
-        int32_t id = buf.ids[i];
-        PyObject *obj = s->ints[id];
-        if (obj == NULL) {
-            obj = s->ints[id] = PyLong_FromLong(id);
-            if (obj == NULL)
-                Py_CLEAR(list);
-        }
-        if (obj != NULL) {
-            Py_INCREF(obj);
+        PyObject *obj = id_object(s, buf.ids[i]);
+        if (obj == NULL)
+            Py_CLEAR(list);
+        else
             PyList_SET_ITEM(list, i, obj);
-        }
     }
     PyMem_Free(buf.ids);
     return list;
 }
 
+/* unpack(lengths, ids): the lists of ids that pack() wrote (int32 arrays in native byte order). */
+static PyObject *
+Segmenter_unpack(Segmenter *s, PyObject *args)
+{
+    Py_buffer lengths, ids;
+    if (!PyArg_ParseTuple(args, "y*y*:unpack", &lengths, &ids))
+        return NULL;
+    PyObject *result = NULL;
+    const int32_t *len = lengths.buf, *id = ids.buf;
+    Py_ssize_t n = lengths.len / 4, total = ids.len / 4, used = 0;
+    if (lengths.len % 4 || ids.len % 4) {
+        PyErr_SetString(PyExc_ValueError, "unpack: buffers must hold int32 values");
+        goto done;
+    }
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result != NULL && i < n; i++) {
+        if (len[i] < 0 || len[i] > total - used) {
+            PyErr_Format(PyExc_ValueError, "unpack: length %d of sequence %zd overruns the ids", len[i], i);
+            Py_CLEAR(result);
+            break;
+        }
+        PyObject *row = PyList_New(len[i]);
+        for (int32_t k = 0; row != NULL && k < len[i]; k++) {
+            PyObject *obj = id_object(s, id[used + k]);
+            if (obj == NULL)
+                Py_CLEAR(row);
+            else
+                PyList_SET_ITEM(row, k, obj);
+        }
+        if (row == NULL) {
+            Py_CLEAR(result);
+            break;
+        }
+        used += len[i];
+        PyList_SET_ITEM(result, i, row);
+    }
+done:
+    PyBuffer_Release(&lengths);
+    PyBuffer_Release(&ids);
+    return result;
+}
+
+/* pack(sequences): (lengths, ids) of a list of lists of ints as int32 bytes, for unpack(). */
+static PyObject *
+pack(PyObject *module, PyObject *sequences)
+{
+    (void)module;
+    if (!PyList_Check(sequences))
+        return PyErr_Format(PyExc_TypeError, "pack: expected a list, got %.100s", Py_TYPE(sequences)->tp_name);
+    Py_ssize_t n = PyList_GET_SIZE(sequences), total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row = PyList_GET_ITEM(sequences, i);
+        if (!PyList_Check(row))
+            return PyErr_Format(PyExc_TypeError, "pack: item %zd is not a list", i);
+        total += PyList_GET_SIZE(row);
+    }
+    PyObject *lengths = PyBytes_FromStringAndSize(NULL, n * 4);
+    PyObject *ids = PyBytes_FromStringAndSize(NULL, total * 4);
+    if (lengths == NULL || ids == NULL)
+        goto fail;
+    int32_t *len = (int32_t *)PyBytes_AS_STRING(lengths), *out = (int32_t *)PyBytes_AS_STRING(ids);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row = PyList_GET_ITEM(sequences, i);
+        Py_ssize_t m = PyList_GET_SIZE(row);
+        len[i] = (int32_t)m;
+        for (Py_ssize_t k = 0; k < m; k++) {
+            long v = PyLong_AsLong(PyList_GET_ITEM(row, k));
+            if (v == -1 && PyErr_Occurred())
+                goto fail;
+            if (v < INT32_MIN || v > INT32_MAX) {
+                PyErr_Format(PyExc_OverflowError, "pack: id %ld does not fit in int32", v);
+                goto fail;
+            }
+            *out++ = (int32_t)v;
+        }
+    }
+    return Py_BuildValue("(NN)", lengths, ids);
+fail:
+    Py_XDECREF(lengths);
+    Py_XDECREF(ids);
+    return NULL;
+}
+
 static PyMethodDef Segmenter_methods[] = {
     {"segment", (PyCFunction)Segmenter_segment, METH_O,
      "segment(text) -> list of ids: step 3 of the tokenizer on already rewritten text."},
+    {"unpack", (PyCFunction)Segmenter_unpack, METH_VARARGS,
+     "unpack(lengths, ids) -> list of lists of ids: the inverse of pack(), sharing the id objects."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMethodDef module_methods[] = {
+    {"pack", (PyCFunction)pack, METH_O,
+     "pack(sequences) -> (lengths, ids): a list of lists of ids as two int32 byte strings."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -520,6 +617,7 @@ static struct PyModuleDef segment_module = {
     .m_name = "_segment",
     .m_doc = "The tokenizer's segmentation step, compiled.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC

@@ -925,38 +925,75 @@ class GPTNeoXJapaneseTokenizer:
         return target
 
     def encode_batch(self, texts: Sequence[str], num_workers: int = 1) -> list[list[int]]:
-        """Encode many texts; with ``num_workers > 1`` they are split over that many processes.
+        """Encode many texts; with ``num_workers > 1`` a large batch is split over that many processes.
 
-        Worth it for large batches (thousands of lines): each call starts its own worker pool.
+        The batch is cut into ``num_workers`` consecutive runs; this process encodes the first
+        while forked workers encode the others and send their ids back as packed int32 arrays.
+        Forking costs a few milliseconds, so batches under ``_FORK_MIN_CHARS`` characters (and
+        every batch where ``os.fork`` does not exist) are encoded here in one process.
         """
         texts = _check_batch(texts)
-        if num_workers <= 1 or len(texts) < 2 * num_workers:
+        total = sum(map(len, texts))
+        if num_workers <= 1 or total < _FORK_MIN_CHARS or not hasattr(os, "fork") or len(texts) < 2:
             return [self._encode(t) for t in texts]
         import gc
         import multiprocessing as mp
 
-        global _WORKER_TOKENIZER, _WORKER_TEXTS
-        step = -(-len(texts) // (num_workers * 2))
-        ranges = [(i, min(i + step, len(texts))) for i in range(0, len(texts), step)]
-        if "fork" in mp.get_all_start_methods():
-            # Forked workers inherit this tokenizer (warm caches included) and the texts, so only
-            # index ranges go out and packed ids come back. Freezing the GC while forking keeps
-            # the workers' collector from touching (and so copying) every inherited object.
-            _WORKER_TOKENIZER, _WORKER_TEXTS = self, texts
-            context, initargs, tasks = mp.get_context("fork"), None, ranges
-        else:
-            context, initargs, tasks = mp.get_context("spawn"), (self,), [texts[a:b] for a, b in ranges]
+        context = mp.get_context("fork")
+        workers_needed = min(num_workers, len(texts)) - 1
+        bounds = _balanced_cuts(texts, [_PARENT_SHARE] + [1.0] * workers_needed, total)
+        workers = []
+        # Freezing the GC while forking keeps the workers' collector from touching (and so
+        # copying) every inherited object.
         gc.freeze()
         try:
-            pool = context.Pool(num_workers, _worker_init if initargs else None, initargs or ())
+            for a, b in zip(bounds[1:-1], bounds[2:], strict=True):
+                receiver, sender = context.Pipe(duplex=False)
+                worker = context.Process(target=self._encode_to_pipe, args=(texts, a, b, sender), daemon=True)
+                worker.start()
+                sender.close()
+                workers.append((worker, receiver))
         finally:
             gc.unfreeze()
         try:
-            with pool:
-                parts = pool.map(_worker_encode, tasks, chunksize=1)
+            result = [self._encode(t) for t in texts[: bounds[1]]]
+            for worker, receiver in workers:
+                try:
+                    lengths, flat = receiver.recv_bytes(), receiver.recv_bytes()
+                except EOFError:
+                    worker.join()
+                    code = worker.exitcode
+                    raise RuntimeError(f"encode_batch: a worker process died (exit code {code})") from None
+                result.extend(self._unpack(lengths, flat))
         finally:
-            _WORKER_TOKENIZER, _WORKER_TEXTS = None, None
-        return [ids for part in parts for ids in _unpack(*part)]
+            for worker, receiver in workers:
+                receiver.close()
+                worker.join()
+        return result
+
+    def _encode_to_pipe(self, texts: list[str], start: int, end: int, sender: Any) -> None:
+        """Worker side of :meth:`encode_batch`: encode ``texts[start:end]``, send (lengths, ids)."""
+        encoded = [self._encode(t) for t in texts[start:end]]
+        if self._segmenter is not None:
+            lengths, flat = _compiled.pack(encoded)
+        else:
+            lengths, flat = array("i", map(len, encoded)).tobytes(), array("i", chain(*encoded)).tobytes()
+        sender.send_bytes(lengths)
+        sender.send_bytes(flat)
+        sender.close()
+
+    def _unpack(self, lengths: bytes, flat: bytes) -> list[list[int]]:
+        """The lists of ids a worker packed (the compiled path shares one int object per id)."""
+        if self._segmenter is not None:
+            return self._segmenter.unpack(lengths, flat)
+        sizes, ids = array("i"), array("i")
+        sizes.frombytes(lengths)
+        ids.frombytes(flat)
+        out, start = [], 0
+        for size in sizes:
+            out.append(ids[start : start + size].tolist())
+            start += size
+        return out
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -1446,29 +1483,25 @@ def _to_tensor(rows: list, kind: str) -> Any:
     return torch.tensor(rows, dtype=torch.long)
 
 
-_WORKER_TOKENIZER: GPTNeoXJapaneseTokenizer | None = None
-_WORKER_TEXTS: list[str] | None = None
+# encode_batch forks workers only for batches at least this long (characters): below it, starting
+# a process costs more than it saves.
+_FORK_MIN_CHARS = 100_000
+# The calling process also unpacks every worker's ids (about a fifth of what encoding them cost),
+# so it takes a smaller run than each worker.
+_PARENT_SHARE = 0.8
 
 
-def _worker_init(tokenizer: GPTNeoXJapaneseTokenizer) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tokenizer
+def _balanced_cuts(texts: list[str], weights: Sequence[float], total: int) -> list[int]:
+    """Indices cutting ``texts`` into consecutive runs whose lengths are about proportional to
+    ``weights``: ``cuts[k]:cuts[k + 1]`` is run k."""
+    scale = total / sum(weights)
+    goals = [scale * sum(weights[: k + 1]) for k in range(len(weights) - 1)]
+    cuts, seen = [0], 0
+    for i, text in enumerate(texts):
+        if len(cuts) <= len(goals) and seen >= goals[len(cuts) - 1]:
+            cuts.append(i)
+        seen += len(text)
+    while len(cuts) <= len(goals):  # (only when a few texts hold everything)
+        cuts.append(len(texts))
+    return cuts + [len(texts)]
 
-
-def _worker_encode(task: tuple[int, int] | list[str]) -> tuple[bytes, bytes]:
-    """Encode in a worker (an index range of the inherited texts, or the texts themselves); ids
-    travel back as two packed arrays (lengths, ids), which pickle far faster than lists of ints."""
-    texts = _WORKER_TEXTS[task[0] : task[1]] if isinstance(task, tuple) else task
-    encoded = [_WORKER_TOKENIZER._encode(t) for t in texts]
-    return array("l", map(len, encoded)).tobytes(), array("l", chain.from_iterable(encoded)).tobytes()
-
-
-def _unpack(lengths: bytes, flat: bytes) -> list[list[int]]:
-    sizes, ids = array("l"), array("l")
-    sizes.frombytes(lengths)
-    ids.frombytes(flat)
-    out, start = [], 0
-    for size in sizes:
-        out.append(ids[start : start + size].tolist())
-        start += size
-    return out
