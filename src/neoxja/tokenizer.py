@@ -1,4 +1,4 @@
-"""GPT-NeoX-Japanese tokenizer: the reference's exact ids, lossless decoding, and a fast pure-Python encoder.
+"""GPT-NeoX-Japanese tokenizer: the reference's exact ids, lossless decoding, and a fast encoder.
 
 How text becomes ids (this is the behaviour of Japanese-BPEEncoder_V2, which the checkpoints were
 trained with, and of transformers' ``GPTNeoXJapaneseTokenizer``):
@@ -15,15 +15,18 @@ trained with, and of transformers' ``GPTNeoXJapaneseTokenizer``):
    no candidate becomes ``<KIGOU>`` (some Latin-1/IPA symbols and combining marks),
    ``<U2000U2BFF>`` (U+2000..U+2BFF) or one byte token per UTF-8 byte.
 
-Speed comes from doing the same thing with less work, in pure Python: the fixed rewrites are
-C-level ``str.replace`` calls; emoji are looked up only where a possible first character occurs; a
-regex derived from the vocabulary cuts the text into chunks that no token can cross (e.g. a kana
-run and the kanji after it), each distinct chunk is segmented once and then served from a cache
-(``map`` over a dict, in C); inside a new chunk the decision is cached per 3-character window; and
-the ``do_clean_text`` patterns are searched with linear-time scanners (the reference's regular
-expressions backtrack quadratically on long digit runs). Caches are bounded and start over when
-full. Decoding joins byte tokens across tokens, so characters outside the vocabulary
-come back intact, and keeps spaces; :func:`normalize` says exactly what comes back.
+Speed comes from doing the same thing with less work: the fixed rewrites are C-level
+``str.replace`` calls; emoji are looked up only where a possible first character occurs; the
+``do_clean_text`` patterns are searched with linear-time scanners (the reference's regular
+expressions backtrack quadratically on long digit runs); and step 3 runs in a small C extension,
+``neoxja._segment`` (hash tables of the vocabulary's 1-3 character words and of its ``<`` words),
+because in CPython every token of a per-position loop costs about a microsecond, 20x too much.
+Without the extension (no compiler at install time, or ``NEOXJA_PURE_PYTHON=1``) step 3 runs in
+Python with the same ids: a regex derived from the vocabulary cuts the text into chunks that no
+token can cross, each distinct chunk is segmented once and then served from a cache, and inside a
+new chunk the decision is cached per 3-character window (caches are bounded and start over when
+full). Decoding joins byte tokens across tokens, so characters outside the vocabulary come back
+intact, and keeps spaces; :func:`normalize` says exactly what comes back.
 """
 
 from __future__ import annotations
@@ -761,8 +764,8 @@ class GPTNeoXJapaneseTokenizer:
         return tuple(self._byte_ids[b] for b in _char_bytes(ch)), 0
 
     def _segment_chunks(self, text: str) -> list[int]:
-        """Step 3 on rewritten text -> ids, chunk by chunk (see :func:`_chunk_pattern`); each
-        distinct chunk is segmented once and then served from a cache."""
+        """Step 3 on rewritten text -> ids without the C extension, chunk by chunk (see
+        :func:`_chunk_pattern`); each distinct chunk is segmented once and then served from a cache."""
         # reduce(iadd) extends one list by each chunk's tuple: C-level, faster than chain().
         return reduce(iadd, map(self._chunk_cache.__getitem__, self._chunk_findall(text)), [])
 
