@@ -91,6 +91,7 @@ def bench_speed(tokens: int, repeat: int) -> list[tuple[str, float, float, float
     import transformers
 
     from neoxja import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM
+    from neoxja.linear import optimize_for_cpu_inference, restore_row_major
 
     torch.manual_seed(0)
     theirs = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**SPEED_CONFIG))
@@ -122,9 +123,15 @@ def bench_speed(tokens: int, repeat: int) -> list[tuple[str, float, float, float
     rows = []
     for label, make, mode, training in (
         ("forward", forward, "eval", False),
+        ("forward, column-major weights (neoxja.linear)", forward, "inference-layout", False),
         ("train step (fwd+bwd)", train_step, "train", True),
     ):
         theirs.train(mode == "train"), ours.train(mode == "train")
+        # The inference layout that generate() uses; transformers is measured as it is.
+        if mode == "inference-layout":
+            optimize_for_cpu_inference(ours)
+        else:
+            restore_row_major(ours)
         # Alternate the measurements so that load from other processes hits all of them alike.
         t_theirs = t_ours = floor = float("inf")
         floor_run = matmul_floor(tokens, training)
