@@ -285,13 +285,7 @@ def load_emoji(path: str | os.PathLike) -> dict[str, dict[str, str]]:
 
     Raises ValueError naming the file and key when the structure is wrong.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object with keys 'emoji' and 'emoji_inv'")
+    data = _read_json_object(path, "a JSON object with keys 'emoji' and 'emoji_inv'")
     for key in ("emoji", "emoji_inv"):
         table = data.get(key)
         if not isinstance(table, dict):
@@ -1419,14 +1413,15 @@ def _overlaps_tag(key: str, tags: set[str]) -> bool:
     return False
 
 
-def _read_json_object(path: str | os.PathLike) -> dict:
+def _read_json_object(path: str | os.PathLike, expected: str = "a JSON object") -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it is not valid JSON or not an object."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON: {err}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise ValueError(f"{path}: expected {expected}")
     return data
 
 
