@@ -483,12 +483,12 @@ def _checkpoint_generation_config(model_config: Any) -> GenerationConfig:
 
 
 def _prepare_for_decoding(model: Any) -> None:
-    """Switch a float32 CPU model in eval mode to the column-major weight layout that decodes faster
-    (:mod:`neoxja.linear`; same parameters and values, no extra memory). Done once, outside
-    inference mode so the weights stay ordinary tensors that can still be trained."""
-    from neoxja.linear import is_optimized_for_cpu_inference, optimize_for_cpu_inference
+    """Pack the weights of a float32 CPU model in eval mode for oneDNN (:mod:`neoxja.linear`: 1.5-2.5x
+    faster matrix-vector products, no extra memory). Cheap when already packed; outside inference
+    mode so the weights stay ordinary tensors that can still be trained after ``model.train()``."""
+    from neoxja.linear import optimize_for_cpu_inference
 
-    if not isinstance(model, torch.nn.Module) or model.training or is_optimized_for_cpu_inference(model):
+    if not isinstance(model, torch.nn.Module) or model.training:
         return
     if model.device.type == "cpu" and model.dtype == torch.float32:
         optimize_for_cpu_inference(model)

@@ -29,6 +29,7 @@ from torch import nn
 from neoxja.cache import KVCache
 from neoxja.configuration import GPTNeoXJapaneseConfig, get_activation
 from neoxja.generation import GenerationMixin
+from neoxja.linear import Linear
 from neoxja.rope import RotaryEmbedding, apply_rotary
 
 # ----- outputs --------------------------------------------------------------------------------------
@@ -156,8 +157,8 @@ class GPTNeoXJapaneseAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
         self.dropout = config.attention_dropout
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.dense = Linear(config.hidden_size, config.hidden_size, bias=False)
         last = layer_idx == config.num_hidden_layers - 1
         self.dense_bias = nn.Parameter(torch.zeros(config.hidden_size)) if last else None
 
@@ -226,8 +227,8 @@ class GPTNeoXJapaneseMLP(nn.Module):
     def __init__(self, config: GPTNeoXJapaneseConfig) -> None:
         super().__init__()
         intermediate = int(config.hidden_size * config.intermediate_multiple_size)
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, intermediate, bias=False)
-        self.dense_4h_to_h = nn.Linear(intermediate, config.hidden_size, bias=False)
+        self.dense_h_to_4h = Linear(config.hidden_size, intermediate, bias=False)
+        self.dense_4h_to_h = Linear(intermediate, config.hidden_size, bias=False)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -495,7 +496,7 @@ class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin
     def __init__(self, config: GPTNeoXJapaneseConfig) -> None:
         super().__init__(config)
         self.gpt_neox_japanese = GPTNeoXJapaneseModel(config)
-        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embed_out = Linear(config.hidden_size, config.vocab_size, bias=False)
         if not self.embed_out.weight.is_meta:  # the transformer initialised itself already
             self._init_weights(self.embed_out)
         self.tie_weights()
