@@ -9,7 +9,9 @@ Speed: one full forward over ``--tokens`` tokens (all logits) and one training s
 labels + backward), the fastest of ``--repeat`` runs after a warm-up, in tokens/s. The "matmul floor"
 times the same matrix multiplications alone (every linear layer, the two attention products per
 head, the LM head; for training also the two gradient products of each), i.e. what the CPU needs
-for the arithmetic without anything else; "% of floor" = floor time / our time.
+for the arithmetic without anything else; "% of floor" = floor time / our time. In the
+"forward" row the weight products of the floor run through oneDNN with packed weights, the kernels
+neoxja's no-grad forward uses (neoxja.linear); the other rows use torch.matmul.
 
 Load: writes a random 2.7B-shaped bfloat16 ``model.safetensors`` tensor by tensor (no full copy in
 memory), then loads it with each library in a fresh subprocess and reports wall time and peak RSS
@@ -71,10 +73,19 @@ def matmul_shapes(tokens: int) -> list[tuple[int, int, int, int]]:
     return per_layer * layers + [(1, tokens, h, vocab)]
 
 
-def matmul_floor(tokens: int, training: bool) -> Callable[[], None]:
-    """The forward's matmuls alone (and, if ``training``, the two gradient matmuls of each)."""
+def matmul_floor(tokens: int, training: bool, packed: bool = False) -> Callable[[], None]:
+    """The forward's matmuls alone (and, if ``training``, the two gradient matmuls of each).
+
+    ``packed``: the weight products run through oneDNN with packed weights, as neoxja's no-grad
+    forward does (neoxja.linear), so that the floor is that of the kernels actually used.
+    """
     products = []
+    linears = []
     for b, m, k, n in matmul_shapes(tokens):
+        if packed and b == 1 and not training:
+            weight = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k), None)
+            linears.append((torch.randn(m, k), weight))
+            continue
         products.append((torch.randn(b, m, k), torch.randn(b, k, n)))
         if training:
             products.append((torch.randn(b, m, n), torch.randn(b, n, k)))  # grad of the left operand
@@ -83,6 +94,8 @@ def matmul_floor(tokens: int, training: bool) -> Callable[[], None]:
     def run() -> None:
         for a, b in products:
             torch.matmul(a, b)
+        for x, weight in linears:
+            torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
     return run
 
@@ -91,7 +104,7 @@ def bench_speed(tokens: int, repeat: int) -> list[tuple[str, float, float, float
     import transformers
 
     from neoxja import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM
-    from neoxja.linear import optimize_for_cpu_inference, restore_row_major
+    from neoxja.linear import packing_available, restore_dense
 
     torch.manual_seed(0)
     theirs = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**SPEED_CONFIG))
@@ -123,18 +136,17 @@ def bench_speed(tokens: int, repeat: int) -> list[tuple[str, float, float, float
     rows = []
     for label, make, mode, training in (
         ("forward", forward, "eval", False),
-        ("forward, column-major weights (neoxja.linear)", forward, "inference-layout", False),
+        ("forward, dense weights (neoxja.linear.restore_dense)", forward, "dense", False),
         ("train step (fwd+bwd)", train_step, "train", True),
     ):
         theirs.train(mode == "train"), ours.train(mode == "train")
-        # The inference layout that generate() uses; transformers is measured as it is.
-        if mode == "inference-layout":
-            optimize_for_cpu_inference(ours)
-        else:
-            restore_row_major(ours)
+        # By default a no-grad eval forward packs the weights for oneDNN (neoxja.linear); the
+        # "dense" row turns that off to show what packing brings. transformers runs as it is.
+        if mode == "dense":
+            restore_dense(ours)
         # Alternate the measurements so that load from other processes hits all of them alike.
         t_theirs = t_ours = floor = float("inf")
-        floor_run = matmul_floor(tokens, training)
+        floor_run = matmul_floor(tokens, training, packed=mode == "eval" and packing_available())
         for _ in range(2):
             t_theirs = min(t_theirs, best_seconds(make(theirs), repeat))
             t_ours = min(t_ours, best_seconds(make(ours), repeat))

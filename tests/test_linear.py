@@ -190,3 +190,54 @@ def test_generate_packs_and_matches_transformers(tmp_path) -> None:
     model(ids, labels=ids).loss.backward()
     assert model.embed_out.weight.grad is not None
     assert model.gpt_neox_japanese.layers[0].mlp.dense_h_to_4h.weight.grad is not None
+
+
+@needs_onednn
+def test_forward_packs_by_itself_only_without_autograd() -> None:
+    model = _model(tie=False)
+    ids = torch.randint(2, CONFIG["vocab_size"], (1, 9))
+    logits = model(ids).logits  # eval mode, autograd on: stays dense
+    assert not is_optimized_for_cpu_inference(model)
+    with torch.inference_mode():
+        packed_logits = model(ids).logits
+    assert is_optimized_for_cpu_inference(model)
+    torch.testing.assert_close(packed_logits, logits.detach(), rtol=1e-5, atol=1e-5)
+    # A recorded forward (say, gradients of the input embeddings in eval mode) unpacks and works.
+    embeds = model.gpt_neox_japanese.embed_in(ids).detach().requires_grad_()
+    model(inputs_embeds=embeds).logits.sum().backward()
+    assert embeds.grad is not None and not is_optimized_for_cpu_inference(model)
+    # Weights packed and unpacked under inference_mode are ordinary tensors: training works.
+    with torch.inference_mode():
+        model(ids)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.dim() == 2)
+
+
+@needs_onednn
+def test_restore_dense_turns_automatic_packing_off_until_asked() -> None:
+    model = _model()
+    ids = torch.randint(2, CONFIG["vocab_size"], (1, 9))
+    restore_dense(model)
+    with torch.no_grad():
+        model(ids)
+        model.generate(ids, max_new_tokens=2)
+    assert not is_optimized_for_cpu_inference(model)
+    optimize_for_cpu_inference(model)
+    dense = model.gpt_neox_japanese.layers[0].attention.dense
+    assert not dense.weight.is_meta  # reading the weight unpacks that layer...
+    assert not dense.is_packed
+    with torch.no_grad():
+        model(ids)  # ...and the next forward packs it again
+    assert dense.is_packed
+
+
+@needs_onednn
+def test_bfloat16_model_packs_after_float() -> None:
+    model = _model().to(torch.bfloat16)
+    ids = torch.randint(2, CONFIG["vocab_size"], (1, 9))
+    with torch.no_grad():
+        model(ids)
+        assert not is_optimized_for_cpu_inference(model)
+        model.float()(ids)
+    assert is_optimized_for_cpu_inference(model)

@@ -482,18 +482,6 @@ def _checkpoint_generation_config(model_config: Any) -> GenerationConfig:
     return config
 
 
-def _prepare_for_decoding(model: Any) -> None:
-    """Pack the weights of a float32 CPU model in eval mode for oneDNN (:mod:`neoxja.linear`: 1.5-2.5x
-    faster matrix-vector products, no extra memory). Cheap when already packed; outside inference
-    mode so the weights stay ordinary tensors that can still be trained after ``model.train()``."""
-    from neoxja.linear import optimize_for_cpu_inference
-
-    if not isinstance(model, torch.nn.Module) or model.training:
-        return
-    if model.device.type == "cpu" and model.dtype == torch.float32:
-        optimize_for_cpu_inference(model)
-
-
 class GenerationMixin:
     """Adds :meth:`generate` to a causal LM whose forward follows neoxja's model contract."""
 
@@ -557,7 +545,6 @@ class GenerationMixin:
         if streamer is not None and plan.input_ids.shape[0] != 1:
             raise ValueError(f"streamer supports a single sequence, got a batch of {plan.input_ids.shape[0]}")
         tokens = torch.empty(plan.input_ids.shape[0], plan.max_length, dtype=torch.long, device=self.device)
-        _prepare_for_decoding(self)
         if streamer is not None:
             streamer.put(plan.input_ids.cpu())
         length = plan.input_ids.shape[1]
@@ -615,7 +602,6 @@ def stream_generate(
             f"stream_generate continues a single prompt, got a batch of {plan.input_ids.shape[0]}"
         )
     tokens = torch.empty(1, plan.max_length, dtype=torch.long, device=model.device)
-    _prepare_for_decoding(model)
     for _, next_tokens in _decode_steps(model, plan, tokens):
         piece = detokenizer.add(int(next_tokens[0]))
         if piece:

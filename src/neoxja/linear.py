@@ -5,7 +5,9 @@ keys). On a CPU in float32, PyTorch's default kernels multiply a small batch of 
 by a row-major weight well below what memory allows; oneDNN multiplies the same matrix, stored once
 in its own blocked layout ("packed"), 1.5-2.5x faster for 1-8 rows and ~1.1x faster for 512 rows
 on the 2-core development machine. :func:`optimize_for_cpu_inference` packs every large float32
-CPU weight of a model in eval mode; ``generate()`` does it automatically.
+CPU weight of a model in eval mode. The model does it by itself on its first forward in eval mode
+without autograd (``torch.no_grad()``/``inference_mode()``, as ``generate()`` runs);
+:func:`restore_dense` unpacks and turns that off for the model.
 
 What a packed layer keeps and what it guarantees:
 
@@ -14,9 +16,10 @@ What a packed layer keeps and what it guarantees:
   ``Parameter`` object (which an optimizer may hold) comes back on unpacking. A weight shared
   with another module (the input embedding, when the output head is tied to it) stays as it is
   and the layer packs a private copy: the embedding needs row lookups;
-* reading ``layer.weight``, ``state_dict()``, ``load_state_dict()``, ``model.train()``, ``.to()``
-  and ``save_pretrained`` all see (or first restore) the ordinary dense weight, with the same
-  values bit for bit; :func:`restore_dense` undoes the packing for a whole model;
+* reading ``layer.weight``, ``state_dict()``, ``load_state_dict()``, ``model.train()``, ``.to()``,
+  ``copy.deepcopy`` and ``save_pretrained`` all see (or first restore) the ordinary dense weight,
+  with the same values bit for bit; a forward that autograd records (oneDNN's kernel has no
+  backward) unpacks the layers it runs through;
 * outputs equal ``F.linear``'s up to float rounding (oneDNN sums in another order), within 1e-5
   relative in float32.
 
@@ -34,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MIN_PACKED_ELEMENTS = 1 << 18  # 1 MiB of float32
+_unpack_count = [0]  # bumped by every Linear.unpack, so that models know when to pack again
+_PACK_MARK = "_neoxja_packed_at"
 
 
 def packing_available() -> bool:
@@ -55,8 +60,11 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         packed = self._packed
         if packed is not None:
-            # A kept (shared) dense weight that was written in place since packing: the copy is stale.
-            if self._shared_version is None or self._shared_version == self._parameters["weight"]._version:
+            weight = self._parameters["weight"]
+            # oneDNN's kernel has no backward: with autograd recording, compute densely. And a kept
+            # (shared) dense weight that was written in place since packing makes the copy stale.
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            if not needs_grad and (self._shared_version is None or self._shared_version == weight._version):
                 return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
             self.unpack()
         return F.linear(x, self.weight, self.bias)
@@ -66,6 +74,7 @@ class Linear(nn.Linear):
         """Whether the layer currently computes from a packed weight."""
         return self._packed is not None
 
+    @torch.inference_mode(False)
     @torch.no_grad()
     def pack(self, keep_dense: bool = False) -> bool:
         """Pack the weight for oneDNN if it is a large float32 CPU matrix; returns whether it is packed.
@@ -94,12 +103,14 @@ class Linear(nn.Linear):
         self.__dict__["_packed"] = packed
         return True
 
+    @torch.inference_mode(False)  # the weight must stay an ordinary tensor that can be trained
     @torch.no_grad()
     def unpack(self) -> None:
         """Go back to the ordinary dense weight (bit-identical to the one packed)."""
         packed = self._packed
         if packed is None:
             return
+        _unpack_count[0] += 1
         original = self.__dict__.pop("_dense_param", None)
         if original is not None:
             original.data = packed.to_dense()
@@ -121,6 +132,7 @@ class Linear(nn.Linear):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Linear:
         self.unpack()
+        _unpack_count[0] += 1  # device or dtype may change: models look again at whether to pack
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
@@ -164,14 +176,42 @@ def optimize_for_cpu_inference(model: nn.Module) -> nn.Module:
             users[id(param)] = users.get(id(param), 0) + 1
     for linear in (m for m in model.modules() if isinstance(m, Linear)):
         linear.pack(keep_dense=users[id(linear._parameters["weight"])] > 1)
+    _mark(model, _unpack_count[0])
     return model
 
 
+def _mark(model: nn.Module, value: int | str) -> None:
+    # On every submodule too: a causal LM's forward calls its bare model's forward, which checks.
+    for module in model.modules():
+        module.__dict__[_PACK_MARK] = value
+
+
+def pack_for_inference(model: nn.Module) -> None:
+    """Pack ``model`` if it is a float32 CPU model running without autograd in eval mode.
+
+    The model's forward calls this; it costs a few attribute reads once packed, and packs again
+    after any layer went back to its dense weight (``.weight`` read, ``train()``, ...).
+    """
+    mark = model.__dict__.get(_PACK_MARK)
+    if model.training or torch.is_grad_enabled() or mark == _unpack_count[0] or mark == "off":
+        return
+    if not packing_available():
+        _mark(model, "off")
+        return
+    weight = next(model.parameters(), None)
+    if weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        optimize_for_cpu_inference(model)
+    else:  # not eligible now; look again after the next unpack or move anywhere (e.g. .float())
+        _mark(model, _unpack_count[0])
+
+
 def restore_dense(model: nn.Module) -> nn.Module:
-    """Undo :func:`optimize_for_cpu_inference`: every weight an ordinary dense tensor again."""
+    """Undo :func:`optimize_for_cpu_inference`: every weight an ordinary dense tensor again, and no
+    automatic packing of this model until :func:`optimize_for_cpu_inference` is called again."""
     for module in model.modules():
         if isinstance(module, Linear):
             module.unpack()
+    _mark(model, "off")
     return model
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from neoxja.cache import KVCache
 from neoxja.configuration import GPTNeoXJapaneseConfig, get_activation
 from neoxja.generation import GenerationMixin
-from neoxja.linear import Linear
+from neoxja.linear import Linear, pack_for_inference
 from neoxja.rope import RotaryEmbedding, apply_rotary
 
 # ----- outputs --------------------------------------------------------------------------------------
@@ -422,6 +422,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         ``[layers, heads]``, 1 keeps a head) scales the attention weights. With ``use_cache`` a
         :class:`KVCache` is created when none is given and returned in ``past_key_values``.
         """
+        pack_for_inference(self)
         config = self.config
         output_attentions = _default(output_attentions, config, "output_attentions", False)
         output_hidden_states = _default(output_hidden_states, config, "output_hidden_states", False)
@@ -529,6 +530,7 @@ class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin
         ``t + 1`` from position ``t``. ``logits_to_keep`` = n > 0 computes logits for the last n
         positions only (a 1-D tensor selects positions); 0 keeps all.
         """
+        pack_for_inference(self)
         return_dict = _default(return_dict, self.config, "return_dict", True)
         out = self.gpt_neox_japanese(
             input_ids,
