@@ -10,7 +10,7 @@ import transformers
 from transformers.models.gpt_neox_japanese import modeling_gpt_neox_japanese as reference
 
 from neoxja.configuration import GPTNeoXJapaneseConfig
-from neoxja.rope import RotaryEmbedding, apply_rotary
+from neoxja.rope import RotaryEmbedding, apply_rotary, rotary_tables
 
 TRAINED = 64  # max_position_embeddings of the tiny configs
 
@@ -171,29 +171,27 @@ def _reference_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: 
     return torch.cat((q_rot, q[..., ndims:]), dim=-1), torch.cat((k_rot, k[..., ndims:]), dim=-1)
 
 
+def _ours_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    out = apply_rotary(torch.stack((q, k), dim=-2), rotary_tables(cos, sin))
+    return out[..., 0, :], out[..., 1, :]
+
+
 @pytest.mark.parametrize("rotary_pct", [0.25, 0.5, 1.0])
-@pytest.mark.parametrize("layout", ["heads-first", "seq-first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_apply_rotary_matches_reference_attention_math(
-    rotary_pct: float, layout: str, dtype: torch.dtype
-) -> None:
+def test_apply_rotary_matches_reference_attention_math(rotary_pct: float, dtype: torch.dtype) -> None:
     ours_cfg, _ = _configs(ROPE_CASES["yarn"], rotary_pct=rotary_pct)
     generator = torch.Generator().manual_seed(0)
     batch, heads, seq, head_dim = 2, ours_cfg.num_attention_heads, 7, ours_cfg.head_dim
     # q and k as the attention makes them: strided views into one fused projection
-    qkv = torch.randn(batch, seq, heads, 3 * head_dim, generator=generator).to(dtype).transpose(1, 2)
-    q, k = qkv[..., :head_dim], qkv[..., head_dim : 2 * head_dim]
+    qkv = torch.randn(batch, seq, heads, 3, head_dim, generator=generator).to(dtype).transpose(1, 2)
+    q, k = qkv[..., 0, :], qkv[..., 1, :]
     position_ids = torch.stack([torch.arange(3, 3 + seq), torch.arange(90, 90 + seq)])
     cos, sin = RotaryEmbedding(ours_cfg)(q, position_ids)
     ref_q, ref_k = _reference_rotary(q, k, cos, sin)
 
-    if layout == "heads-first":
-        out_q, out_k = apply_rotary(q, k, cos, sin)
-    else:
-        out_q, out_k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, head_axis=2)
-        out_q, out_k = out_q.transpose(1, 2), out_k.transpose(1, 2)
-    assert out_q.dtype == dtype
-    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+    out = apply_rotary(qkv[..., :2, :], rotary_tables(cos, sin))
+    assert out.dtype == dtype and out.shape == (batch, heads, seq, 2, head_dim)
+    assert torch.equal(out[..., 0, :], ref_q) and torch.equal(out[..., 1, :], ref_k)
 
 
 def test_apply_rotary_gradients_match_reference() -> None:
@@ -202,7 +200,7 @@ def test_apply_rotary_gradients_match_reference() -> None:
     k = torch.randn(2, 2, 5, ours_cfg.head_dim, requires_grad=True)
     cos, sin = RotaryEmbedding(ours_cfg)(q, torch.arange(5).expand(2, -1))
     weights = torch.randn(2, 2, 5, ours_cfg.head_dim)
-    grads = torch.autograd.grad(sum((t * weights).sum() for t in apply_rotary(q, k, cos, sin)), (q, k))
+    grads = torch.autograd.grad(sum((t * weights).sum() for t in _ours_rotary(q, k, cos, sin)), (q, k))
     ref_grads = torch.autograd.grad(
         sum((t * weights).sum() for t in _reference_rotary(q, k, cos, sin)), (q, k)
     )

@@ -408,9 +408,10 @@ def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tup
         next_position = plan.attention_mask.sum(-1, keepdim=True)  # position of the first new token
 
     eos = plan.eos
-    single_eos = eos is not None and eos.numel() == 1
+    single_eos = int(eos[0]) if eos is not None and eos.numel() == 1 else None
     may_stop = eos is not None or plan.stop_strings is not None
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    some_finished = False  # only then must finished rows be overwritten with padding
     pad = torch.tensor(plan.pad_token_id, dtype=torch.long, device=device)
     sampler = plan.sampler
 
@@ -426,19 +427,22 @@ def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tup
     while True:
         scores = logits[:, -1].float()
         next_tokens = sampler(tokens[:, :length], scores)
-        if may_stop:
+        if some_finished:
             next_tokens = torch.where(unfinished, next_tokens, pad)
         tokens[:, length] = next_tokens
         length += 1
         yield length, next_tokens
         if may_stop:
-            if eos is not None:
-                ended = next_tokens == eos[0] if single_eos else torch.isin(next_tokens, eos)
-                unfinished &= ~ended
+            if single_eos is not None:
+                unfinished &= next_tokens != single_eos
+            elif eos is not None:
+                unfinished &= ~torch.isin(next_tokens, eos)
             if plan.stop_strings is not None:
                 unfinished &= ~plan.stop_strings(next_tokens)
-            if not bool(unfinished.any()):
+            remaining = int(unfinished.sum())
+            if remaining == 0:
                 return
+            some_finished = remaining < batch
         if length >= max_length:
             return
         logits = model(

@@ -58,16 +58,17 @@ class Linear(nn.Linear):
     _shared_version: int | None = None  # weight._version at packing time, when the dense weight is kept
 
     def forward(self, x: Tensor) -> Tensor:
+        params = self._parameters  # direct reads: module attribute lookup costs more than small matmuls
         packed = self._packed
         if packed is not None:
-            weight = self._parameters["weight"]
+            weight = params["weight"]
             # oneDNN's kernel has no backward: with autograd recording, compute densely. And a kept
             # (shared) dense weight that was written in place since packing makes the copy stale.
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
             if not needs_grad and (self._shared_version is None or self._shared_version == weight._version):
-                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+                return torch.ops.mkldnn._linear_pointwise(x, packed, params["bias"], "none", [], "")
             self.unpack()
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, params["weight"], params["bias"])
 
     @property
     def is_packed(self) -> bool:

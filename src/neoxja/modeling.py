@@ -30,7 +30,7 @@ from neoxja.cache import KVCache
 from neoxja.configuration import GPTNeoXJapaneseConfig, get_activation
 from neoxja.generation import GenerationMixin
 from neoxja.linear import Linear, pack_for_inference
-from neoxja.rope import RotaryEmbedding, apply_rotary
+from neoxja.rope import RotaryEmbedding, apply_rotary, rotary_tables
 
 # ----- outputs --------------------------------------------------------------------------------------
 
@@ -165,8 +165,7 @@ class GPTNeoXJapaneseAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         is_causal: bool,
         cache: KVCache | None,
@@ -174,9 +173,9 @@ class GPTNeoXJapaneseAttention(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, hidden = x.shape
-        qkv = self.query_key_value(x).view(batch, length, self.num_heads, 3 * self.head_size).transpose(1, 2)
-        q, k, v = qkv.split(self.head_size, dim=-1)  # views, [batch, heads, length, head_size]
-        q, k = apply_rotary(q, k, cos, sin)
+        qkv = self.query_key_value(x).view(batch, length, self.num_heads, 3, self.head_size).transpose(1, 2)
+        q, k = apply_rotary(qkv[..., :2, :], rope).unbind(-2)  # [batch, heads, length, head_size]
+        v = qkv[..., 2, :]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
 
@@ -249,22 +248,25 @@ class GPTNeoXJapaneseLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         is_causal: bool,
         cache: KVCache | None,
         head_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        p = self.hidden_dropout if self.training else 0.0
         attn, weights = self.attention(
-            self.input_layernorm(x), cos, sin, mask, is_causal, cache, head_mask, output_attentions
+            self.input_layernorm(x), rope, mask, is_causal, cache, head_mask, output_attentions
         )
+        dropout = self.hidden_dropout if self.training else 0.0
+        if dropout:
+            attn = F.dropout(attn, dropout, True)
         # The branch outputs are fresh tensors that autograd does not keep, so adding in place is safe.
-        x = F.dropout(attn, p, self.training).add_(x)
-        x = F.dropout(self.mlp(self.post_attention_layernorm(x)), p, self.training).add_(x)
-        return x, weights
+        x = attn.add_(x)
+        out = self.mlp(self.post_attention_layernorm(x))
+        if dropout:
+            out = F.dropout(out, dropout, True)
+        return out.add_(x), weights
 
 
 class GPTNeoXJapanesePreTrainedModel(nn.Module):
@@ -450,7 +452,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)
         mask, is_causal = build_attention_mask(attention_mask, cache_position, past + length, batch)
-        cos, sin = self.rotary_emb(x, position_ids)
+        rope = rotary_tables(*self.rotary_emb(x, position_ids))
         head_masks = self._head_masks(head_mask, x.dtype)
 
         all_hidden = [] if output_hidden_states else None
@@ -458,7 +460,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         for layer, layer_head_mask in zip(self.layers, head_masks, strict=True):
             if all_hidden is not None:
                 all_hidden.append(x)
-            x, weights = layer(x, cos, sin, mask, is_causal, cache, layer_head_mask, output_attentions)
+            x, weights = layer(x, rope, mask, is_causal, cache, layer_head_mask, output_attentions)
             if all_attentions is not None:
                 all_attentions.append(weights)
         x = self.final_layer_norm(x)

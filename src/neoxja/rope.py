@@ -1,9 +1,10 @@
 """Rotary position embeddings (RoPE) and their context-extension variants.
 
 ``RotaryEmbedding(config)(x, position_ids)`` returns the ``cos``/``sin`` tables for the given
-positions; :func:`apply_rotary` rotates the first ``rotary_ndims`` dimensions of queries and keys with
-them. The variants (``config.rope_parameters["rope_type"]``) only change the inverse frequencies and
-an overall scale of cos/sin ("attention scaling"):
+positions; :func:`rotary_tables` prepares them once per forward and :func:`apply_rotary` rotates the
+first ``rotary_ndims`` dimensions of queries and keys with them. The variants
+(``config.rope_parameters["rope_type"]``) only change the inverse frequencies and an overall scale of
+cos/sin ("attention scaling"):
 
 - ``default``: ``theta_i = base ** (-2i / d)``.
 - ``linear``: positions divided by ``factor`` (position interpolation).
@@ -240,26 +241,29 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
 
-def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, head_axis: int = 1) -> tuple[Tensor, Tensor]:
-    """Rotate the first ``cos.shape[-1]`` dimensions of each head of ``q`` and ``k``; pass the rest through.
-
-    ``q``/``k`` are ``[batch, heads, seq, head_dim]`` (``head_axis=1``) or ``[batch, seq, heads,
-    head_dim]`` (``head_axis=2``); ``cos``/``sin`` are ``[batch, seq, rotary_ndims]`` from
-    :class:`RotaryEmbedding`. Returns new contiguous tensors, bit-equal to the reference's
-    ``q * cos + rotate_half(q) * sin`` (the two halves of cos/sin are equal, so each half of the
-    result needs only one of them).
-    """
+def rotary_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Prepare :class:`RotaryEmbedding`'s ``cos``/``sin`` ``[batch, seq, rotary_ndims]`` once per forward
+    for :func:`apply_rotary`: shaped ``[batch, 1, seq, 1, rotary_ndims]`` to broadcast over heads and
+    over q/k, with the sign of ``rotate_half`` folded into the first half of ``sin``."""
     half = cos.shape[-1] // 2
-    cos = cos[..., :half].unsqueeze(head_axis)
-    sin = sin[..., :half].unsqueeze(head_axis)
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos[:, None, :, None], signed_sin[:, None, :, None]
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = cos.shape[-1]
-    x1, x2 = x[..., :half], x[..., half : 2 * half]
-    # [x1, x2] * cos + [-x2, x1] * sin, written per half: a + (-b) * s is exactly a - b * s.
-    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
-    if 2 * half < x.shape[-1]:
-        parts.append(x[..., 2 * half :])
-    return torch.cat(parts, dim=-1)
+def apply_rotary(qk: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate the first ``rotary_ndims`` dimensions of every head of q and k in one go; pass the rest.
+
+    ``qk`` is ``[batch, heads, seq, n, head_dim]`` (q and k stacked on ``n``, e.g. a view into the
+    fused projection), ``tables`` come from :func:`rotary_tables`. Returns a new tensor, bit-equal to
+    the reference's ``x * cos + rotate_half(x) * sin`` on each of them: with the halves swapped and
+    the sign folded into ``sin``, ``x1 * cos + x2 * -sin`` is exactly ``x1 * cos - x2 * sin``.
+    """
+    cos, signed_sin = tables
+    rotary_ndims = cos.shape[-1]
+    x = qk[..., :rotary_ndims]
+    swapped = x.unflatten(-1, (2, rotary_ndims // 2)).flip(-2).flatten(-2)
+    out = x * cos
+    out += swapped * signed_sin  # a fresh tensor: adding in place is safe for autograd
+    if rotary_ndims < qk.shape[-1]:
+        out = torch.cat((out, qk[..., rotary_ndims:]), dim=-1)
+    return out
