@@ -37,13 +37,16 @@ def _model(tie: bool = True) -> neoxja.GPTNeoXJapaneseForCausalLM:
 
 
 def _storage_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the distinct real (non-meta) storages behind the parameters and buffers."""
+    """Bytes of the distinct storages behind the parameters and buffers."""
     storages = {}
     for tensor in [*model.parameters(), *model.buffers()]:
-        if not tensor.is_meta:
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
+
+
+def _is_placeholder(tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 2 and tensor.stride() == (0, 0) and bool(tensor.isnan().all())
 
 
 def _packed_layers(model: torch.nn.Module) -> list[Linear]:
@@ -64,7 +67,7 @@ def test_linear_parity(rows: int, bias: bool) -> None:
     with torch.no_grad():
         expected = linear(x)
         assert linear.pack()
-        assert linear.weight.is_meta is False  # reading .weight gives the dense weight back...
+        assert not _is_placeholder(linear.weight)  # reading .weight gives the dense weight back...
         assert not linear.is_packed  # ...and unpacks
         assert linear.pack()
         torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-5)
@@ -87,22 +90,23 @@ def test_state_dict_identity_and_memory(tie: bool) -> None:
     optimize_for_cpu_inference(model)
     assert is_optimized_for_cpu_inference(model)
     assert len(_packed_layers(model)) == 4 * CONFIG["num_hidden_layers"] + 1
-    # Untied weights were replaced, not copied: meta placeholders, their dense storage freed.
-    placeholders = {k for k, p in model.named_parameters() if p.is_meta}
+    # Untied weights were replaced, not copied: placeholders, their dense storage freed.
+    assert [id(p) for p in model.parameters()] == params_before  # the same Parameter objects
+    placeholders = {k for k, p in model.named_parameters() if _is_placeholder(p)}
     projections = ("query_key_value.weight", "dense.weight", "4h.weight", "4h_to_h.weight")
     linear_keys = {k for k in before if k.endswith(projections)}
     assert placeholders == linear_keys | (set() if tie else {"embed_out.weight"})
     freed = sum(before[k].numel() * 4 for k in placeholders)
-    assert _storage_bytes(model) == bytes_before - freed
+    assert _storage_bytes(model) == bytes_before - freed + 4 * len(placeholders)  # one NaN each
     after = model.state_dict()
     assert list(after) == list(before)
     for key, value in before.items():
-        assert not after[key].is_meta and torch.equal(after[key], value), key
+        assert torch.equal(after[key], value), key
     restore_dense(model)
-    assert [id(p) for p in model.parameters()] == params_before  # the same Parameter objects again
+    assert [id(p) for p in model.parameters()] == params_before
     assert _storage_bytes(model) == bytes_before
     # The tied input embedding kept its dense weight (row lookups need it).
-    assert not model.gpt_neox_japanese.embed_in.weight.is_meta
+    assert not _is_placeholder(model.gpt_neox_japanese.embed_in.weight)
 
 
 @needs_onednn
@@ -161,14 +165,14 @@ def test_refused_in_training_train_and_to_unpack() -> None:
     optimize_for_cpu_inference(model.eval())
     model.train()
     assert not is_optimized_for_cpu_inference(model)
-    assert not any(p.is_meta for p in model.parameters())
+    assert not any(_is_placeholder(p) for p in model.parameters())
     optimize_for_cpu_inference(model.eval())
     model.to(torch.float64)
     assert not _packed_layers(model) and model.dtype == torch.float64
     optimize_for_cpu_inference(model.float())
     restore_dense(model)
     assert not is_optimized_for_cpu_inference(model)
-    assert all(p.is_contiguous() and not p.is_meta for p in model.parameters())
+    assert all(p.is_contiguous() for p in model.parameters())
 
 
 def test_generate_packs_and_matches_transformers(tmp_path) -> None:
@@ -225,7 +229,7 @@ def test_restore_dense_turns_automatic_packing_off_until_asked() -> None:
     assert not is_optimized_for_cpu_inference(model)
     optimize_for_cpu_inference(model)
     dense = model.gpt_neox_japanese.layers[0].attention.dense
-    assert not dense.weight.is_meta  # reading the weight unpacks that layer...
+    assert not _is_placeholder(dense.weight)  # reading the weight unpacks that layer...
     assert not dense.is_packed
     with torch.no_grad():
         model(ids)  # ...and the next forward packs it again
@@ -241,3 +245,26 @@ def test_bfloat16_model_packs_after_float() -> None:
         assert not is_optimized_for_cpu_inference(model)
         model.float()(ids)
     assert is_optimized_for_cpu_inference(model)
+
+
+@needs_onednn
+def test_optimizer_and_frozen_flags_set_while_packed_still_apply() -> None:
+    """Fine-tuning set up right after an evaluation (weights packed) must train what it says."""
+    model = _model(tie=False)
+    ids = torch.randint(2, CONFIG["vocab_size"], (2, 9))
+    with torch.no_grad():
+        model(ids)  # packs
+    assert is_optimized_for_cpu_inference(model)
+    frozen = model.gpt_neox_japanese.layers[0].attention.query_key_value
+    frozen._parameters["weight"].requires_grad_(False)  # as a freezing loop over parameters() does
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    key = "gpt_neox_japanese.layers.0.attention.query_key_value.weight"
+    assert torch.equal(after[key], before[key])  # frozen stayed frozen
+    assert not torch.equal(after["embed_out.weight"], before["embed_out.weight"])  # the rest trained
+    assert not torch.equal(after[key.replace("0.attention.query_key_value", "1.mlp.dense_h_to_4h")],
+                           before[key.replace("0.attention.query_key_value", "1.mlp.dense_h_to_4h")])

@@ -11,9 +11,11 @@ without autograd (``torch.no_grad()``/``inference_mode()``, as ``generate()`` ru
 
 What a packed layer keeps and what it guarantees:
 
-* no second copy of the weights: an untied weight is replaced by its packed form, and a ``meta``
-  tensor of the same shape and dtype stands in for it in ``parameters()``; the original
-  ``Parameter`` object (which an optimizer may hold) comes back on unpacking. A weight shared
+* no second copy of the weights: an untied weight is replaced by its packed form. Its
+  ``Parameter`` object stays registered (an optimizer or a ``requires_grad`` flag set meanwhile
+  keeps working) with the same shape and dtype, but while packed it holds a zero-memory NaN
+  placeholder (a single NaN, expanded): read weights through ``layer.weight`` or ``state_dict()``,
+  not ``parameters()``, or call :func:`restore_dense` first. A weight shared
   with another module (the input embedding, when the output head is tied to it) stays as it is
   and the layer packs a private copy: the embedding needs row lookups;
 * reading ``layer.weight``, ``state_dict()``, ``load_state_dict()``, ``model.train()``, ``.to()``,
@@ -41,6 +43,11 @@ _unpack_count = [0]  # bumped by every Linear.unpack, so that models know when t
 _PACK_MARK = "_neoxja_packed_at"
 
 
+def _placeholder(weight: Tensor) -> Tensor:
+    """A tensor of ``weight``'s shape and dtype over a single NaN: no memory, and any use shows."""
+    return torch.full((1,), float("nan"), dtype=weight.dtype).expand(weight.shape)
+
+
 def packing_available() -> bool:
     """Whether this PyTorch build has the oneDNN linear kernels that packing needs."""
     ops = torch.ops.mkldnn
@@ -55,6 +62,7 @@ class Linear(nn.Linear):
     """``nn.Linear`` that can compute from a oneDNN-packed copy of its weight (see module docstring)."""
 
     _packed: Tensor | None = None  # the packed weight, when packed
+    _dense_dropped = False  # whether the dense weight was replaced by a placeholder while packed
     _shared_version: int | None = None  # weight._version at packing time, when the dense weight is kept
 
     def forward(self, x: Tensor) -> Tensor:
@@ -95,12 +103,10 @@ class Linear(nn.Linear):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
         self.__dict__["_shared_version"] = weight._version if keep_dense else None
         if not keep_dense:
-            # Free the dense storage but keep the Parameter object (optimizers may refer to it) for
-            # unpack; meanwhile a meta placeholder of the same shape and dtype stands in for it.
-            self.__dict__["_dense_param"] = weight
-            placeholder = nn.Parameter(torch.empty_like(weight, device="meta"), weight.requires_grad)
-            weight.data = weight.data.new_empty(0)
-            self._parameters["weight"] = placeholder
+            # Free the dense storage but keep the Parameter object (optimizers and requires_grad
+            # flags refer to it) with the same shape, as a NaN placeholder that takes no memory.
+            weight.data = _placeholder(weight)
+        self.__dict__["_dense_dropped"] = not keep_dense
         self.__dict__["_packed"] = packed
         return True
 
@@ -112,17 +118,16 @@ class Linear(nn.Linear):
         if packed is None:
             return
         _unpack_count[0] += 1
-        original = self.__dict__.pop("_dense_param", None)
-        if original is not None:
-            original.data = packed.to_dense()
-            self._parameters["weight"] = original
+        if self._dense_dropped:
+            self._parameters["weight"].data = packed.to_dense()
+        self.__dict__["_dense_dropped"] = False
         self.__dict__["_packed"] = None
         self.__dict__["_shared_version"] = None
 
     # Everything that looks at the weight from outside sees the dense one.
 
     def __getattr__(self, name: str) -> Any:
-        if name == "weight" and self._packed is not None and self._parameters["weight"].is_meta:
+        if name == "weight" and self._dense_dropped:
             self.unpack()
         return super().__getattr__(name)
 
@@ -138,7 +143,7 @@ class Linear(nn.Linear):
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._packed is not None and self._parameters["weight"].is_meta:
+        if self._dense_dropped:
             destination[prefix + "weight"] = self._packed.to_dense()
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -148,9 +153,10 @@ class Linear(nn.Linear):
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles get the dense weight (oneDNN's packed tensors cannot be copied)."""
         state = dict(self.__dict__)
-        original = state.pop("_dense_param", None)
         state.pop("_shared_version", None)
-        if state.pop("_packed", None) is not None and original is not None:
+        state.pop("_packed", None)
+        if state.pop("_dense_dropped", False):
+            original = self._parameters["weight"]
             dense = nn.Parameter(self._packed.to_dense(), original.requires_grad)
             state["_parameters"] = {**state["_parameters"], "weight": dense}
         return state
