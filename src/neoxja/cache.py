@@ -111,9 +111,11 @@ class KVCache:
         end = self.length + new
         if end > self.keys[layer_idx].shape[2]:
             self._grow(end)
-        self.keys[layer_idx][:, :, self.length : end] = key
-        self.values[layer_idx][:, :, self.length : end] = value
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        # narrow() rather than slicing syntax: the same views with a fraction of the Python overhead
+        keys.narrow(2, self.length, new).copy_(key)
+        values.narrow(2, self.length, new).copy_(value)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, num_tokens: int) -> None:
         """Mark ``num_tokens`` more positions as filled (called once per forward by the model)."""

@@ -425,11 +425,11 @@ def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tup
     ).logits
     length = prompt_len
     while True:
-        scores = logits[:, -1].float()
-        next_tokens = sampler(tokens[:, :length], scores)
+        scores = logits.select(1, -1).float()
+        next_tokens = sampler(tokens.narrow(1, 0, length), scores)
         if some_finished:
             next_tokens = torch.where(unfinished, next_tokens, pad)
-        tokens[:, length] = next_tokens
+        tokens.select(1, length).copy_(next_tokens)
         length += 1
         yield length, next_tokens
         if may_stop:
@@ -446,8 +446,8 @@ def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tup
         if length >= max_length:
             return
         logits = model(
-            tokens[:, length - 1 : length],
-            attention_mask=None if mask is None else mask[:, :length],
+            tokens.narrow(1, length - 1, 1),
+            attention_mask=None if mask is None else mask.narrow(1, 0, length),
             position_ids=next_position,
             past_key_values=cache,
             use_cache=True,

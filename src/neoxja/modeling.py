@@ -174,8 +174,8 @@ class GPTNeoXJapaneseAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, hidden = x.shape
         qkv = self.query_key_value(x).view(batch, length, self.num_heads, 3, self.head_size).transpose(1, 2)
-        q, k = apply_rotary(qkv[..., :2, :], rope).unbind(-2)  # [batch, heads, length, head_size]
-        v = qkv[..., 2, :]
+        q, k = apply_rotary(qkv.narrow(3, 0, 2), rope).unbind(3)  # [batch, heads, length, head_size]
+        v = qkv.select(3, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
 

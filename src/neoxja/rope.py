@@ -261,7 +261,7 @@ def apply_rotary(qk: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
     cos, signed_sin = tables
     rotary_ndims = cos.shape[-1]
     x = qk[..., :rotary_ndims]
-    swapped = x.unflatten(-1, (2, rotary_ndims // 2)).flip(-2).flatten(-2)
+    swapped = x.roll(rotary_ndims // 2, dims=-1)  # [x2, x1]
     out = x * cos
     out += swapped * signed_sin  # a fresh tensor: adding in place is safe for autograd
     if rotary_ndims < qk.shape[-1]:
