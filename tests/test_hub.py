@@ -82,3 +82,32 @@ def test_pop_from_takes_only_hub_kwargs() -> None:
     options = HubOptions.pop_from(kwargs)
     assert options == HubOptions(revision="r", cache_dir="/c", token="t", local_files_only=True)
     assert kwargs == {"dtype": "auto"}
+
+
+def test_unresolvable_hub_goes_to_the_cache_without_retrying(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No network and no offline flag: no request is made (huggingface_hub would retry each with
+    back-off for ~25 s); a cached file is still found and an uncached one fails at once."""
+    import socket
+
+    import huggingface_hub.constants as constants
+    import huggingface_hub.file_download
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    def no_dns(*args: object, **kwargs: object) -> None:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def no_request(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a request to the Hub was attempted")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub.file_download, "get_hf_file_metadata", no_request)
+    make_hub_cache(cache, "abeja/gpt-neox-japanese-2.7b", {"config.json": "{}"})
+    assert resolve_file("abeja/gpt-neox-japanese-2.7b", "config.json") is not None
+    with pytest.raises(HubUnavailableError, match="not reachable"):
+        resolve_file("someone/not-cached", "config.json")

@@ -8,6 +8,8 @@ tokens behave the same way everywhere, and only the files that are asked for are
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,9 @@ def resolve_file(
         RevisionNotFoundError,
     )
 
+    # Without a resolvable Hub host name, huggingface_hub would still retry each request with
+    # back-off (~25 s per file) before falling back to the cache: go to the cache straight away.
+    local_only = options.local_files_only or not _hub_host_resolves()
     try:
         return Path(
             hf_hub_download(
@@ -81,7 +86,7 @@ def resolve_file(
                 revision=options.revision,
                 cache_dir=options.cache_dir,
                 token=options.token,
-                local_files_only=options.local_files_only,
+                local_files_only=local_only,
                 library_name="neoxja",
             )
         )
@@ -103,6 +108,18 @@ def resolve_file(
         raise OSError(f"revision {options.revision!r} does not exist for {repo_id!r}") from err
     except HFValidationError as err:
         raise OSError(f"{repo_id!r} is neither a model directory nor a valid Hub id: {err}") from err
+
+
+def _hub_host_resolves() -> bool:
+    """Whether the Hub endpoint's host name resolves (a DNS lookup: milliseconds either way)."""
+    from huggingface_hub import constants
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return True
 
 
 def _snapshot_cached(repo_id: str, options: HubOptions) -> bool:
