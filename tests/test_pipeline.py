@@ -157,6 +157,10 @@ def test_bad_prompts(pipe: TextGenerationPipeline) -> None:
         pipe([])
     with pytest.raises(TypeError, match="text_inputs must be a string"):
         pipe(42)
+    with pytest.raises(ValueError, match="prompt at index 1 is empty"):
+        pipe(["猫", "", "犬"], batch_size=2)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        pipe(PROMPTS, batch_size=0)
     too_long = "猫。" * 2100
     with pytest.raises(ValueError, match="max_position_embeddings"):
         pipe(too_long, max_new_tokens=1)
@@ -170,3 +174,31 @@ def test_bad_model_paths(tmp_path: Path, assets_dir: Path) -> None:
         pipeline("text-generation", model=bare)
     pipe = pipeline("text-generation", model=bare, tokenizer=assets_dir)
     assert pipe(PROMPTS[0], max_new_tokens=2, do_sample=False)[0]["generated_text"].startswith(PROMPTS[0])
+
+
+def test_batched_lists_give_what_one_at_a_time_gives(pipe: TextGenerationPipeline) -> None:
+    """Left-padded batches of prompts of different lengths, one row ending early at its eos."""
+    prompts = [*PROMPTS, "猫", "今日は良い天気ですね。散歩に行きましょう。"]
+    free = pipe(prompts[0], do_sample=False, max_new_tokens=12, eos_token_id=None, return_tensors=True)
+    prompt_ids = pipe.tokenizer(prompts[0])["input_ids"]
+    eos = free[0]["generated_token_ids"][len(prompt_ids) + 3]  # prompt 0 will stop within 4 tokens
+    for kwargs in ({}, {"return_full_text": False}, {"return_tensors": True}):
+        settings = dict(do_sample=False, max_new_tokens=12, eos_token_id=eos, **kwargs)
+        one_by_one = pipe(prompts, **settings)
+        for batch_size in (2, 4):
+            assert pipe(prompts, batch_size=batch_size, **settings) == one_by_one, (batch_size, kwargs)
+    generated = one_by_one[0][0]["generated_token_ids"][len(prompt_ids) :]
+    assert generated[-1] == eos and generated.count(eos) == 1 and len(generated) <= 4  # it did end early
+
+
+def test_batch_size_at_construction(tiny_dir: Path, pipe: TextGenerationPipeline) -> None:
+    settings = dict(do_sample=False, max_new_tokens=6)
+    batched = pipeline("text-generation", model=str(tiny_dir), batch_size=2, **settings)
+    assert batched(PROMPTS + ["猫"]) == pipe(PROMPTS + ["猫"], **settings)
+
+
+def test_batched_sampling_groups_sequences_per_prompt(pipe: TextGenerationPipeline) -> None:
+    out = pipe(PROMPTS + ["猫"], batch_size=3, do_sample=True, num_return_sequences=2, max_new_tokens=5)
+    assert [len(row) for row in out] == [2, 2, 2]
+    for prompt, row in zip(PROMPTS + ["猫"], out, strict=True):
+        assert all(record["generated_text"].startswith(prompt) for record in row)

@@ -138,20 +138,39 @@ class TextGenerationPipeline:
         return next(self.model.parameters()).device
 
     def __call__(self, text_inputs: str | list[str], **kwargs: Any) -> list:
-        """Generate for one prompt (-> list of dicts) or a list of prompts (-> list of lists of dicts)."""
+        """Generate for one prompt (-> list of dicts) or a list of prompts (-> list of lists of dicts).
+
+        ``batch_size`` > 1 (default 1; also accepted by :func:`pipeline`) runs that many prompts of a
+        list through ``generate`` together, left-padded; greedy results equal one at a time.
+        """
+        options = {**self._call_defaults, **kwargs}
+        batch_size = options.pop("batch_size", 1)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(text_inputs, str):
-            return self._generate_one(text_inputs, **{**self._call_defaults, **kwargs})
+            if not text_inputs:
+                raise ValueError("text_inputs: the prompt is empty; give some text for the model to continue")
+            return self._generate([text_inputs], **options)[0]
         if isinstance(text_inputs, (list, tuple)) and all(isinstance(text, str) for text in text_inputs):
             if not text_inputs:
                 raise ValueError("text_inputs is an empty list; pass a prompt string or a list of them")
-            return [self._generate_one(text, **{**self._call_defaults, **kwargs}) for text in text_inputs]
+            empty = [i for i, text in enumerate(text_inputs) if not text]
+            if empty:
+                raise ValueError(
+                    f"text_inputs: the prompt at index {empty[0]} is empty; give some text for the model "
+                    "to continue"
+                )
+            results = []
+            for start in range(0, len(text_inputs), batch_size):
+                results.extend(self._generate(list(text_inputs[start : start + batch_size]), **options))
+            return results
         raise TypeError(
             f"text_inputs must be a string or a list of strings, not {type(text_inputs).__name__}"
         )
 
-    def _generate_one(
+    def _generate(
         self,
-        prompt: str,
+        prompts: list[str],
         *,
         return_full_text: bool = True,
         return_tensors: bool = False,
@@ -160,14 +179,17 @@ class TextGenerationPipeline:
         prefix: str = "",
         stop_sequence: str | list[str] | None = None,
         **generate_kwargs: Any,
-    ) -> list[dict[str, Any]]:
+    ) -> list[list[dict[str, Any]]]:
+        """One ``generate`` call for ``prompts``; a list of records per prompt."""
         if stop_sequence is not None:
             generate_kwargs["stop_strings"] = stop_sequence
         if generate_kwargs.get("stop_strings") is not None:
             generate_kwargs.setdefault("tokenizer", self.tokenizer)
-        if not prompt:
-            raise ValueError("text_inputs: the prompt is empty; give some text for the model to continue")
-        encoded = self.tokenizer(prefix + prompt, return_tensors="pt")
+        texts = [prefix + prompt for prompt in prompts]
+        if len(texts) == 1:
+            encoded = self.tokenizer(texts[0], return_tensors="pt")
+        else:
+            encoded = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
         input_ids = encoded["input_ids"].to(self.device)
         attention_mask = encoded.get("attention_mask")
         if attention_mask is not None:
@@ -178,17 +200,26 @@ class TextGenerationPipeline:
                 input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
             )
         prompt_length = input_ids.shape[-1]
-        records = []
-        for sequence in sequences.tolist():
+        padding = [prompt_length - int(n) for n in encoded["attention_mask"].sum(-1).tolist()]
+        copies = sequences.shape[0] // len(prompts)
+        eos = _id_set(generate_kwargs.get("eos_token_id", self.model.generation_config.eos_token_id))
+        results: list[list[dict[str, Any]]] = [[] for _ in prompts]
+        for row, sequence in enumerate(sequences.tolist()):
+            prompt = prompts[row // copies]
+            new = sequence[prompt_length:]
+            if len(prompts) > 1:  # a row that ended before the others: drop what follows its eos
+                end = next((i + 1 for i, token in enumerate(new) if token in eos), len(new))
+                new = new[:end]
             if return_tensors:
-                records.append({"generated_token_ids": sequence})
+                unpadded_prompt = sequence[padding[row // copies] : prompt_length]
+                results[row // copies].append({"generated_token_ids": unpadded_prompt + new})
                 continue
             decode_kwargs = {"skip_special_tokens": skip_special_tokens}
             if clean_up_tokenization_spaces is not None:
                 decode_kwargs["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
-            text = self.tokenizer.decode(sequence[prompt_length:], **decode_kwargs)
-            records.append({"generated_text": prompt + text if return_full_text else text})
-        return records
+            text = self.tokenizer.decode(new, **decode_kwargs)
+            results[row // copies].append({"generated_text": prompt + text if return_full_text else text})
+        return results
 
     def _with_defaults(self, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
         """Add the pipeline's defaults for what the call leaves unset (cf. transformers' pipeline)."""
@@ -201,6 +232,12 @@ class TextGenerationPipeline:
         if pad_token_id is not None and "pad_token_id" not in generate_kwargs:
             added["pad_token_id"] = pad_token_id
         return {**generate_kwargs, **added}
+
+
+def _id_set(ids: int | list[int] | None) -> set[int]:
+    if ids is None:
+        return set()
+    return {ids} if isinstance(ids, int) else set(ids)
 
 
 def pipeline(
