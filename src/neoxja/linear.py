@@ -25,6 +25,11 @@ What a packed layer keeps and what it guarantees:
 * outputs equal ``F.linear``'s up to float rounding (oneDNN sums in another order), within 1e-5
   relative in float32.
 
+Packing and unpacking hold a lock, so two threads never pack the same layer twice (which would
+pack a placeholder). A forward running in another thread *while* a layer is being packed may still
+read the placeholder, so a multi-threaded server should pack once at load
+(:func:`optimize_for_cpu_inference`) rather than let its first concurrent requests do it.
+
 Only weights of at least :data:`MIN_PACKED_ELEMENTS` are packed: oneDNN's fixed cost per call
 (~15 us) outweighs its gain on tiny matrices. Without oneDNN (``torch.backends.mkldnn``) nothing
 is packed and every layer runs ``F.linear``.
@@ -32,6 +37,7 @@ is packed and every layer runs ``F.linear``.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -41,6 +47,7 @@ from torch import Tensor, nn
 MIN_PACKED_ELEMENTS = 1 << 18  # 1 MiB of float32
 _unpack_count = [0]  # bumped by every Linear.unpack, so that models know when to pack again
 _PACK_MARK = "_neoxja_packed_at"
+_LOCK = threading.RLock()  # packing and unpacking swap tensors in several steps
 
 
 def _placeholder(weight: Tensor) -> Tensor:
@@ -91,8 +98,6 @@ class Linear(nn.Linear):
         ``keep_dense``: the weight is shared with another module, so keep it and pack a copy.
         """
         weight = self._parameters["weight"]
-        if self._packed is not None:
-            return True
         if (
             weight.device.type != "cpu"
             or weight.dtype != torch.float32
@@ -100,29 +105,34 @@ class Linear(nn.Linear):
             or not packing_available()
         ):
             return False
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        self.__dict__["_shared_version"] = weight._version if keep_dense else None
-        if not keep_dense:
-            # Free the dense storage but keep the Parameter object (optimizers and requires_grad
-            # flags refer to it) with the same shape, as a NaN placeholder that takes no memory.
-            weight.data = _placeholder(weight)
-        self.__dict__["_dense_dropped"] = not keep_dense
-        self.__dict__["_packed"] = packed
+        with _LOCK:  # two threads packing one layer would pack the placeholder of the other
+            if self._packed is not None:
+                return True
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self.__dict__["_shared_version"] = weight._version if keep_dense else None
+            # The packed weight is in place before the dense one goes.
+            self.__dict__["_packed"] = packed
+            if not keep_dense:
+                # Free the dense storage but keep the Parameter object (optimizers and requires_grad
+                # flags refer to it) with the same shape, as a NaN placeholder that takes no memory.
+                weight.data = _placeholder(weight)
+                self.__dict__["_dense_dropped"] = True
         return True
 
     @torch.inference_mode(False)  # the weight must stay an ordinary tensor that can be trained
     @torch.no_grad()
     def unpack(self) -> None:
         """Go back to the ordinary dense weight (bit-identical to the one packed)."""
-        packed = self._packed
-        if packed is None:
-            return
-        _unpack_count[0] += 1
-        if self._dense_dropped:
-            self._parameters["weight"].data = packed.to_dense()
-        self.__dict__["_dense_dropped"] = False
-        self.__dict__["_packed"] = None
-        self.__dict__["_shared_version"] = None
+        with _LOCK:
+            packed = self._packed
+            if packed is None:
+                return
+            _unpack_count[0] += 1
+            if self._dense_dropped:  # the dense weight is back before the packed one goes
+                self._parameters["weight"].data = packed.to_dense()
+                self.__dict__["_dense_dropped"] = False
+            self.__dict__["_packed"] = None
+            self.__dict__["_shared_version"] = None
 
     # Everything that looks at the weight from outside sees the dense one.
 
@@ -206,10 +216,11 @@ def pack_for_inference(model: nn.Module) -> None:
         _mark(model, "off")
         return
     weight = next(model.parameters(), None)
-    if weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32:
-        optimize_for_cpu_inference(model)
-    else:  # not eligible now; look again after the next unpack or move anywhere (e.g. .float())
-        _mark(model, _unpack_count[0])
+    with _LOCK:
+        if weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32:
+            optimize_for_cpu_inference(model)
+        else:  # not eligible now; look again after the next unpack or move anywhere (e.g. .float())
+            _mark(model, _unpack_count[0])
 
 
 def restore_dense(model: nn.Module) -> nn.Module:
