@@ -90,6 +90,15 @@ def test_stop_sequence_matches_transformers(pipe: TextGenerationPipeline, refere
     assert len(ours[0]["generated_text"]) < len(full) and stop in ours[0]["generated_text"]
 
 
+def test_stop_sequence_may_begin_in_the_prompt(pipe: TextGenerationPipeline, reference) -> None:
+    args = {"do_sample": False, "max_new_tokens": 8, "return_full_text": False}
+    full = pipe(PROMPTS[0], **args)[0]["generated_text"]
+    for stop in (PROMPTS[0][-1] + full[0], PROMPTS[0][-1]):  # straddling the prompt end; only in it
+        ours = pipe(PROMPTS[0], stop_sequence=stop, **args)
+        assert ours == reference(PROMPTS[0], stop_sequence=stop, **args), stop
+    assert pipe(PROMPTS[0], stop_sequence=PROMPTS[0][-1] + full[0], **args)[0]["generated_text"] != full
+
+
 def test_construction_kwargs_are_call_defaults(tiny_dir: Path) -> None:
     pipe = pipeline("text-generation", model=tiny_dir, max_new_tokens=3, do_sample=False)
     ids = pipe(PROMPTS[0], return_tensors=True)[0]["generated_token_ids"]

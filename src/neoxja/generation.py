@@ -348,26 +348,34 @@ def _plan(
         if tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer)")
         stops = [config.stop_strings] if isinstance(config.stop_strings, str) else list(config.stop_strings)
-        stop_strings = _StopStrings(tokenizer, stops, input_ids.shape[0])
+        stop_strings = _StopStrings(tokenizer, stops, input_ids, attention_mask)
     return _Plan(input_ids, attention_mask, max_length, sampler, eos, pad_token_id, stop_strings)
 
 
 class _StopStrings:
-    """Per-row check that the text generated so far ends with (overlaps the newest token with) a stop string.
+    """Per-row check that the text so far ends with (overlaps the newest token with) a stop string.
 
-    Each row decodes its new tokens through the tokenizer's streaming detokenizer and keeps only the
-    last ``len(longest stop) - 1`` characters, so the check costs the same at every step.
+    Each row decodes its tokens through the tokenizer's streaming detokenizer and keeps only the last
+    ``len(longest stop) - 1`` characters, so the check costs the same at every step. The prompt is
+    decoded first, so a stop string may begin in the prompt and end in the new text (as in
+    transformers); only a match that ends in a new token counts.
     """
 
-    def __init__(self, tokenizer: Any, stops: list[str], batch: int) -> None:
+    def __init__(
+        self, tokenizer: Any, stops: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> None:
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop_strings must be non-empty strings, got {stops!r}")
         from neoxja.streamers import make_detokenizer
 
         self.stops = stops
         self.keep = max(len(s) for s in stops) - 1
-        self.detokenizers = [make_detokenizer(tokenizer) for _ in range(batch)]
-        self.tails = [""] * batch
+        self.detokenizers = [make_detokenizer(tokenizer) for _ in range(input_ids.shape[0])]
+        self.tails = []
+        for row, detokenizer in enumerate(self.detokenizers):
+            prompt = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row] != 0]
+            text = "".join(detokenizer.add(token) for token in prompt.tolist())
+            self.tails.append(text[-self.keep :] if self.keep else "")
 
     def __call__(self, next_tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row; True where a stop string now ends inside the new text."""
