@@ -178,3 +178,17 @@ def test_multinomial_never_picks_filtered_tokens() -> None:
 def test_bad_settings_name_the_argument(build, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         build()
+
+
+@pytest.mark.parametrize("vocab", [32000, 4096, 1000])  # blocked path, blocked path, plain argmax
+def test_greedy_is_torch_argmax_including_ties_and_nan(vocab: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, vocab, generator=generator)
+    scores[1] = torch.randint(0, 3, (vocab,), generator=generator).float()  # many ties of the maximum
+    scores[2, [7, vocab - 1]] = scores[2].max() + 1  # a tie between the first and the last block
+    scores[3, [vocab // 2, 9]] = float("nan")  # NaN counts as the maximum; the first one wins
+    scores[4] = float("-inf")
+    scores[5, -1] = float("inf")
+    assert torch.equal(greedy(scores), torch.argmax(scores, dim=-1))
+    assert torch.equal(greedy(scores[:, :]), greedy(scores.clone()))
+    assert torch.equal(greedy(scores[::2]), torch.argmax(scores[::2], dim=-1))  # rows not adjacent
