@@ -10,7 +10,7 @@ import transformers
 from transformers.models.gpt_neox_japanese import modeling_gpt_neox_japanese as reference
 
 from neoxja.configuration import GPTNeoXJapaneseConfig
-from neoxja.rope import RotaryEmbedding, apply_rotary, rotary_tables
+from neoxja.rope import RotaryEmbedding, apply_rotary
 
 TRAINED = 64  # max_position_embeddings of the tiny configs
 
@@ -171,8 +171,8 @@ def _reference_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: 
     return torch.cat((q_rot, q[..., ndims:]), dim=-1), torch.cat((k_rot, k[..., ndims:]), dim=-1)
 
 
-def _ours_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
-    out = apply_rotary(torch.stack((q, k), dim=-2), rotary_tables(cos, sin))
+def _ours_rotary(q: torch.Tensor, k: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor) -> tuple:
+    out = apply_rotary(torch.stack((q, k), dim=-2), rope.tables(q, positions))
     return out[..., 0, :], out[..., 1, :]
 
 
@@ -186,10 +186,11 @@ def test_apply_rotary_matches_reference_attention_math(rotary_pct: float, dtype:
     qkv = torch.randn(batch, seq, heads, 3, head_dim, generator=generator).to(dtype).transpose(1, 2)
     q, k = qkv[..., 0, :], qkv[..., 1, :]
     position_ids = torch.stack([torch.arange(3, 3 + seq), torch.arange(90, 90 + seq)])
-    cos, sin = RotaryEmbedding(ours_cfg)(q, position_ids)
+    rope = RotaryEmbedding(ours_cfg)
+    cos, sin = rope(q, position_ids)
     ref_q, ref_k = _reference_rotary(q, k, cos, sin)
 
-    out = apply_rotary(qkv[..., :2, :], rotary_tables(cos, sin))
+    out = apply_rotary(qkv[..., :2, :], rope.tables(q, position_ids))
     assert out.dtype == dtype and out.shape == (batch, heads, seq, 2, head_dim)
     assert torch.equal(out[..., 0, :], ref_q) and torch.equal(out[..., 1, :], ref_k)
 
@@ -198,9 +199,10 @@ def test_apply_rotary_gradients_match_reference() -> None:
     ours_cfg, _ = _configs(None, rotary_pct=0.5)
     q = torch.randn(2, 2, 5, ours_cfg.head_dim, requires_grad=True)
     k = torch.randn(2, 2, 5, ours_cfg.head_dim, requires_grad=True)
-    cos, sin = RotaryEmbedding(ours_cfg)(q, torch.arange(5).expand(2, -1))
+    rope, positions = RotaryEmbedding(ours_cfg), torch.arange(5).expand(2, -1)
+    cos, sin = rope(q, positions)
     weights = torch.randn(2, 2, 5, ours_cfg.head_dim)
-    grads = torch.autograd.grad(sum((t * weights).sum() for t in _ours_rotary(q, k, cos, sin)), (q, k))
+    grads = torch.autograd.grad(sum((t * weights).sum() for t in _ours_rotary(q, k, rope, positions)), (q, k))
     ref_grads = torch.autograd.grad(
         sum((t * weights).sum() for t in _reference_rotary(q, k, cos, sin)), (q, k)
     )

@@ -30,7 +30,7 @@ from neoxja.cache import KVCache
 from neoxja.configuration import GPTNeoXJapaneseConfig, get_activation
 from neoxja.generation import GenerationMixin
 from neoxja.linear import Linear, pack_for_inference
-from neoxja.rope import RotaryEmbedding, apply_rotary, rotary_tables
+from neoxja.rope import RotaryEmbedding, apply_rotary
 
 # ----- outputs --------------------------------------------------------------------------------------
 
@@ -452,7 +452,7 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)
         mask, is_causal = build_attention_mask(attention_mask, cache_position, past + length, batch)
-        rope = rotary_tables(*self.rotary_emb(x, position_ids))
+        rope = self.rotary_emb.tables(x, position_ids)
         head_masks = self._head_masks(head_mask, x.dtype)
 
         all_hidden = [] if output_hidden_states else None

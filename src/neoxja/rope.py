@@ -1,8 +1,8 @@
 """Rotary position embeddings (RoPE) and their context-extension variants.
 
 ``RotaryEmbedding(config)(x, position_ids)`` returns the ``cos``/``sin`` tables for the given
-positions; :func:`rotary_tables` prepares them once per forward and :func:`apply_rotary` rotates the
-first ``rotary_ndims`` dimensions of queries and keys with them. The variants
+positions (:meth:`RotaryEmbedding.tables` the same, ready for :func:`apply_rotary`, which rotates
+the first ``rotary_ndims`` dimensions of queries and keys with them). The variants
 (``config.rope_parameters["rope_type"]``) only change the inverse frequencies and an overall scale of
 cos/sin ("attention scaling"):
 
@@ -222,8 +222,8 @@ class RotaryEmbedding(nn.Module):
             self.inv_freq = self.original_inv_freq.clone()
             self.max_seq_len_cached = self.original_max_seq_len
 
-    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin ``[batch, seq, rotary_ndims]`` in ``x.dtype`` for ``position_ids`` ``[batch, seq]``."""
+    def _half_cos_sin(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[batch, seq, rotary_ndims / 2]`` (float32, scaled) for ``position_ids``."""
         if self.rope_type == "dynamic":
             self._update_dynamic(position_ids)
         inv_freq = self.inv_freq
@@ -231,30 +231,36 @@ class RotaryEmbedding(nn.Module):
             # a tensor condition: no host synchronisation while decoding
             is_long = position_ids.max() >= self.longrope_threshold
             inv_freq = torch.where(is_long, self.long_inv_freq, self.original_inv_freq)
-        angles = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float32)
+        if inv_freq.device != x.device:
+            inv_freq = inv_freq.to(x.device)
+        angles = position_ids[..., None].float() * inv_freq
         cos, sin = angles.cos(), angles.sin()
         if self.attention_scaling != 1.0:
             cos = cos * self.attention_scaling
             sin = sin * self.attention_scaling
-        cos = torch.cat((cos, cos), dim=-1).to(x.dtype)
-        sin = torch.cat((sin, sin), dim=-1).to(x.dtype)
         return cos, sin
 
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[batch, seq, rotary_ndims]`` in ``x.dtype`` for ``position_ids`` ``[batch, seq]``
+        (what the reference's rotary embedding returns)."""
+        cos, sin = self._half_cos_sin(x, position_ids)
+        return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((sin, sin), dim=-1).to(x.dtype)
 
-def rotary_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Prepare :class:`RotaryEmbedding`'s ``cos``/``sin`` ``[batch, seq, rotary_ndims]`` once per forward
-    for :func:`apply_rotary`: shaped ``[batch, 1, seq, 1, rotary_ndims]`` to broadcast over heads and
-    over q/k, with the sign of ``rotate_half`` folded into the first half of ``sin``."""
-    half = cos.shape[-1] // 2
-    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    return cos[:, None, :, None], signed_sin[:, None, :, None]
+    def tables(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """What :func:`apply_rotary` takes, made once per forward: ``cos`` and ``sin`` as from
+        :meth:`forward`, shaped ``[batch, 1, seq, 1, rotary_ndims]`` to broadcast over heads and over
+        q/k, with the sign of ``rotate_half`` folded into the first half of ``sin``."""
+        cos, sin = self._half_cos_sin(x, position_ids)
+        cos = torch.cat((cos, cos), dim=-1).to(x.dtype)
+        signed_sin = torch.cat((-sin, sin), dim=-1).to(x.dtype)
+        return cos[:, None, :, None], signed_sin[:, None, :, None]
 
 
 def apply_rotary(qk: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
     """Rotate the first ``rotary_ndims`` dimensions of every head of q and k in one go; pass the rest.
 
     ``qk`` is ``[batch, heads, seq, n, head_dim]`` (q and k stacked on ``n``, e.g. a view into the
-    fused projection), ``tables`` come from :func:`rotary_tables`. Returns a new tensor, bit-equal to
+    fused projection), ``tables`` come from :meth:`RotaryEmbedding.tables`. Returns a new tensor, bit-equal to
     the reference's ``x * cos + rotate_half(x) * sin`` on each of them: with the halves swapped and
     the sign folded into ``sin``, ``x1 * cos + x2 * -sin`` is exactly ``x1 * cos - x2 * sin``.
     """
