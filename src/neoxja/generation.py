@@ -377,10 +377,10 @@ class _StopStrings:
             text = "".join(detokenizer.add(token) for token in prompt.tolist())
             self.tails.append(text[-self.keep :] if self.keep else "")
 
-    def __call__(self, next_tokens: torch.Tensor) -> torch.Tensor:
+    def __call__(self, next_tokens: list[int]) -> list[bool]:
         """Feed one token per row; True where a stop string now ends inside the new text."""
         hit = []
-        for row, token in enumerate(next_tokens.tolist()):
+        for row, token in enumerate(next_tokens):
             piece = self.detokenizers[row].add(token)
             tail = self.tails[row]
             window = tail + piece
@@ -389,7 +389,7 @@ class _StopStrings:
                 bool(piece) and any(window.find(s, max(len(tail) - len(s) + 1, 0)) >= 0 for s in self.stops)
             )
             self.tails[row] = window[-self.keep :] if self.keep else ""
-        return torch.tensor(hit, dtype=torch.bool, device=next_tokens.device)
+        return hit
 
 
 @torch.inference_mode()
@@ -415,11 +415,12 @@ def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tup
         positions = (plan.attention_mask.cumsum(-1) - 1).masked_fill_(plan.attention_mask == 0, 0)
         next_position = plan.attention_mask.sum(-1, keepdim=True)  # position of the first new token
 
-    eos = plan.eos
-    single_eos = int(eos[0]) if eos is not None and eos.numel() == 1 else None
-    may_stop = eos is not None or plan.stop_strings is not None
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    some_finished = False  # only then must finished rows be overwritten with padding
+    # The stop bookkeeping is plain Python on one list of ids per step (one device sync, no small
+    # kernels); the device mask that pads finished rows exists only once a row has finished.
+    eos_ids = set(plan.eos.tolist()) if plan.eos is not None else set()
+    may_stop = bool(eos_ids) or plan.stop_strings is not None
+    unfinished = [True] * batch
+    finished_mask = None  # [batch] bool on the device, True where the row still runs
     pad = torch.tensor(plan.pad_token_id, dtype=torch.long, device=device)
     sampler = plan.sampler
 
@@ -435,22 +436,21 @@ def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tup
     while True:
         scores = logits.select(1, -1).float()
         next_tokens = sampler(tokens.narrow(1, 0, length), scores)
-        if some_finished:
-            next_tokens = torch.where(unfinished, next_tokens, pad)
+        if finished_mask is not None:
+            next_tokens = torch.where(finished_mask, next_tokens, pad)
         tokens.select(1, length).copy_(next_tokens)
         length += 1
         yield length, next_tokens
         if may_stop:
-            if single_eos is not None:
-                unfinished &= next_tokens != single_eos
-            elif eos is not None:
-                unfinished &= ~torch.isin(next_tokens, eos)
+            ids = next_tokens.tolist()
+            ended = [token in eos_ids for token in ids]
             if plan.stop_strings is not None:
-                unfinished &= ~plan.stop_strings(next_tokens)
-            remaining = int(unfinished.sum())
-            if remaining == 0:
-                return
-            some_finished = remaining < batch
+                ended = [a or b for a, b in zip(ended, plan.stop_strings(ids), strict=True)]
+            if any(still and end for still, end in zip(unfinished, ended, strict=True)):
+                unfinished = [still and not end for still, end in zip(unfinished, ended, strict=True)]
+                if not any(unfinished):
+                    return
+                finished_mask = torch.tensor(unfinished, dtype=torch.bool, device=device)
         if length >= max_length:
             return
         logits = model(
