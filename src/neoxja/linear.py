@@ -17,7 +17,10 @@ What a packed layer keeps and what it guarantees:
   placeholder (a single NaN, expanded): read weights through ``layer.weight`` or ``state_dict()``,
   not ``parameters()``, or call :func:`restore_dense` first. A weight shared
   with another module (the input embedding, when the output head is tied to it) stays as it is
-  and the layer packs a private copy: the embedding needs row lookups;
+  and the layer packs a private copy: the embedding needs row lookups. The copy is dropped when
+  the shared weight is written in place (its version counter moves), except through ``.data``,
+  which PyTorch does not track: after such a write, call :func:`restore_dense` (then
+  :func:`optimize_for_cpu_inference` to pack again);
 * reading ``layer.weight``, ``state_dict()``, ``load_state_dict()``, ``model.train()``, ``.to()``,
   ``copy.deepcopy`` and ``save_pretrained`` all see (or first restore) the ordinary dense weight,
   with the same values bit for bit; a forward that autograd records (oneDNN's kernel has no
