@@ -191,25 +191,23 @@ class TextGenerationPipeline:
         else:
             encoded = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
         input_ids = encoded["input_ids"].to(self.device)
-        attention_mask = encoded.get("attention_mask")
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(self.device)
+        attention_mask = encoded["attention_mask"].to(self.device)
         generate_kwargs = self._with_defaults(generate_kwargs)
         with torch.inference_mode():
             sequences = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
             )
         prompt_length = input_ids.shape[-1]
-        padding = [prompt_length - int(n) for n in encoded["attention_mask"].sum(-1).tolist()]
+        padding = [prompt_length - int(n) for n in attention_mask.sum(-1).tolist()]
         copies = sequences.shape[0] // len(prompts)
-        eos = _id_set(generate_kwargs.get("eos_token_id", self.model.generation_config.eos_token_id))
+        eos = self._eos_ids(generate_kwargs)
         results: list[list[dict[str, Any]]] = [[] for _ in prompts]
         for row, sequence in enumerate(sequences.tolist()):
             prompt = prompts[row // copies]
             new = sequence[prompt_length:]
-            if len(prompts) > 1:  # a row that ended before the others: drop what follows its eos
-                end = next((i + 1 for i, token in enumerate(new) if token in eos), len(new))
-                new = new[:end]
+            # generate() pads a row that ended before the others: keep it up to its eos.
+            end = next((i + 1 for i, token in enumerate(new) if token in eos), len(new))
+            new = new[:end]
             if return_tensors:
                 unpadded_prompt = sequence[padding[row // copies] : prompt_length]
                 results[row // copies].append({"generated_token_ids": unpadded_prompt + new})
@@ -220,6 +218,14 @@ class TextGenerationPipeline:
             text = self.tokenizer.decode(new, **decode_kwargs)
             results[row // copies].append({"generated_text": prompt + text if return_full_text else text})
         return results
+
+    def _eos_ids(self, generate_kwargs: dict[str, Any]) -> set[int]:
+        """The end-of-sequence ids ``generate`` stops at with these arguments (as it resolves them)."""
+        config = generate_kwargs.get("generation_config") or self.model.generation_config
+        ids = generate_kwargs.get("eos_token_id", config.eos_token_id)
+        if ids is None:
+            return set()
+        return {ids} if isinstance(ids, int) else set(ids)
 
     def _with_defaults(self, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
         """Add the pipeline's defaults for what the call leaves unset (cf. transformers' pipeline)."""
@@ -232,12 +238,6 @@ class TextGenerationPipeline:
         if pad_token_id is not None and "pad_token_id" not in generate_kwargs:
             added["pad_token_id"] = pad_token_id
         return {**generate_kwargs, **added}
-
-
-def _id_set(ids: int | list[int] | None) -> set[int]:
-    if ids is None:
-        return set()
-    return {ids} if isinstance(ids, int) else set(ids)
 
 
 def pipeline(
