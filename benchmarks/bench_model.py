@@ -76,26 +76,30 @@ def matmul_shapes(tokens: int) -> list[tuple[int, int, int, int]]:
 def matmul_floor(tokens: int, training: bool, packed: bool = False) -> Callable[[], None]:
     """The forward's matmuls alone (and, if ``training``, the two gradient matmuls of each).
 
-    ``packed``: the weight products run through oneDNN with packed weights, as neoxja's no-grad
+    ``packed``: the weight products run through neoxja's Linear with packed weights, as its no-grad
     forward does (neoxja.linear), so that the floor is that of the kernels actually used.
     """
+    from neoxja.linear import Linear
+
     products = []
     linears = []
     for b, m, k, n in matmul_shapes(tokens):
         if packed and b == 1 and not training:
-            weight = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k), None)
-            linears.append((torch.randn(m, k), weight))
+            layer = Linear(k, n, bias=False).eval()
+            layer.pack()
+            linears.append((torch.randn(m, k), layer))
             continue
         products.append((torch.randn(b, m, k), torch.randn(b, k, n)))
         if training:
             products.append((torch.randn(b, m, n), torch.randn(b, n, k)))  # grad of the left operand
             products.append((torch.randn(b, k, m), torch.randn(b, m, n)))  # grad of the right operand
 
+    @torch.no_grad()
     def run() -> None:
         for a, b in products:
             torch.matmul(a, b)
-        for x, weight in linears:
-            torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        for x, layer in linears:
+            layer(x)
 
     return run
 

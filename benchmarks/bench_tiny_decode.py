@@ -1,7 +1,7 @@
 """Where a tiny model's decoding time goes: neoxja and transformers against lower bounds of a step.
 
-Same setup as the tiny row of bench_generate.py (hidden 64, 2 layers, 4 heads, vocab 32000, float32,
-2 threads, 32-token prompt, 128 new tokens, greedy, batch 1). Besides both libraries' generate(), it
+Same setup as the tiny row of bench_generate.py (its config, prompt and length; float32, 2 threads,
+greedy, batch 1). Besides both libraries' generate(), it
 times, per token and on the same weights:
 
 - the output projection (packed, as neoxja runs it) plus the greedy pick alone;
@@ -24,12 +24,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 import transformers
+from bench_generate import CONFIGS, NEW_TOKENS, PROMPT, VOCAB
 
 import neoxja
 from neoxja.sample_utils import greedy
 
-PROMPT, NEW_TOKENS, VOCAB = 32, 128, 32000
-CONFIG = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+CONFIG = dict(vocab_size=VOCAB, **CONFIGS["tiny"])
 
 
 def best_per_token(run: Callable[[], object], tokens: int, repeats: int) -> float:
@@ -114,7 +114,8 @@ def main() -> None:
             NEW_TOKENS, args.repeats)))
 
         length = PROMPT + NEW_TOKENS
-        cache_shape = (CONFIG["num_hidden_layers"], 1, CONFIG["num_attention_heads"], length, 16)
+        heads = CONFIG["num_attention_heads"]
+        cache_shape = (CONFIG["num_hidden_layers"], 1, heads, length, CONFIG["hidden_size"] // heads)
         step = minimal_step(ours, length)
         variants = [("minimal eager step", step)]
         if args.compile:
