@@ -3,11 +3,12 @@
 :class:`Linear` is the ``nn.Linear`` every layer of the model uses (same parameters, same state-dict
 keys). On a CPU in float32, PyTorch's default kernels multiply a small batch of vectors (decoding)
 by a row-major weight well below what memory allows; oneDNN multiplies the same matrix, stored once
-in its own blocked layout ("packed"), 1.5-2.5x faster for 1-8 rows and ~1.1x faster for 512 rows
-on the 2-core development machine. :func:`optimize_for_cpu_inference` packs every large float32
-CPU weight of a model in eval mode. The model does it by itself on its first forward in eval mode
-without autograd (``torch.no_grad()``/``inference_mode()``, as ``generate()`` runs);
-:func:`restore_dense` unpacks and turns that off for the model.
+in its own blocked layout ("packed"), faster, most of all for the few rows of decoding (the
+"dense weights" row of benchmarks/bench_model.py and the decoding benchmarks show by how much).
+:func:`optimize_for_cpu_inference` packs every large float32 CPU weight of a model in eval mode.
+The model does it by itself on its first forward in eval mode without autograd
+(``torch.no_grad()``/``inference_mode()``, as ``generate()`` runs); :func:`restore_dense` unpacks
+and turns that off for the model.
 
 What a packed layer keeps and what it guarantees:
 
@@ -34,7 +35,7 @@ read the placeholder, so a multi-threaded server should pack once at load
 (:func:`optimize_for_cpu_inference`) rather than let its first concurrent requests do it.
 
 Only weights of at least :data:`MIN_PACKED_ELEMENTS` are packed: oneDNN's fixed cost per call
-(~15 us) outweighs its gain on tiny matrices. Without oneDNN (``torch.backends.mkldnn``) nothing
+(tens of microseconds) outweighs its gain on tiny matrices. Without oneDNN (``torch.backends.mkldnn``) nothing
 is packed and every layer runs ``F.linear``.
 """
 
