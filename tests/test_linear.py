@@ -175,7 +175,13 @@ def test_refused_in_training_train_and_to_unpack() -> None:
     assert all(p.is_contiguous() for p in model.parameters())
 
 
-def test_generate_packs_and_matches_transformers(tmp_path) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["pytorch-steps", "c-steps"])
+def test_generate_packs_and_matches_transformers(tmp_path, monkeypatch, fused) -> None:
+    """Decoding through PyTorch packs the weights; decoding in C (neoxja.cpu_decode) reads the dense
+    ones, so generate() then leaves them unpacked. Either way the tokens are transformers'."""
+    from neoxja.cpu_decode import fused_decoding_unsupported
+
+    monkeypatch.setenv("NEOXJA_FUSED_DECODE", "1" if fused else "0")
     torch.manual_seed(1)
     reference = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**CONFIG)).eval()
     with torch.no_grad():
@@ -184,8 +190,9 @@ def test_generate_packs_and_matches_transformers(tmp_path) -> None:
     reference.save_pretrained(tmp_path)
     model = neoxja.GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(2, CONFIG["vocab_size"], (1, 9))
+    assert (fused_decoding_unsupported(model, 73) is None) == fused
     out = model.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=None)
-    assert is_optimized_for_cpu_inference(model) == packing_available()
+    assert is_optimized_for_cpu_inference(model) == (packing_available() and not fused)
     with torch.no_grad():
         expected = reference.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=None)
     assert torch.equal(out, expected)

@@ -22,13 +22,14 @@ import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from neoxja.sample_utils import Processor, Sampler, make_sampler
+from neoxja.sample_utils import Processor, Sampler, greedy, make_sampler
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 DEFAULT_MAX_NEW_TOKENS = 20  # what transformers generates when neither max_length nor max_new_tokens is set
@@ -401,6 +402,8 @@ def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tup
     while the generator runs, not while its consumer handles a step.
     """
     from neoxja.cache import KVCache
+    from neoxja.cpu_decode import fused_decoder
+    from neoxja.linear import no_auto_packing
 
     batch, prompt_len = plan.input_ids.shape
     max_length = plan.max_length
@@ -424,21 +427,30 @@ def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tup
     pad = torch.tensor(plan.pad_token_id, dtype=torch.long, device=device)
     sampler = plan.sampler
 
-    logits = model(
-        plan.input_ids,
-        attention_mask=None if mask is None else mask[:, :prompt_len],
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits
+    # On the CPU in float32, each decoding step is one C call over the dense weights (see
+    # neoxja.cpu_decode); the prompt then runs without packing them for oneDNN. For greedy decoding
+    # the C step also writes the argmax straight into the output buffer.
+    decoder = fused_decoder(model, cache, max_length)
+    fused_greedy = decoder is not None and sampler.pick is greedy and not sampler.processors
+    with no_auto_packing() if decoder is not None else nullcontext():
+        logits = model(
+            plan.input_ids,
+            attention_mask=None if mask is None else mask[:, :prompt_len],
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
+    scores = logits.select(1, -1).float()
+    picked = False  # whether the last step already chose the tokens (into tokens[:, length])
     length = prompt_len
     while True:
-        scores = logits.select(1, -1).float()
-        next_tokens = sampler(tokens.narrow(1, 0, length), scores)
+        column = tokens.select(1, length)
+        next_tokens = column if picked else sampler(tokens.narrow(1, 0, length), scores)
         if finished_mask is not None:
             next_tokens = torch.where(finished_mask, next_tokens, pad)
-        tokens.select(1, length).copy_(next_tokens)
+        if next_tokens is not column:
+            column.copy_(next_tokens)
         length += 1
         yield length, next_tokens
         if may_stop:
@@ -453,6 +465,16 @@ def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tup
                 finished_mask = torch.tensor(unfinished, dtype=torch.bool, device=device)
         if length >= max_length:
             return
+        if decoder is not None:
+            scores = decoder.step(
+                tokens.select(1, length - 1),
+                positions=next_position,
+                position_delta=length - 1 - prompt_len,
+                mask=mask,
+                argmax_out=tokens.select(1, length) if fused_greedy else None,
+            )
+            picked = fused_greedy
+            continue
         logits = model(
             tokens.narrow(1, length - 1, 1),
             attention_mask=None if mask is None else mask.narrow(1, 0, length),
@@ -461,6 +483,7 @@ def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tup
             use_cache=True,
             logits_to_keep=1,
         ).logits
+        scores = logits.select(1, -1).float()
         if next_position is not None:
             next_position += 1
 

@@ -42,6 +42,9 @@ is packed and every layer runs ``F.linear``.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -52,6 +55,7 @@ MIN_PACKED_ELEMENTS = 1 << 18  # 1 MiB of float32
 _unpack_count = [0]  # bumped by every Linear.unpack, so that models know when to pack again
 _PACK_MARK = "_neoxja_packed_at"
 _LOCK = threading.RLock()  # packing and unpacking swap tensors in several steps
+_AUTO_PACK = ContextVar("neoxja_auto_pack", default=True)
 
 
 def _placeholder(weight: Tensor) -> Tensor:
@@ -216,6 +220,8 @@ def pack_for_inference(model: nn.Module) -> None:
     mark = model.__dict__.get(_PACK_MARK)
     if model.training or torch.is_grad_enabled() or mark == _unpack_count[0] or mark == "off":
         return
+    if not _AUTO_PACK.get():
+        return
     if not packing_available():
         _mark(model, "off")
         return
@@ -225,6 +231,20 @@ def pack_for_inference(model: nn.Module) -> None:
             optimize_for_cpu_inference(model)
         else:  # not eligible now; look again after the next unpack or move anywhere (e.g. .float())
             _mark(model, _unpack_count[0])
+
+
+@contextmanager
+def no_auto_packing() -> Iterator[None]:
+    """Within the block (in this thread), forwards do not pack models by themselves.
+
+    ``generate()`` runs its prompt this way when its decoding steps read the dense weights
+    (:mod:`neoxja.cpu_decode`); explicit :func:`optimize_for_cpu_inference` calls still pack.
+    """
+    token = _AUTO_PACK.set(False)
+    try:
+        yield
+    finally:
+        _AUTO_PACK.reset(token)
 
 
 def restore_dense(model: nn.Module) -> nn.Module:

@@ -575,3 +575,23 @@ class GPTNeoXJapaneseForCausalLM(GPTNeoXJapanesePreTrainedModel, GenerationMixin
 def _default(value: bool | None, config: GPTNeoXJapaneseConfig, name: str, fallback: bool) -> bool:
     """An explicit argument wins over the config's setting of the same name."""
     return value if value is not None else getattr(config, name, fallback)
+
+
+# What neoxja.cpu_decode's C step computes: these modules with these forwards. A model holding any
+# other module, or one whose forward was replaced since import (patched, subclassed), decodes
+# through its PyTorch forward instead.
+FUSED_STEP_FORWARDS = {
+    cls: cls.forward
+    for cls in (
+        GPTNeoXJapaneseForCausalLM,
+        GPTNeoXJapaneseModel,
+        GPTNeoXJapaneseLayer,
+        GPTNeoXJapaneseAttention,
+        GPTNeoXJapaneseMLP,
+        Linear,
+        nn.LayerNorm,
+        nn.Embedding,
+        nn.ModuleList,
+        RotaryEmbedding,
+    )
+}

@@ -1,0 +1,674 @@
+/* One decoding step of GPT-NeoX-Japanese in C: CPU, float32, one new token per batch row.
+ *
+ * Why C: a decoding step of a small model is a few dozen PyTorch ops on vectors, and each op costs
+ * several microseconds of dispatch however little it computes. For the tiny benchmark model that
+ * overhead is most of the step; here the whole step (embedding, every layer, the output head and
+ * the greedy pick) is one call, and PyTorch is only the owner of the memory.
+ *
+ * The computation is the model's (see neoxja/modeling.py), for a batch of rows that each feed one
+ * token at cache position t:
+ *
+ *     x = embed_in[token]
+ *     for each layer:
+ *         h = input_layernorm(x); qkv = W_qkv h                  (per head laid out [q | k | v])
+ *         rotate the first rot dims of q and k (RoPE at the row's position), store k, v at t
+ *         a = softmax(q . K[0..t] / sqrt(head_dim), masked) V[0..t]
+ *         x = (W_dense a [+ dense_bias]) + x
+ *         x = W_fc2 act(W_fc1 post_attention_layernorm(x)) + x
+ *     logits = W_out final_layer_norm(x);  argmax (first maximum, NaN counts as the maximum)
+ *
+ * Sums run in another order than PyTorch's kernels, so results agree within float32 rounding,
+ * not bit for bit. The RoPE tables (cos and sin per position) come from PyTorch, computed once.
+ *
+ * Threads: a small pool of our own (pthreads), woken once per step; inside a step the threads
+ * meet at spin barriers between stages. Matrix products split output rows between threads,
+ * attention splits (row, head) pairs. Layers too small to gain from threads run on the calling
+ * thread alone, and then only the output head is shared. Idle workers spin briefly (the next
+ * step usually follows within microseconds), then sleep on a condition variable.
+ *
+ * Safety: Python passes raw addresses of tensors it owns and checked (neoxja/cpu_decode.py);
+ * this file checks every index it reads from them (token ids, positions, cache position).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define HAVE_X86 1
+#else
+#define HAVE_X86 0
+#endif
+
+/* Below this many weight elements per layer (times batch rows) the layers run on one thread. */
+#define PARALLEL_MIN_ELEMENTS (1 << 18)
+#define SPIN_NS 2000000L /* how long an idle worker spins before it sleeps */
+#define THREAD_BITS 9
+#define MAX_THREADS 256 /* < 1 << THREAD_BITS */
+
+enum { ACT_GELU_ERF = 0, ACT_GELU_TANH = 1, ACT_RELU = 2, ACT_SILU = 3 };
+
+static inline void cpu_relax(void) {
+#if HAVE_X86
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+/* ----- matrix times a few vectors -------------------------------------------------------------
+ * Y[b * ldy + r] = sum_i W[r * ldw + i] * X[b * ldx + i] for rows r0 <= r < r1, 0 <= b < nb.
+ * W is row-major [out, in] (nn.Linear's layout), so every row is one contiguous stream. */
+
+typedef void (*matmul_fn)(const float *W, int64_t ldw, int64_t in, const float *X, int64_t ldx, int nb,
+                          float *Y, int64_t ldy, int64_t r0, int64_t r1);
+
+static void matmul_scalar(const float *W, int64_t ldw, int64_t in, const float *X, int64_t ldx, int nb,
+                          float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const float *w = W + r * ldw;
+        for (int b = 0; b < nb; b++) {
+            const float *x = X + b * ldx;
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+            int64_t i = 0;
+            for (; i + 4 <= in; i += 4) {
+                s0 += w[i] * x[i];
+                s1 += w[i + 1] * x[i + 1];
+                s2 += w[i + 2] * x[i + 2];
+                s3 += w[i + 3] * x[i + 3];
+            }
+            float s = (s0 + s1) + (s2 + s3);
+            for (; i < in; i++) s += w[i] * x[i];
+            Y[b * ldy + r] = s;
+        }
+    }
+}
+
+#if HAVE_X86
+__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* An NR-rows x NB-vectors tile: NR * NB accumulators, each weight load feeds NB FMAs. */
+#define DEFINE_TILE(NR, NB)                                                                          \
+    __attribute__((target("avx2,fma"))) static void tile_##NR##x##NB(                               \
+        const float *W, int64_t ldw, int64_t in, const float *X, int64_t ldx, float *Y, int64_t ldy) { \
+        __m256 acc[NR][NB];                                                                          \
+        _Pragma("GCC unroll 8") for (int r = 0; r < NR; r++)                                         \
+            _Pragma("GCC unroll 4") for (int b = 0; b < NB; b++) acc[r][b] = _mm256_setzero_ps();    \
+        int64_t i = 0;                                                                               \
+        for (; i + 8 <= in; i += 8) {                                                                \
+            __m256 xv[NB];                                                                           \
+            _Pragma("GCC unroll 4") for (int b = 0; b < NB; b++) xv[b] = _mm256_loadu_ps(X + b * ldx + i); \
+            _Pragma("GCC unroll 8") for (int r = 0; r < NR; r++) {                                   \
+                __m256 w = _mm256_loadu_ps(W + r * ldw + i);                                         \
+                _Pragma("GCC unroll 4") for (int b = 0; b < NB; b++) acc[r][b] =                     \
+                    _mm256_fmadd_ps(w, xv[b], acc[r][b]);                                            \
+            }                                                                                        \
+        }                                                                                            \
+        for (int r = 0; r < NR; r++)                                                                 \
+            for (int b = 0; b < NB; b++) {                                                           \
+                float s = hsum8(acc[r][b]);                                                          \
+                for (int64_t j = i; j < in; j++) s += W[r * ldw + j] * X[b * ldx + j];               \
+                Y[b * ldy + r] = s;                                                                  \
+            }                                                                                        \
+    }
+
+DEFINE_TILE(8, 1)
+DEFINE_TILE(4, 2)
+DEFINE_TILE(2, 3)
+DEFINE_TILE(2, 4)
+DEFINE_TILE(1, 1)
+DEFINE_TILE(1, 2)
+DEFINE_TILE(1, 3)
+DEFINE_TILE(1, 4)
+
+typedef void (*tile_fn)(const float *, int64_t, int64_t, const float *, int64_t, float *, int64_t);
+
+/* Blocks of 8 rows; within a block every chunk of up to 4 vectors, so the block's rows are read
+ * from memory once and from cache for the other chunks. */
+__attribute__((target("avx2,fma"))) static void matmul_avx2(const float *W, int64_t ldw, int64_t in,
+                                                             const float *X, int64_t ldx, int nb, float *Y,
+                                                             int64_t ldy, int64_t r0, int64_t r1) {
+    static const tile_fn wide[5] = {NULL, tile_8x1, tile_4x2, tile_2x3, tile_2x4};
+    static const int wide_rows[5] = {0, 8, 4, 2, 2};
+    static const tile_fn narrow[5] = {NULL, tile_1x1, tile_1x2, tile_1x3, tile_1x4};
+    int64_t r = r0;
+    for (; r + 8 <= r1; r += 8)
+        for (int b0 = 0; b0 < nb; b0 += 4) {
+            int n = nb - b0 < 4 ? nb - b0 : 4;
+            for (int64_t rr = r; rr < r + 8; rr += wide_rows[n])
+                wide[n](W + rr * ldw, ldw, in, X + b0 * ldx, ldx, Y + b0 * ldy + rr, ldy);
+        }
+    for (; r < r1; r++)
+        for (int b0 = 0; b0 < nb; b0 += 4) {
+            int n = nb - b0 < 4 ? nb - b0 : 4;
+            narrow[n](W + r * ldw, ldw, in, X + b0 * ldx, ldx, Y + b0 * ldy + r, ldy);
+        }
+}
+#endif
+
+static matmul_fn matmul = matmul_scalar;
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float out;
+    matmul(a, n, n, b, n, 1, &out, 1, 0, 1);
+    return out;
+}
+
+/* ----- thread pool ----------------------------------------------------------------------------- */
+
+typedef void (*task_fn)(void *ctx, int ith, int nth);
+
+static struct {
+    pthread_mutex_t run_lock; /* one step at a time */
+    pthread_mutex_t mutex;    /* with cond: sleeping workers */
+    pthread_cond_t cond;
+    int workers; /* started worker threads (the caller is thread 0) */
+    /* Bumped once per task; the low THREAD_BITS bits carry the task's thread count, so a worker
+     * that sits a task out never reads a later task's fields. */
+    atomic_uint generation;
+    atomic_int sleepers;
+    task_fn fn;
+    void *ctx;
+    atomic_int arrived;
+    atomic_uint phase;
+} pool = {.run_lock = PTHREAD_MUTEX_INITIALIZER, .mutex = PTHREAD_MUTEX_INITIALIZER,
+          .cond = PTHREAD_COND_INITIALIZER};
+
+/* Every one of nth threads calls it; none returns before all have arrived. */
+static void barrier(int nth) {
+    if (nth <= 1) return;
+    unsigned phase = atomic_load(&pool.phase);
+    if (atomic_fetch_add(&pool.arrived, 1) == nth - 1) {
+        atomic_store(&pool.arrived, 0);
+        atomic_fetch_add(&pool.phase, 1);
+        return;
+    }
+    for (unsigned spins = 1; atomic_load(&pool.phase) == phase; spins++) {
+        cpu_relax();
+        if ((spins & 1023) == 0) sched_yield(); /* more threads than cores: let the others run */
+    }
+}
+
+/* arg: the thread's index in the low 16 bits, above them the generation when it was created (a
+ * task posted between its creation and its start must not be missed). */
+static void *worker_main(void *arg) {
+    int ith = (int)((uintptr_t)arg & 0xffff);
+    unsigned seen = (unsigned)((uintptr_t)arg >> 16);
+    for (;;) {
+        long deadline = now_ns() + SPIN_NS;
+        unsigned spins = 0;
+        while (atomic_load(&pool.generation) == seen) {
+            cpu_relax();
+            if ((++spins & 255) != 0) continue;
+            if (now_ns() < deadline) {
+                if ((spins & 4095) == 0) sched_yield();
+                continue;
+            }
+            pthread_mutex_lock(&pool.mutex);
+            atomic_fetch_add(&pool.sleepers, 1);
+            while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.cond, &pool.mutex);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            pthread_mutex_unlock(&pool.mutex);
+        }
+        seen = atomic_load(&pool.generation);
+        int nth = (int)(seen & ((1u << THREAD_BITS) - 1));
+        if (ith < nth) pool.fn(pool.ctx, ith, nth);
+    }
+    return NULL;
+}
+
+static void forget_workers_after_fork(void) {
+    /* A forked child has only the thread that forked: start afresh. */
+    pthread_mutex_init(&pool.run_lock, NULL);
+    pthread_mutex_init(&pool.mutex, NULL);
+    pthread_cond_init(&pool.cond, NULL);
+    pool.workers = 0;
+    atomic_store(&pool.sleepers, 0);
+    atomic_store(&pool.arrived, 0);
+}
+
+/* Run fn(ctx, i, nth) on nth threads (this one is i = 0); returns when all are done.
+ * Called with run_lock held. Returns nonzero if the threads could not be started. */
+static int run_parallel(task_fn fn, void *ctx, int nth) {
+    while (pool.workers < nth - 1) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        uintptr_t arg = ((uintptr_t)atomic_load(&pool.generation) << 16) | (uintptr_t)(pool.workers + 1);
+        int failed = pthread_create(&thread, &attr, worker_main, (void *)arg);
+        pthread_attr_destroy(&attr);
+        if (failed) {
+            nth = pool.workers + 1;
+            break;
+        }
+        pool.workers++;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    if (nth > 1) {
+        unsigned count = (atomic_load(&pool.generation) >> THREAD_BITS) + 1;
+        atomic_store(&pool.generation, (count << THREAD_BITS) | (unsigned)nth);
+        if (atomic_load(&pool.sleepers) > 0) {
+            pthread_mutex_lock(&pool.mutex);
+            pthread_cond_broadcast(&pool.cond);
+            pthread_mutex_unlock(&pool.mutex);
+        }
+    }
+    fn(ctx, 0, nth);
+    return 0;
+}
+
+/* ----- the model ------------------------------------------------------------------------------- */
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *qkv, *dense, *dense_bias, *ln2_w, *ln2_b, *fc1, *fc2;
+    float *k, *v; /* cache [batch, heads, capacity, head_dim] */
+} Layer;
+
+typedef struct {
+    int layers, hidden, heads, head_dim, rot, inter, act, batch;
+    int64_t vocab, capacity, table_len;
+    float eps;
+    const float *embed_in, *embed_out, *lnf_w, *lnf_b, *cos, *sin; /* cos/sin [table_len, rot / 2] */
+    Layer *layer;
+    /* scratch: x, h, attn [batch, hidden]; qkv [batch, 3 hidden]; mid [batch, inter] */
+    float *x, *h, *qkv, *attn, *mid;
+    float *thread_scratch; /* [threads, head_dim + capacity] */
+    int scratch_threads;
+    float *best_value; /* [MAX_THREADS, batch] */
+    int64_t *best_index;
+    /* this step */
+    int rows;
+    int64_t t, token_stride, mask_stride, position_delta, argmax_stride;
+    const int64_t *tokens, *positions, *mask;
+    float *logits;
+    int64_t *argmax;
+} Model;
+
+static void layer_norm(const float *x, const float *w, const float *b, float *y, int n, float eps) {
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) sum += x[i];
+    double mean = sum / n, var = 0.0;
+    for (int i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    float m = (float)mean, rstd = (float)(1.0 / sqrt(var / n + eps));
+    for (int i = 0; i < n; i++) y[i] = (x[i] - m) * rstd * w[i] + b[i];
+}
+
+static inline float activation(float v, int act) {
+    switch (act) {
+    case ACT_GELU_ERF:
+        return 0.5f * v * (1.0f + erff(v * (float)M_SQRT1_2));
+    case ACT_GELU_TANH:
+        return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    case ACT_RELU:
+        return v > 0.f ? v : 0.f;
+    default: /* ACT_SILU */
+        return v / (1.0f + expf(-v));
+    }
+}
+
+static inline void split(int64_t n, int ith, int nth, int64_t align, int64_t *start, int64_t *end) {
+    int64_t chunk = (n + nth - 1) / nth;
+    chunk = (chunk + align - 1) / align * align;
+    *start = chunk * ith < n ? chunk * ith : n;
+    *end = *start + chunk < n ? *start + chunk : n;
+}
+
+/* RoPE, cache write and attention for the (row, head) pairs of this thread. */
+static void attention(Model *m, Layer *L, int ith, int nth) {
+    const int H = m->hidden, hd = m->head_dim, half = m->rot / 2;
+    const int64_t t = m->t, cap = m->capacity;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *q = m->thread_scratch + (int64_t)ith * (hd + cap), *scores = q + hd;
+    int64_t u0, u1;
+    split((int64_t)m->rows * m->heads, ith, nth, 1, &u0, &u1);
+    for (int64_t u = u0; u < u1; u++) {
+        int b = (int)(u / m->heads), head = (int)(u % m->heads);
+        const float *src = m->qkv + (int64_t)b * 3 * H + (int64_t)head * 3 * hd;
+        const float *ks = src + hd, *vs = src + 2 * hd;
+        int64_t pos = m->positions ? m->positions[b] + m->position_delta : t;
+        const float *c = m->cos + pos * half, *s = m->sin + pos * half;
+        int64_t slot = ((int64_t)b * m->heads + head) * cap;
+        float *K = L->k + slot * hd, *V = L->v + slot * hd, *k = K + t * hd;
+        for (int i = 0; i < half; i++) {
+            q[i] = src[i] * c[i] - src[i + half] * s[i];
+            q[i + half] = src[i + half] * c[i] + src[i] * s[i];
+            k[i] = ks[i] * c[i] - ks[i + half] * s[i];
+            k[i + half] = ks[i + half] * c[i] + ks[i] * s[i];
+        }
+        for (int i = 2 * half; i < hd; i++) {
+            q[i] = src[i];
+            k[i] = ks[i];
+        }
+        memcpy(V + t * hd, vs, sizeof(float) * hd);
+
+        const int64_t *mask = m->mask ? m->mask + b * m->mask_stride : NULL;
+        float best = -INFINITY;
+        for (int64_t j = 0; j <= t; j++) {
+            if (mask && j != t && mask[j] == 0) {
+                scores[j] = -INFINITY;
+                continue;
+            }
+            scores[j] = dot(q, K + j * hd, hd) * scale;
+            if (scores[j] > best) best = scores[j];
+        }
+        double total = 0.0;
+        for (int64_t j = 0; j <= t; j++) {
+            scores[j] = scores[j] == -INFINITY ? 0.f : expf(scores[j] - best);
+            total += scores[j];
+        }
+        float *out = m->attn + (int64_t)b * H + (int64_t)head * hd;
+        float inv = (float)(1.0 / total);
+        for (int i = 0; i < hd; i++) out[i] = 0.f;
+        for (int64_t j = 0; j <= t; j++) {
+            float p = scores[j] * inv;
+            if (p == 0.f) continue;
+            const float *vj = V + j * hd;
+            for (int i = 0; i < hd; i++) out[i] += p * vj[i];
+        }
+    }
+}
+
+static void run_layer(Model *m, Layer *L, int ith, int nth) {
+    const int H = m->hidden, I = m->inter, B = m->rows;
+    int64_t r0, r1;
+    if (ith == 0)
+        for (int b = 0; b < B; b++) layer_norm(m->x + b * H, L->ln1_w, L->ln1_b, m->h + b * H, H, m->eps);
+    barrier(nth);
+    split(3 * H, ith, nth, 8, &r0, &r1);
+    matmul(L->qkv, H, H, m->h, H, B, m->qkv, 3 * H, r0, r1);
+    barrier(nth);
+    attention(m, L, ith, nth);
+    barrier(nth);
+    split(H, ith, nth, 8, &r0, &r1);
+    matmul(L->dense, H, H, m->attn, H, B, m->h, H, r0, r1);
+    for (int b = 0; b < B; b++) /* each thread adds the residual on its own rows */
+        for (int64_t r = r0; r < r1; r++) {
+            float v = m->h[b * H + r];
+            if (L->dense_bias) v += L->dense_bias[r];
+            m->x[b * H + r] = v + m->x[b * H + r];
+        }
+    barrier(nth);
+    if (ith == 0)
+        for (int b = 0; b < B; b++) layer_norm(m->x + b * H, L->ln2_w, L->ln2_b, m->h + b * H, H, m->eps);
+    barrier(nth);
+    split(I, ith, nth, 8, &r0, &r1);
+    matmul(L->fc1, H, H, m->h, H, B, m->mid, I, r0, r1);
+    for (int b = 0; b < B; b++)
+        for (int64_t r = r0; r < r1; r++) m->mid[(int64_t)b * I + r] = activation(m->mid[(int64_t)b * I + r], m->act);
+    barrier(nth);
+    split(H, ith, nth, 8, &r0, &r1);
+    matmul(L->fc2, I, I, m->mid, I, B, m->h, H, r0, r1);
+    for (int b = 0; b < B; b++)
+        for (int64_t r = r0; r < r1; r++) m->x[b * H + r] = m->h[b * H + r] + m->x[b * H + r];
+    barrier(nth);
+}
+
+/* First maximum of v[r0..r1) (NaN counts as the maximum, as torch.argmax); r0 < r1. */
+static void argmax_range(const float *v, int64_t r0, int64_t r1, float *value, int64_t *index) {
+    float best = v[r0];
+    int64_t at = r0;
+    for (int64_t r = r0 + 1; r < r1 && !isnan(best); r++)
+        if (v[r] > best || isnan(v[r])) {
+            best = v[r];
+            at = r;
+        }
+    *value = best;
+    *index = at;
+}
+
+static void step_task(void *ctx, int ith, int nth) {
+    Model *m = ctx;
+    const int H = m->hidden, B = m->rows;
+    const int64_t per_layer = (int64_t)H * (4 * H + 2 * m->inter) * B;
+    const int layer_threads = per_layer >= PARALLEL_MIN_ELEMENTS ? nth : 1;
+    if (ith == 0)
+        for (int b = 0; b < B; b++)
+            memcpy(m->x + b * H, m->embed_in + m->tokens[b * m->token_stride] * H, sizeof(float) * H);
+    if (ith < layer_threads)
+        for (int l = 0; l < m->layers; l++) run_layer(m, &m->layer[l], ith, layer_threads);
+    if (ith == 0)
+        for (int b = 0; b < B; b++) layer_norm(m->x + b * H, m->lnf_w, m->lnf_b, m->h + b * H, H, m->eps);
+    barrier(nth);
+    int64_t r0, r1;
+    split(m->vocab, ith, nth, 8, &r0, &r1);
+    matmul(m->embed_out, H, H, m->h, H, B, m->logits, m->vocab, r0, r1);
+    if (m->argmax)
+        for (int b = 0; b < B; b++) {
+            float *value = &m->best_value[(int64_t)ith * B + b];
+            int64_t *index = &m->best_index[(int64_t)ith * B + b];
+            if (r0 < r1)
+                argmax_range(m->logits + b * m->vocab, r0, r1, value, index);
+            else
+                *index = -1;
+        }
+    barrier(nth);
+    if (ith == 0 && m->argmax)
+        for (int b = 0; b < B; b++) {
+            float best = NAN;
+            int64_t at = -1;
+            for (int i = 0; i < nth; i++) {
+                int64_t index = m->best_index[(int64_t)i * B + b];
+                float value = m->best_value[(int64_t)i * B + b];
+                if (index < 0) continue;
+                if (at < 0 || (!isnan(best) && (value > best || isnan(value)))) {
+                    best = value;
+                    at = index;
+                }
+            }
+            m->argmax[b * m->argmax_stride] = at;
+        }
+}
+
+/* ----- Python interface ------------------------------------------------------------------------ */
+
+static void free_model(Model *m) {
+    if (!m) return;
+    free(m->layer);
+    free(m->x);
+    free(m->thread_scratch);
+    free(m->best_value);
+    free(m->best_index);
+    free(m);
+}
+
+static void capsule_destructor(PyObject *capsule) {
+    free_model(PyCapsule_GetPointer(capsule, "neoxja._decode.Model"));
+}
+
+static const float *as_ptr(PyObject *item) {
+    if (item == Py_None) return NULL;
+    return (const float *)PyLong_AsVoidPtr(item);
+}
+
+static PyObject *new_model(PyObject *self, PyObject *args) {
+    int layers, hidden, heads, rot, inter, act, batch;
+    long long vocab, capacity, table_len;
+    float eps;
+    PyObject *layer_list, *globals;
+    if (!PyArg_ParseTuple(args, "(iiiiiiiLLLf)O!O!", &layers, &hidden, &heads, &rot, &inter, &act, &batch,
+                          &vocab, &capacity, &table_len, &eps, &PyList_Type, &layer_list, &PyTuple_Type,
+                          &globals))
+        return NULL;
+    if (layers <= 0 || hidden <= 0 || heads <= 0 || hidden % heads || rot < 0 || rot % 2 ||
+        rot > hidden / heads || inter <= 0 || batch <= 0 || vocab <= 0 || capacity <= 0 || table_len <= 0 ||
+        act < 0 || act > ACT_SILU) {
+        PyErr_SetString(PyExc_ValueError, "new_model: inconsistent dimensions");
+        return NULL;
+    }
+    if (PyList_GET_SIZE(layer_list) != layers || PyTuple_GET_SIZE(globals) != 6) {
+        PyErr_SetString(PyExc_ValueError, "new_model: expected one pointer tuple per layer and 6 globals");
+        return NULL;
+    }
+    Model *m = calloc(1, sizeof(Model));
+    if (!m) return PyErr_NoMemory();
+    m->layers = layers, m->hidden = hidden, m->heads = heads, m->head_dim = hidden / heads, m->rot = rot;
+    m->inter = inter, m->act = act, m->batch = batch, m->vocab = vocab, m->capacity = capacity;
+    m->table_len = table_len, m->eps = eps;
+    m->layer = calloc(layers, sizeof(Layer));
+    int64_t scratch = (int64_t)batch * (3 * hidden + 3 * hidden + inter);
+    m->x = malloc(sizeof(float) * scratch);
+    m->best_value = malloc(sizeof(float) * MAX_THREADS * batch);
+    m->best_index = malloc(sizeof(int64_t) * MAX_THREADS * batch);
+    if (!m->layer || !m->x || !m->best_value || !m->best_index) {
+        free_model(m);
+        return PyErr_NoMemory();
+    }
+    m->h = m->x + (int64_t)batch * hidden;
+    m->attn = m->h + (int64_t)batch * hidden;
+    m->qkv = m->attn + (int64_t)batch * hidden;
+    m->mid = m->qkv + (int64_t)batch * 3 * hidden;
+    for (int l = 0; l < layers; l++) {
+        PyObject *p = PyList_GET_ITEM(layer_list, l);
+        if (!PyTuple_Check(p) || PyTuple_GET_SIZE(p) != 11) {
+            free_model(m);
+            PyErr_Format(PyExc_ValueError, "new_model: layer %d needs a tuple of 11 pointers", l);
+            return NULL;
+        }
+        Layer *L = &m->layer[l];
+        const float **slots[9] = {&L->ln1_w, &L->ln1_b, &L->qkv, &L->dense, &L->dense_bias,
+                                  &L->ln2_w, &L->ln2_b, &L->fc1, &L->fc2};
+        for (int i = 0; i < 9; i++) *slots[i] = as_ptr(PyTuple_GET_ITEM(p, i));
+        L->k = (float *)as_ptr(PyTuple_GET_ITEM(p, 9));
+        L->v = (float *)as_ptr(PyTuple_GET_ITEM(p, 10));
+        if (PyErr_Occurred() || !L->ln1_w || !L->ln1_b || !L->qkv || !L->dense || !L->ln2_w || !L->ln2_b ||
+            !L->fc1 || !L->fc2 || !L->k || !L->v) {
+            free_model(m);
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "new_model: layer %d has a null pointer", l);
+            return NULL;
+        }
+    }
+    const float **globals_slots[6] = {&m->embed_in, &m->embed_out, &m->lnf_w, &m->lnf_b, &m->cos, &m->sin};
+    for (int i = 0; i < 6; i++) {
+        *globals_slots[i] = as_ptr(PyTuple_GET_ITEM(globals, i));
+        if (PyErr_Occurred() || !*globals_slots[i]) {
+            free_model(m);
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "new_model: global pointer %d is null", i);
+            return NULL;
+        }
+    }
+    return PyCapsule_New(m, "neoxja._decode.Model", capsule_destructor);
+}
+
+static PyObject *step(PyObject *self, PyObject *args) {
+    PyObject *capsule;
+    int rows, threads;
+    long long t, token_stride, mask_stride, position_delta, argmax_stride;
+    void *tokens, *positions, *mask, *logits, *argmax;
+    PyObject *o_tokens, *o_positions, *o_mask, *o_logits, *o_argmax;
+    if (!PyArg_ParseTuple(args, "OiLOLOLOLOOLi", &capsule, &rows, &t, &o_tokens, &token_stride, &o_positions,
+                          &position_delta, &o_mask, &mask_stride, &o_logits, &o_argmax, &argmax_stride, &threads))
+        return NULL;
+    Model *m = PyCapsule_GetPointer(capsule, "neoxja._decode.Model");
+    if (!m) return NULL;
+    tokens = PyLong_AsVoidPtr(o_tokens);
+    positions = o_positions == Py_None ? NULL : PyLong_AsVoidPtr(o_positions);
+    mask = o_mask == Py_None ? NULL : PyLong_AsVoidPtr(o_mask);
+    logits = PyLong_AsVoidPtr(o_logits);
+    argmax = o_argmax == Py_None ? NULL : PyLong_AsVoidPtr(o_argmax);
+    if (PyErr_Occurred()) return NULL;
+    if (!tokens || !logits) {
+        PyErr_SetString(PyExc_ValueError, "step: tokens and logits are required");
+        return NULL;
+    }
+    if (rows <= 0 || rows > m->batch) {
+        PyErr_Format(PyExc_ValueError, "step: %d rows, but the decoder was built for at most %d", rows, m->batch);
+        return NULL;
+    }
+    if (t < 0 || t >= m->capacity) {
+        PyErr_Format(PyExc_ValueError, "step: cache position %lld outside the cache's capacity %lld", t,
+                     (long long)m->capacity);
+        return NULL;
+    }
+    const int64_t *ids = tokens;
+    for (int b = 0; b < rows; b++) {
+        int64_t id = ids[b * token_stride];
+        if (id < 0 || id >= m->vocab) {
+            PyErr_Format(PyExc_ValueError, "step: token id %lld in row %d is outside the vocabulary [0, %lld)",
+                         (long long)id, b, (long long)m->vocab);
+            return NULL;
+        }
+        int64_t pos = positions ? ((const int64_t *)positions)[b] + position_delta : t;
+        if (pos < 0 || pos >= m->table_len) {
+            PyErr_Format(PyExc_ValueError, "step: position %lld of row %d is outside the RoPE table [0, %lld)",
+                         (long long)pos, b, (long long)m->table_len);
+            return NULL;
+        }
+    }
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&pool.run_lock);
+    int64_t per_thread = m->head_dim + m->capacity;
+    if (m->scratch_threads < threads) {
+        float *grown = realloc(m->thread_scratch, sizeof(float) * per_thread * threads);
+        if (grown) {
+            m->thread_scratch = grown;
+            m->scratch_threads = threads;
+        }
+    }
+    if (m->scratch_threads < threads) threads = m->scratch_threads; /* out of memory: fewer threads */
+    if (threads >= 1) {
+        m->rows = rows, m->t = t, m->tokens = tokens, m->token_stride = token_stride;
+        m->positions = positions, m->position_delta = position_delta, m->mask = mask;
+        m->mask_stride = mask_stride, m->logits = logits, m->argmax = argmax, m->argmax_stride = argmax_stride;
+        run_parallel(step_task, m, threads);
+    }
+    pthread_mutex_unlock(&pool.run_lock);
+    Py_END_ALLOW_THREADS
+    if (threads < 1) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *kernel(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(matmul == matmul_scalar ? "scalar" : "avx2");
+}
+
+static PyMethodDef methods[] = {
+    {"new_model", new_model, METH_VARARGS,
+     "new_model(dims, layers, globals) -> capsule: a model over tensors the caller keeps alive.\n\n"
+     "dims = (layers, hidden, heads, rotary_ndims, intermediate, activation, max_batch, vocab,\n"
+     "        cache_capacity, rope_table_length, layer_norm_eps); layers = one tuple of addresses per\n"
+     "layer (ln1 w, ln1 b, qkv, dense, dense_bias or None, ln2 w, ln2 b, fc1, fc2, k cache, v cache);\n"
+     "globals = (embed_in, embed_out, final ln w, final ln b, cos table, sin table)."},
+    {"step", step, METH_VARARGS,
+     "step(model, rows, t, tokens, token_stride, positions, position_delta, mask, mask_stride, logits,\n"
+     "     argmax, argmax_stride, threads): one token per row at cache position t; writes logits\n"
+     "[rows, vocab] and, if argmax is not None, the first maximum of each row."},
+    {"kernel", kernel, METH_NOARGS, "Which matrix kernel this CPU runs: 'avx2' or 'scalar'."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef decode_module = {
+    PyModuleDef_HEAD_INIT, "neoxja._decode", "One decoding step of GPT-NeoX-Japanese in C (CPU, float32).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__decode(void) {
+#if HAVE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) matmul = matmul_avx2;
+#endif
+    pthread_atfork(NULL, NULL, forget_workers_after_fork);
+    return PyModule_Create(&decode_module);
+}

@@ -1,0 +1,239 @@
+"""Decoding steps on the CPU in float32 as one C call each (the ``neoxja._decode`` extension).
+
+``generate()`` feeds one token per row per step. Through PyTorch that step is a few dozen ops on
+small vectors, each with microseconds of dispatch, which for small models costs more than the
+arithmetic. A :class:`FusedDecoder` runs the whole step (embedding, every layer, the output head
+and, for greedy decoding, the argmax) in C, on the model's own dense weights and the generation's
+:class:`~neoxja.cache.KVCache`, with its own threads (as many as ``torch.get_num_threads()``).
+The prompt (prefill) still goes through the model's PyTorch forward, which fills the same cache.
+
+``generate()`` uses it by itself when :func:`fused_decoder` returns one, that is when
+
+* the extension was built (``pip install`` compiles it; without a C compiler it is skipped);
+* the model is a :class:`~neoxja.modeling.GPTNeoXJapaneseForCausalLM` made of neoxja's own modules
+  with their own forwards (not patched or subclassed), in eval mode, with every parameter in
+  float32 on the CPU, no forward hooks, weights not packed for oneDNN
+  (:func:`~neoxja.linear.optimize_for_cpu_inference`: a model packed on purpose keeps the PyTorch
+  path, whose packed kernels it was packed for);
+* its activation is one of :data:`ACTIVATIONS`;
+* the environment variable ``NEOXJA_FUSED_DECODE`` is not ``0`` (the switch to compare paths).
+
+Results agree with the PyTorch step within float32 rounding (sums run in another order), as two
+BLAS libraries would; greedy decoding picks the same tokens unless two logits tie to within that
+rounding.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from neoxja.cache import KVCache
+
+ACTIVATIONS = {
+    "gelu": 0,
+    "gelu_python": 0,
+    "gelu_new": 1,
+    "gelu_pytorch_tanh": 1,
+    "gelu_accurate": 1,
+    "gelu_fast": 1,
+    "relu": 2,
+    "silu": 3,
+    "swish": 3,
+}
+"""Activations the C step computes, by ``config.hidden_act`` (code passed to the extension)."""
+
+
+def _extension() -> Any:
+    try:
+        from neoxja import _decode
+    except ImportError:
+        return None
+    return _decode
+
+
+def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
+    """Why :func:`fused_decoder` would not build a decoder for ``model`` (None if it would)."""
+    from neoxja.linear import is_optimized_for_cpu_inference
+    from neoxja.modeling import FUSED_STEP_FORWARDS, GPTNeoXJapaneseForCausalLM
+
+    if os.environ.get("NEOXJA_FUSED_DECODE", "1") == "0":
+        return "turned off by NEOXJA_FUSED_DECODE=0"
+    if _extension() is None:
+        return "the C extension neoxja._decode is not built"
+    if not isinstance(model, GPTNeoXJapaneseForCausalLM):
+        return f"{type(model).__name__} is not a GPTNeoXJapaneseForCausalLM"
+    for module in model.modules():
+        if FUSED_STEP_FORWARDS.get(type(module)) is not type(module).forward:
+            return f"{type(module).__name__} is not a module (or forward) that the C step reproduces"
+    if model.training:
+        return "the model is in training mode"
+    for name, param in model.named_parameters():
+        if param.device.type != "cpu" or param.dtype != torch.float32:
+            return f"parameter {name} is {param.dtype} on {param.device}, not float32 on the CPU"
+    if is_optimized_for_cpu_inference(model):
+        return "the weights are packed for oneDNN (optimize_for_cpu_inference)"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "the model has forward hooks, which only the PyTorch forward runs"
+    config = model.config
+    if config.hidden_act not in ACTIVATIONS:
+        return f"hidden_act={config.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}"
+    rotary = model.gpt_neox_japanese.rotary_emb
+    if rotary.rope_type == "longrope" and max_length > rotary.longrope_threshold:
+        return "longrope switches frequencies beyond original_max_position_embeddings"
+    return None
+
+
+def fused_decoder(model: Any, cache: KVCache, max_length: int) -> FusedDecoder | None:
+    """A :class:`FusedDecoder` for ``model`` writing into ``cache``, or None where it does not apply
+    (see the module docstring; :func:`fused_decoding_unsupported` says why)."""
+    if fused_decoding_unsupported(model, max_length) is not None:
+        return None
+    return FusedDecoder(model, cache, max_length)
+
+
+class FusedDecoder:
+    """One token per row through the whole model in one C call, into a preallocated ``cache``.
+
+    ``cache`` must hold every position up to ``max_length`` (generate() allocates it so) and keep
+    its buffers: a cache that grew or had rows selected since is refused. The decoder reads the
+    model's weights where they are when it is built; it belongs to one generation.
+    """
+
+    def __init__(self, model: Any, cache: KVCache, max_length: int) -> None:
+        reason = fused_decoding_unsupported(model, max_length)
+        if reason is not None:
+            raise ValueError(f"cannot decode {type(model).__name__} in C: {reason}")
+        config = model.config
+        if cache.dtype != torch.float32 or cache.device.type != "cpu" or cache.capacity < max_length:
+            raise ValueError(
+                f"the cache must be float32 on the CPU with room for {max_length} positions, got {cache!r}"
+            )
+        base = model.gpt_neox_japanese
+        keep: list[Tensor] = []  # every tensor whose address the extension holds
+
+        def address(tensor: Tensor | None, what: str) -> int | None:
+            if tensor is None:
+                return None
+            if not tensor.is_contiguous():
+                raise ValueError(f"{what} must be contiguous for the C decoding step")
+            keep.append(tensor)
+            return tensor.data_ptr()
+
+        layers = []
+        for i, layer in enumerate(base.layers):
+            attention, mlp = layer.attention, layer.mlp
+            named = [
+                (layer.input_layernorm.weight, "input_layernorm.weight"),
+                (layer.input_layernorm.bias, "input_layernorm.bias"),
+                (attention.query_key_value.weight, "attention.query_key_value.weight"),
+                (attention.dense.weight, "attention.dense.weight"),
+                (attention.dense_bias, "attention.dense_bias"),
+                (layer.post_attention_layernorm.weight, "post_attention_layernorm.weight"),
+                (layer.post_attention_layernorm.bias, "post_attention_layernorm.bias"),
+                (mlp.dense_h_to_4h.weight, "mlp.dense_h_to_4h.weight"),
+                (mlp.dense_4h_to_h.weight, "mlp.dense_4h_to_h.weight"),
+                (cache.keys[i], "cache keys"),
+                (cache.values[i], "cache values"),
+            ]
+            layers.append(tuple(address(t, f"layers.{i}.{name}") for t, name in named))
+
+        rotary = base.rotary_emb
+        half = rotary.rotary_ndims // 2
+        positions = torch.arange(max_length).unsqueeze(0)
+        cos, sin = rotary._half_cos_sin(torch.empty(0), positions)  # the tables the PyTorch step uses
+        if half == 0:  # nothing to rotate: the tables are never read, but need an address
+            cos = sin = torch.zeros(1)
+        globals_ = (
+            address(base.embed_in.weight, "embed_in.weight"),
+            address(model.embed_out.weight, "embed_out.weight"),
+            address(base.final_layer_norm.weight, "final_layer_norm.weight"),
+            address(base.final_layer_norm.bias, "final_layer_norm.bias"),
+            address(cos.float().contiguous(), "RoPE cos"),
+            address(sin.float().contiguous(), "RoPE sin"),
+        )
+        intermediate = mlp.dense_h_to_4h.weight.shape[0]
+        dims = (
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.num_attention_heads,
+            2 * half,
+            intermediate,
+            ACTIVATIONS[config.hidden_act],
+            cache.batch_size,
+            config.vocab_size,
+            cache.capacity,
+            max_length,
+            float(config.layer_norm_eps),
+        )
+        self._handle = _extension().new_model(dims, layers, globals_)
+        self._keep = keep
+        self._keys = cache.keys[0]
+        self.cache = cache
+        self.batch_size = cache.batch_size
+        self.logits = torch.empty(cache.batch_size, config.vocab_size)
+
+    def step(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        position_delta: int = 0,
+        mask: Tensor | None = None,
+        argmax_out: Tensor | None = None,
+    ) -> Tensor:
+        """Feed ``tokens`` (int64 ``[batch]``, any stride) at the cache's next position; returns the
+        logits ``[batch, vocab]`` (a buffer the next step overwrites) and advances the cache.
+
+        ``positions`` (int64, ``batch`` contiguous values) plus ``position_delta`` are the RoPE
+        positions (default: the cache position); ``mask`` ``[batch, >= length + 1]`` int64 with unit
+        stride along positions marks the keys each row may see (0 = padding); ``argmax_out`` (int64
+        ``[batch]``, any stride) receives each row's greedy token.
+        """
+        cache = self.cache
+        if cache.keys[0] is not self._keys:
+            raise RuntimeError(
+                "the KV cache was reallocated (grown or rows selected) since the decoder was built"
+            )
+        for name, tensor in (("tokens", tokens), ("argmax_out", argmax_out)):
+            if tensor is not None and (tensor.dtype != torch.int64 or tensor.shape != (self.batch_size,)):
+                raise ValueError(
+                    f"{name} must be int64 of shape [{self.batch_size}], got {tensor.dtype} "
+                    f"{list(tensor.shape)}"
+                )
+        if positions is not None and (
+            positions.dtype != torch.int64
+            or positions.numel() != self.batch_size
+            or not positions.is_contiguous()
+        ):
+            raise ValueError(f"positions must be {self.batch_size} contiguous int64 values")
+        t = cache.length
+        if mask is not None and (
+            mask.dtype != torch.int64
+            or mask.dim() != 2
+            or mask.shape[0] != self.batch_size
+            or mask.shape[1] <= t
+            or mask.stride(1) != 1
+        ):
+            raise ValueError(
+                f"mask must be int64 [{self.batch_size}, > {t}] with unit stride along positions"
+            )
+        _extension().step(
+            self._handle,
+            self.batch_size,
+            t,
+            tokens.data_ptr(),
+            tokens.stride(0),
+            None if positions is None else positions.data_ptr(),
+            position_delta,
+            None if mask is None else mask.data_ptr(),
+            0 if mask is None else mask.stride(0),
+            self.logits.data_ptr(),
+            None if argmax_out is None else argmax_out.data_ptr(),
+            0 if argmax_out is None else argmax_out.stride(0),
+            torch.get_num_threads(),
+        )
+        cache.advance(1)
+        return self.logits
