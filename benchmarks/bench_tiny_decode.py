@@ -1,4 +1,4 @@
-"""Where a tiny model's decoding time goes: neoxja and transformers against lower bounds of a step.
+"""Where a tiny model's decoding time goes: neoxja and transformers against bounds of a PyTorch step.
 
 Same setup as the tiny row of bench_generate.py (its config, prompt and length; float32, 2 threads,
 greedy, batch 1). Besides both libraries' generate(), it
@@ -9,7 +9,8 @@ times, per token and on the same weights:
   rotary tables, no modules, no checks, no generation loop (``--compile`` also runs it through
   torch.compile with inductor's C++ wrapper and frozen weights; compiling takes a while).
 
-These bound what any PyTorch implementation of the step can reach on this machine.
+These bound what an implementation of the step in PyTorch ops can reach on this machine; neoxja's
+generate() runs its steps in C (neoxja.cpu_decode) and so is not bound by them.
 
     python benchmarks/bench_tiny_decode.py [--compile]
 """
@@ -106,7 +107,7 @@ def main() -> None:
         rows.append(("transformers generate()", best_per_token(
             lambda: reference.generate(ids, **settings), NEW_TOKENS, args.repeats)))
         rows.append(("neoxja generate()", best_per_token(
-            lambda: ours.generate(ids, **settings), NEW_TOKENS, args.repeats)))  # packs its weights first
+            lambda: ours.generate(ids, **settings), NEW_TOKENS, args.repeats)))  # steps in C
 
         last_hidden = torch.randn(1, 1, CONFIG["hidden_size"])
         rows.append(("output projection + greedy pick alone", best_per_token(

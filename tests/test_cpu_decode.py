@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -52,7 +54,28 @@ def test_the_extension_is_built() -> None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("neoxja._decode was not compiled (required in CI)")
         pytest.skip("neoxja._decode is not compiled: generate() decodes through PyTorch")
-    assert cpu_decode._extension().kernel() in {"avx2", "scalar"}
+    kernel = cpu_decode._extension().kernel()
+    assert (
+        kernel == "scalar"
+        if os.environ.get("NEOXJA_DECODE_KERNEL") == "scalar"
+        else kernel in {"avx2", "scalar"}
+    )
+
+
+@needs_extension
+def test_the_portable_kernel_gives_the_same_results() -> None:
+    """NEOXJA_DECODE_KERNEL=scalar selects the plain-C matrix kernel (what CPUs without AVX2 run):
+    the step and argmax tests pass on it too, in a fresh process (the kernel is chosen at import)."""
+    tests = "extension_is_built or step_matches or argmax"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+        env={**os.environ, "NEOXJA_DECODE_KERNEL": "scalar"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "\n19 passed" in result.stdout, result.stdout[-500:]
 
 
 def _model(name: str, seed: int = 0) -> GPTNeoXJapaneseForCausalLM:

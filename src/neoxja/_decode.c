@@ -666,8 +666,12 @@ static struct PyModuleDef decode_module = {
 
 PyMODINIT_FUNC PyInit__decode(void) {
 #if HAVE_X86
+    /* NEOXJA_DECODE_KERNEL=scalar: the portable kernel, as CPUs without AVX2 run it (for tests). */
+    const char *forced = getenv("NEOXJA_DECODE_KERNEL");
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) matmul = matmul_avx2;
+    if (!(forced && strcmp(forced, "scalar") == 0) && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma"))
+        matmul = matmul_avx2;
 #endif
     pthread_atfork(NULL, NULL, forget_workers_after_fork);
     return PyModule_Create(&decode_module);

@@ -18,6 +18,9 @@ The prompt (prefill) still goes through the model's PyTorch forward, which fills
 * its activation is one of :data:`ACTIVATIONS`;
 * the environment variable ``NEOXJA_FUSED_DECODE`` is not ``0`` (the switch to compare paths).
 
+The matrix kernel uses AVX2 and FMA where the CPU has them and portable C elsewhere
+(``NEOXJA_DECODE_KERNEL=scalar`` at import forces the portable one, for tests).
+
 Results agree with the PyTorch step within float32 rounding (sums run in another order), as two
 BLAS libraries would; greedy decoding picks the same tokens unless two logits tie to within that
 rounding.
