@@ -10,10 +10,14 @@ Bandwidth limit (batch 1): decoding one token must read every weight matrix once
 norm, ``embed_out``; the input embedding is a row lookup). Dividing those bytes by the measured speed
 of a large float32 matrix-vector product (the same access pattern, far larger than the caches) gives
 the fastest a memory-bound decoder can go on this machine. The product is timed with PyTorch's
-default kernel and with oneDNN's packed weights (what neoxja uses); the limit takes the faster, the
-header prints both, and "% of limit" also gives, in brackets, the share of the limit computed with
-PyTorch's default kernel alone. "step matvecs alone" times the step's own matrix-vector products back to back
-(packed, fresh weights): the speed with every other operation of the step removed.
+default kernel, with oneDNN's packed weights and with the kernel of neoxja's C decoding step
+(neoxja.cpu_decode, what generate() runs on CPU in float32); the limit takes the fastest, the
+header prints all, and "% of limit" also gives, in brackets, the share of the limit computed with
+PyTorch's default kernel alone (how issue 4 defines it). The tiny model's weights (8 MB) fit in the
+last-level cache, so it can beat a limit measured from memory. "step matvecs alone" times the
+step's own matrix-vector products back to back with that same C kernel (packed oneDNN layers
+without the extension), on fresh copies of the weights: the speed with every other operation of
+the step removed.
 
     python benchmarks/bench_generate.py            # prints a markdown table
 """
@@ -30,6 +34,7 @@ import torch
 import transformers
 
 import neoxja
+from neoxja import cpu_decode
 from neoxja.linear import Linear
 
 PROMPT, NEW_TOKENS, VOCAB = 32, 128, 32000
@@ -50,12 +55,16 @@ def _median_seconds(run: Callable[[], object], repeats: int) -> float:
 
 @torch.no_grad()
 def matvec_gbps(rows: int = 16384, cols: int = 4096, repeats: int = 30) -> dict[str, float]:
-    """GB/s of y = W x for a float32 W far larger than the last-level cache (median of ``repeats``),
-    through neoxja's Linear with the dense weight (PyTorch's default kernel) and packed for oneDNN."""
+    """GB/s of y = W x for a float32 W far larger than the last-level cache (median of ``repeats``):
+    PyTorch's default kernel and oneDNN's packed one (through neoxja's Linear), and neoxja's C kernel."""
     layer = Linear(cols, rows, bias=False).eval()
     x = torch.randn(1, cols)
     nbytes = rows * cols * 4
     result = {"torch default": nbytes / _median_seconds(lambda: layer(x), repeats) / 1e9}
+    if cpu_decode.extension_available():
+        weight = layer.weight.detach()
+        seconds = _median_seconds(lambda: cpu_decode.matmul(weight, x), repeats)
+        result["neoxja C kernel"] = nbytes / seconds / 1e9
     if layer.pack():
         result["oneDNN packed"] = nbytes / _median_seconds(lambda: layer(x), repeats) / 1e9
     return result
@@ -63,19 +72,24 @@ def matvec_gbps(rows: int = 16384, cols: int = 4096, repeats: int = 30) -> dict[
 
 @torch.no_grad()
 def step_matvec_rate(model: torch.nn.Module, repeats: int = 10) -> float:
-    """Tokens/s of a batch-1 step reduced to its matrix-vector products, back to back, through
-    neoxja's Linear packed as generate() packs it, on fresh copies of every weight matrix."""
-    products = []
+    """Tokens/s of a batch-1 step reduced to its matrix-vector products, back to back, on fresh
+    copies of every weight matrix: with neoxja's C kernel, or packed Linear layers without it."""
+    products: list[Callable[[], object]] = []
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             out_features, in_features = module._parameters["weight"].shape  # .weight would unpack it
-            layer = Linear(in_features, out_features, bias=False).eval()
-            layer.pack()
-            products.append((layer, torch.randn(1, in_features)))
+            x = torch.randn(1, in_features)
+            if cpu_decode.extension_available():
+                weight = torch.randn(out_features, in_features)
+                products.append(lambda weight=weight, x=x: cpu_decode.matmul(weight, x))
+            else:
+                layer = Linear(in_features, out_features, bias=False).eval()
+                layer.pack()
+                products.append(lambda layer=layer, x=x: layer(x))
 
     def run() -> None:
-        for layer, x in products:
-            layer(x)
+        for product in products:
+            product()
 
     run()
     best = float("inf")

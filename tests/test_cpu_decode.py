@@ -20,7 +20,9 @@ from neoxja.cpu_decode import FusedDecoder, fused_decoding_unsupported
 from neoxja.linear import no_auto_packing, optimize_for_cpu_inference, packing_available, restore_dense
 from neoxja.modeling import GPTNeoXJapaneseForCausalLM
 
-needs_extension = pytest.mark.skipif(cpu_decode._extension() is None, reason="neoxja._decode is not built")
+needs_extension = pytest.mark.skipif(
+    not cpu_decode.extension_available(), reason="neoxja._decode is not built"
+)
 
 VOCAB = 512
 # hidden 256 has enough weights per layer (x batch) for the layers to run on several threads;
@@ -50,7 +52,7 @@ CONFIGS = {
 
 def test_the_extension_is_built() -> None:
     """pip install compiles neoxja._decode; CI must have it, elsewhere its absence only skips."""
-    if cpu_decode._extension() is None:
+    if not cpu_decode.extension_available():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("neoxja._decode was not compiled (required in CI)")
         pytest.skip("neoxja._decode is not compiled: generate() decodes through PyTorch")
@@ -63,10 +65,34 @@ def test_the_extension_is_built() -> None:
 
 
 @needs_extension
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_kernel_alone(threads: int) -> None:
+    """The step's matrix kernel on its own: every tile shape (1-9 vectors, row counts that are not
+    multiples of 8, a column tail) against PyTorch; bad operands named."""
+    g = torch.Generator().manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, cols in [(1, 1), (37, 19), (64, 64), (203, 130)]:
+            weight = torch.randn(rows, cols, generator=g)
+            for vectors in range(1, 10):
+                x = torch.randn(vectors, cols, generator=g)
+                torch.testing.assert_close(cpu_decode.matmul(weight, x), x @ weight.T, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(ValueError, match="weight must be a 2-d float32"):
+        cpu_decode.matmul(torch.ones(3, 4, dtype=torch.float64), torch.ones(1, 4))
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        cpu_decode.matmul(torch.ones(3, 4), torch.ones(4, 2).T)
+    with pytest.raises(ValueError, match=r"cannot multiply x \[1, 5\] by weight \[3, 4\]"):
+        cpu_decode.matmul(torch.ones(3, 4), torch.ones(1, 5))
+
+
+@needs_extension
 def test_the_portable_kernel_gives_the_same_results() -> None:
     """NEOXJA_DECODE_KERNEL=scalar selects the plain-C matrix kernel (what CPUs without AVX2 run):
     the step and argmax tests pass on it too, in a fresh process (the kernel is chosen at import)."""
-    tests = "extension_is_built or step_matches or argmax"
+    tests = "extension_is_built or step_matches or argmax or kernel_alone"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
         env={**os.environ, "NEOXJA_DECODE_KERNEL": "scalar"},
@@ -75,7 +101,7 @@ def test_the_portable_kernel_gives_the_same_results() -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "\n19 passed" in result.stdout, result.stdout[-500:]
+    assert "\n21 passed" in result.stdout, result.stdout[-500:]
 
 
 def _model(name: str, seed: int = 0) -> GPTNeoXJapaneseForCausalLM:

@@ -245,9 +245,9 @@ static void forget_workers_after_fork(void) {
     atomic_store(&pool.arrived, 0);
 }
 
-/* Run fn(ctx, i, nth) on nth threads (this one is i = 0); returns when all are done.
- * Called with run_lock held. Returns nonzero if the threads could not be started. */
-static int run_parallel(task_fn fn, void *ctx, int nth) {
+/* Run fn(ctx, i, nth) on nth threads (this one is i = 0; fewer if threads cannot be started);
+ * returns when all are done. Called with run_lock held. */
+static void run_parallel(task_fn fn, void *ctx, int nth) {
     while (pool.workers < nth - 1) {
         pthread_t thread;
         pthread_attr_t attr;
@@ -274,7 +274,6 @@ static int run_parallel(task_fn fn, void *ctx, int nth) {
         }
     }
     fn(ctx, 0, nth);
-    return 0;
 }
 
 /* ----- the model ------------------------------------------------------------------------------- */
@@ -481,6 +480,44 @@ static void step_task(void *ctx, int ith, int nth) {
 
 /* ----- Python interface ------------------------------------------------------------------------ */
 
+typedef struct {
+    const float *w, *x;
+    float *y;
+    int64_t rows, cols;
+    int vectors;
+} MatmulTask;
+
+static void matmul_task(void *ctx, int ith, int nth) {
+    MatmulTask *task = ctx;
+    int64_t r0, r1;
+    split(task->rows, ith, nth, 8, &r0, &r1);
+    matmul(task->w, task->cols, task->cols, task->x, task->cols, task->vectors, task->y, task->rows, r0, r1);
+    barrier(nth);
+}
+
+/* matmul(w, rows, cols, x, vectors, y, threads): y[vectors, rows] = x[vectors, cols] @ w[rows, cols]^T
+ * with the step's kernel and threads (for benchmarks and tests of the kernel on its own). */
+static PyObject *matmul_py(PyObject *self, PyObject *args) {
+    PyObject *o_w, *o_x, *o_y;
+    long long rows, cols;
+    int vectors, threads;
+    if (!PyArg_ParseTuple(args, "OLLOiOi", &o_w, &rows, &cols, &o_x, &vectors, &o_y, &threads)) return NULL;
+    MatmulTask task = {PyLong_AsVoidPtr(o_w), PyLong_AsVoidPtr(o_x), PyLong_AsVoidPtr(o_y), rows, cols, vectors};
+    if (PyErr_Occurred()) return NULL;
+    if (!task.w || !task.x || !task.y || rows <= 0 || cols <= 0 || vectors <= 0) {
+        PyErr_SetString(PyExc_ValueError, "matmul: null pointer or empty shape");
+        return NULL;
+    }
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&pool.run_lock);
+    run_parallel(matmul_task, &task, threads);
+    pthread_mutex_unlock(&pool.run_lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static void free_model(Model *m) {
     if (!m) return;
     free(m->layer);
@@ -655,6 +692,9 @@ static PyMethodDef methods[] = {
      "step(model, rows, t, tokens, token_stride, positions, position_delta, mask, mask_stride, logits,\n"
      "     argmax, argmax_stride, threads): one token per row at cache position t; writes logits\n"
      "[rows, vocab] and, if argmax is not None, the first maximum of each row."},
+    {"matmul", matmul_py, METH_VARARGS,
+     "matmul(w, rows, cols, x, vectors, y, threads): y[vectors, rows] = x[vectors, cols] @ w[rows, cols]^T\n"
+     "(addresses of contiguous float32 buffers) with the step's kernel, on `threads` threads."},
     {"kernel", kernel, METH_NOARGS, "Which matrix kernel this CPU runs: 'avx2' or 'scalar'."},
     {NULL, NULL, 0, NULL},
 };

@@ -58,6 +58,39 @@ def _extension() -> Any:
     return _decode
 
 
+def extension_available() -> bool:
+    """Whether ``neoxja._decode`` was built (``pip install`` compiles it when a C compiler is found)."""
+    return _extension() is not None
+
+
+def matmul(weight: Tensor, x: Tensor) -> Tensor:
+    """``x @ weight.T`` (float32, contiguous, on the CPU; ``weight`` [out, in], ``x`` [n, in]) with the
+    C step's own matrix kernel and threads: the kernel on its own, for benchmarks and tests."""
+    extension = _extension()
+    if extension is None:
+        raise RuntimeError("the C extension neoxja._decode is not built")
+    for name, tensor in (("weight", weight), ("x", x)):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or tensor.dim() != 2:
+            raise ValueError(
+                f"{name} must be a 2-d float32 CPU tensor, got {tensor.dtype} {list(tensor.shape)}"
+            )
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if x.shape[1] != weight.shape[1] or x.shape[0] == 0 or weight.numel() == 0:
+        raise ValueError(f"cannot multiply x {list(x.shape)} by weight {list(weight.shape)} transposed")
+    out = torch.empty(x.shape[0], weight.shape[0])
+    extension.matmul(
+        weight.data_ptr(),
+        weight.shape[0],
+        weight.shape[1],
+        x.data_ptr(),
+        x.shape[0],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
 def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
     """Why :func:`fused_decoder` would not build a decoder for ``model`` (None if it would)."""
     from neoxja.linear import is_optimized_for_cpu_inference
@@ -65,7 +98,7 @@ def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
 
     if os.environ.get("NEOXJA_FUSED_DECODE", "1") == "0":
         return "turned off by NEOXJA_FUSED_DECODE=0"
-    if _extension() is None:
+    if not extension_available():
         return "the C extension neoxja._decode is not built"
     if not isinstance(model, GPTNeoXJapaneseForCausalLM):
         return f"{type(model).__name__} is not a GPTNeoXJapaneseForCausalLM"

@@ -432,16 +432,26 @@ def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tup
     # the C step also writes the argmax straight into the output buffer.
     decoder = fused_decoder(model, cache, max_length)
     fused_greedy = decoder is not None and sampler.pick is greedy and not sampler.processors
+
+    def scores_of(
+        ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The PyTorch forward: float32 scores [batch, vocab] of the last position."""
+        return (
+            model(
+                ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            .logits.select(1, -1)
+            .float()
+        )
+
     with no_auto_packing() if decoder is not None else nullcontext():
-        logits = model(
-            plan.input_ids,
-            attention_mask=None if mask is None else mask[:, :prompt_len],
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits
-    scores = logits.select(1, -1).float()
+        scores = scores_of(plan.input_ids, None if mask is None else mask[:, :prompt_len], positions)
     picked = False  # whether the last step already chose the tokens (into tokens[:, length])
     length = prompt_len
     while True:
@@ -475,15 +485,11 @@ def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tup
             )
             picked = fused_greedy
             continue
-        logits = model(
+        scores = scores_of(
             tokens.narrow(1, length - 1, 1),
-            attention_mask=None if mask is None else mask.narrow(1, 0, length),
-            position_ids=next_position,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits
-        scores = logits.select(1, -1).float()
+            None if mask is None else mask.narrow(1, 0, length),
+            next_position,
+        )
         if next_position is not None:
             next_position += 1
 

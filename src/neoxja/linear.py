@@ -7,8 +7,9 @@ in its own blocked layout ("packed"), faster, most of all for the few rows of de
 "dense weights" row of benchmarks/bench_model.py and the decoding benchmarks show by how much).
 :func:`optimize_for_cpu_inference` packs every large float32 CPU weight of a model in eval mode.
 The model does it by itself on its first forward in eval mode without autograd
-(``torch.no_grad()``/``inference_mode()``, as ``generate()`` runs); :func:`restore_dense` unpacks
-and turns that off for the model.
+(``torch.no_grad()``/``inference_mode()``); :func:`restore_dense` unpacks and turns that off for
+the model, :func:`no_auto_packing` for a block of code. ``generate()`` decodes in C over the dense
+weights where it can (:mod:`neoxja.cpu_decode`) and then runs its prompt without packing.
 
 What a packed layer keeps and what it guarantees:
 
