@@ -9,7 +9,9 @@ The decoding loop is built for speed on small batches:
   the sequence;
 * without padding the model gets ``attention_mask=None`` (its fast causal path); with left padding it
   gets the 2-D mask over past + current tokens and position ids counted from the first real token;
-* only the last position's logits are computed (``logits_to_keep=1``).
+* only the last position's logits are computed (``logits_to_keep=1``);
+* on the CPU in float32, every step after the prompt is one C call over the whole model
+  (:mod:`neoxja.cpu_decode`), which for greedy decoding also writes the chosen ids in place.
 
 The choice of the next token is a :class:`~neoxja.sample_utils.Sampler` (processors + picker), so
 the same loop serves greedy decoding, sampling and custom processors.
