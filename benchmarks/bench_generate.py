@@ -53,6 +53,17 @@ def _median_seconds(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Fastest of ``repeats`` runs of ``run()``, after one warm-up run."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @torch.no_grad()
 def matvec_gbps(rows: int = 16384, cols: int = 4096, repeats: int = 30) -> dict[str, float]:
     """GB/s of y = W x for a float32 W far larger than the last-level cache (median of ``repeats``):
@@ -91,13 +102,7 @@ def step_matvec_rate(model: torch.nn.Module, repeats: int = 10) -> float:
         for product in products:
             product()
 
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return 1 / best
+    return 1 / best_seconds(run, repeats)
 
 
 def bytes_per_token(model: torch.nn.Module) -> int:

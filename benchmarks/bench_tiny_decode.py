@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 import transformers
-from bench_generate import CONFIGS, NEW_TOKENS, PROMPT, VOCAB
+from bench_generate import CONFIGS, NEW_TOKENS, PROMPT, VOCAB, best_seconds
 
 import neoxja
 from neoxja.sample_utils import greedy
@@ -35,13 +35,7 @@ CONFIG = dict(vocab_size=VOCAB, **CONFIGS["tiny"])
 
 def best_per_token(run: Callable[[], object], tokens: int, repeats: int) -> float:
     """Fastest of ``repeats`` runs (after one warm-up), in microseconds per token."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best / tokens * 1e6
+    return best_seconds(run, repeats) / tokens * 1e6
 
 
 def minimal_step(model: neoxja.GPTNeoXJapaneseForCausalLM, length: int) -> Callable:
