@@ -275,6 +275,13 @@ def test_when_generate_falls_back_to_pytorch(tmp_path, monkeypatch) -> None:
     assert "hooks" in fused_decoding_unsupported(model, 64)
     handle.remove()
     assert fused_decoding_unsupported(model, 64) is None
+    expected = model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=6)
+    mlp = model.gpt_neox_japanese.layers[1].mlp
+    dense = mlp.dense_h_to_4h.weight
+    mlp.dense_h_to_4h.weight = torch.nn.Parameter(dense.detach().t().contiguous().t())  # same values
+    assert "dense_h_to_4h.weight is not contiguous" in fused_decoding_unsupported(model, 64)
+    assert torch.equal(model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=6), expected)
+    mlp.dense_h_to_4h.weight = dense
 
     class Patched(GPTNeoXJapaneseForCausalLM):
         def forward(self, *args, **kwargs):
@@ -308,7 +315,7 @@ def test_when_generate_falls_back_to_pytorch(tmp_path, monkeypatch) -> None:
     ).eval()
     assert fused_decoding_unsupported(longrope, 32) is None
     assert "longrope" in fused_decoding_unsupported(longrope, 33)
-    with pytest.raises(ValueError, match="longrope"):
+    with pytest.raises(cpu_decode.FusedDecodingUnsupported, match="longrope"):
         FusedDecoder(longrope, KVCache(longrope.config, 1, 40), 40)
 
 

@@ -12,7 +12,7 @@ The prompt (prefill) still goes through the model's PyTorch forward, which fills
 * the extension was built (``pip install`` compiles it; without a C compiler it is skipped);
 * the model is a :class:`~neoxja.modeling.GPTNeoXJapaneseForCausalLM` made of neoxja's own modules
   with their own forwards (not patched or subclassed), in eval mode, with every parameter in
-  float32 on the CPU, no forward hooks, weights not packed for oneDNN
+  float32 on the CPU and contiguous, no forward hooks, weights not packed for oneDNN
   (:func:`~neoxja.linear.optimize_for_cpu_inference`: a model packed on purpose keeps the PyTorch
   path, whose packed kernels it was packed for);
 * its activation is one of :data:`ACTIVATIONS`;
@@ -107,11 +107,13 @@ def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
             return f"{type(module).__name__} is not a module (or forward) that the C step reproduces"
     if model.training:
         return "the model is in training mode"
+    if is_optimized_for_cpu_inference(model):
+        return "the weights are packed for oneDNN (optimize_for_cpu_inference)"
     for name, param in model.named_parameters():
         if param.device.type != "cpu" or param.dtype != torch.float32:
             return f"parameter {name} is {param.dtype} on {param.device}, not float32 on the CPU"
-    if is_optimized_for_cpu_inference(model):
-        return "the weights are packed for oneDNN (optimize_for_cpu_inference)"
+        if not param.is_contiguous():
+            return f"parameter {name} is not contiguous"
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return "the model has forward hooks, which only the PyTorch forward runs"
     config = model.config
@@ -126,9 +128,14 @@ def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
 def fused_decoder(model: Any, cache: KVCache, max_length: int) -> FusedDecoder | None:
     """A :class:`FusedDecoder` for ``model`` writing into ``cache``, or None where it does not apply
     (see the module docstring; :func:`fused_decoding_unsupported` says why)."""
-    if fused_decoding_unsupported(model, max_length) is not None:
+    try:
+        return FusedDecoder(model, cache, max_length)
+    except FusedDecodingUnsupported:
         return None
-    return FusedDecoder(model, cache, max_length)
+
+
+class FusedDecodingUnsupported(ValueError):
+    """The model cannot be decoded in C (the message says why); its PyTorch forward still can."""
 
 
 class FusedDecoder:
@@ -142,7 +149,7 @@ class FusedDecoder:
     def __init__(self, model: Any, cache: KVCache, max_length: int) -> None:
         reason = fused_decoding_unsupported(model, max_length)
         if reason is not None:
-            raise ValueError(f"cannot decode {type(model).__name__} in C: {reason}")
+            raise FusedDecodingUnsupported(f"cannot decode {type(model).__name__} in C: {reason}")
         config = model.config
         if cache.dtype != torch.float32 or cache.device.type != "cpu" or cache.capacity < max_length:
             raise ValueError(
@@ -151,31 +158,29 @@ class FusedDecoder:
         base = model.gpt_neox_japanese
         keep: list[Tensor] = []  # every tensor whose address the extension holds
 
-        def address(tensor: Tensor | None, what: str) -> int | None:
+        def address(tensor: Tensor | None) -> int | None:
             if tensor is None:
                 return None
-            if not tensor.is_contiguous():
-                raise ValueError(f"{what} must be contiguous for the C decoding step")
             keep.append(tensor)
             return tensor.data_ptr()
 
         layers = []
         for i, layer in enumerate(base.layers):
             attention, mlp = layer.attention, layer.mlp
-            named = [
-                (layer.input_layernorm.weight, "input_layernorm.weight"),
-                (layer.input_layernorm.bias, "input_layernorm.bias"),
-                (attention.query_key_value.weight, "attention.query_key_value.weight"),
-                (attention.dense.weight, "attention.dense.weight"),
-                (attention.dense_bias, "attention.dense_bias"),
-                (layer.post_attention_layernorm.weight, "post_attention_layernorm.weight"),
-                (layer.post_attention_layernorm.bias, "post_attention_layernorm.bias"),
-                (mlp.dense_h_to_4h.weight, "mlp.dense_h_to_4h.weight"),
-                (mlp.dense_4h_to_h.weight, "mlp.dense_4h_to_h.weight"),
-                (cache.keys[i], "cache keys"),
-                (cache.values[i], "cache values"),
-            ]
-            layers.append(tuple(address(t, f"layers.{i}.{name}") for t, name in named))
+            tensors = (
+                layer.input_layernorm.weight,
+                layer.input_layernorm.bias,
+                attention.query_key_value.weight,
+                attention.dense.weight,
+                attention.dense_bias,  # None except on the last layer
+                layer.post_attention_layernorm.weight,
+                layer.post_attention_layernorm.bias,
+                mlp.dense_h_to_4h.weight,
+                mlp.dense_4h_to_h.weight,
+                cache.keys[i],
+                cache.values[i],
+            )
+            layers.append(tuple(address(t) for t in tensors))
 
         rotary = base.rotary_emb
         half = rotary.rotary_ndims // 2
@@ -184,12 +189,12 @@ class FusedDecoder:
         if half == 0:  # nothing to rotate: the tables are never read, but need an address
             cos = sin = torch.zeros(1)
         globals_ = (
-            address(base.embed_in.weight, "embed_in.weight"),
-            address(model.embed_out.weight, "embed_out.weight"),
-            address(base.final_layer_norm.weight, "final_layer_norm.weight"),
-            address(base.final_layer_norm.bias, "final_layer_norm.bias"),
-            address(cos.float().contiguous(), "RoPE cos"),
-            address(sin.float().contiguous(), "RoPE sin"),
+            address(base.embed_in.weight),
+            address(model.embed_out.weight),
+            address(base.final_layer_norm.weight),
+            address(base.final_layer_norm.bias),
+            address(cos.float().contiguous()),
+            address(sin.float().contiguous()),
         )
         intermediate = mlp.dense_h_to_4h.weight.shape[0]
         dims = (
@@ -205,7 +210,9 @@ class FusedDecoder:
             max_length,
             float(config.layer_norm_eps),
         )
-        self._handle = _extension().new_model(dims, layers, globals_)
+        extension = _extension()
+        self._handle = extension.new_model(dims, layers, globals_)
+        self._run_step = extension.step
         self._keep = keep
         self._keys = cache.keys[0]
         self.cache = cache
@@ -256,7 +263,7 @@ class FusedDecoder:
             raise ValueError(
                 f"mask must be int64 [{self.batch_size}, > {t}] with unit stride along positions"
             )
-        _extension().step(
+        self._run_step(
             self._handle,
             self.batch_size,
             t,
