@@ -105,6 +105,8 @@ def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
     for module in model.modules():
         if FUSED_STEP_FORWARDS.get(type(module)) is not type(module).forward:
             return f"{type(module).__name__} is not a module (or forward) that the C step reproduces"
+        if module._forward_hooks or module._forward_pre_hooks:
+            return "the model has forward hooks, which only the PyTorch forward runs"
     if model.training:
         return "the model is in training mode"
     if is_optimized_for_cpu_inference(model):
@@ -114,8 +116,6 @@ def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
             return f"parameter {name} is {param.dtype} on {param.device}, not float32 on the CPU"
         if not param.is_contiguous():
             return f"parameter {name} is not contiguous"
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
-        return "the model has forward hooks, which only the PyTorch forward runs"
     config = model.config
     if config.hidden_act not in ACTIVATIONS:
         return f"hidden_act={config.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}"
