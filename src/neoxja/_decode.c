@@ -132,35 +132,33 @@ __attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
 
 DEFINE_TILE(8, 1)
 DEFINE_TILE(4, 2)
-DEFINE_TILE(2, 3)
-DEFINE_TILE(2, 4)
-DEFINE_TILE(1, 1)
+DEFINE_TILE(4, 1)
 DEFINE_TILE(1, 2)
-DEFINE_TILE(1, 3)
-DEFINE_TILE(1, 4)
+DEFINE_TILE(1, 1)
 
-typedef void (*tile_fn)(const float *, int64_t, int64_t, const float *, int64_t, float *, int64_t);
-
-/* Blocks of 8 rows; within a block every chunk of up to 4 vectors, so the block's rows are read
- * from memory once and from cache for the other chunks. */
+/* Blocks of 8 rows. One vector: a tile of all 8 rows (8 row streams in flight). More vectors:
+ * tiles of 4 rows by 2 vectors, every pair of vectors in turn, so a block is read from memory
+ * once and from the L1/L2 cache for the other pairs. */
 __attribute__((target("avx2,fma"))) static void matmul_avx2(const float *W, int64_t ldw, int64_t in,
                                                              const float *X, int64_t ldx, int nb, float *Y,
                                                              int64_t ldy, int64_t r0, int64_t r1) {
-    static const tile_fn wide[5] = {NULL, tile_8x1, tile_4x2, tile_2x3, tile_2x4};
-    static const int wide_rows[5] = {0, 8, 4, 2, 2};
-    static const tile_fn narrow[5] = {NULL, tile_1x1, tile_1x2, tile_1x3, tile_1x4};
     int64_t r = r0;
-    for (; r + 8 <= r1; r += 8)
-        for (int b0 = 0; b0 < nb; b0 += 4) {
-            int n = nb - b0 < 4 ? nb - b0 : 4;
-            for (int64_t rr = r; rr < r + 8; rr += wide_rows[n])
-                wide[n](W + rr * ldw, ldw, in, X + b0 * ldx, ldx, Y + b0 * ldy + rr, ldy);
+    for (; r + 8 <= r1; r += 8) {
+        if (nb == 1) {
+            tile_8x1(W + r * ldw, ldw, in, X, ldx, Y + r, ldy);
+            continue;
         }
-    for (; r < r1; r++)
-        for (int b0 = 0; b0 < nb; b0 += 4) {
-            int n = nb - b0 < 4 ? nb - b0 : 4;
-            narrow[n](W + r * ldw, ldw, in, X + b0 * ldx, ldx, Y + b0 * ldy + r, ldy);
+        for (int64_t rr = r; rr < r + 8; rr += 4) {
+            int b0 = 0;
+            for (; b0 + 2 <= nb; b0 += 2) tile_4x2(W + rr * ldw, ldw, in, X + b0 * ldx, ldx, Y + b0 * ldy + rr, ldy);
+            if (b0 < nb) tile_4x1(W + rr * ldw, ldw, in, X + b0 * ldx, ldx, Y + b0 * ldy + rr, ldy);
         }
+    }
+    for (; r < r1; r++) {
+        int b0 = 0;
+        for (; b0 + 2 <= nb; b0 += 2) tile_1x2(W + r * ldw, ldw, in, X + b0 * ldx, ldx, Y + b0 * ldy + r, ldy);
+        if (b0 < nb) tile_1x1(W + r * ldw, ldw, in, X + b0 * ldx, ldx, Y + b0 * ldy + r, ldy);
+    }
 }
 #endif
 
