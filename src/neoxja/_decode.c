@@ -420,12 +420,18 @@ static void run_layer(Model *m, Layer *L, int ith, int nth) {
     barrier(nth);
 }
 
-/* First maximum of v[r0..r1) (NaN counts as the maximum, as torch.argmax); r0 < r1. */
+/* The argmax rule of torch.argmax: the first maximum wins, and NaN counts as the maximum. Scanning
+ * in index order, does value (later) replace best (earlier)? */
+static inline int replaces(float value, float best) {
+    return !isnan(best) && (value > best || isnan(value));
+}
+
+/* First maximum of v[r0..r1) under that rule; r0 < r1. */
 static void argmax_range(const float *v, int64_t r0, int64_t r1, float *value, int64_t *index) {
     float best = v[r0];
     int64_t at = r0;
-    for (int64_t r = r0 + 1; r < r1 && !isnan(best); r++)
-        if (v[r] > best || isnan(v[r])) {
+    for (int64_t r = r0 + 1; r < r1; r++)
+        if (replaces(v[r], best)) {
             best = v[r];
             at = r;
         }
@@ -467,7 +473,7 @@ static void step_task(void *ctx, int ith, int nth) {
                 int64_t index = m->best_index[(int64_t)i * B + b];
                 float value = m->best_value[(int64_t)i * B + b];
                 if (index < 0) continue;
-                if (at < 0 || (!isnan(best) && (value > best || isnan(value)))) {
+                if (at < 0 || replaces(value, best)) { /* threads hold ascending ranges */
                     best = value;
                     at = index;
                 }
