@@ -30,7 +30,7 @@ from neoxja.configuration import GPTNeoXJapaneseConfig
 from neoxja.hub import HubOptions, resolve_file
 
 if TYPE_CHECKING:
-    from neoxja.modeling import GPTNeoXJapanesePreTrainedModel
+    from neoxja.network import GPTNeoXJapanesePreTrainedModel
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"

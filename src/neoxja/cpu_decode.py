@@ -32,9 +32,37 @@ import os
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from neoxja.cache import KVCache
+from neoxja.linear import Linear, is_optimized_for_cpu_inference
+from neoxja.network import (
+    GPTNeoXJapaneseAttention,
+    GPTNeoXJapaneseLayer,
+    GPTNeoXJapaneseLMHeadModel,
+    GPTNeoXJapaneseMLP,
+    GPTNeoXJapaneseModel,
+)
+from neoxja.rope import RotaryEmbedding
+
+# What the C step computes: these modules with these forwards. A model holding any other module, or
+# one whose forward was replaced since import (patched, or overridden in a subclass), decodes through
+# its PyTorch forward instead.
+FUSED_STEP_FORWARDS = {
+    cls: cls.forward
+    for cls in (
+        GPTNeoXJapaneseLMHeadModel,
+        GPTNeoXJapaneseModel,
+        GPTNeoXJapaneseLayer,
+        GPTNeoXJapaneseAttention,
+        GPTNeoXJapaneseMLP,
+        Linear,
+        nn.LayerNorm,
+        nn.Embedding,
+        nn.ModuleList,
+        RotaryEmbedding,
+    )
+}
 
 ACTIVATIONS = {
     "gelu": 0,
@@ -93,17 +121,16 @@ def matmul(weight: Tensor, x: Tensor) -> Tensor:
 
 def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
     """Why :func:`fused_decoder` would not build a decoder for ``model`` (None if it would)."""
-    from neoxja.linear import is_optimized_for_cpu_inference
-    from neoxja.modeling import FUSED_STEP_FORWARDS, GPTNeoXJapaneseForCausalLM
 
     if os.environ.get("NEOXJA_FUSED_DECODE", "1") == "0":
         return "turned off by NEOXJA_FUSED_DECODE=0"
     if not extension_available():
         return "the C extension neoxja._decode is not built"
-    if not isinstance(model, GPTNeoXJapaneseForCausalLM):
+    if not isinstance(model, GPTNeoXJapaneseLMHeadModel):
         return f"{type(model).__name__} is not a GPTNeoXJapaneseForCausalLM"
     for module in model.modules():
-        if FUSED_STEP_FORWARDS.get(type(module)) is not type(module).forward:
+        kind = GPTNeoXJapaneseLMHeadModel if module is model else type(module)
+        if FUSED_STEP_FORWARDS.get(kind) is not type(module).forward:
             return f"{type(module).__name__} is not a module (or forward) that the C step reproduces"
         if module._forward_hooks or module._forward_pre_hooks:
             return "the model has forward hooks, which only the PyTorch forward runs"

@@ -31,7 +31,7 @@ def allowed_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     prompt of ``T`` tokens with this padding mask, so the grid shows exactly what the model applies:
     causal, padding keys masked, and a padding query attending only to itself.
     """
-    from neoxja.modeling import build_attention_mask
+    from neoxja.network import build_attention_mask
 
     if attention_mask.ndim != 2:
         raise ValueError(f"attention_mask must be [batch, seq_len], got shape {tuple(attention_mask.shape)}")
