@@ -37,3 +37,54 @@ def assets_dir() -> Path:
 def corpus_dir() -> Path:
     """Japanese text (Aozora Bunko novels, UD GSD sentences) for tests."""
     return _shared_dir("NEOXJA_CORPUS", REPO.parent / "shared" / "corpus", ("neko.txt", "gsd-test.txt"))
+
+
+# Tiny checkpoints and transformers/neoxja pairs, shared by every test file. transformers is the
+# oracle: it builds and saves the random weights, neoxja loads what it saved.
+
+TINY = {"vocab_size": 32000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def build_tiny_checkpoint(out: Path, assets_dir: Path, seed: int = 0, with_tokenizer: bool = True) -> Path:
+    """Save a tiny random transformers GPT-NeoX-Japanese (and its real tokenizer) into ``out``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**TINY)).eval()
+    model.save_pretrained(out)
+    if with_tokenizer:
+        tokenizer = transformers.GPTNeoXJapaneseTokenizer(
+            str(assets_dir / "vocab.txt"), str(assets_dir / "emoji.json")
+        )
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def make_reference(config: dict, seed: int = 0, jitter: float = 0.05):
+    """A transformers causal LM of ``config`` with every weight (biases and norms too) randomised."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**config))
+    if jitter:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * jitter)
+    return model.eval()
+
+
+def make_pair(config: dict, directory: Path, seed: int = 0, jitter: float = 0.05, **load_kwargs):
+    """(transformers model, neoxja model loaded from what transformers saved into ``directory``)."""
+    from neoxja import GPTNeoXJapaneseForCausalLM
+
+    reference = make_reference(config, seed=seed, jitter=jitter)
+    reference.save_pretrained(directory)
+    return reference, GPTNeoXJapaneseForCausalLM.from_pretrained(directory, **load_kwargs).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Path:
+    """One tiny random checkpoint with the real tokenizer, for tests that only read it."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), assets_dir)

@@ -1,7 +1,7 @@
 """Auto classes load GPT-NeoX-Japanese directories written by transformers and refuse other model types.
 
-``build_tiny_checkpoint`` (also used by the pipeline, CLI, visualizer and seed-example tests) saves a
-tiny random model with transformers, the oracle, next to the real tokenizer files.
+The tiny checkpoints come from ``conftest.build_tiny_checkpoint``: a random model saved by
+transformers, the oracle, next to the real tokenizer files.
 """
 
 from __future__ import annotations
@@ -11,26 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, build_tiny_checkpoint
 
 import neoxja
 from neoxja.auto import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-TINY = {"vocab_size": 32000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-
-
-def build_tiny_checkpoint(out: Path, assets_dir: Path, seed: int = 0, with_tokenizer: bool = True) -> Path:
-    """Save a tiny random transformers GPT-NeoX-Japanese (and its real tokenizer) into ``out``."""
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.GPTNeoXJapaneseForCausalLM(transformers.GPTNeoXJapaneseConfig(**TINY)).eval()
-    model.save_pretrained(out)
-    if with_tokenizer:
-        tokenizer = transformers.GPTNeoXJapaneseTokenizer(
-            str(assets_dir / "vocab.txt"), str(assets_dir / "emoji.json")
-        )
-        tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

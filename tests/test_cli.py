@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_auto import build_tiny_checkpoint
+from conftest import build_tiny_checkpoint
 
 import neoxja.commands.generate as generate_command
 from neoxja import GPTNeoXJapaneseTokenizer

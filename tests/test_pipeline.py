@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_auto import build_tiny_checkpoint
+from conftest import build_tiny_checkpoint
 
 import neoxja
 from neoxja.pipelines import TextGenerationPipeline, pipeline, resolve_device, resolve_dtype

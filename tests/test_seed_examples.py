@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_auto import build_tiny_checkpoint
+from conftest import build_tiny_checkpoint
 from test_visualizer import parse_grids
 
 import neoxja
