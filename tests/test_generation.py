@@ -1,4 +1,8 @@
-"""generate() against transformers' generate on the same weights (tiny random checkpoints)."""
+"""generate() against transformers' generate on the same weights (tiny random checkpoints).
+
+Every test runs once per decoding backend of :mod:`neoxja.decoding` (the PyTorch step that GPU and
+half-precision users run, and the C step of CPU float32), each checked token for token.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 import transformers
 
 import neoxja
+from neoxja import decoding
 from neoxja.generation import GenerationConfig
 
 VOCAB = 384
@@ -37,6 +42,30 @@ def models(request, tmp_path_factory) -> tuple[torch.nn.Module, torch.nn.Module]
     directory = tmp_path_factory.mktemp(request.param)
     reference.save_pretrained(directory)
     return reference, neoxja.GPTNeoXJapaneseForCausalLM.from_pretrained(directory).eval()
+
+
+@pytest.fixture(autouse=True, params=[b.name for b in decoding.BACKENDS])
+def backend(request, monkeypatch) -> str:
+    """Run the test with this decoding backend first in line, and check that generate() chose it
+    ("default": leave the choice to generate())."""
+    if request.param == "default":
+        yield request.param
+        return
+    chosen = next(b for b in decoding.BACKENDS if b.name == request.param)
+    if chosen.name == "cpu-fused" and not neoxja.cpu_decode.extension_available():
+        pytest.fail("the C extension neoxja._decode is not built")
+    monkeypatch.setattr(decoding, "BACKENDS", (chosen, decoding.TorchBackend))
+    used = []
+    start = decoding.start_decoding
+
+    def recording_start(*args, **kwargs):
+        backend = start(*args, **kwargs)
+        used.append(backend.name)
+        return backend
+
+    monkeypatch.setattr(neoxja.generation, "start_decoding", recording_start)
+    yield request.param
+    assert set(used) <= {request.param}, f"generate() decoded with {used}, not {request.param}"
 
 
 def _prompts(lengths: list[int], pad: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,6 +195,7 @@ def test_generation_config_object_and_model_default(models) -> None:
     assert ours.generation_config.eos_token_id == 1 and ours.generation_config.bos_token_id == 0
 
 
+@pytest.mark.parametrize("backend", ["torch"], indirect=True)  # it spies on the PyTorch forward
 def test_decoding_uses_one_preallocated_cache_and_the_causal_fast_path(models, monkeypatch) -> None:
     """Prefill once, then one token per step; no cache growth; no mask when no row is padded."""
     _, ours = models
@@ -268,3 +298,15 @@ def test_model_reads_its_checkpoint_generation_config(tmp_path) -> None:
     assert ours.generation_config.eos_token_id == 1
     ids, _ = _prompts([4], pad=1, seed=13)
     assert ours.generate(ids, eos_token_id=None).shape == (1, 4 + 7)
+
+
+@pytest.mark.parametrize("backend", ["default"], indirect=True)
+def test_explain_decoding_names_the_backend_and_why_not_the_faster_one(models, caplog) -> None:
+    _, ours = models
+    assert neoxja.explain_decoding(ours).startswith("cpu-fused: ")
+    doubled = neoxja.GPTNeoXJapaneseForCausalLM(ours.config).double().eval()
+    text = neoxja.explain_decoding(doubled)
+    assert text.startswith("torch: ") and "not cpu-fused: parameter" in text and "float64" in text
+    with caplog.at_level("DEBUG", logger="neoxja.decoding"):
+        doubled.generate(torch.tensor([[3, 4]]), max_new_tokens=2)
+    assert any("torch backend" in r.message and "float64" in r.message for r in caplog.records)

@@ -22,6 +22,7 @@ _EXPORTS = {
     "StreamingDetokenizer": "neoxja.tokenizer_utils",
     "GenerationConfig": "neoxja.generation",
     "stream_generate": "neoxja.generation",
+    "explain_decoding": "neoxja.decoding",
     "TextStreamer": "neoxja.streamers",
     "TextIteratorStreamer": "neoxja.streamers",
     "pipeline": "neoxja.pipelines",

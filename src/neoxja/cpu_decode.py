@@ -183,12 +183,16 @@ class FusedDecoder:
                 f"the cache must be float32 on the CPU with room for {max_length} positions, got {cache!r}"
             )
         base = model.gpt_neox_japanese
-        keep: list[Tensor] = []  # every tensor whose address the extension holds
+        # Every tensor whose address the extension holds, as detached views: they keep the storage
+        # alive even if the model's parameters are later given other data (``param.data = ...``,
+        # ``.to()``), so a step never reads freed memory; it keeps computing with the weights it
+        # was built on.
+        keep: list[Tensor] = []
 
         def address(tensor: Tensor | None) -> int | None:
             if tensor is None:
                 return None
-            keep.append(tensor)
+            keep.append(tensor.detach())
             return tensor.data_ptr()
 
         layers = []

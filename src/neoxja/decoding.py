@@ -1,0 +1,165 @@
+"""Decoding backends: how one generation step turns the newest tokens into the next ones.
+
+``generate()``'s loop (:mod:`neoxja.generation`) calls one interface, :class:`DecodingBackend`:
+
+* :meth:`~DecodingBackend.prefill` runs the prompt into the generation's
+  :class:`~neoxja.cache.KVCache` and returns the first new token of each row;
+* :meth:`~DecodingBackend.step` feeds one token per row (with its RoPE position and the padding
+  mask over past + current keys) and returns the next token of each row.
+
+Each backend computes the logits its own way and hands them to the generation's
+:class:`~neoxja.sample_utils.Sampler`; a backend that can also pick (the C step's greedy argmax)
+does so itself and writes the ids straight into the output buffer. Backends in this module:
+
+* :class:`TorchBackend` — the model's PyTorch forward; works for every model, device and dtype;
+* :class:`CpuFusedBackend` — each step one C call over the whole model (:mod:`neoxja.cpu_decode`),
+  for neoxja's own modules in float32 on the CPU.
+
+:func:`choose_backend` picks the first that applies, in :data:`BACKENDS` order, and says why each
+one before it does not; :func:`explain_decoding` gives that answer to users, and ``generate()``
+logs it at debug level (logger ``neoxja.decoding``). A new backend (compiled, quantized, GPU) is a
+class with :meth:`~DecodingBackend.unsupported` and :meth:`~DecodingBackend.step`, added to
+:data:`BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from neoxja.cache import KVCache
+from neoxja.cpu_decode import FusedDecoder, fused_decoding_unsupported
+from neoxja.sample_utils import Sampler, greedy
+
+logger = logging.getLogger("neoxja.decoding")
+
+
+class DecodingBackend:
+    """One generation's decoding steps for ``model`` into ``cache`` (sized for ``max_length``)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]  # one line for explain_decoding()
+
+    def __init__(self, model: Any, cache: KVCache, max_length: int, sampler: Sampler) -> None:
+        self.model = model
+        self.cache = cache
+        self.sampler = sampler
+
+    @classmethod
+    def unsupported(cls, model: Any, max_length: int, sampler: Sampler) -> str | None:
+        """Why this backend cannot decode ``model`` (None when it can)."""
+        return None
+
+    def _forward(self, ids: Tensor, mask: Tensor | None, positions: Tensor | None) -> Tensor:
+        """The model's PyTorch forward into the cache: float32 logits [batch, vocab] of the last position."""
+        out = self.model(
+            ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits.select(1, -1).float()
+
+    def prefill(self, input_ids: Tensor, mask: Tensor | None, positions: Tensor | None) -> Tensor:
+        """Run the prompt ``input_ids`` [batch, len] (``mask`` [batch, len] or None, ``positions``
+        [batch, len] or None = 0..len-1) into the cache; return the first new id of each row [batch]."""
+        return self.sampler(input_ids, self._forward(input_ids, mask, positions))
+
+    def step(
+        self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor
+    ) -> Tensor:
+        """Feed the last token of each row of ``history`` [batch, length] and return the next ids [batch].
+
+        ``positions`` [batch, 1] are the RoPE positions of the fed tokens (None: the cache position);
+        ``mask`` [batch, length] marks the keys each row may see (None: no padding). ``out`` [batch]
+        is where the caller stores the result: a backend may write it there and return ``out``.
+        """
+        raise NotImplementedError
+
+
+class TorchBackend(DecodingBackend):
+    """Each step through the model's PyTorch forward: any module, device and dtype."""
+
+    name = "torch"
+    description = "each step through the model's PyTorch forward"
+
+    def step(
+        self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor
+    ) -> Tensor:
+        last = history.narrow(1, history.shape[1] - 1, 1)
+        return self.sampler(history, self._forward(last, mask, positions))
+
+
+class CpuFusedBackend(DecodingBackend):
+    """Each step one C call over the whole model (:class:`neoxja.cpu_decode.FusedDecoder`); for greedy
+    decoding without processors the C call also writes the argmax into ``out``."""
+
+    name = "cpu-fused"
+    description = "each step one C call over the whole model (neoxja.cpu_decode)"
+
+    def __init__(self, model: Any, cache: KVCache, max_length: int, sampler: Sampler) -> None:
+        super().__init__(model, cache, max_length, sampler)
+        self.decoder = FusedDecoder(model, cache, max_length)
+        self.picks_greedy = sampler.pick is greedy and not sampler.processors
+
+    @classmethod
+    def unsupported(cls, model: Any, max_length: int, sampler: Sampler) -> str | None:
+        return fused_decoding_unsupported(model, max_length)
+
+    def step(
+        self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor
+    ) -> Tensor:
+        logits = self.decoder.step(
+            history.select(1, history.shape[1] - 1),
+            positions=positions,
+            mask=mask,
+            argmax_out=out if self.picks_greedy else None,
+        )
+        return out if self.picks_greedy else self.sampler(history, logits)
+
+
+BACKENDS: tuple[type[DecodingBackend], ...] = (CpuFusedBackend, TorchBackend)
+"""Backends in order of preference; the last one applies to every model."""
+
+
+def choose_backend(
+    model: Any, max_length: int, sampler: Sampler | None = None
+) -> tuple[type[DecodingBackend], list[str]]:
+    """The first backend of :data:`BACKENDS` that can decode ``model``, and why each earlier one cannot."""
+    sampler = sampler if sampler is not None else Sampler()
+    reasons = []
+    for backend in BACKENDS:
+        reason = backend.unsupported(model, max_length, sampler)
+        if reason is None:
+            return backend, reasons
+        reasons.append(f"{backend.name}: {reason}")
+    raise RuntimeError("no decoding backend applies")  # TorchBackend always does
+
+
+def explain_decoding(model: Any, max_length: int | None = None) -> str:
+    """Which backend ``generate()`` would use for ``model`` and, for each faster one, why not.
+
+    ``max_length`` (default: the model's context) matters for RoPE types whose frequencies switch
+    with the length.
+    """
+    length = max_length if max_length is not None else model.config.max_position_embeddings
+    backend, reasons = choose_backend(model, length)
+    text = f"{backend.name}: {backend.description}"
+    if reasons:
+        text += "; not " + "; not ".join(reasons)
+    return text
+
+
+def start_decoding(
+    model: Any, cache: KVCache, max_length: int, sampler: Sampler
+) -> DecodingBackend:
+    """Build the chosen backend for one generation, logging the choice at debug level."""
+    backend, reasons = choose_backend(model, max_length, sampler)
+    if logger.isEnabledFor(logging.DEBUG):
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        logger.debug("decoding %s with the %s backend%s", type(model).__name__, backend.name, why)
+    return backend(model, cache, max_length, sampler)

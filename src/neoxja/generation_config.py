@@ -1,0 +1,199 @@
+"""Decoding settings: :class:`GenerationConfig`, named and defaulted as in transformers.
+
+Every rule about a setting's value lives in :meth:`GenerationConfig.validate`, which ``generate()``,
+``stream_generate()``, ``pipeline()`` and the CLI all go through, so a bad value gets the same
+message wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from neoxja.jsonfile import read_json_object
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings, named and defaulted as in transformers' ``GenerationConfig``.
+
+    ``max_length`` counts prompt + new tokens, ``max_new_tokens`` only new ones (it wins when both are
+    set). With neither set, 20 new tokens are generated (capped at ``max_position_embeddings``).
+    ``top_k``/``top_p``/``temperature`` only act when ``do_sample=True``. Keys this class does not know
+    (e.g. from a transformers ``generation_config.json``) are kept in ``extra`` and written back.
+    """
+
+    max_length: int | None = None
+    max_new_tokens: int | None = None
+    min_length: int | None = None
+    min_new_tokens: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_return_sequences: int = 1
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    stop_strings: str | list[str] | None = None
+    use_cache: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        """The settings ``generate`` accepts as keyword arguments."""
+        return frozenset(f.name for f in fields(cls)) - {"extra"}
+
+    @classmethod
+    def from_model_config(cls, config: Any) -> GenerationConfig:
+        """The special token ids of a model config (what transformers does without generation_config.json)."""
+        return cls(
+            bos_token_id=getattr(config, "bos_token_id", None),
+            eos_token_id=getattr(config, "eos_token_id", None),
+            pad_token_id=getattr(config, "pad_token_id", None),
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GenerationConfig:
+        """Build from a dict; unknown keys go to ``extra``."""
+        known = cls.field_names()
+        config = cls(**{k: v for k, v in values.items() if k in known})
+        config.extra = {k: v for k, v in values.items() if k not in known and k != "extra"}
+        return config
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> GenerationConfig:
+        """Read ``generation_config.json`` from a directory or Hub id (Hub options as in from_pretrained)."""
+        from neoxja.hub import HubOptions, resolve_file
+
+        options = HubOptions.pop_from(kwargs)
+        path = resolve_file(name_or_path, GENERATION_CONFIG_NAME, options)
+        if path is None:
+            raise OSError(f"{name_or_path} has no {GENERATION_CONFIG_NAME}")
+        values = read_json_object(path, "a JSON object of generation settings")
+        return cls.from_dict({**values, **kwargs})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every setting plus the ``extra`` keys."""
+        values = asdict(self)
+        extra = values.pop("extra")
+        return {**values, **extra}
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``generation_config.json`` (only the settings that differ from the defaults)."""
+        default = GenerationConfig().to_dict()
+        values = {k: v for k, v in self.to_dict().items() if k not in default or default[k] != v}
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / GENERATION_CONFIG_NAME
+        path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return path
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the known settings in place and return the keyword arguments that are not settings."""
+        known = self.field_names()
+        for key, value in kwargs.items():
+            if key in known:
+                setattr(self, key, value)
+        return {k: v for k, v in kwargs.items() if k not in known}
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting whose value cannot work."""
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if self.temperature is None or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.do_sample and self.temperature == 0:
+            raise ValueError(
+                "temperature must be > 0 when do_sample=True; for greedy decoding use do_sample=False"
+            )
+        if self.top_p is None or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if self.repetition_penalty is None or not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
+            raise ValueError(
+                f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}"
+            )
+        for name in ("max_length", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("min_length", "min_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
+            raise ValueError(
+                f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}"
+            )
+        if self.num_return_sequences > 1 and not self.do_sample:
+            raise ValueError(
+                f"num_return_sequences={self.num_return_sequences} needs do_sample=True: "
+                "greedy decoding would return the same sequence each time"
+            )
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be a token id (an integer >= 0) or None, got {value!r}")
+        eos = self.eos_token_id
+        eos_ids = eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+        if not all(_is_int(i) and i >= 0 for i in eos_ids):
+            raise ValueError(
+                f"eos_token_id must be a token id (an integer >= 0), a list of them, or None, got {eos!r}"
+            )
+        stops = self.stop_strings
+        if stops is not None and not isinstance(stops, str):
+            if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+                raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stops!r}")
+        if isinstance(stops, str) and not stops:
+            raise ValueError("stop_strings must not be an empty string")
+
+    def eos_ids(self) -> list[int]:
+        """``eos_token_id`` as a list (empty when unset)."""
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def warn_unused_sampling_flags(self, stacklevel: int = 4) -> None:
+        """Warn when sampling settings are set but ``do_sample=False`` makes them do nothing."""
+        if self.do_sample:
+            return
+        default = GenerationConfig()
+        unused = [n for n in ("temperature", "top_p", "top_k") if getattr(self, n) != getattr(default, n)]
+        if unused:
+            warnings.warn(
+                f"do_sample=False, so these sampling settings are ignored: {', '.join(unused)}. "
+                "Set do_sample=True to sample.",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as torch accepts it (an integer in [-2**63, 2**64)); ValueError naming it otherwise."""
+    if not _is_int(seed) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+    return seed
+
