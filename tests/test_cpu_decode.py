@@ -18,7 +18,7 @@ from neoxja import cpu_decode
 from neoxja.cache import KVCache
 from neoxja.configuration import GPTNeoXJapaneseConfig
 from neoxja.cpu_decode import FusedDecoder, fused_decoding_unsupported
-from neoxja.linear import no_auto_packing, optimize_for_cpu_inference, packing_available, restore_dense
+from neoxja.linear import optimize_for_cpu_inference, packing_available, restore_dense
 from neoxja.modeling import GPTNeoXJapaneseForCausalLM
 
 needs_extension = pytest.mark.skipif(
@@ -143,7 +143,7 @@ def test_step_matches_the_pytorch_forward(name: str, batch: int, threads: int) -
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.inference_mode(), no_auto_packing():  # the C step reads the dense weights
+        with torch.inference_mode():  # the C step reads the dense weights
             caches = [KVCache(model.config, batch, capacity) for _ in range(2)]
             for cache in caches:
                 model(ids, attention_mask=mask[:, :prompt], position_ids=positions, past_key_values=cache)
@@ -189,7 +189,7 @@ def test_argmax_takes_the_first_maximum_and_nan_like_torch(threads: int) -> None
             for nan_rows in ([], [300], [450, 20]):
                 for row in nan_rows:
                     head[row] = float("nan")
-                with torch.inference_mode(), no_auto_packing():
+                with torch.inference_mode():
                     cache = KVCache(model.config, 1, 8)
                     model(torch.tensor([[3, 4]]), past_key_values=cache)
                     picked = torch.empty(1, dtype=torch.long)
@@ -326,7 +326,7 @@ def test_when_generate_falls_back_to_pytorch(tmp_path, monkeypatch) -> None:
 @needs_extension
 def test_bad_input_is_refused_with_its_name() -> None:
     model = _model("gelu")
-    with torch.inference_mode(), no_auto_packing():
+    with torch.inference_mode():
         cache = KVCache(model.config, 2, 6)
         model(torch.tensor([[1, 2], [3, 4]]), past_key_values=cache)
         decoder = FusedDecoder(model, cache, 6)
@@ -379,7 +379,7 @@ def test_threads_in_parallel_and_after_fork() -> None:
             thread.join(timeout=60)
         assert together == alone
 
-        with torch.inference_mode(), no_auto_packing():
+        with torch.inference_mode():
             cache = KVCache(models[0].config, 1, 8)
             models[0](prompt, past_key_values=cache)
             decoder = FusedDecoder(models[0], cache, 8)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from neoxja.cache import KVCache
-from neoxja.linear import Linear, is_optimized_for_cpu_inference
+from neoxja.linear import is_optimized_for_cpu_inference
 from neoxja.network import (
     GPTNeoXJapaneseAttention,
     GPTNeoXJapaneseLayer,
@@ -56,7 +56,7 @@ FUSED_STEP_FORWARDS = {
         GPTNeoXJapaneseLayer,
         GPTNeoXJapaneseAttention,
         GPTNeoXJapaneseMLP,
-        Linear,
+        nn.Linear,
         nn.LayerNorm,
         nn.Embedding,
         nn.ModuleList,
@@ -128,6 +128,8 @@ def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
         return "the C extension neoxja._decode is not built"
     if not isinstance(model, GPTNeoXJapaneseLMHeadModel):
         return f"{type(model).__name__} is not a GPTNeoXJapaneseForCausalLM"
+    if is_optimized_for_cpu_inference(model):
+        return "the weights are packed for oneDNN (optimize_for_cpu_inference)"
     for module in model.modules():
         kind = GPTNeoXJapaneseLMHeadModel if module is model else type(module)
         if FUSED_STEP_FORWARDS.get(kind) is not type(module).forward:
@@ -136,8 +138,6 @@ def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
             return "the model has forward hooks, which only the PyTorch forward runs"
     if model.training:
         return "the model is in training mode"
-    if is_optimized_for_cpu_inference(model):
-        return "the weights are packed for oneDNN (optimize_for_cpu_inference)"
     for name, param in model.named_parameters():
         if param.device.type != "cpu" or param.dtype != torch.float32:
             return f"parameter {name} is {param.dtype} on {param.device}, not float32 on the CPU"

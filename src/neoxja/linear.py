@@ -1,71 +1,37 @@
-"""Linear layers, and their fast path for CPU inference.
+"""Weight formats for the model's linear layers, as explicit module swaps.
 
-:class:`Linear` is the ``nn.Linear`` every layer of the model uses (same parameters, same state-dict
-keys). On a CPU in float32, PyTorch's default kernels multiply a small batch of vectors (decoding)
-by a row-major weight well below what memory allows; oneDNN multiplies the same matrix, stored once
-in its own blocked layout ("packed"), faster, most of all for the few rows of decoding (the
-"dense weights" row of benchmarks/bench_model.py and the decoding benchmarks show by how much).
-:func:`optimize_for_cpu_inference` packs every large float32 CPU weight of a model in eval mode.
-The model does it by itself on its first forward in eval mode without autograd
-(``torch.no_grad()``/``inference_mode()``); :func:`restore_dense` unpacks and turns that off for
-the model, :func:`no_auto_packing` for a block of code. ``generate()`` decodes in C over the dense
-weights where it can (:mod:`neoxja.cpu_decode`) and then runs its prompt without packing.
+The network (:mod:`neoxja.network`) is built from plain ``nn.Linear`` layers and never changes
+itself: forwards, ``generate()`` and pipelines leave every module, parameter and weight layout as
+they are. A faster format is asked for explicitly: :func:`swap_linear_layers` replaces the
+model's ``nn.Linear`` layers by a :class:`LinearFormat` subclass, in place, and
+:func:`restore_dense` puts plain ``nn.Linear`` layers back.
 
-What a packed layer keeps and what it guarantees:
+Each format is one class. It builds itself from a dense layer (:meth:`LinearFormat.from_linear`),
+gives one back (:meth:`LinearFormat.to_linear`), and its ``parameters()`` and ``state_dict()`` show
+what it stores. :meth:`LinearFormat.dense_weight` gives the weight in transformers' layout, which
+``state_dict()`` writes under ``weight`` so that ``save_pretrained`` stays in transformers' format
+(a lossy format would raise there instead, saying why). A new format (bfloat16, int8, 4-bit) is a
+new subclass registered in :data:`FORMATS`; nothing else branches on formats.
 
-* no second copy of the weights: an untied weight is replaced by its packed form. Its
-  ``Parameter`` object stays registered (an optimizer or a ``requires_grad`` flag set meanwhile
-  keeps working) with the same shape and dtype, but while packed it holds a zero-memory NaN
-  placeholder (a single NaN, expanded): read weights through ``layer.weight`` or ``state_dict()``,
-  not ``parameters()``, or call :func:`restore_dense` first. A weight shared
-  with another module (the input embedding, when the output head is tied to it) stays as it is
-  and the layer packs a private copy: the embedding needs row lookups. The copy is dropped when
-  the shared weight is written in place (its version counter moves), except through ``.data``,
-  which PyTorch does not track: after such a write, call :func:`restore_dense` (then
-  :func:`optimize_for_cpu_inference` to pack again);
-* reading ``layer.weight``, ``state_dict()``, ``load_state_dict()``, ``model.train()``, ``.to()``,
-  ``copy.deepcopy`` and ``save_pretrained`` all see (or first restore) the ordinary dense weight,
-  with the same values bit for bit; a forward that autograd records (oneDNN's kernel has no
-  backward) unpacks the layers it runs through;
-* outputs equal ``F.linear``'s up to float rounding (oneDNN sums in another order), within 1e-5
-  relative in float32.
-
-Packing and unpacking hold a lock, so two threads never pack the same layer twice (which would
-pack a placeholder). A forward running in another thread *while* a layer is being packed may still
-read the placeholder, so a multi-threaded server should pack once at load
-(:func:`optimize_for_cpu_inference`) rather than let its first concurrent requests do it.
-
-Only weights of at least :data:`MIN_PACKED_ELEMENTS` are packed: oneDNN's fixed cost per call
-(tens of microseconds) outweighs its gain on tiny matrices. Without oneDNN (``torch.backends.mkldnn``) nothing
-is packed and every layer runs ``F.linear``.
+:class:`PackedLinear` is today's one format: the weight stored once in oneDNN's blocked layout,
+which oneDNN multiplies faster than PyTorch's default CPU kernel for the few rows of decoding and
+the prompt (the "packed" rows of ``benchmarks/bench_model.py``); outputs equal ``F.linear``'s within
+float32 rounding. :func:`optimize_for_cpu_inference` swaps it into every large float32 CPU layer.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-MIN_PACKED_ELEMENTS = 1 << 18  # 1 MiB of float32
-_unpack_count = [0]  # bumped by every Linear.unpack, so that models know when to pack again
-_PACK_MARK = "_neoxja_packed_at"
-_LOCK = threading.RLock()  # packing and unpacking swap tensors in several steps
-_AUTO_PACK = ContextVar("neoxja_auto_pack", default=True)
-
-
-def _placeholder(weight: Tensor) -> Tensor:
-    """A tensor of ``weight``'s shape and dtype over a single NaN: no memory, and any use shows."""
-    return torch.full((1,), float("nan"), dtype=weight.dtype).expand(weight.shape)
+MIN_PACKED_ELEMENTS = 1 << 18  # 1 MiB of float32: below that oneDNN's fixed cost outweighs its gain
 
 
 def packing_available() -> bool:
-    """Whether this PyTorch build has the oneDNN linear kernels that packing needs."""
+    """Whether this PyTorch build has the oneDNN linear kernels that :class:`PackedLinear` needs."""
     ops = torch.ops.mkldnn
     return (
         torch.backends.mkldnn.is_available()
@@ -74,190 +40,160 @@ def packing_available() -> bool:
     )
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` that can compute from a oneDNN-packed copy of its weight (see module docstring)."""
+class LinearFormat(nn.Module):
+    """A linear layer ``y = x W^T (+ b)`` whose weight is stored in some format."""
 
-    _packed: Tensor | None = None  # the packed weight, when packed
-    _dense_dropped = False  # whether the dense weight was replaced by a placeholder while packed
-    _shared_version: int | None = None  # weight._version at packing time, when the dense weight is kept
+    format_name: ClassVar[str]
 
-    def forward(self, x: Tensor) -> Tensor:
-        params = self._parameters  # direct reads: module attribute lookup costs more than small matmuls
-        packed = self._packed
-        if packed is not None:
-            weight = params["weight"]
-            # oneDNN's kernel has no backward: with autograd recording, compute densely. And a kept
-            # (shared) dense weight that was written in place since packing makes the copy stale.
-            needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-            if not needs_grad and (self._shared_version is None or self._shared_version == weight._version):
-                return torch.ops.mkldnn._linear_pointwise(x, packed, params["bias"], "none", [], "")
-            self.unpack()
-        return F.linear(x, params["weight"], params["bias"])
+    def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
-    @property
-    def is_packed(self) -> bool:
-        """Whether the layer currently computes from a packed weight."""
-        return self._packed is not None
+    @classmethod
+    def supports(cls, linear: nn.Linear) -> str | None:
+        """Why ``linear`` cannot be stored in this format (None when it can)."""
+        return None
 
-    @torch.inference_mode(False)
-    @torch.no_grad()
-    def pack(self, keep_dense: bool = False) -> bool:
-        """Pack the weight for oneDNN if it is a large float32 CPU matrix; returns whether it is packed.
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> LinearFormat:
+        """This format's layer computing what ``linear`` computes."""
+        raise NotImplementedError
 
-        ``keep_dense``: the weight is shared with another module, so keep it and pack a copy.
-        """
-        weight = self._parameters["weight"]
-        if (
-            weight.device.type != "cpu"
-            or weight.dtype != torch.float32
-            or weight.numel() < MIN_PACKED_ELEMENTS
-            or not packing_available()
-        ):
-            return False
-        with _LOCK:  # two threads packing one layer would pack the placeholder of the other
-            if self._packed is not None:
-                return True
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-            self.__dict__["_shared_version"] = weight._version if keep_dense else None
-            # The packed weight is in place before the dense one goes.
-            self.__dict__["_packed"] = packed
-            if not keep_dense:
-                # Free the dense storage but keep the Parameter object (optimizers and requires_grad
-                # flags refer to it) with the same shape, as a NaN placeholder that takes no memory.
-                weight.data = _placeholder(weight)
-                self.__dict__["_dense_dropped"] = True
-        return True
+    def dense_weight(self) -> Tensor:
+        """The weight as ``nn.Linear`` holds it ([out, in]); what ``state_dict()`` saves."""
+        raise NotImplementedError
 
-    @torch.inference_mode(False)  # the weight must stay an ordinary tensor that can be trained
-    @torch.no_grad()
-    def unpack(self) -> None:
-        """Go back to the ordinary dense weight (bit-identical to the one packed)."""
-        with _LOCK:
-            packed = self._packed
-            if packed is None:
-                return
-            _unpack_count[0] += 1
-            if self._dense_dropped:  # the dense weight is back before the packed one goes
-                self._parameters["weight"].data = packed.to_dense()
-                self.__dict__["_dense_dropped"] = False
-            self.__dict__["_packed"] = None
-            self.__dict__["_shared_version"] = None
-
-    # Everything that looks at the weight from outside sees the dense one.
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "weight" and self._dense_dropped:
-            self.unpack()
-        return super().__getattr__(name)
-
-    def train(self, mode: bool = True) -> Linear:
-        if mode:
-            self.unpack()
-        return super().train(mode)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Linear:
-        self.unpack()
-        _unpack_count[0] += 1  # device or dtype may change: models look again at whether to pack
-        return super()._apply(fn, recurse)
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with this layer's weight and bias."""
+        weight = self.dense_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone())
+        return linear
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._dense_dropped:
-            destination[prefix + "weight"] = self._packed.to_dense()
+        destination[prefix + "weight"] = self.dense_weight()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.unpack()
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        raise RuntimeError(
+            f"{type(self).__name__} layers do not load state dicts: load into the dense model "
+            "(neoxja.linear.restore_dense) and swap the format in again"
+        )
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Copies and pickles get the dense weight (oneDNN's packed tensors cannot be copied)."""
-        state = dict(self.__dict__)
-        state.pop("_shared_version", None)
-        state.pop("_packed", None)
-        if state.pop("_dense_dropped", False):
-            original = self._parameters["weight"]
-            dense = nn.Parameter(self._packed.to_dense(), original.requires_grad)
-            state["_parameters"] = {**state["_parameters"], "weight": dense}
-        return state
+    def check_movable(self) -> None:
+        """Raise: a format layer does not change device or dtype (models call this before moving)."""
+        raise RuntimeError(
+            f"{type(self).__name__} layers cannot change device or dtype: call "
+            "neoxja.linear.restore_dense(model) first, then move the model"
+        )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LinearFormat:
+        self.check_movable()
+        return self
+
+    def train(self, mode: bool = True) -> LinearFormat:
+        if mode:
+            raise RuntimeError(
+                f"{type(self).__name__} layers are for inference: call neoxja.linear.restore_dense(model) "
+                "before training"
+            )
+        return super().train(False)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", packed=True" if self._packed is not None else "")
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
 
 
-def optimize_for_cpu_inference(model: nn.Module) -> nn.Module:
-    """Pack the large float32 CPU weights of every :class:`Linear` in ``model`` for oneDNN; returns
-    ``model``.
+class PackedLinear(LinearFormat):
+    """The weight in oneDNN's packed layout (float32, CPU), as a non-trainable parameter."""
 
-    Calling it again is cheap (already packed layers are skipped). Raises ``RuntimeError`` if the
-    model is in training mode: packed weights are for inference; ``model.train()`` unpacks them.
+    format_name = "onednn-packed"
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+
+    @classmethod
+    def supports(cls, linear: nn.Linear) -> str | None:
+        weight = linear.weight
+        if not packing_available():
+            return "this PyTorch build has no oneDNN linear kernels"
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            return f"the weight is {weight.dtype} on {weight.device}, not float32 on the CPU"
+        if weight.numel() < MIN_PACKED_ELEMENTS:
+            return f"the weight has {weight.numel()} elements, fewer than {MIN_PACKED_ELEMENTS}"
+        return None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+        reason = cls.supports(linear)
+        if reason is not None:
+            raise ValueError(f"cannot pack {linear}: {reason}")
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("PackedLinear has no backward: run it without autograd, or restore_dense")
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def dense_weight(self) -> Tensor:
+        return self.weight.detach().to_dense()
+
+
+FORMATS: dict[str, type[LinearFormat]] = {PackedLinear.format_name: PackedLinear}
+"""Weight formats by name."""
+
+
+def swap_linear_layers(
+    model: nn.Module,
+    fmt: type[LinearFormat] | str,
+    *,
+    where: Callable[[str, nn.Linear], bool] | None = None,
+) -> nn.Module:
+    """Replace, in place, each ``nn.Linear`` of ``model`` that the format supports (and ``where(name,
+    layer)`` accepts) by that format's layer; returns ``model``.
+
+    A weight shared with another module (the output head tied to the input embedding) is copied
+    into the format, so the new layer no longer follows later writes to the embedding.
     """
+    cls = FORMATS[fmt] if isinstance(fmt, str) else fmt
     if model.training:
-        raise RuntimeError(
-            "optimize_for_cpu_inference needs a model in eval mode (model.eval()); packed weights are "
-            "for inference, and model.train() restores the ordinary ones"
-        )
-    users: dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            users[id(param)] = users.get(id(param), 0) + 1
-    for linear in (m for m in model.modules() if isinstance(m, Linear)):
-        linear.pack(keep_dense=users[id(linear._parameters["weight"])] > 1)
-    _mark(model, _unpack_count[0])
+        raise RuntimeError(f"swapping in {cls.__name__} layers needs a model in eval mode (model.eval())")
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            wanted = where is None or where(name, child)
+            if type(child) is nn.Linear and wanted and cls.supports(child) is None:
+                setattr(parent, child_name, cls.from_linear(child).eval())
     return model
 
 
-def _mark(model: nn.Module, value: int | str) -> None:
-    # On every submodule too: a causal LM's forward calls its bare model's forward, which checks.
-    for module in model.modules():
-        module.__dict__[_PACK_MARK] = value
-
-
-def pack_for_inference(model: nn.Module) -> None:
-    """Pack ``model`` if it is a float32 CPU model running without autograd in eval mode.
-
-    The model's forward calls this; it costs a few attribute reads once packed, and packs again
-    after any layer went back to its dense weight (``.weight`` read, ``train()``, ...).
-    """
-    mark = model.__dict__.get(_PACK_MARK)
-    if model.training or torch.is_grad_enabled() or mark == _unpack_count[0] or mark == "off":
-        return
-    if not _AUTO_PACK.get():
-        return
-    if not packing_available():
-        _mark(model, "off")
-        return
-    weight = next(model.parameters(), None)
-    with _LOCK:
-        if weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32:
-            optimize_for_cpu_inference(model)
-        else:  # not eligible now; look again after the next unpack or move anywhere (e.g. .float())
-            _mark(model, _unpack_count[0])
-
-
-@contextmanager
-def no_auto_packing() -> Iterator[None]:
-    """Within the block (in this thread), forwards do not pack models by themselves.
-
-    ``generate()`` runs its prompt this way when its decoding steps read the dense weights
-    (:mod:`neoxja.cpu_decode`); explicit :func:`optimize_for_cpu_inference` calls still pack.
-    """
-    token = _AUTO_PACK.set(False)
-    try:
-        yield
-    finally:
-        _AUTO_PACK.reset(token)
+def optimize_for_cpu_inference(model: nn.Module) -> nn.Module:
+    """Swap :class:`PackedLinear` into every large float32 CPU linear layer of ``model`` (in place);
+    returns ``model``. The C decoding step does not read packed layers, so ``generate()`` then runs
+    its steps through PyTorch's packed kernels (``neoxja.explain_decoding`` says so)."""
+    return swap_linear_layers(model, PackedLinear)
 
 
 def restore_dense(model: nn.Module) -> nn.Module:
-    """Undo :func:`optimize_for_cpu_inference`: every weight an ordinary dense tensor again, and no
-    automatic packing of this model until :func:`optimize_for_cpu_inference` is called again."""
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.unpack()
-    _mark(model, "off")
+    """Put a plain ``nn.Linear`` back for every :class:`LinearFormat` layer of ``model`` (in place)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, LinearFormat):
+                setattr(parent, child_name, child.to_linear())
+    tie = getattr(model, "tie_weights", None)
+    if tie is not None:  # a packed head had its own copy of the tied embedding
+        tie()
     return model
 
 
 def is_optimized_for_cpu_inference(model: nn.Module) -> bool:
-    """Whether any :class:`Linear` of ``model`` currently computes from a packed weight."""
-    return any(isinstance(m, Linear) and m.is_packed for m in model.modules())
+    """Whether any layer of ``model`` is a :class:`PackedLinear`."""
+    return any(isinstance(m, PackedLinear) for m in model.modules())

@@ -28,7 +28,6 @@ from torch import nn
 
 from neoxja.cache import KVCache
 from neoxja.configuration import GPTNeoXJapaneseConfig, get_activation
-from neoxja.linear import Linear, pack_for_inference
 from neoxja.rope import RotaryEmbedding, apply_rotary
 
 # ----- outputs --------------------------------------------------------------------------------------
@@ -156,8 +155,8 @@ class GPTNeoXJapaneseAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
         self.dropout = config.attention_dropout
-        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.dense = Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         last = layer_idx == config.num_hidden_layers - 1
         self.dense_bias = nn.Parameter(torch.zeros(config.hidden_size)) if last else None
 
@@ -225,8 +224,8 @@ class GPTNeoXJapaneseMLP(nn.Module):
     def __init__(self, config: GPTNeoXJapaneseConfig) -> None:
         super().__init__()
         intermediate = int(config.hidden_size * config.intermediate_multiple_size)
-        self.dense_h_to_4h = Linear(config.hidden_size, intermediate, bias=False)
-        self.dense_4h_to_h = Linear(intermediate, config.hidden_size, bias=False)
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, intermediate, bias=False)
+        self.dense_4h_to_h = nn.Linear(intermediate, config.hidden_size, bias=False)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,6 +299,15 @@ class GPTNeoXJapanesePreTrainedModel(nn.Module):
             nn.init.zeros_(module.bias)
         elif isinstance(module, GPTNeoXJapaneseAttention) and module.dense_bias is not None:
             nn.init.zeros_(module.dense_bias)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GPTNeoXJapanesePreTrainedModel:
+        # .to()/.half()/...: a layer that cannot move (a weight format bound to one device) says so
+        # before any other layer has moved, so a refused move leaves the whole model as it was.
+        for module in self.modules():
+            check = getattr(module, "check_movable", None)
+            if check is not None:
+                check()
+        return super()._apply(fn, recurse)
 
     def tie_weights(self) -> None:
         """Make the output projection share the input embedding when ``config.tie_word_embeddings``."""
@@ -423,7 +431,6 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         ``[layers, heads]``, 1 keeps a head) scales the attention weights. With ``use_cache`` a
         :class:`KVCache` is created when none is given and returned in ``past_key_values``.
         """
-        pack_for_inference(self)
         config = self.config
         output_attentions = _default(output_attentions, config, "output_attentions", False)
         output_hidden_states = _default(output_hidden_states, config, "output_hidden_states", False)
@@ -501,7 +508,7 @@ class GPTNeoXJapaneseLMHeadModel(GPTNeoXJapanesePreTrainedModel):
     def __init__(self, config: GPTNeoXJapaneseConfig) -> None:
         super().__init__(config)
         self.gpt_neox_japanese = GPTNeoXJapaneseModel(config)
-        self.embed_out = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if not self.embed_out.weight.is_meta:  # the transformer initialised itself already
             self._init_weights(self.embed_out)
         self.tie_weights()
@@ -534,7 +541,6 @@ class GPTNeoXJapaneseLMHeadModel(GPTNeoXJapanesePreTrainedModel):
         ``t + 1`` from position ``t``. ``logits_to_keep`` = n > 0 computes logits for the last n
         positions only (a 1-D tensor selects positions); 0 keeps all.
         """
-        pack_for_inference(self)
         return_dict = _default(return_dict, self.config, "return_dict", True)
         out = self.gpt_neox_japanese(
             input_ids,
