@@ -97,12 +97,16 @@ class LinearFormat(nn.Module):
         self.check_movable()
         return self
 
+    def check_trainable(self) -> None:
+        """Raise: format layers are for inference (models call this before switching to training)."""
+        raise RuntimeError(
+            f"{type(self).__name__} layers are for inference: call neoxja.linear.restore_dense(model) "
+            "before training"
+        )
+
     def train(self, mode: bool = True) -> LinearFormat:
         if mode:
-            raise RuntimeError(
-                f"{type(self).__name__} layers are for inference: call neoxja.linear.restore_dense(model) "
-                "before training"
-            )
+            self.check_trainable()
         return super().train(False)
 
     def extra_repr(self) -> str:

@@ -309,6 +309,14 @@ class GPTNeoXJapanesePreTrainedModel(nn.Module):
                 check()
         return super()._apply(fn, recurse)
 
+    def train(self, mode: bool = True) -> GPTNeoXJapanesePreTrainedModel:
+        # Likewise an inference-only layer refuses training mode before any module has switched.
+        for module in self.modules() if mode else ():
+            check = getattr(module, "check_trainable", None)
+            if check is not None:
+                check()
+        return super().train(mode)
+
     def tie_weights(self) -> None:
         """Make the output projection share the input embedding when ``config.tie_word_embeddings``."""
         output = self.get_output_embeddings()
