@@ -23,6 +23,8 @@ _EXPORTS = {
     "GenerationConfig": "neoxja.generation",
     "stream_generate": "neoxja.generation",
     "explain_decoding": "neoxja.decoding",
+    "optimize_for_cpu_inference": "neoxja.linear",
+    "restore_dense": "neoxja.linear",
     "TextStreamer": "neoxja.streamers",
     "TextIteratorStreamer": "neoxja.streamers",
     "pipeline": "neoxja.pipelines",
