@@ -35,7 +35,7 @@ import transformers
 
 import neoxja
 from neoxja import cpu_decode
-from neoxja.linear import Linear
+from neoxja.linear import PackedLinear, packing_available
 
 PROMPT, NEW_TOKENS, VOCAB = 32, 128, 32000
 CONFIGS = {
@@ -67,8 +67,8 @@ def best_seconds(run: Callable[[], object], repeats: int) -> float:
 @torch.no_grad()
 def matvec_gbps(rows: int = 16384, cols: int = 4096, repeats: int = 30) -> dict[str, float]:
     """GB/s of y = W x for a float32 W far larger than the last-level cache (median of ``repeats``):
-    PyTorch's default kernel and oneDNN's packed one (through neoxja's Linear), and neoxja's C kernel."""
-    layer = Linear(cols, rows, bias=False).eval()
+    PyTorch's default kernel and oneDNN's packed one (neoxja.linear.PackedLinear), and neoxja's C kernel."""
+    layer = torch.nn.Linear(cols, rows, bias=False).eval()
     x = torch.randn(1, cols)
     nbytes = rows * cols * 4
     result = {"torch default": nbytes / _median_seconds(lambda: layer(x), repeats) / 1e9}
@@ -76,26 +76,26 @@ def matvec_gbps(rows: int = 16384, cols: int = 4096, repeats: int = 30) -> dict[
         weight = layer.weight.detach()
         seconds = _median_seconds(lambda: cpu_decode.matmul(weight, x), repeats)
         result["neoxja C kernel"] = nbytes / seconds / 1e9
-    if layer.pack():
-        result["oneDNN packed"] = nbytes / _median_seconds(lambda: layer(x), repeats) / 1e9
+    if packing_available():
+        packed = PackedLinear.from_linear(layer)
+        result["oneDNN packed"] = nbytes / _median_seconds(lambda: packed(x), repeats) / 1e9
     return result
 
 
 @torch.no_grad()
 def step_matvec_rate(model: torch.nn.Module, repeats: int = 10) -> float:
     """Tokens/s of a batch-1 step reduced to its matrix-vector products, back to back, on fresh
-    copies of every weight matrix: with neoxja's C kernel, or packed Linear layers without it."""
+    copies of every weight matrix: with neoxja's C kernel, or PackedLinear layers without it."""
     products: list[Callable[[], object]] = []
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            out_features, in_features = module._parameters["weight"].shape  # .weight would unpack it
+            out_features, in_features = module.weight.shape
             x = torch.randn(1, in_features)
             if cpu_decode.extension_available():
                 weight = torch.randn(out_features, in_features)
                 products.append(lambda weight=weight, x=x: cpu_decode.matmul(weight, x))
             else:
-                layer = Linear(in_features, out_features, bias=False).eval()
-                layer.pack()
+                layer = PackedLinear.from_linear(torch.nn.Linear(in_features, out_features, bias=False))
                 products.append(lambda layer=layer, x=x: layer(x))
 
     def run() -> None:
