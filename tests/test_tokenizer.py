@@ -415,3 +415,24 @@ def test_cli_prints_ids_and_tokens(assets_dir: Path, ref, capsys, monkeypatch) -
 def test_cli_reports_a_missing_model(tmp_path: Path, capsys) -> None:
     assert main(["tokenize", "--model", str(tmp_path / "nowhere"), "x"]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_negative_max_length_and_unset_padding_length_raise(assets_dir):
+    """A negative length would silently drop tokens; padding to an unset length would overflow."""
+    tok = GPTNeoXJapaneseTokenizer.from_pretrained(assets_dir)
+    with pytest.raises(ValueError, match="max_length"):
+        tok("こんにちは", truncation=True, max_length=-1)
+    with pytest.raises(ValueError, match="max_length"):
+        tok(["こんにちは"], padding="max_length")
+
+
+def test_non_utf8_files_name_the_file(assets_dir, tmp_path):
+    """A UTF-16 vocab.txt or emoji.json is a ValueError naming the file, not a UnicodeDecodeError."""
+    import shutil
+
+    for name in ("vocab.txt", "emoji.json"):
+        d = tmp_path / name
+        shutil.copytree(assets_dir, d)
+        (d / name).write_bytes((d / name).read_text(encoding="utf-8").encode("utf-16"))
+        with pytest.raises(ValueError, match=name):
+            GPTNeoXJapaneseTokenizer.from_pretrained(d)

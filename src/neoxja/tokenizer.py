@@ -43,6 +43,8 @@ from operator import iadd
 from pathlib import Path
 from typing import Any
 
+from neoxja.jsonfile import read_json_object
+
 try:
     from . import _segment as _compiled
 except ImportError:  # built without a C compiler: the pure-Python segmentation is used
@@ -267,8 +269,12 @@ def load_vocab(path: str | os.PathLike) -> list[str]:
     Returns the lines. Raises ValueError naming the file and line for an empty line or an empty
     variant (``a,,b``, ``a,``); a line that is just ``,`` is the comma token.
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start} is {raw[err.start]:#04x})") from err
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
@@ -285,7 +291,7 @@ def load_emoji(path: str | os.PathLike) -> dict[str, dict[str, str]]:
 
     Raises ValueError naming the file and key when the structure is wrong.
     """
-    data = _read_json_object(path, "a JSON object with keys 'emoji' and 'emoji_inv'")
+    data = read_json_object(path, "a JSON object with keys 'emoji' and 'emoji_inv'")
     for key in ("emoji", "emoji_inv"):
         table = data.get(key)
         if not isinstance(table, dict):
@@ -525,7 +531,7 @@ class GPTNeoXJapaneseTokenizer:
         for filename in ("special_tokens_map.json", "tokenizer_config.json"):
             path = resolve_file(name_or_path, filename, options)
             if path is not None:
-                config.update(_read_json_object(path))
+                config.update(read_json_object(path))
         init = {}
         for key in ("unk_token", "pad_token", "bos_token", "eos_token"):
             value = config.get(key)
@@ -830,6 +836,9 @@ class GPTNeoXJapaneseTokenizer:
 
     def _truncate(self, ids: list[int], max_length: int | None) -> list[int]:
         limit = self.model_max_length if max_length is None else max_length
+        if limit < 0:
+            name = "model_max_length" if max_length is None else "max_length"
+            raise ValueError(f"truncation needs a non-negative {name}, got {limit}")
         if len(ids) <= limit:
             return ids
         return ids[:limit] if self.truncation_side == "right" else ids[len(ids) - limit :]
@@ -913,6 +922,11 @@ class GPTNeoXJapaneseTokenizer:
             target = max((len(ids) for ids in all_ids), default=0)
         elif padding == "max_length":
             target = self.model_max_length if max_length is None else max_length
+            if target >= VERY_LARGE_INTEGER:
+                raise ValueError("padding='max_length' needs max_length (or a model_max_length in the config)")
+            if target < 0:
+                name = "model_max_length" if max_length is None else "max_length"
+                raise ValueError(f"padding='max_length' needs a non-negative {name}, got {target}")
         else:
             raise ValueError(
                 f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}"
@@ -1411,18 +1425,6 @@ def _overlaps_tag(key: str, tags: set[str]) -> bool:
             if key[:i] == tag[-i:] or key[-i:] == tag[:i]:
                 return True
     return False
-
-
-def _read_json_object(path: str | os.PathLike, expected: str = "a JSON object") -> dict:
-    """The JSON object in ``path``; ValueError naming the file when it is not valid JSON or not an object."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected {expected}")
-    return data
 
 
 def _check_text(text: Any) -> str:
