@@ -923,7 +923,7 @@ class GPTNeoXJapaneseTokenizer:
         elif padding == "max_length":
             target = self.model_max_length if max_length is None else max_length
             if target >= VERY_LARGE_INTEGER:
-                raise ValueError("padding='max_length' needs max_length (or a model_max_length in the config)")
+                raise ValueError("padding='max_length' needs max_length (or model_max_length in the config)")
             if target < 0:
                 name = "model_max_length" if max_length is None else "max_length"
                 raise ValueError(f"padding='max_length' needs a non-negative {name}, got {target}")
