@@ -315,3 +315,12 @@ def test_neoxja_saves_transformers_loads(name: str, tmp_path: Path) -> None:
     assert maxdiff(back(x).logits, ours(x).logits) <= TOL
     assert maxdiff(back(x).logits, reference(x).logits) <= TOL
     assert back.config.tie_word_embeddings == ours.config.tie_word_embeddings
+
+
+def test_token_id_outside_the_vocabulary_is_named_with_its_position() -> None:
+    config = GPTNeoXJapaneseConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    model = GPTNeoXJapaneseForCausalLM(config).eval()
+    with pytest.raises(ValueError, match=r"token id 100 at position \(1, 2\).*\[0, 100\)"):
+        model(torch.tensor([[1, 2, 3], [4, 5, 100]]))
+    with pytest.raises(ValueError, match=r"token id -1 at position \(0, 0\)"):
+        model(torch.tensor([[-1, 2]]))

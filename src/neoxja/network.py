@@ -448,6 +448,8 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
 
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            _check_token_ids(input_ids, config.vocab_size)
         x = self.embed_in(input_ids) if inputs_embeds is None else inputs_embeds
         if x.dim() != 3:
             if inputs_embeds is None:
@@ -586,6 +588,22 @@ class GPTNeoXJapaneseLMHeadModel(GPTNeoXJapanesePreTrainedModel):
             attentions=out.attentions,
         )
         return result if return_dict else result.to_tuple()
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """ValueError naming the first id outside [0, vocab_size) and its position, instead of the
+    embedding's bare IndexError. On the CPU only: elsewhere the check would cost a device sync per
+    forward, and the device's own assertion stops the kernel."""
+    if input_ids.device.type != "cpu" or input_ids.numel() == 0:
+        return
+    if int(input_ids.min()) >= 0 and int(input_ids.max()) < vocab_size:
+        return
+    bad = ((input_ids < 0) | (input_ids >= vocab_size)).nonzero()[0].tolist()
+    where = ", ".join(str(i) for i in bad)
+    raise ValueError(
+        f"input_ids holds token id {int(input_ids[tuple(bad)])} at position ({where}), outside the "
+        f"vocabulary [0, {vocab_size})"
+    )
 
 
 def _default(value: bool | None, config: GPTNeoXJapaneseConfig, name: str, fallback: bool) -> bool:
