@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from neoxja.generation import GenerationMixin
 from neoxja.network import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
     GPTNeoXJapaneseAttention,
     GPTNeoXJapaneseLayer,
     GPTNeoXJapaneseLMHeadModel,
     GPTNeoXJapaneseMLP,
     GPTNeoXJapaneseModel,
     GPTNeoXJapanesePreTrainedModel,
-    ModelOutput,
     build_attention_mask,
 )
+from neoxja.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
 
 __all__ = [
     "BaseModelOutputWithPast",
