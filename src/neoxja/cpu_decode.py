@@ -7,7 +7,7 @@ and, for greedy decoding, the argmax) in C, on the model's own dense weights and
 :class:`~neoxja.cache.KVCache`, with its own threads (as many as ``torch.get_num_threads()``).
 The prompt (prefill) still goes through the model's PyTorch forward, which fills the same cache.
 
-``generate()`` uses it by itself when :func:`fused_decoder` returns one, that is when
+``generate()`` uses it by itself (the ``cpu-fused`` backend of :mod:`neoxja.decoding`) when
 
 * the extension was built (``pip install`` compiles it; without a C compiler it is skipped);
 * the model is a :class:`~neoxja.modeling.GPTNeoXJapaneseForCausalLM` made of neoxja's own modules
@@ -120,7 +120,7 @@ def matmul(weight: Tensor, x: Tensor) -> Tensor:
 
 
 def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
-    """Why :func:`fused_decoder` would not build a decoder for ``model`` (None if it would)."""
+    """Why :class:`FusedDecoder` would refuse ``model`` (None if it would decode it)."""
 
     if os.environ.get("NEOXJA_FUSED_DECODE", "1") == "0":
         return "turned off by NEOXJA_FUSED_DECODE=0"
@@ -150,15 +150,6 @@ def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
     if rotary.rope_type == "longrope" and max_length > rotary.longrope_threshold:
         return "longrope switches frequencies beyond original_max_position_embeddings"
     return None
-
-
-def fused_decoder(model: Any, cache: KVCache, max_length: int) -> FusedDecoder | None:
-    """A :class:`FusedDecoder` for ``model`` writing into ``cache``, or None where it does not apply
-    (see the module docstring; :func:`fused_decoding_unsupported` says why)."""
-    try:
-        return FusedDecoder(model, cache, max_length)
-    except FusedDecodingUnsupported:
-        return None
 
 
 class FusedDecodingUnsupported(ValueError):

@@ -30,6 +30,7 @@ import torch
 from neoxja.cache import KVCache
 from neoxja.decoding import start_decoding
 from neoxja.generation_config import GENERATION_CONFIG_NAME, GenerationConfig, check_seed
+from neoxja.network import check_token_ids
 from neoxja.sample_utils import Processor, Sampler, make_sampler
 from neoxja.streamers import make_detokenizer
 
@@ -70,14 +71,7 @@ def _prompt_ids(model: Any, input_ids: Any, config: GenerationConfig) -> torch.T
         raise ValueError(
             f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one prompt token"
         )
-    vocab_size = model.config.vocab_size
-    outside = (input_ids < 0) | (input_ids >= vocab_size)
-    if bool(outside.any()):
-        row, column = (int(i) for i in outside.nonzero()[0])
-        raise ValueError(
-            f"input_ids contains token id {int(input_ids[row, column])} at row {row}, position {column}, "
-            f"outside the vocabulary [0, {vocab_size})"
-        )
+    check_token_ids(input_ids, model.config.vocab_size)
     context = model.config.max_position_embeddings
     if input_ids.shape[1] > context:
         raise ValueError(

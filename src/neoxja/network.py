@@ -376,8 +376,10 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
 
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            _check_token_ids(input_ids, config.vocab_size)
+        if inputs_embeds is None and input_ids.device.type == "cpu":
+            # On the CPU only: on a device the check would cost a sync per forward (once per decoding
+            # step), and the device's own assertion stops the embedding kernel anyway.
+            check_token_ids(input_ids, config.vocab_size)
         x = self.embed_in(input_ids) if inputs_embeds is None else inputs_embeds
         if x.dim() != 3:
             if inputs_embeds is None:
@@ -518,19 +520,15 @@ class GPTNeoXJapaneseLMHeadModel(GPTNeoXJapanesePreTrainedModel):
         return result if return_dict else result.to_tuple()
 
 
-def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """ValueError naming the first id outside [0, vocab_size) and its position, instead of the
-    embedding's bare IndexError. On the CPU only: elsewhere the check would cost a device sync per
-    forward, and the device's own assertion stops the kernel."""
-    if input_ids.device.type != "cpu" or input_ids.numel() == 0:
-        return
-    if int(input_ids.min()) >= 0 and int(input_ids.max()) < vocab_size:
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """ValueError naming the first id outside [0, vocab_size), its row and position, instead of the
+    embedding's bare IndexError (``generate()`` calls it once per call on any device)."""
+    if input_ids.numel() == 0 or (int(input_ids.min()) >= 0 and int(input_ids.max()) < vocab_size):
         return
     bad = ((input_ids < 0) | (input_ids >= vocab_size)).nonzero()[0].tolist()
-    where = ", ".join(str(i) for i in bad)
     raise ValueError(
-        f"input_ids holds token id {int(input_ids[tuple(bad)])} at position ({where}), outside the "
-        f"vocabulary [0, {vocab_size})"
+        f"{name} holds token id {int(input_ids[tuple(bad)])} at position ({', '.join(map(str, bad))}), "
+        f"outside the vocabulary [0, {vocab_size})"
     )
 
 
