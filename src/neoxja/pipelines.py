@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from neoxja.devices import resolve_device, resolve_dtype
 from neoxja.hub import DEFAULT_MODEL
 
 SUPPORTED_TASKS = ("text-generation",)
@@ -21,46 +22,6 @@ SUPPORTED_TASKS = ("text-generation",)
 # same defaults for free-form text generation); sampling-only values are dropped when not sampling.
 PIPELINE_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
 SAMPLING_ARGS = ("temperature", "top_k", "top_p")
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def resolve_device(device: int | str | torch.device | None) -> torch.device:
-    """``0`` -> ``cuda:0``, ``-1``/``None`` -> cpu, strings and ``torch.device`` as torch reads them."""
-    if device is None:
-        return torch.device("cpu")
-    if isinstance(device, bool):
-        raise TypeError(f"device must be an int, a string or a torch.device, not {device!r}")
-    if isinstance(device, int):
-        resolved = torch.device("cpu") if device < 0 else torch.device("cuda", device)
-    else:
-        try:
-            resolved = torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda:0', 0)") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} asks for CUDA, but torch sees no CUDA GPU on this machine")
-    return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
-    """A ``torch.dtype`` from a name such as ``"float16"`` or ``"bf16"``; None and ``"auto"`` pass through."""
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        if name in _DTYPES:
-            return _DTYPES[name]
-    raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(set(_DTYPES))} or 'auto'")
 
 
 def load_model_and_tokenizer(
@@ -254,8 +215,9 @@ def pipeline(
 
     ``model`` is a Hub id, a local directory or a loaded model (default: the 2.7B Hub model);
     ``tokenizer`` likewise (default: the model's own). ``dtype`` (``torch.float16``, ``"bfloat16"``,
-    ...) and ``device`` (``0`` -> ``cuda:0``, ``"cpu"``, ``torch.device``, ``-1``/``None`` -> cpu)
-    apply to the loaded model. Other keywords become defaults for every call (e.g. ``max_new_tokens``).
+    ...) and ``device`` (``0`` -> ``cuda:0``, ``-1`` -> cpu, ``"cuda:1"``, ``"auto"``, ``torch.device``;
+    ``None`` leaves the model where loading put it: the CPU) apply to the loaded model; see
+    :mod:`neoxja.devices`. Other keywords become defaults for every call (e.g. ``max_new_tokens``).
     """
     task = task or "text-generation"
     if task not in SUPPORTED_TASKS:
