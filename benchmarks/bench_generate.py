@@ -35,13 +35,11 @@ import transformers
 
 import neoxja
 from neoxja import cpu_decode
+from neoxja.configuration import PRESETS
 from neoxja.linear import PackedLinear, packing_available
 
 PROMPT, NEW_TOKENS, VOCAB = 32, 128, 32000
-CONFIGS = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
-    "small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
-}
+CONFIGS = {name: PRESETS[name] for name in ("tiny", "small")}
 
 
 def _median_seconds(run: Callable[[], object], repeats: int) -> float:

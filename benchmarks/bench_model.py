@@ -34,14 +34,9 @@ from pathlib import Path
 
 import torch
 
-SPEED_CONFIG = dict(
-    vocab_size=32000,
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_multiple_size=4,
-    max_position_embeddings=2048,
-)
+from neoxja.configuration import PRESETS
+
+SPEED_CONFIG = dict(PRESETS["small"], vocab_size=32000)
 
 
 CLOCK: Callable[[], float] = time.perf_counter

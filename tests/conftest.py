@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from neoxja.configuration import PRESETS
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -42,7 +44,8 @@ def corpus_dir() -> Path:
 # Tiny checkpoints and transformers/neoxja pairs, shared by every test file. transformers is the
 # oracle: it builds and saves the random weights, neoxja loads what it saved.
 
-TINY = {"vocab_size": 32000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+# The "tiny" preset with abeja's full vocabulary: the shape of every shared test checkpoint.
+TINY = {"vocab_size": 32000, **PRESETS["tiny"]}
 
 
 def build_tiny_checkpoint(out: Path, assets_dir: Path, seed: int = 0, with_tokenizer: bool = True) -> Path:

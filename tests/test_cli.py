@@ -13,7 +13,8 @@ from conftest import build_tiny_checkpoint
 import neoxja.commands.generate as generate_command
 from neoxja import GPTNeoXJapaneseTokenizer
 from neoxja.cli import main
-from neoxja.commands.init import SIZES, build_config
+from neoxja.commands.init import build_config
+from neoxja.configuration import PRESETS
 
 PROMPT = "人とAIが協調するためには、"
 
@@ -214,7 +215,7 @@ def test_init_dtype_and_size_presets(tmp_path: Path, assets_dir: Path) -> None:
     assert (small.hidden_size, small.num_hidden_layers, small.num_attention_heads) == (768, 12, 12)
     full = build_config("2.7b", tokenizer)
     assert (full.hidden_size, full.num_hidden_layers, full.num_attention_heads) == (2560, 32, 32)
-    assert set(SIZES) == {"tiny", "small", "2.7b"}
+    assert set(PRESETS) == {"tiny", "small", "2.7b"}
 
 
 def test_visualize_mask_prints_a_grid_per_text(tiny_dir: Path, capsys: pytest.CaptureFixture) -> None:

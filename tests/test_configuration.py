@@ -331,3 +331,17 @@ def test_equality_and_repr() -> None:
     assert GPTNeoXJapaneseConfig(**TINY) != GPTNeoXJapaneseConfig(**{**TINY, "hidden_dropout": 0.5})
     text = repr(GPTNeoXJapaneseConfig(**TINY))
     assert text.startswith("GPTNeoXJapaneseConfig {") and '"hidden_size": 64' in text
+
+
+def test_presets_build_valid_configs_and_unknown_names_are_listed() -> None:
+    from neoxja.configuration import PRESETS
+
+    tiny = GPTNeoXJapaneseConfig.from_preset("tiny", vocab_size=100)
+    shape = (tiny.hidden_size, tiny.num_hidden_layers, tiny.num_attention_heads, tiny.vocab_size)
+    assert shape == (64, 2, 4, 100)
+    assert GPTNeoXJapaneseConfig.from_preset("2.7b") == GPTNeoXJapaneseConfig()
+    for name, fields in PRESETS.items():
+        config = GPTNeoXJapaneseConfig.from_preset(name)
+        assert {key: getattr(config, key) for key in fields} == fields
+    with pytest.raises(ValueError, match="preset 'huge' is not one of tiny, small, 2.7b"):
+        GPTNeoXJapaneseConfig.from_preset("huge")

@@ -22,8 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from neoxja.hub import HubOptions, resolve_file
+from neoxja.jsonfile import read_json_object
 
 CONFIG_NAME = "config.json"
+
+# Named architectures for ``neoxja init``, the benchmarks and the tests: the fields that differ from
+# the defaults, which are abeja/gpt-neox-japanese-2.7b's.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "small": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "2.7b": {},
+}
 
 # Names accepted for ``hidden_act``; each computes what transformers' ACT2FN entry of that name does.
 ACTIVATIONS = (
@@ -398,12 +407,17 @@ class GPTNeoXJapaneseConfig:
         return config
 
     @classmethod
+    def from_preset(cls, name: str, **kwargs: Any) -> GPTNeoXJapaneseConfig:
+        """The architecture named ``name`` in :data:`PRESETS` (``"tiny"``, ``"small"``, ``"2.7b"``);
+        keyword arguments set other fields (``vocab_size``, special ids, ...)."""
+        if name not in PRESETS:
+            raise ValueError(f"preset {name!r} is not one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **kwargs})
+
+    @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> GPTNeoXJapaneseConfig:
         """Read a ``config.json`` file."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        data = read_json_object(path, "a config.json object")
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as err:

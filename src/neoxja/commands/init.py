@@ -10,12 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-# Architecture of each --size; everything else keeps GPTNeoXJapaneseConfig's defaults (the 2.7B model).
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
-    "small": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
-    "2.7b": {},
-}
+from neoxja.configuration import PRESETS, GPTNeoXJapaneseConfig
 
 EPILOG = """\
 example:
@@ -36,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--size", choices=tuple(SIZES), default="tiny", help="architecture (default: tiny)")
+    parser.add_argument(
+        "--size", choices=tuple(PRESETS), default="tiny", help="architecture preset (default: tiny)"
+    )
     parser.add_argument(
         "--tokenizer", required=True, help="directory (or Hub id) with vocab.txt and emoji.json"
     )
@@ -53,20 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_init)
 
 
-def build_config(size: str, tokenizer: Any) -> Any:
-    """The configuration of ``size``, with the vocabulary and special ids of ``tokenizer``."""
-    from neoxja.configuration import GPTNeoXJapaneseConfig
-
-    if size not in SIZES:
-        raise ValueError(f"size={size!r} is not one of {', '.join(SIZES)}")
+def build_config(size: str, tokenizer: Any) -> GPTNeoXJapaneseConfig:
+    """The configuration preset ``size``, with the vocabulary and special ids of ``tokenizer``."""
     # abeja's vocabulary has 31998 entries but special ids up to 31999: the model has 32000 rows.
     special_ids = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
     vocab_size = max([len(tokenizer)] + [token_id + 1 for token_id in special_ids if token_id is not None])
-    return GPTNeoXJapaneseConfig(
-        vocab_size=vocab_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **SIZES[size],
+    return GPTNeoXJapaneseConfig.from_preset(
+        size, vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
     )
 
 
