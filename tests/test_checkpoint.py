@@ -234,6 +234,98 @@ def test_truncated_and_corrupt_safetensors(saved: Path) -> None:
         GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
 
 
+def write_raw_safetensors(path: Path, header: dict, data: bytes) -> None:
+    """A safetensors file with exactly this header, as a damaged or hostile writer could make it."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize(
+    "header, data, problem",
+    [
+        (  # two tensors sharing bytes
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            12,
+            "invalid offset",
+        ),
+        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "integer `-2`"),
+        ({"a": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}}, 8, "floating point"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8, "invalid offset"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, "not fully covered"),
+    ],
+    ids=["overlap", "negative-shape", "fractional-shape", "gap", "trailing-bytes"],
+)
+def test_safetensors_the_library_refuses_are_refused(
+    saved: Path, header: dict, data: int, problem: str
+) -> None:
+    path = saved / "model.safetensors"
+    write_raw_safetensors(path, header, bytes(data))
+    with pytest.raises(CheckpointError, match=f"{path}: corrupt safetensors header.*{problem}"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+def test_deeply_nested_header_is_an_error_not_a_recursion_crash(saved: Path) -> None:
+    path = saved / "model.safetensors"
+    raw = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+def test_dtype_neoxja_cannot_read_is_named(saved: Path) -> None:
+    path = saved / "model.safetensors"
+    write_raw_safetensors(path, {"a": {"dtype": "U16", "shape": [2], "data_offsets": [0, 4]}}, bytes(4))
+    with pytest.raises(CheckpointError, match="tensor 'a' has dtype U16, which neoxja does not read"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("kind", [torch.int32, torch.bool, torch.uint8])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_integer_or_bool_tensor_for_a_float_weight_names_file_and_key(
+    saved: Path, kind: torch.dtype, fmt: str
+) -> None:
+    state = state_of(saved)
+    key = "gpt_neox_japanese.layers.0.attention.dense.weight"
+    state[key] = torch.ones_like(state[key]).to(kind)
+    (saved / "model.safetensors").unlink()
+    path = saved / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
+    save_file(state, path) if fmt == "safetensors" else torch.save(state, path)
+    message = f"{path}: {key} holds {kind} values where the model has a floating-point weight"
+    with pytest.raises(CheckpointError, match=message.replace(".", r"\.")):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors", ".."])
+def test_shard_index_naming_a_path_outside_the_directory_is_refused(saved: Path, shard: str) -> None:
+    (saved / "model.safetensors").rename(saved.parent / "outside.safetensors")
+    index = {"weight_map": {"gpt_neox_japanese.embed_in.weight": shard}}
+    (saved / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"names shard '{shard}', which is not a file name inside"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": [1, 2]}', '{"weight_map": {"a": 3}}', "[]", "{oops"])
+def test_damaged_shard_index_names_the_file(saved: Path, index: str) -> None:
+    (saved / "model.safetensors").unlink()
+    (saved / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_config_json_that_is_not_utf8_names_the_file(saved: Path, encoding: str) -> None:
+    config = saved / "config.json"
+    text = config.read_text(encoding="utf-8").replace('"model_type"', '"note": "\u00e9t\u00e9", "model_type"')
+    config.write_bytes(json.dumps(json.loads(text), ensure_ascii=False).encode(encoding))
+    with pytest.raises(ValueError, match=f"{config}: not UTF-8 text"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+    with pytest.raises(ValueError, match=f"{config}: not UTF-8 text"):
+        GPTNeoXJapaneseConfig.from_pretrained(saved)
+
+
 def test_shape_mismatch_names_key_and_shapes(saved: Path) -> None:
     state = state_of(saved)
     state["gpt_neox_japanese.layers.1.mlp.dense_h_to_4h.weight"] = torch.zeros(60, 32)

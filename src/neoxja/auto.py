@@ -8,12 +8,11 @@ a message that names the type found, instead of failing later with a confusing s
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 from neoxja.hub import HubOptions, resolve_file
+from neoxja.jsonfile import read_json_object
 
 MODEL_TYPE = "gpt_neox_japanese"
 TOKENIZER_CLASSES = ("GPTNeoXJapaneseTokenizer", "GPTNeoXJapaneseTokenizerFast")
@@ -24,13 +23,7 @@ def _read_json(name_or_path: str | os.PathLike, filename: str, kwargs: dict) -> 
     path = resolve_file(name_or_path, filename, HubOptions.pop_from(dict(kwargs)))
     if path is None:
         return None
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path, f"a {filename} object")
 
 
 def check_model_type(name_or_path: str | os.PathLike, kwargs: dict, *, required: bool = True) -> None:

@@ -28,6 +28,7 @@ import torch
 
 from neoxja.configuration import GPTNeoXJapaneseConfig
 from neoxja.hub import HubOptions, resolve_file
+from neoxja.jsonfile import read_json_object
 
 if TYPE_CHECKING:
     from neoxja.network import GPTNeoXJapanesePreTrainedModel
@@ -80,35 +81,48 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
                 f"{path}: corrupt or truncated safetensors file "
                 f"(header claims {length} bytes, the file has {size})"
             )
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from err
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
+        raw = f.read(length)
     data_start = 8 + length
+    _check_complete(path, raw, data_start, size)
+    _check_with_library(path)
+    header = json.loads(raw)
+    header.pop("__metadata__", None)
     for name, info in header.items():
-        try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}: {info!r}") from err
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize or begin < 0:
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise CheckpointError(
-                f"{path}: corrupt safetensors entry for {name!r}: shape {shape} of {info['dtype']} needs "
-                f"{numel * dtype.itemsize} bytes, offsets give {end - begin}"
+                f"{path}: tensor {name!r} has dtype {info['dtype']}, which neoxja does not read "
+                f"(it reads {', '.join(_SAFETENSORS_DTYPES)})"
             )
+    return header, data_start
+
+
+def _check_complete(path: Path, raw: bytes, data_start: int, size: int) -> None:
+    """Name the tensor a truncated file cuts off (a header too damaged to tell is left to the library)."""
+    try:
+        entries = json.loads(raw)
+        entries.pop("__metadata__", None)
+        ends = {name: int(info["data_offsets"][1]) for name, info in entries.items()}
+    except (ValueError, RecursionError, TypeError, KeyError, IndexError, AttributeError):
+        return
+    for name, end in ends.items():
         if data_start + end > size:
             raise CheckpointError(
                 f"{path}: truncated safetensors file: tensor {name!r} ends at byte {data_start + end}, "
                 f"the file has {size} bytes"
             )
-    return header, data_start
+
+
+def _check_with_library(path: Path) -> None:
+    """The safetensors library's own header checks (offsets that tile the data without overlap,
+    sizes that fit shapes and dtypes, whole numbers, bounded nesting), so that neoxja accepts
+    exactly the files it accepts; a :class:`CheckpointError` naming the file otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header (the safetensors library: {err})") from err
 
 
 def iter_safetensors(path: Path, keep_dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -188,13 +202,8 @@ def find_weight_files(name_or_path: str | os.PathLike, options: HubOptions) -> l
             continue
         if not filename.endswith(".index.json"):
             return [path]
-        try:
-            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-            shard_names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{path}: not a shard index (no 'weight_map' object): {err}") from err
         shards = []
-        for shard in shard_names:
+        for shard in _shard_names(path):
             shard_path = resolve_file(name_or_path, shard, options)
             if shard_path is None:
                 raise OSError(f"{path} lists shard {shard!r}, which is missing from {str(name_or_path)!r}")
@@ -204,14 +213,34 @@ def find_weight_files(name_or_path: str | os.PathLike, options: HubOptions) -> l
     raise OSError(f"no weights found in {str(where)!r}: looked for {', '.join(WEIGHT_FILES)}")
 
 
+def _shard_names(index: Path) -> list[str]:
+    """The shard files a ``*.index.json`` names: plain names inside the model directory, no others."""
+    try:
+        weight_map = read_json_object(index, "a shard index object")["weight_map"]
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{index}: not a shard index (no 'weight_map' object): {err}") from err
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        parts = name.replace("\\", "/").split("/")
+        if name in ("", ".", "..") or len(parts) > 1 or Path(name).is_absolute():
+            raise CheckpointError(
+                f"{index} names shard {name!r}, which is not a file name inside the model directory: refused"
+            )
+    return names
+
+
 def iter_checkpoint(
     files: list[Path], dtype: torch.dtype | None = None, device: torch.device | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every ``(name, tensor)`` of the given weight files; safetensors already in ``dtype`` are
+) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """Every ``(file, name, tensor)`` of the given weight files; safetensors already in ``dtype`` are
     memory-mapped rather than read when they are to stay on the CPU."""
     keep = dtype if device is not None and device.type == "cpu" else None
     for path in files:
-        yield from iter_safetensors(path, keep) if path.name.endswith(".safetensors") else iter_bin(path)
+        tensors = iter_safetensors(path, keep) if path.name.endswith(".safetensors") else iter_bin(path)
+        for name, tensor in tensors:
+            yield path, name, tensor
 
 
 # ----- loading into a model -------------------------------------------------------------------------
@@ -262,7 +291,7 @@ def _convert(name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.
 
 def load_state(
     model: GPTNeoXJapanesePreTrainedModel,
-    tensors: Iterator[tuple[str, torch.Tensor]],
+    tensors: Iterator[tuple[Path, str, torch.Tensor]],
     dtype: torch.dtype,
     device: torch.device,
     strict: bool = True,
@@ -283,7 +312,7 @@ def load_state(
 
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for name, tensor in tensors:
+    for path, name, tensor in tensors:
         key = name
         if has_prefix and not key.startswith(prefix) and prefix + key in expected:
             key = prefix + key
@@ -298,10 +327,15 @@ def load_state(
         target = expected[key]
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
-                f"shape mismatch for {name}: checkpoint has {list(tensor.shape)}, "
+                f"{path}: shape mismatch for {name}: checkpoint has {list(tensor.shape)}, "
                 f"the model (from its config) expects {list(target.shape)}"
             )
-        loaded[key] = _convert(name, tensor, dtype, device)
+        if target.is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{path}: {name} holds {tensor.dtype} values where the model has a floating-point "
+                f"weight: the file is damaged or was written for another model"
+            )
+        loaded[key] = _convert(f"{path}: {name}", tensor, dtype, device)
 
     missing = sorted(set(expected) - set(loaded))
     if strict and (missing or unexpected):
@@ -330,8 +364,8 @@ PROGRESS_MIN_BYTES = 512 * 2**20
 
 
 def _with_progress(
-    tensors: Iterator[tuple[str, torch.Tensor]], files: list[Path], show: bool | None
-) -> Iterator[tuple[str, torch.Tensor]]:
+    tensors: Iterator[tuple[Path, str, torch.Tensor]], files: list[Path], show: bool | None
+) -> Iterator[tuple[Path, str, torch.Tensor]]:
     """``tensors`` wrapped in a progress bar when ``show`` (or, if None, when the files are large)."""
     if show is None:
         show = sum(path.stat().st_size for path in files) >= PROGRESS_MIN_BYTES
