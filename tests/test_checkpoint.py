@@ -396,3 +396,20 @@ def test_config_argument_object_or_path(saved: Path, expected: torch.Tensor) -> 
     assert (logits(by_path) - expected).abs().max() <= 1e-5
     with pytest.raises(TypeError, match="config must be"):
         GPTNeoXJapaneseForCausalLM.from_pretrained(saved, config={"hidden_size": 32})
+
+
+@pytest.mark.parametrize("device", [-1, "cpu", "auto", torch.device("cpu")])
+def test_device_forms_of_the_shared_policy(saved: Path, expected: torch.Tensor, device: object) -> None:
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(saved, device=device)
+    assert model.device.type == "cpu"  # this machine has no GPU: "auto" is the CPU
+    torch.testing.assert_close(logits(model), expected)
+    assert GPTNeoXJapaneseForCausalLM.from_pretrained(saved, device_map=device).device.type == "cpu"
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "banana", 0, "cuda:3", 1.5])
+def test_device_this_machine_lacks_is_named(
+    saved: Path, device: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=rf"device={device!r}.*available here: 'auto', 'cpu', -1"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved, device=device)

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from neoxja.configuration import GPTNeoXJapaneseConfig
+from neoxja.devices import resolve_device
+from neoxja.devices import resolve_dtype as _named_dtype
 from neoxja.hub import HubOptions, resolve_file
 from neoxja.jsonfile import read_json_object
 
@@ -251,8 +253,8 @@ def resolve_dtype(
 ) -> torch.dtype:
     """The dtype to load in: a torch dtype, its name (``"bfloat16"``), or ``"auto"`` (also None, as in
     transformers 5) = the config's ``dtype``/``torch_dtype``, else the checkpoint's first float tensor."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype  # any floating dtype the network can run in, float64 included
     if dtype is None or dtype == "auto":
         if config.dtype is not None:
             return config.dtype
@@ -266,11 +268,7 @@ def resolve_dtype(
                 if kind.is_floating_point:
                     return kind
         return torch.float32
-    name = str(dtype).removeprefix("torch.")
-    resolved = getattr(torch, name, None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype (nor 'auto')")
-    return resolved
+    return _named_dtype(dtype)
 
 
 def _convert(name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -379,14 +377,6 @@ def _with_progress(
     return tqdm(tensors, total=total, desc="loading weights", unit=" tensors")
 
 
-def _device(device: torch.device | str | int | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu")
-    if isinstance(device, int):
-        return torch.device("cuda", device)
-    return torch.device(device)
-
-
 def load_pretrained(
     cls: type[GPTNeoXJapanesePreTrainedModel],
     name_or_path: str | os.PathLike,
@@ -427,7 +417,7 @@ def load_pretrained(
 
     files = find_weight_files(name_or_path, options)
     dtype = resolve_dtype(dtype, config, files)
-    device = _device(device)
+    device = resolve_device(device, default="cpu")
     with torch.device("meta"):
         model = cls(config)
     tensors = _with_progress(iter_checkpoint(files, dtype, device), files, progress)
