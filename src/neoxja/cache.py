@@ -62,16 +62,9 @@ class KVCache:
             self.values = [torch.empty(shape, dtype=dtype, device=self.device) for _ in self.values]
 
     @classmethod
-    def from_config(
-        cls,
-        config: Any,
-        batch_size: int,
-        max_length: int | None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> KVCache:
+    def from_config(cls, config: Any, *args: Any, **kwargs: Any) -> KVCache:
         """Same as the constructor; mirrors the ``from_config`` spelling used elsewhere."""
-        return cls(config, batch_size, max_length, dtype=dtype, device=device)
+        return cls(config, *args, **kwargs)
 
     @property
     def capacity(self) -> int:

@@ -43,6 +43,11 @@ class ModelOutput:
     def __contains__(self, key: object) -> bool:
         return key in self.keys()
 
+    @property
+    def cache(self) -> KVCache | None:
+        """transformers-5 name of ``past_key_values``."""
+        return getattr(self, "past_key_values", None)
+
 
 @dataclass
 class BaseModelOutputWithPast(ModelOutput):
@@ -57,11 +62,6 @@ class BaseModelOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
-    @property
-    def cache(self) -> KVCache | None:
-        """transformers-5 name of ``past_key_values``."""
-        return self.past_key_values
-
 
 @dataclass
 class CausalLMOutputWithPast(ModelOutput):
@@ -72,11 +72,6 @@ class CausalLMOutputWithPast(ModelOutput):
     past_key_values: KVCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-
-    @property
-    def cache(self) -> KVCache | None:
-        """transformers-5 name of ``past_key_values``."""
-        return self.past_key_values
 
 
 # ----- masks ----------------------------------------------------------------------------------------

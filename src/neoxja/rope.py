@@ -69,20 +69,22 @@ def _dynamic(
     return 1.0 / (base ** _exponents(dim, device)), 1.0
 
 
-def _original_and_factor(config: GPTNeoXJapaneseConfig) -> tuple[int, float]:
-    """The trained context length and the scaling factor (default: how far the config extends it)."""
-    original = config.rope_parameters["original_max_position_embeddings"]
-    factor = config.rope_parameters.get("factor")
-    return original, config.max_position_embeddings / original if factor is None else factor
+def _scaling(config: GPTNeoXJapaneseConfig) -> tuple[dict, float, int, float]:
+    """The RoPE settings, base, trained context length and scaling factor (default: how far the
+    config extends the trained length)."""
+    rope = config.rope_parameters
+    original = rope["original_max_position_embeddings"]
+    factor = rope.get("factor")
+    if factor is None:
+        factor = config.max_position_embeddings / original
+    return rope, rope["rope_theta"], original, factor
 
 
 def _yarn(
     config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | int | None, device: torch.device | None
 ) -> tuple[Tensor, float]:
     """YaRN: keep high frequencies (many rotations within the trained length), interpolate low ones."""
-    rope = config.rope_parameters
-    base = rope["rope_theta"]
-    original, factor = _original_and_factor(config)
+    rope, base, original, factor = _scaling(config)
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -121,9 +123,7 @@ def _longrope(
     config: GPTNeoXJapaneseConfig, dim: int, seq_len: Tensor | int | None, device: torch.device | None
 ) -> tuple[Tensor, float]:
     """LongRoPE: frequencies divided by per-dimension factors, the long set past the trained length."""
-    rope = config.rope_parameters
-    base = rope["rope_theta"]
-    original, factor = _original_and_factor(config)
+    rope, base, original, factor = _scaling(config)
     attention_factor = rope.get("attention_factor")
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
