@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -92,20 +93,35 @@ def test_matmul_kernel_alone(threads: int) -> None:
         cpu_decode.matmul(torch.ones(3, 4), torch.ones(1, 5))
 
 
+PORTABLE_KERNEL_TESTS = (
+    "test_the_extension_is_built",
+    "test_matmul_kernel_alone",
+    "test_step_matches_the_pytorch_forward",
+    "test_argmax_takes_the_first_maximum_and_nan_like_torch",
+)
+
+
 @needs_extension
-def test_the_portable_kernel_gives_the_same_results() -> None:
+def test_the_portable_kernel_gives_the_same_results(tmp_path: Path) -> None:
     """NEOXJA_DECODE_KERNEL=scalar selects the plain-C matrix kernel (what CPUs without AVX2 run):
-    the step and argmax tests pass on it too, in a fresh process (the kernel is chosen at import)."""
-    tests = "extension_is_built or step_matches or argmax or kernel_alone"
+    the step and argmax tests pass on it too, in a fresh process (the kernel is chosen at import).
+    The child's JUnit report proves that each of those tests ran there and passed."""
+    report = tmp_path / "report.xml"
+    selection = [f"{__file__}::{name}" for name in PORTABLE_KERNEL_TESTS]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *selection],
         env={**os.environ, "NEOXJA_DECODE_KERNEL": "scalar"},
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "\n21 passed" in result.stdout, result.stdout[-500:]
+    cases = ElementTree.parse(report).getroot().iter("testcase")
+    outcomes = {case.get("name"): [child.tag for child in case] for case in cases}
+    for name in PORTABLE_KERNEL_TESTS:
+        ran = [test for test in outcomes if test.split("[")[0] == name]
+        assert ran, f"{name} did not run under the portable kernel"
+        assert all(outcomes[test] == [] for test in ran), {test: outcomes[test] for test in ran}
 
 
 def _model(name: str, seed: int = 0) -> GPTNeoXJapaneseForCausalLM:
