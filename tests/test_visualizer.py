@@ -82,6 +82,45 @@ def test_left_padded_batch_grid_per_row(
     assert int((attention_mask[0] == 0).sum()) > 0
 
 
+@pytest.mark.parametrize("color", [False, True])
+def test_legend_explains_every_symbol_drawn_for_a_padded_batch(
+    tiny_dir: Path, visualizer: AttentionMaskVisualizer, color: bool
+) -> None:
+    """Each symbol in each grid is in that grid's legend, and means there what the legend says."""
+    blocks = visualizer.render(TEXTS, color=color).split("batch row ")[1:]
+    allowed = model_mask(tiny_dir, visualizer, TEXTS).tolist()
+    _, attention_mask = visualizer.encode(TEXTS)
+    holds = {
+        "may attend": lambda row, i, j: allowed[row][i][j],
+        "masked": lambda row, i, j: not allowed[row][i][j],
+        "i == j (diagonal)": lambda row, i, j: i == j,
+    }
+    assert len(blocks) == len(TEXTS)
+    for row, block in enumerate(blocks):
+        lines = block.splitlines()
+        legend = dict(re.findall(r"(\S+): (.+?)(?:   |$)", lines[1].strip()))
+        assert set(legend.values()) == ({*holds} if color else {"may attend", "masked"})
+        cells = [
+            match[1].split(" ")
+            for line in lines
+            if (match := re.match(r"^(?:'.*'|\".*\") *: *\d+ (.*)$", line))
+        ]
+        assert len(cells) == len(allowed[row])
+        for i, line in enumerate(cells):
+            for j, symbol in enumerate(line):
+                assert symbol in legend and holds[legend[symbol]](row, i, j), (row, i, j, symbol)
+        padding = int((attention_mask[row] == 0).sum())
+        note = re.search(r"positions 0(?:-(\d+))? are left padding", block)
+        assert (note is not None) == (padding > 0) and lines[0].startswith(str(row))
+        if padding:
+            assert int(note[1] or 0) == padding - 1 and f"({padding} left-padding positions)" in lines[0]
+            # The note's claims: real tokens never see a padding column, padding rows only themselves.
+            assert all(line[j] == MASKED for line in cells[padding:] for j in range(padding))
+            for i, line in enumerate(cells[:padding]):
+                assert [symbol != MASKED for symbol in line] == [i == j for j in range(len(line))]
+    assert int((attention_mask[0] == 0).sum()) > 0
+
+
 def test_grid_matches_transformers_visualizer_cells(
     tiny_dir: Path, visualizer: AttentionMaskVisualizer, capsys: pytest.CaptureFixture
 ) -> None:

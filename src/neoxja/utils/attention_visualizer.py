@@ -4,8 +4,10 @@
 row per query token (labelled with the token) and one column per key position: ``■`` where the
 model lets the query attend to the key, ``⬚`` where the mask forbids it, the diagonal in green. A
 list of texts is left-padded into one batch, as generation does, and each row of the batch gets
-its own grid, so the masked padding columns show. Printing the mask needs only the config and the
-tokenizer; ``png=...`` with ``layer``/``head`` also runs the model to draw its attention weights.
+its own grid, whose legend says which positions are padding: no real token attends to them, and
+each padding query attends only to itself (so its softmax has a key; its output is unused).
+Printing the mask needs only the config and the tokenizer; ``png=...`` with ``layer``/``head`` also
+runs the model to draw its attention weights.
 """
 
 from __future__ import annotations
@@ -43,17 +45,28 @@ def allowed_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return mask[:, 0].expand(batch, length, length)
 
 
-def format_grid(tokens: list[str], allowed: torch.Tensor, *, color: bool = False) -> str:
-    """The grid of ``allowed`` (``[T, T]``) with ``tokens`` as row labels and indices as column labels."""
+def format_grid(tokens: list[str], allowed: torch.Tensor, *, color: bool = False, padding: int = 0) -> str:
+    """The grid of ``allowed`` (``[T, T]``) with ``tokens`` as row labels and indices as column labels.
+
+    ``padding`` is the number of left-padding positions, which the legend then names.
+    """
     n = len(tokens)
     if tuple(allowed.shape) != (n, n):
         raise ValueError(f"allowed must be [{n}, {n}] for {n} tokens, got shape {tuple(allowed.shape)}")
+    if not 0 <= padding < n:
+        raise ValueError(f"padding must be in [0, {n}) for {n} tokens, got {padding}")
     labels = [repr(token) for token in tokens]
     label_width = max(_width(label) for label in labels)
     index_width = len(str(n - 1))
     diagonal = f"{GREEN}{ALLOWED}{RESET}" if color else ALLOWED
     legend = f"{ALLOWED}: may attend   {MASKED}: masked"
     lines = [f" {diagonal}: i == j (diagonal)   {legend}" if color else f" {legend}"]
+    if padding:
+        span = "0" if padding == 1 else f"0-{padding - 1}"
+        lines.append(
+            f" positions {span} are left padding: no real token attends to them ({MASKED}); a padding "
+            f"query attends only to itself ({ALLOWED} on the diagonal), and its output is unused"
+        )
     indent = " " * (label_width + 2 + index_width + 1)
     for digit in range(index_width):  # column numbers, written vertically
         lines.append(indent + " ".join(str(j).rjust(index_width)[digit] for j in range(n)))
@@ -137,27 +150,33 @@ class AttentionMaskVisualizer:
 
     def mask(self, texts: str | list[str]) -> tuple[list[list[str]], torch.Tensor]:
         """The tokens of each batch row and the ``[B, T, T]`` boolean mask the model applies to them."""
+        tokens, _, allowed = self._tokens_and_mask(texts)
+        return tokens, allowed
+
+    def _tokens_and_mask(self, texts: str | list[str]) -> tuple[list[list[str]], list[int], torch.Tensor]:
+        """:meth:`mask`'s tokens and mask, with the number of left-padding positions of each row between."""
         input_ids, attention_mask = self.encode(texts)
         texts = [texts] if isinstance(texts, str) else list(texts)
-        tokens = []
+        tokens, paddings = [], []
         for text, ids, mask in zip(texts, input_ids.tolist(), attention_mask.tolist(), strict=True):
             padding = mask.count(0)
             words = list(self.tokenizer.tokenize(text))  # labels as the tokenizer spells them (e.g. <SP>)
             if len(words) != len(ids) - padding:
                 words = self.tokenizer.convert_ids_to_tokens(ids[padding:])
             tokens.append(self.tokenizer.convert_ids_to_tokens(ids[:padding]) + words)
-        return tokens, allowed_positions(attention_mask)
+            paddings.append(padding)
+        return tokens, paddings, allowed_positions(attention_mask)
 
     def render(self, texts: str | list[str], *, color: bool = False) -> str:
         """The text :meth:`__call__` prints: a title box, then one grid per batch row."""
-        tokens, allowed = self.mask(texts)
+        tokens, paddings, allowed = self._tokens_and_mask(texts)
         title = f"Attention visualization for {self.config.model_type}:{self.name} (causal mask)"
         border = "#" * (len(title) + 8)
         lines = [border, f"##  {title}  ##", border]
-        for row, row_tokens in enumerate(tokens):
+        for row, (row_tokens, padding) in enumerate(zip(tokens, paddings, strict=True)):
             if len(tokens) > 1:
-                lines.append(f"batch row {row} (left-padded; padding columns are masked)")
-            lines.append(format_grid(row_tokens, allowed[row], color=color))
+                lines.append(f"batch row {row}" + (f" ({padding} left-padding positions)" if padding else ""))
+            lines.append(format_grid(row_tokens, allowed[row], color=color, padding=padding))
         lines.append(border)
         return "\n".join(lines)
 
