@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from conftest import build_tiny_checkpoint
 
 import neoxja
+from neoxja.utils import attention_visualizer
 from neoxja.utils.attention_visualizer import ALLOWED, MASKED, AttentionMaskVisualizer
 
 TEXTS = ["猫", "吾輩は猫である。", "名前はまだ無い"]
@@ -152,6 +155,54 @@ def test_loaded_model_and_png_outputs(tiny_dir: Path, tmp_path: Path) -> None:
     for name, kwargs in (("mask.png", {}), ("weights.png", {"layer": 0, "head": 1})):
         path = visualizer.save_png(tmp_path / name, TEXTS, **kwargs)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _missing_glyph_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if re.search(r"Glyph \d+ .* missing from font", str(w.message))]
+
+
+def test_png_draws_the_japanese_labels_and_leaves_rcparams_alone(
+    visualizer: AttentionMaskVisualizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    # The check sees missing glyphs: matplotlib's default font has no Japanese.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure = Figure()
+        figure.text(0.5, 0.5, "吾輩は猫", family="DejaVu Sans")
+        figure.savefig(io.BytesIO(), format="png")
+    assert _missing_glyph_warnings(caught)
+
+    # A first import of matplotlib_fontja (which sets rcParams globally) happens inside save_png.
+    monkeypatch.delitem(sys.modules, "matplotlib_fontja", raising=False)
+    attention_visualizer.japanese_font_family.cache_clear()
+    before = dict(matplotlib.rcParams)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        visualizer.save_png(tmp_path / "mask.png", TEXTS)
+    assert _missing_glyph_warnings(caught) == [] and [str(w.message) for w in caught] == []
+    assert attention_visualizer.japanese_font_family() == "IPAexGothic"  # from the test extra
+    assert dict(matplotlib.rcParams) == before
+
+
+def test_without_a_japanese_font_warns_once_naming_the_extra(
+    visualizer: AttentionMaskVisualizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib_fontja", None)  # importing it raises ImportError
+    monkeypatch.setattr(attention_visualizer, "_has_glyphs", lambda font_path, text: False)
+    attention_visualizer.japanese_font_family.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for name in ("a.png", "b.png"):
+                assert visualizer.save_png(tmp_path / name, TEXTS[1]).stat().st_size > 0
+    finally:
+        attention_visualizer.japanese_font_family.cache_clear()
+    messages = [str(w.message) for w in caught]  # once, and no warning per missing glyph
+    assert len(messages) == 1 and "pip install 'neoxja[viz]'" in messages[0], messages
+    assert caught[0].filename == __file__  # it points at the caller of save_png
 
 
 def test_clear_errors(

@@ -7,11 +7,13 @@ list of texts is left-padded into one batch, as generation does, and each row of
 its own grid, whose legend says which positions are padding: no real token attends to them, and
 each padding query attends only to itself (so its softmax has a key; its output is unused).
 Printing the mask needs only the config and the tokenizer; ``png=...`` with ``layer``/``head`` also
-runs the model to draw its attention weights.
+runs the model to draw its attention weights. The PNG's token labels use a Japanese font:
+matplotlib-fontja's (``pip install 'neoxja[viz]'``), else one installed on the system.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import unicodedata
 import warnings
@@ -24,6 +26,8 @@ GREEN = "\033[92m"
 RESET = "\033[0m"
 ALLOWED = "■"
 MASKED = "⬚"
+# Characters a font must have to draw the Japanese token labels (kana and a common kanji).
+JAPANESE_SAMPLE = "あア猫"
 
 
 def allowed_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -212,6 +216,9 @@ class AttentionMaskVisualizer:
                 "give both layer and head to draw attention weights, or neither to draw the mask"
             )
         figure_class = _figure_class()
+        from matplotlib import rc_context, rcParams
+
+        family = japanese_font_family()
         tokens, allowed = self.mask(texts)
         if layer is None:
             images, what = allowed.float(), "attention mask (1 = may attend)"
@@ -222,21 +229,24 @@ class AttentionMaskVisualizer:
             )
         batch, length = images.shape[0], images.shape[-1]
         size = max(4.0, 0.3 * length + 2)
-        figure = figure_class(figsize=(size * batch, size))
-        axes = figure.subplots(1, batch, squeeze=False)
-        for row in range(batch):
-            ax = axes[0][row]
-            shown = ax.imshow(images[row].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-            labels = [f"{i}:{token}" for i, token in enumerate(tokens[row])]
-            ax.set_xticks(range(length), labels=labels, rotation=90, fontsize=7)
-            ax.set_yticks(range(length), labels=labels, fontsize=7)
-            ax.set_xlabel("key")
-            ax.set_ylabel("query")
-            ax.set_title(f"{what}" + (f", batch row {row}" if batch > 1 else ""), fontsize=9)
-            figure.colorbar(shown, ax=ax, fraction=0.046)
         path = Path(path)
-        with warnings.catch_warnings():  # the default font has no Japanese glyphs; the image is still fine
-            warnings.simplefilter("ignore", UserWarning)
+        # The Japanese font first, the user's fonts as fallback; only for this figure (rcParams restored).
+        fonts = {"font.family": [family, *rcParams["font.family"]]} if family else {}
+        with rc_context(fonts), warnings.catch_warnings():
+            if family is None:  # japanese_font_family() has warned once; not once per missing glyph
+                warnings.filterwarnings("ignore", r"Glyph \d+ .* missing from font", UserWarning)
+            figure = figure_class(figsize=(size * batch, size))
+            axes = figure.subplots(1, batch, squeeze=False)
+            for row in range(batch):
+                ax = axes[0][row]
+                shown = ax.imshow(images[row].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+                labels = [f"{i}:{token}" for i, token in enumerate(tokens[row])]
+                ax.set_xticks(range(length), labels=labels, rotation=90, fontsize=7)
+                ax.set_yticks(range(length), labels=labels, fontsize=7)
+                ax.set_xlabel("key")
+                ax.set_ylabel("query")
+                ax.set_title(f"{what}" + (f", batch row {row}" if batch > 1 else ""), fontsize=9)
+                figure.colorbar(shown, ax=ax, fraction=0.046)
             figure.tight_layout()
             figure.savefig(path, dpi=100)
         return path
@@ -269,6 +279,46 @@ def _figure_class() -> type:
             "writing a PNG needs matplotlib, an optional dependency: pip install 'neoxja[viz]'"
         ) from err
     return Figure
+
+
+@functools.cache
+def japanese_font_family() -> str | None:
+    """The family name of a font that has Japanese glyphs, registered with matplotlib, or None.
+
+    matplotlib-fontja's font (IPAexGothic) when that package is installed, else the first
+    installed font that has :data:`JAPANESE_SAMPLE`. With neither, warns once (naming the ``viz``
+    extra) and returns None: the labels then show their Japanese characters as empty boxes.
+    """
+    from matplotlib import font_manager, rc_context
+
+    try:
+        with rc_context():  # importing it runs japanize(), which sets the global font family
+            import matplotlib_fontja
+    except ImportError:
+        pass
+    else:  # the import also registered the font with matplotlib
+        return font_manager.FontProperties(fname=matplotlib_fontja.get_font_ttf_path()).get_name()
+    for entry in sorted(font_manager.fontManager.ttflist, key=lambda entry: (entry.name, entry.fname)):
+        if _has_glyphs(entry.fname, JAPANESE_SAMPLE):
+            return entry.name
+    warnings.warn(
+        "no Japanese font found for matplotlib: the PNG's Japanese token labels will be empty boxes. "
+        "Install one with: pip install 'neoxja[viz]' (it brings matplotlib-fontja)",
+        UserWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+def _has_glyphs(font_path: str, text: str) -> bool:
+    """Does the font file at ``font_path`` have a glyph for every character of ``text``?"""
+    from matplotlib.ft2font import FT2Font
+
+    try:
+        charmap = FT2Font(font_path).get_charmap()
+    except (OSError, RuntimeError):  # unreadable or not a font FreeType knows
+        return False
+    return all(ord(char) in charmap for char in text)
 
 
 def _stdout_is_terminal() -> bool:
