@@ -254,7 +254,7 @@ class AttentionMaskVisualizer:
     def _loaded_model(self) -> torch.nn.Module:
         if self.model is None:
             from neoxja.auto import AutoModelForCausalLM
-            from neoxja.pipelines import resolve_device, resolve_dtype
+            from neoxja.devices import resolve_device, resolve_dtype
 
             kwargs: dict[str, Any] = {}
             if self._dtype is not None:
