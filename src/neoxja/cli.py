@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import os
 import sys
+
+from neoxja import __version__
 
 # Each module named here defines ``register(subparsers)``, which adds its sub-command(s).
 COMMAND_MODULES = ("tokenize", "generate", "init", "visualize")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``neoxja`` parser with every sub-command whose module is present."""
     parser = argparse.ArgumentParser(
         prog="neoxja",
         description="GPT-NeoX-Japanese: tokenize, generate and inspect from the command line.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Sub-commands keep the line breaks of their epilog (the examples).
+    command_parser = functools.partial(
+        argparse.ArgumentParser, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=command_parser
+    )
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(f"neoxja.commands.{name}")
@@ -28,17 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``neoxja`` console script; returns the process exit status."""
+    """Entry point of the ``neoxja`` console script; returns the process exit status.
+
+    Errors the user can fix are one line on stderr (status 2); Ctrl-C is status 130; a reader that
+    closes the pipe early (``neoxja generate ... | head``) ends the command quietly (status 1).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # so that a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        # As Python's docs recommend: point stdout at devnull, so that the final flush is silent too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         return 130
     except (OSError, ValueError, TypeError) as err:
         print(f"neoxja {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return status
