@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,22 +90,47 @@ def test_unreachable_default_model_says_how_to_pass_a_directory(
     assert "--model /path/to" in err and "Traceback" not in err
 
 
+def python_api_error(option: str, value: float) -> str:
+    """What the Python API says of ``value`` for the setting of ``option``, after the setting's name."""
+    from neoxja.generation_config import GenerationConfig, check_seed
+
+    name = option.removeprefix("--").replace("-", "_")
+    with pytest.raises(ValueError) as info:
+        if name == "seed":
+            check_seed(value)
+        else:
+            GenerationConfig(**{name: value}).validate()
+    return str(info.value).removeprefix(name)
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("--temperature", "-1"),
-        ("--top-p", "0"),
-        ("--top-p", "1.5"),
-        ("--top-k", "-1"),
-        ("--max-new-tokens", "0"),
-        ("--repetition-penalty", "0"),
+        ("--temperature", -1.0),
+        ("--top-p", 0.0),
+        ("--top-p", 1.5),
+        ("--top-k", -1),
+        ("--max-new-tokens", 0),
+        ("--repetition-penalty", 0.0),
+        ("--seed", 2**70),
+        ("--seed", -(2**70)),
     ],
 )
-def test_bad_sampling_options_are_named(option: str, value: str, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["generate", option, value, PROMPT])
-    assert exit_info.value.code == 2
-    assert f"argument {option}" in capsys.readouterr().err
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_bad_sampling_options_get_the_python_apis_message_with_the_option_name(
+    command: str, option: str, value: float, capsys: pytest.CaptureFixture
+) -> None:
+    # Checked by GenerationConfig.validate / check_seed before anything is loaded.
+    args = [command, "--model", "never/loaded", f"{option}={value}"]
+    assert main([*args, PROMPT] if command == "generate" else args) == 2
+    message = python_api_error(option, value)
+    assert capsys.readouterr().err == f"neoxja {command}: error: {option}{message}\n"
+
+
+def test_in_range_negative_seed_is_accepted(tiny_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["generate", "--model", str(tiny_dir), "--max-new-tokens", "3", "--seed", "-1", PROMPT]
+    assert main(args) == 0
+    assert capsys.readouterr().out.endswith("\n")
 
 
 @pytest.mark.parametrize(
@@ -127,6 +157,38 @@ def test_bad_model_paths(tmp_path: Path, assets_dir: Path, capsys: pytest.Captur
     assert "--tokenizer DIR" in capsys.readouterr().err
     args = ["generate", "--model", str(bare), "--tokenizer", str(assets_dir), "--max-new-tokens", "3", PROMPT]
     assert main(args) == 0
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        ("generate", "--model"),
+        ("generate", "--tokenizer"),
+        ("tokenize", "--model"),
+        ("visualize-mask", "--model"),
+        ("visualize-mask", "--tokenizer"),
+    ],
+)
+def test_a_file_given_for_a_directory_says_to_pass_the_directory(
+    tiny_dir: Path, command: str, option: str, capsys: pytest.CaptureFixture
+) -> None:
+    path = tiny_dir / ("model.safetensors" if option == "--model" else "vocab.txt")
+    assert main([command, option, str(path), PROMPT]) == 2
+    assert (
+        capsys.readouterr().err == f"neoxja {command}: error: {option} {path} is a file: pass its directory\n"
+    )
+
+
+def test_generate_ctrl_c_ends_the_line_and_exits_130(
+    tiny_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(model, tokenizer, input_ids, kwargs, shown):
+        print("途中", end="")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_command, "stream", interrupted)
+    assert main(["generate", "--model", str(tiny_dir), PROMPT]) == 130
+    assert capsys.readouterr() == ("途中\n", "")
 
 
 def test_chat_continues_each_line_until_an_empty_one(
@@ -264,10 +326,92 @@ def test_visualize_mask_png_and_argument_errors(
     assert "layer=9 is out of range" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "init", "visualize-mask"])
+@pytest.mark.parametrize("command", ["tokenize", "generate", "chat", "init", "visualize-mask"])
 def test_help_says_what_it_does_with_an_example(command: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "example" in out and f"neoxja {command}" in out
+
+
+@pytest.mark.parametrize("value", ["mps", "xpu", "meta", "cuda:7", "banana", "-2", "0"])
+@pytest.mark.parametrize("command", ["generate", "visualize-mask"])
+def test_unusable_devices_are_one_line_errors(
+    value: str, command: str, capsys: pytest.CaptureFixture
+) -> None:
+    from neoxja.devices import available_devices
+
+    if value == "0" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU 0")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--device", value, PROMPT])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    shown = int(value) if value.lstrip("-").isdigit() else value
+    assert error.startswith(f"neoxja {command}: error: argument --device: device={shown!r} ")
+    assert error.endswith("available here: " + ", ".join(map(repr, available_devices())))
+
+
+CPU_FORMS = [["--device", "-1"], ["--device=-1"], ["--device", "cpu"], ["--device=auto"]]
+
+
+@pytest.mark.parametrize("device", CPU_FORMS)
+def test_cpu_device_forms(tiny_dir: Path, device: list, capsys: pytest.CaptureFixture) -> None:
+    if torch.cuda.is_available() and device == ["--device=auto"]:
+        pytest.skip("auto is the GPU here")
+    args = ["generate", "--model", str(tiny_dir), "--max-new-tokens", "3", "--temperature", "0", *device]
+    assert main([*args, PROMPT]) == 0
+    assert capsys.readouterr().out == reference_continuation(tiny_dir, PROMPT, 3) + "\n"
+
+
+def test_tokenize_reads_stdin_without_its_final_newline(
+    tiny_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["tokenize", "--model", str(tiny_dir), "吾輩は猫である"]) == 0
+    direct = capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO("吾輩は猫である\n"))  # as `echo TEXT |` gives it
+    assert main(["tokenize", "--model", str(tiny_dir), "-"]) == 0
+    assert capsys.readouterr().out == direct
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    import neoxja
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"neoxja {neoxja.__version__}\n"
+
+
+def neoxja_process(*args: str, **popen: Any) -> subprocess.CompletedProcess:
+    """Run ``python -m neoxja ARGS`` in a fresh interpreter (stdout and stderr captured unless given)."""
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    return subprocess.run([sys.executable, "-m", "neoxja", *args], **popen)
+
+
+def test_python_dash_m_runs_the_cli(tiny_dir: Path) -> None:
+    done = neoxja_process("tokenize", "--model", str(tiny_dir), "猫")
+    assert done.returncode == 0 and done.stderr == b""
+    assert json.loads(done.stdout) == GPTNeoXJapaneseTokenizer.from_pretrained(tiny_dir).encode("猫")
+
+
+@pytest.mark.parametrize("command", ["generate", "tokenize"])
+def test_a_closed_pipe_ends_quietly(tiny_dir: Path, command: str) -> None:
+    # The reader is gone before the first write, so every write meets the closed pipe.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    args = [command, "--model", str(tiny_dir), PROMPT]
+    try:
+        done = neoxja_process(*args, stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (1, b"")
+
+
+@pytest.mark.parametrize(("command", "size"), [("generate --max-new-tokens 50", 10), ("tokenize", 1)])
+def test_head_closing_the_pipe_early_is_quiet(tiny_dir: Path, command: str, size: int) -> None:
+    line = f"{shlex.quote(sys.executable)} -m neoxja {command} --model {shlex.quote(str(tiny_dir))} {PROMPT}"
+    done = subprocess.run(["bash", "-c", f"{line} | head -c {size}"], capture_output=True)
+    assert len(done.stdout) == size and done.stderr == b""

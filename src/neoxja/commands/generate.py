@@ -1,13 +1,15 @@
 """``neoxja generate`` (continue one prompt) and ``neoxja chat`` (continue text interactively).
 
-Both stream the continuation to stdout as it is decoded. Sampling arguments are checked by
-argparse, so a bad value is reported with its option name before any model is loaded.
+Both stream the continuation to stdout as it is decoded. Length and sampling options are checked
+by the Python API's own rules (``GenerationConfig.validate``) before any model is loaded, and a bad
+value is reported with its option name.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from neoxja.hub import DEFAULT_MODEL, HubUnavailableError
@@ -28,39 +30,14 @@ example:
 """
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def device_argument(text: str) -> Any:
+    """``--device``: an index (``0``, ``-1``) or a name, checked at once by ``neoxja.devices``."""
+    from neoxja.devices import resolve_device
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+    try:
+        return resolve_device(int(text) if text.lstrip("-").isdigit() else text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,26 +56,66 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("float32", "float16", "bfloat16", "auto"),
         help="weights' dtype (default: float32 on CPU, as stored on GPU)",
     )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument(
+        "--device",
+        type=device_argument,
+        default=None,
+        help="auto, cpu, cuda, cuda:1, a GPU index (0, 1, ...) or -1 for the CPU (default: auto)",
+    )
+
+
+def check_directories(args: argparse.Namespace) -> None:
+    """Refuse a file given as ``--model``/``--tokenizer``: they name a directory (or a Hub id)."""
+    for option in ("model", "tokenizer"):
+        path = getattr(args, option, None)
+        if path is not None and Path(path).is_file():
+            raise ValueError(f"--{option} {path} is a file: pass its directory")
+
+
+def read_text(text: str) -> str:
+    """A TEXT/PROMPT argument; ``-`` reads stdin, without the newline that ends it (echo, a file)."""
+    return sys.stdin.read().removesuffix("\n") if text == "-" else text
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Length and sampling options passed to ``model.generate``."""
-    parser.add_argument(
-        "--max-new-tokens", type=_positive_int, default=128, help="tokens to generate (default: 128)"
-    )
+    """Length and sampling options passed to ``model.generate`` (checked by :func:`generation_settings`)."""
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
     parser.add_argument(
         "--temperature",
-        type=_non_negative_float,
+        type=float,
         default=0.7,
         help="sampling temperature; 0 means greedy decoding (default: 0.7)",
     )
-    parser.add_argument("--top-k", type=_non_negative_int, default=None, help="keep the K most likely tokens")
-    parser.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling, in (0, 1]")
-    parser.add_argument(
-        "--repetition-penalty", type=_positive_float, default=None, help="> 1 discourages repeats"
-    )
+    parser.add_argument("--top-k", type=int, default=None, help="keep the K most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+
+
+# The options of add_sampling_arguments that are GenerationConfig settings of the same name.
+SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+SAMPLING_ONLY = ("temperature", "top_k", "top_p")
+
+
+def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``generate`` settings of the options, checked by ``GenerationConfig.validate`` and
+    ``check_seed`` (the Python API's rules) before any model is loaded; errors name the option."""
+    from neoxja.generation_config import GenerationConfig, check_seed
+
+    settings = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
+    settings["do_sample"] = args.temperature > 0
+    try:
+        GenerationConfig(**settings).validate()
+        if args.seed is not None:
+            check_seed(args.seed)
+    except ValueError as err:
+        name, _, rest = str(err).partition(" ")
+        if name in (*SETTINGS, "seed"):
+            raise ValueError(f"--{name.replace('_', '-')} {rest}") from err
+        raise
+    if not settings["do_sample"]:
+        settings = {name: value for name, value in settings.items() if name not in SAMPLING_ONLY}
+    return settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -108,7 +125,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue a prompt, streaming the text to stdout",
         description="Continue PROMPT with the model, streaming the continuation to stdout as it comes.",
         epilog=GENERATE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     generate.add_argument("prompt", metavar="PROMPT", help="text to continue, or - to read it from stdin")
     add_model_arguments(generate)
@@ -120,7 +136,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="interactive loop: type text, the model continues it",
         description="Interactive text continuation with a loaded model.",
         epilog=CHAT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(chat)
     add_sampling_arguments(chat)
@@ -132,14 +147,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load the model and tokenizer named by ``--model``/``--tokenizer``/``--dtype``/``--device``."""
-    from neoxja.pipelines import load_model_and_tokenizer, resolve_device
+    from neoxja.devices import resolve_device
+    from neoxja.pipelines import load_model_and_tokenizer
 
-    device = args.device
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = resolve_device(device)
+    check_directories(args)
+    device = resolve_device(args.device, default="auto")
     # Half-precision matmuls are slow on CPUs, so there the stored dtype is only used when asked for.
     dtype = args.dtype or ("float32" if device.type == "cpu" else "auto")
     try:
@@ -152,20 +164,11 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def generate_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
-    """``model.generate`` keyword arguments from the command-line options."""
-    kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
-    if args.temperature > 0:
-        kwargs["temperature"] = args.temperature
-        if args.top_k is not None:
-            kwargs["top_k"] = args.top_k
-        if args.top_p is not None:
-            kwargs["top_p"] = args.top_p
-    if args.repetition_penalty is not None:
-        kwargs["repetition_penalty"] = args.repetition_penalty
-    if getattr(tokenizer, "pad_token_id", None) is not None:
-        kwargs["pad_token_id"] = tokenizer.pad_token_id
-    return kwargs
+def generate_kwargs(settings: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """``model.generate`` keyword arguments: the checked settings and the tokenizer's pad id."""
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        return dict(settings)
+    return {**settings, "pad_token_id": tokenizer.pad_token_id}
 
 
 def stream(model: Any, tokenizer: Any, input_ids: Any, kwargs: dict[str, Any], shown: list[str]) -> None:
@@ -182,19 +185,23 @@ def stream(model: Any, tokenizer: Any, input_ids: Any, kwargs: dict[str, Any], s
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """``neoxja generate``: print the continuation of PROMPT."""
+    """``neoxja generate``: print the continuation of PROMPT (after a Ctrl-C, end the line; 130)."""
     import torch
 
-    # From stdin, the newline that ends the input (echo, a file) is not part of the prompt.
-    prompt = sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
+    prompt = read_text(args.prompt)
     if not prompt.strip():
         raise ValueError("PROMPT is empty; give some text for the model to continue")
+    settings = generation_settings(args)
     model, tokenizer = load(args)
     input_ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
-    kwargs = generate_kwargs(args, tokenizer)
+    kwargs = generate_kwargs(settings, tokenizer)
     if args.seed is not None:
         kwargs["seed"] = args.seed
-    stream(model, tokenizer, input_ids, kwargs, [])
+    try:
+        stream(model, tokenizer, input_ids, kwargs, [])
+    except KeyboardInterrupt:
+        print()
+        return 130
     print()
     return 0
 
@@ -203,12 +210,13 @@ def run_chat(args: argparse.Namespace) -> int:
     """``neoxja chat``: read a line, continue it (and the conversation so far), repeat."""
     import torch
 
+    settings = generation_settings(args)
     model, tokenizer = load(args)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    kwargs = generate_kwargs(args, tokenizer)
+    kwargs = generate_kwargs(settings, tokenizer)
     max_positions = model.config.max_position_embeddings
     keep = max_positions - args.max_new_tokens
     if keep <= 0:

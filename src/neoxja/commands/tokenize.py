@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 EPILOG = """\
 examples:
@@ -22,7 +21,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="print the token ids (or tokens) of a text as JSON",
         description="Encode TEXT with the model's tokenizer and print the ids (or tokens) as a JSON list.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--model",
@@ -33,15 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--clean", action="store_true", help="do_clean_text: tag URLs, e-mails, dates, prices, ..."
     )
-    parser.add_argument("text", metavar="TEXT", help="the text, or - to read it from standard input")
+    parser.add_argument(
+        "text", metavar="TEXT", help="the text, or - to read it from standard input (less its final newline)"
+    )
     parser.set_defaults(func=run_tokenize)
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
     """Encode the text and print the JSON list; returns the exit status."""
+    from neoxja.commands.generate import check_directories, read_text
     from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
-    text = sys.stdin.read() if args.text == "-" else args.text
+    check_directories(args)
+    text = read_text(args.text)
     tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(args.model, do_clean_text=args.clean)
     result = tokenizer.tokenize(text) if args.tokens else tokenizer.encode(text)
     print(json.dumps(result, ensure_ascii=False))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neoxja.commands.generate import add_model_arguments
+from neoxja.commands.generate import add_model_arguments, check_directories
 from neoxja.hub import HubUnavailableError
 
 EPILOG = """\
@@ -27,7 +27,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--layer and --head that head's attention weights (this loads the weights; needs neoxja[viz])."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("texts", metavar="TEXT", nargs="+", help="text(s) to tokenize and show")
     add_model_arguments(parser)
@@ -46,6 +45,7 @@ def run_visualize(args: argparse.Namespace) -> int:
         raise ValueError("--layer and --head go together (they pick the attention weights that --png draws)")
     if args.layer is not None and args.png is None:
         raise ValueError("--layer/--head choose what --png draws; give --png FILE too")
+    check_directories(args)
     try:
         visualizer = AttentionMaskVisualizer(
             args.model,
