@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers.generation import logits_process as ref
 
+import neoxja
+from neoxja.generation_config import GenerationConfig
 from neoxja.sample_utils import (
     MinLengthProcessor,
     NoRepeatNGramProcessor,
@@ -178,6 +180,50 @@ def test_multinomial_never_picks_filtered_tokens() -> None:
 def test_bad_settings_name_the_argument(build, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         build()
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> torch.nn.Module:
+    config = neoxja.GPTNeoXJapaneseConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2
+    )
+    return neoxja.GPTNeoXJapaneseForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "build"),
+    [
+        ("temperature", -1.0, TemperatureProcessor),
+        ("temperature", 0.0, TemperatureProcessor),
+        ("temperature", "hot", TemperatureProcessor),
+        ("top_k", -1, TopKProcessor),
+        ("top_k", 2.5, TopKProcessor),
+        ("top_k", True, TopKProcessor),
+        ("top_p", 0.0, TopPProcessor),
+        ("top_p", 1.5, TopPProcessor),
+        ("top_p", float("nan"), TopPProcessor),
+        ("repetition_penalty", 0.0, RepetitionPenaltyProcessor),
+        ("repetition_penalty", None, RepetitionPenaltyProcessor),
+        ("no_repeat_ngram_size", -1, NoRepeatNGramProcessor),
+        ("no_repeat_ngram_size", 1.5, NoRepeatNGramProcessor),
+        ("min_length", -1, lambda value: MinLengthProcessor(value, 0)),
+        ("min_length", "3", lambda value: MinLengthProcessor(value, 0)),
+    ],
+)
+def test_a_bad_value_gets_one_message_from_config_generate_and_processor(
+    tiny_model: torch.nn.Module, name: str, value, build
+) -> None:
+    settings = {"do_sample": True, name: value}
+    messages = []
+    for attempt in (
+        lambda: GenerationConfig(**settings).validate(),
+        lambda: tiny_model.generate(torch.tensor([[3, 4]]), max_new_tokens=2, **settings),
+        lambda: build(value),
+    ):
+        with pytest.raises(ValueError) as caught:
+            attempt()
+        messages.append(str(caught.value))
+    assert messages == [messages[0]] * 3 and messages[0].startswith(f"{name} must be")
 
 
 @pytest.mark.parametrize("vocab", [32000, 4096, 1000])  # blocked path, blocked path, plain argmax

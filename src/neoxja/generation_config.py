@@ -1,8 +1,9 @@
 """Decoding settings: :class:`GenerationConfig`, named and defaulted as in transformers.
 
-Every rule about a setting's value lives in :meth:`GenerationConfig.validate`, which ``generate()``,
-``stream_generate()``, ``pipeline()`` and the CLI all go through, so a bad value gets the same
-message wherever it comes from.
+Every rule about a setting's value lives here, in :func:`check_setting` (one rule per setting) and
+:func:`check_temperature`. :meth:`GenerationConfig.validate`, which ``generate()``,
+``stream_generate()``, ``pipeline()`` and the CLI all go through, and the logits processors of
+:mod:`neoxja.sample_utils` call them, so a bad value gets the same message wherever it comes from.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -107,61 +109,16 @@ class GenerationConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting whose value cannot work."""
-        if not isinstance(self.do_sample, bool):
-            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            value = getattr(self, name)
-            if not _is_number(value):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-        if self.temperature is None or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.do_sample and self.temperature == 0:
-            raise ValueError(
-                "temperature must be > 0 when do_sample=True; for greedy decoding use do_sample=False"
-            )
-        if self.top_p is None or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if self.repetition_penalty is None or not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
-            raise ValueError(
-                f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}"
-            )
-        for name in ("max_length", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value <= 0):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("min_length", "min_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 0):
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
-            raise ValueError(
-                f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}"
-            )
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            if setting.name in _RULES and not (value is None and setting.default is None):
+                check_setting(setting.name, value)
+        check_temperature(self.temperature, do_sample=self.do_sample)
         if self.num_return_sequences > 1 and not self.do_sample:
             raise ValueError(
                 f"num_return_sequences={self.num_return_sequences} needs do_sample=True: "
                 "greedy decoding would return the same sequence each time"
             )
-        for name in ("bos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 0):
-                raise ValueError(f"{name} must be a token id (an integer >= 0) or None, got {value!r}")
-        eos = self.eos_token_id
-        eos_ids = eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-        if not all(_is_int(i) and i >= 0 for i in eos_ids):
-            raise ValueError(
-                f"eos_token_id must be a token id (an integer >= 0), a list of them, or None, got {eos!r}"
-            )
-        stops = self.stop_strings
-        if stops is not None and not isinstance(stops, str):
-            if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
-                raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stops!r}")
-        if isinstance(stops, str) and not stops:
-            raise ValueError("stop_strings must not be an empty string")
 
     def eos_ids(self) -> list[int]:
         """``eos_token_id`` as a list (empty when unset)."""
@@ -189,6 +146,59 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_token_id(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _is_non_empty_text(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _one_or_list(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """``test`` for one value, or for every item of a list or tuple of them."""
+    return lambda value: test(value) or (isinstance(value, (list, tuple)) and all(map(test, value)))
+
+
+# Each setting's rule on its own: (does the value pass, what the message says it must be). A setting
+# whose default is None may also be None. Rules between settings are in GenerationConfig.validate.
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_length": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "max_new_tokens": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "min_length": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "min_new_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "do_sample": (lambda v: isinstance(v, bool), "True or False"),
+    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (> 0 when do_sample=True)"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 disables it)"),
+    "top_p": (lambda v: _is_number(v) and 0.0 < v <= 1.0, "a number in (0, 1]"),
+    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number > 0 (1.0 disables it)"),
+    "no_repeat_ngram_size": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 disables it)"),
+    "num_return_sequences": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "bos_token_id": (_is_token_id, "a token id (an integer >= 0) or None"),
+    "eos_token_id": (_one_or_list(_is_token_id), "a token id (an integer >= 0), a list of them, or None"),
+    "pad_token_id": (_is_token_id, "a token id (an integer >= 0) or None"),
+    "stop_strings": (_one_or_list(_is_non_empty_text), "a non-empty string or a list of them"),
+}
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """``value`` if it passes the rule of generation setting ``name``; else ValueError naming both."""
+    passes, rule = _RULES[name]
+    if not passes(value):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return value
+
+
+def check_temperature(temperature: Any, *, do_sample: bool) -> float:
+    """``temperature`` as a float: its rule, and not 0 when sampling (0 would divide by zero)."""
+    check_setting("temperature", temperature)
+    if do_sample and temperature == 0:
+        raise ValueError(
+            f"temperature must be > 0 when do_sample=True, got {temperature!r}; "
+            "for greedy decoding use do_sample=False"
+        )
+    return float(temperature)
 
 
 def check_seed(seed: Any) -> int:

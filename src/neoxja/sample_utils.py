@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from neoxja.generation_config import check_setting, check_temperature
+
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Picker = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,14 +34,18 @@ def _as_id_tensor(ids: int | Sequence[int] | torch.Tensor, device: torch.device 
     return torch.tensor(list(ids), dtype=torch.long, device=device)
 
 
+def _check_switched_on(name: str, value: int, processor: str) -> int:
+    """A setting whose 0 means off: its rule (:func:`check_setting`), and not 0 for its own processor."""
+    if check_setting(name, value) == 0:
+        raise ValueError(f"{name}=0 switches {processor} off: leave the processor out (it needs {name} >= 1)")
+    return value
+
+
 class TemperatureProcessor:
     """Divide the scores by ``temperature`` (> 0): below 1 sharpens, above 1 flattens the distribution."""
 
     def __init__(self, temperature: float) -> None:
-        if not temperature > 0:
-            hint = " For greedy decoding use do_sample=False." if temperature == 0 else ""
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}.{hint}")
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature, do_sample=True)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return scores.div_(self.temperature)
@@ -49,9 +55,7 @@ class TopKProcessor:
     """Keep the ``top_k`` highest scores (ties with the k-th included) and set the rest to -inf."""
 
     def __init__(self, top_k: int, min_tokens_to_keep: int = 1) -> None:
-        if not isinstance(top_k, int) or top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        self.top_k = max(top_k, min_tokens_to_keep)
+        self.top_k = max(_check_switched_on("top_k", top_k, "TopKProcessor"), min_tokens_to_keep)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         k = min(self.top_k, scores.shape[-1])
@@ -63,9 +67,7 @@ class TopPProcessor:
     """Nucleus filtering: keep the smallest set of tokens whose probability mass reaches ``top_p``."""
 
     def __init__(self, top_p: float, min_tokens_to_keep: int = 1) -> None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        self.top_p = float(top_p)
+        self.top_p = float(check_setting("top_p", top_p))
         self.min_tokens_to_keep = min_tokens_to_keep
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -88,9 +90,7 @@ class RepetitionPenaltyProcessor:
     """
 
     def __init__(self, penalty: float, prompt_ignore_length: int | torch.Tensor | None = None) -> None:
-        if not penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
-        self.penalty = float(penalty)
+        self.penalty = float(check_setting("repetition_penalty", penalty))
         self.prompt_ignore_length = prompt_ignore_length
         self._seen: torch.Tensor | None = None
         self._consumed = 0
@@ -124,9 +124,7 @@ class NoRepeatNGramProcessor:
     """
 
     def __init__(self, ngram_size: int) -> None:
-        if not isinstance(ngram_size, int) or ngram_size <= 0:
-            raise ValueError(f"no_repeat_ngram_size must be a positive integer, got {ngram_size!r}")
-        self.n = ngram_size
+        self.n = _check_switched_on("no_repeat_ngram_size", ngram_size, "NoRepeatNGramProcessor")
         self._tables: list[dict[tuple[int, ...], set[int]]] = []
         self._consumed = 0
 
@@ -164,9 +162,7 @@ class MinLengthProcessor:
         eos_token_id: int | Sequence[int] | torch.Tensor,
         device: torch.device | str | None = None,
     ) -> None:
-        if not isinstance(min_length, int) or min_length < 0:
-            raise ValueError(f"min_length must be a non-negative integer, got {min_length!r}")
-        self.min_length = min_length
+        self.min_length = check_setting("min_length", min_length)
         self.eos = _as_id_tensor(eos_token_id, device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
