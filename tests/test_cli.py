@@ -365,6 +365,12 @@ def test_cpu_device_forms(tiny_dir: Path, device: list, capsys: pytest.CaptureFi
     assert capsys.readouterr().out == reference_continuation(tiny_dir, PROMPT, 3) + "\n"
 
 
+def test_visualize_mask_takes_the_same_device_forms(tiny_dir: Path, tmp_path: Path) -> None:
+    args = ["visualize-mask", "--model", str(tiny_dir), "--device=-1", "--png", str(tmp_path / "a.png")]
+    assert main([*args, "--layer", "0", "--head", "0", "猫"]) == 0  # loads the weights on the CPU
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_tokenize_reads_stdin_without_its_final_newline(
     tiny_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

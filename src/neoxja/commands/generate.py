@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neoxja.hub import DEFAULT_MODEL, HubUnavailableError
+
+if TYPE_CHECKING:
+    import torch
 
 GENERATE_EPILOG = """\
 examples:
@@ -30,7 +33,7 @@ example:
 """
 
 
-def device_argument(text: str) -> Any:
+def device_argument(text: str) -> torch.device:
     """``--device``: an index (``0``, ``-1``) or a name, checked at once by ``neoxja.devices``."""
     from neoxja.devices import resolve_device
 
@@ -94,13 +97,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 # The options of add_sampling_arguments that are GenerationConfig settings of the same name.
 SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
-SAMPLING_ONLY = ("temperature", "top_k", "top_p")
 
 
 def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ``generate`` settings of the options, checked by ``GenerationConfig.validate`` and
     ``check_seed`` (the Python API's rules) before any model is loaded; errors name the option."""
     from neoxja.generation_config import GenerationConfig, check_seed
+    from neoxja.pipelines import SAMPLING_ARGS
 
     settings = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
     settings["do_sample"] = args.temperature > 0
@@ -114,7 +117,7 @@ def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--{name.replace('_', '-')} {rest}") from err
         raise
     if not settings["do_sample"]:
-        settings = {name: value for name, value in settings.items() if name not in SAMPLING_ONLY}
+        settings = {name: value for name, value in settings.items() if name not in SAMPLING_ARGS}
     return settings
 
 
@@ -145,15 +148,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.set_defaults(func=run_chat)
 
 
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, str]:
+    """Where to load the model (``--device``, default ``auto``) and in which dtype (``--dtype``)."""
+    from neoxja.devices import resolve_device
+
+    device = resolve_device(args.device, default="auto")
+    # Half-precision matmuls are slow on CPUs, so there the stored dtype is only used when asked for.
+    return device, args.dtype or ("float32" if device.type == "cpu" else "auto")
+
+
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load the model and tokenizer named by ``--model``/``--tokenizer``/``--dtype``/``--device``."""
-    from neoxja.devices import resolve_device
     from neoxja.pipelines import load_model_and_tokenizer
 
     check_directories(args)
-    device = resolve_device(args.device, default="auto")
-    # Half-precision matmuls are slow on CPUs, so there the stored dtype is only used when asked for.
-    dtype = args.dtype or ("float32" if device.type == "cpu" else "auto")
+    device, dtype = device_and_dtype(args)
     try:
         model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=dtype, device=device)
     except HubUnavailableError as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neoxja.commands.generate import add_model_arguments, check_directories
+from neoxja.commands.generate import add_model_arguments, check_directories, device_and_dtype
 from neoxja.hub import HubUnavailableError
 
 EPILOG = """\
@@ -46,13 +46,10 @@ def run_visualize(args: argparse.Namespace) -> int:
     if args.layer is not None and args.png is None:
         raise ValueError("--layer/--head choose what --png draws; give --png FILE too")
     check_directories(args)
+    device, dtype = device_and_dtype(args)
     try:
         visualizer = AttentionMaskVisualizer(
-            args.model,
-            args.tokenizer,
-            dtype=args.dtype,
-            device=args.device,
-            color=False if args.no_color else None,
+            args.model, args.tokenizer, dtype=dtype, device=device, color=False if args.no_color else None
         )
     except HubUnavailableError as err:
         raise HubUnavailableError(
