@@ -7,16 +7,20 @@ corpus files, with the ratio to transformers, for both neoxja segmentation paths
 (the default when neoxja._segment is built; it keeps no cache, so every pass is on unseen text) and
 the pure-Python one (NEOXJA_PURE_PYTHON=1) in three states of its chunk cache: cold (empty), warm
 (filled by the other corpus files: a long-running process on unseen text) and seen (the measured
-text encoded before). Then a linear-time check on adversarial inputs and the multi-process batch
-API: wall time for 1 and N processes on a large batch, next to what the machine allows right now
-(N busy-loop processes against one: other jobs on the cores cap any speed-up).
+text encoded before). Then a linear-time check on adversarial inputs, emoji-dense text (encode
+time against transformers, whose emoji step makes one pass per emoji.json key), and the
+multi-process batch API: wall time for 1 and N processes on a large batch, next to what the
+machine allows right now (N busy-loop processes against one: other jobs on the cores cap any
+speed-up).
 All tokenizers must produce the same ids; the script stops if they do not.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import resource
 import time
 from contextlib import contextmanager
@@ -40,6 +44,29 @@ def pure_python(on: bool):
         os.environ.pop("NEOXJA_PURE_PYTHON", None)
         if before is not None:
             os.environ["NEOXJA_PURE_PYTHON"] = before
+
+
+def emoji_dense(keys: list[str], size: int, seed: int = 0) -> str:
+    """About ``size`` characters: emoji.json keys (half of the pieces), keys cut short, skin tones,
+    ZWJ and variation selectors, between Japanese and ASCII."""
+    rng = random.Random(seed)
+    extra = [chr(c) for c in range(0x1F3FB, 0x1F400)] + ["\u200d", "\ufe0f", "\u20e3"]
+    plain = "吾輩は猫である。名前はまだ無い。abc 123"
+    pieces, total = [], 0
+    while total < size:
+        roll = rng.random()
+        if roll < 0.5:
+            piece = rng.choice(keys)
+        elif roll < 0.65:
+            key = rng.choice(keys)
+            piece = key[: rng.randint(1, len(key))]
+        elif roll < 0.75:
+            piece = rng.choice(extra)
+        else:
+            piece = rng.choice(plain)
+        pieces.append(piece)
+        total += len(piece)
+    return "".join(pieces)
 
 
 def busy(n: int = 3_000_000) -> None:
@@ -81,6 +108,7 @@ def main() -> None:
     parser.add_argument("--corpus", default=os.environ.get("NEOXJA_CORPUS", ROOT.parent / "shared/corpus"))
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--emoji-chars", type=int, default=200_000, help="size of the emoji-dense text")
     parser.add_argument("--batch-copies", type=int, default=10, help="corpus lines repeated this often")
     args = parser.parse_args()
     assets, corpus = Path(args.assets), Path(args.corpus)
@@ -90,6 +118,8 @@ def main() -> None:
     docs = [files[name] for name in held_out]
     lines = [line for doc in docs for line in doc.split("\n")]
     warmup_lines = [line for name, doc in files.items() if name not in held_out for line in doc.split("\n")]
+
+    emoji_keys = list(json.loads(Path(emoji).read_text(encoding="utf-8"))["emoji"])
 
     from transformers import GPTNeoXJapaneseTokenizer as Reference
 
@@ -173,6 +203,7 @@ def main() -> None:
         ("dates", "2000/", "13/1"),  # a long chain of years that never reaches a month
         ("e-mail-ish", "a.b+c_", "@x.y"),  # a long local part, then the "@"
         ("japanese", "\n".join(docs), ""),  # the corpus itself
+        ("emoji", emoji_dense(emoji_keys, 10_000), ""),  # emoji-dense text (see below)
     ):
         speeds = []
         for size in (100_000, 1_000_000):
@@ -180,6 +211,18 @@ def main() -> None:
             clean = make("compiled", do_clean_text=True)
             speeds.append(size / best_of(1, lambda text=text, clean=clean: clean.encode(text)))
         print(f"  {label:12}{speeds[0]:14,.0f}{speeds[1]:14,.0f}   ({speeds[1] / speeds[0]:.2f}x)")
+
+    # Emoji-dense text: the reference replaces emoji key by key (4,314 passes over the text), neoxja
+    # in one pass. Same text, same run, same ids.
+    size = args.emoji_chars
+    text = emoji_dense(emoji_keys, size)
+    ours = make("compiled")
+    if ours.encode(text) != ref.encode(text):
+        raise SystemExit("emoji-dense text: ids differ from transformers")
+    ref_s = best_of(1, lambda: ref.encode(text))
+    ours_s = best_of(args.repeat, lambda: ours.encode(text))
+    print(f"\nemoji-dense text ({len(text):,} characters), encode:")
+    print(f"  transformers {ref_s:.2f}s, neoxja compiled {ours_s:.3f}s ({ref_s / ours_s:.0f}x)")
 
     # The batch API on a large batch (every corpus line, --batch-copies times over), compiled path.
     # Wall time for 1 and N processes, interleaved and repeated, next to the same comparison for a

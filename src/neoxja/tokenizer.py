@@ -16,7 +16,7 @@ trained with, and of transformers' ``GPTNeoXJapaneseTokenizer``):
    ``<U2000U2BFF>`` (U+2000..U+2BFF) or one byte token per UTF-8 byte.
 
 Speed comes from doing the same thing with less work: the fixed rewrites are C-level
-``str.replace`` calls; emoji are looked up only where a possible first character occurs; the
+``str.replace`` calls; emoji are replaced in one pass with the reference's key-by-key result; the
 ``do_clean_text`` patterns are searched with linear-time scanners (the reference's regular
 expressions backtrack quadratically on long digit runs); and step 3 runs in a small C extension,
 ``neoxja._segment`` (hash tables of the vocabulary's 1-3 character words and of its ``<`` words),
@@ -327,6 +327,144 @@ def _ends_with_newline(path: str | os.PathLike) -> bool:
         return f.read(1) == b"\n"
 
 
+class _EmojiReplacer:
+    """Step 2's emoji tags in one pass, with exactly the reference's result.
+
+    The reference runs ``text.replace(key, tag)`` for each key of ``emoji.json`` in file order.
+    No key can match or overlap a tag (checked here), so an inserted tag only separates text and
+    the result is: key number r takes, left to right and without overlap, its occurrences in the
+    original text that no earlier key took. That is what this computes, in one pass: it finds
+    every occurrence of every key (the keys starting at one position are the prefixes of the
+    longest one there) and takes them in (file order, start) order when they are still free. An
+    occurrence overlapping no other one is simply taken by the earliest key among those starting
+    there; a group of overlapping occurrences is resolved once per distinct text and cached. The
+    work is linear in the text (n log n within one group). If a key could overlap a tag, the
+    replacements run key after key, as in the reference.
+    """
+
+    _CACHE_LIMIT = 100_000  # resolved groups; the cache starts over when full
+
+    def __init__(self, table: dict[str, str]) -> None:
+        self.table = table
+        self._rank = {key: i for i, key in enumerate(table)}
+        self._prefixes = {key[:j] for key in table for j in range(1, len(key) + 1)}
+        self._max_len = max(map(len, table), default=0)
+        tags = set(table.values())
+        tag_chars = set("".join(tags))
+        self._sequential = any(_overlaps_tag(key, tags) for key in table if tag_chars.intersection(key))
+        # The earliest key (file order) among the keys that are prefixes of each key.
+        first: dict[str, str | None] = {}
+        for word in sorted(self._prefixes, key=len):
+            best = first.get(word[:-1]) if len(word) > 1 else None
+            if word in self._rank and (best is None or self._rank[word] < self._rank[best]):
+                best = word
+            first[word] = best
+        self._first = {key: first[key] for key in table}
+        # Where a key may start: a one-character key, or a first character followed by a second one.
+        singles = {key for key in table if len(key) == 1}
+        firsts = {key[0] for key in table if len(key) > 1} - singles
+        seconds = {key[1] for key in table if len(key) > 1}
+        alternatives = [_char_class(singles)] if singles else []
+        if firsts:
+            alternatives.append(f"{_char_class(firsts)}(?={_char_class(seconds)})")
+        self._starts = re.compile("|".join(alternatives)).finditer if alternatives else None
+        self._groups: dict[str, tuple[tuple[int, int, str], ...]] = {}
+
+    def replace(self, text: str) -> str:
+        """``text`` with every emoji replaced by its tag, as the reference replaces them."""
+        if self._sequential:
+            for key, tag in self.table.items():
+                if key in text:
+                    text = text.replace(key, tag)
+            return text
+        edits = self.edits(text)
+        if not edits:
+            return text
+        parts, pos = [], 0
+        for start, end, tag in edits:
+            parts.append(text[pos:start])
+            parts.append(tag)
+            pos = end
+        parts.append(text[pos:])
+        return "".join(parts)
+
+    def replace_traced(self, traced: _Traced) -> None:
+        """:meth:`replace` on a traced text, so that each tag keeps the span it came from."""
+        if self._sequential:
+            for key, tag in self.table.items():
+                if key in traced.text:
+                    traced.replace(key, tag)
+            return
+        edits = self.edits(traced.text)
+        traced.apply([(start, end) for start, end, _ in edits], [tag for _, _, tag in edits])
+
+    def edits(self, text: str) -> list[tuple[int, int, str]]:
+        """The (start, end, tag) replacements in ``text``, in order (only without ``_sequential``)."""
+        if self._starts is None:
+            return []
+        edits: list[tuple[int, int, str]] = []
+        group_start = group_end = -1  # the group of overlapping occurrences being read
+        longest = ""  # the longest key at group_start while the group has one start position
+        for m in self._starts(text):
+            p = m.start()
+            key = self._longest_at(text, p)
+            if not key:
+                continue
+            if p < group_end:  # overlaps the group: it has several start positions
+                longest = ""
+                group_end = max(group_end, p + len(key))
+                continue
+            self._close(text, group_start, group_end, longest, edits)
+            group_start, group_end, longest = p, p + len(key), key
+        self._close(text, group_start, group_end, longest, edits)
+        return edits
+
+    def _longest_at(self, text: str, p: int) -> str:
+        prefixes, rank = self._prefixes, self._rank
+        longest = ""
+        for end in range(p + 1, min(p + self._max_len, len(text)) + 1):
+            word = text[p:end]
+            if word not in prefixes:
+                break
+            if word in rank:
+                longest = word
+        return longest
+
+    def _close(self, text: str, start: int, end: int, longest: str, edits: list) -> None:
+        """Add the replacements of the group text[start:end] to ``edits``."""
+        if start < 0:
+            return
+        if longest:  # one start position: the earliest of its keys takes it, the others overlap it
+            first = self._first[longest]
+            edits.append((start, start + len(first), self.table[first]))
+            return
+        group = text[start:end]
+        resolved = self._groups.get(group)
+        if resolved is None:
+            if len(self._groups) >= self._CACHE_LIMIT:
+                self._groups.clear()
+            resolved = self._groups[group] = self._resolve(group)
+        edits.extend((start + s, start + e, tag) for s, e, tag in resolved)
+
+    def _resolve(self, group: str) -> tuple[tuple[int, int, str], ...]:
+        """The replacements within a group of overlapping occurrences, taken in (file order,
+        start) order when none of their characters is taken yet."""
+        occurrences = []
+        for p in range(len(group)):
+            key = self._longest_at(group, p)
+            while key:
+                if key in self._rank:
+                    occurrences.append((self._rank[key], p, len(key)))
+                key = key[:-1]
+        taken = bytearray(len(group))
+        chosen = []
+        for _, p, n in sorted(occurrences):
+            if taken.find(1, p, p + n) < 0:
+                taken[p : p + n] = b"\x01" * n
+                chosen.append((p, p + n, self.table[group[p : p + n]]))
+        return tuple(sorted(chosen))
+
+
 class BatchEncoding(dict):
     """The result of calling the tokenizer: a dict (``input_ids``, ``attention_mask``, ...).
 
@@ -457,28 +595,7 @@ class GPTNeoXJapaneseTokenizer:
 
         self._special_ids = frozenset(self.added_tokens_decoder)
 
-        # Emoji: index the keys by their first one or two characters, so that only the keys that
-        # can occur are tried, in file order. That equals the reference's "replace every key in
-        # file order" as long as no key can match across an inserted tag; otherwise we fall back.
-        keys = list(self.emoji["emoji"])
-        self._emoji_keys = keys
-        self._emoji_index: dict[str, list[int]] = {}
-        for i, key in enumerate(keys):
-            self._emoji_index.setdefault(key[:2], []).append(i)
-        first = {k[0] for k in keys}
-        self._emoji_start = re.compile(_char_class(first)) if first else None
-        # Where a key may start: one findall (in C) yields each possible first character and, when
-        # the next character can be a key's second one, that character too.
-        seconds = {k[1] for k in keys if len(k) > 1}
-        pattern = (
-            f"({_char_class(first)})(?=({_char_class(seconds)})?)" if seconds else f"({_char_class(first)})()"
-        )
-        self._emoji_prefixes = re.compile(pattern).findall if first else None
-        tags = set(self.emoji["emoji"].values())
-        tag_chars = set("".join(tags))
-        self._emoji_indexable = not any(
-            _overlaps_tag(k, tags) for k in keys if k[0] in tag_chars or k[-1] in tag_chars
-        )
+        self._emoji = _EmojiReplacer(self.emoji["emoji"])
 
     @cached_property
     def _chunk_findall(self) -> Any:
@@ -718,30 +835,9 @@ class GPTNeoXJapaneseTokenizer:
         """Step 2: the fixed rewrites, emoji tags and (with do_clean_text) the clean-up tags."""
         for old, new in _FIXED_REWRITES:
             text = text.replace(old, new)
-        if self._emoji_start is not None and self._emoji_start.search(text):
-            text = self._replace_emoji(text)
+        text = self._emoji.replace(text)
         if self.do_clean_text:
             text = clean_text(text)
-        return text
-
-    def _emoji_candidates(self, text: str) -> list[int]:
-        """Indices (file order) of the emoji keys that may occur in ``text``."""
-        if not self._emoji_indexable:
-            return list(range(len(self._emoji_keys)))
-        index = self._emoji_index
-        found: set[int] = set()
-        for first, second in set(self._emoji_prefixes(text)):
-            found.update(index.get(first, ()))
-            if second:
-                found.update(index.get(first + second, ()))
-        return sorted(found)
-
-    def _replace_emoji(self, text: str) -> str:
-        keys, table = self._emoji_keys, self.emoji["emoji"]
-        for i in self._emoji_candidates(text):
-            key = keys[i]
-            if key in text:
-                text = text.replace(key, table[key])
         return text
 
     def _decide(self, window: str) -> tuple:
@@ -1008,7 +1104,7 @@ class GPTNeoXJapaneseTokenizer:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for key in ("_lt_match", "_emoji_start", "_emoji_prefixes", "_special_split_re", "_decoding"):
+        for key in ("_lt_match", "_emoji", "_special_split_re", "_decoding"):
             state.pop(key, None)
         state["_window_cache"] = {}
         for key in ("_chunk_cache", "_chunk_findall", "_segmenter", "_segment_text"):
@@ -1039,12 +1135,7 @@ class GPTNeoXJapaneseTokenizer:
             else:
                 traced = _Traced(piece, offset)
                 traced.sub(_FIXED_REWRITE_RE, lambda m: _FIXED_REWRITE_MAP[m.group()])
-                if self._emoji_start is not None:
-                    table = self.emoji["emoji"]
-                    for i in self._emoji_candidates(traced.text):
-                        key = self._emoji_keys[i]
-                        if key in traced.text:
-                            traced.replace(key, table[key])
+                self._emoji.replace_traced(traced)
                 if self.do_clean_text:
                     for finder, tag in _clean_steps():
                         traced.apply(finder(traced.text), tag)
@@ -1419,7 +1510,7 @@ def _tile(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _overlaps_tag(key: str, tags: set[str]) -> bool:
     """Whether an emoji key could match text that overlaps an inserted tag like ``<|emoji1|>``."""
     for tag in tags:
-        if key in tag:
+        if key in tag or tag in key:
             return True
         for i in range(1, min(len(key), len(tag))):
             if key[:i] == tag[-i:] or key[-i:] == tag[:i]:
