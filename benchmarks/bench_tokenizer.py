@@ -5,7 +5,7 @@
 Prints load time and tokens/s line by line and for whole documents (single process) on held-out
 corpus files, with the ratio to transformers, for both neoxja segmentation paths: the compiled one
 (the default when neoxja._segment is built; it keeps no cache, so every pass is on unseen text) and
-the pure-Python one (NEOXJA_PURE_PYTHON=1) in three states of its chunk cache: cold (empty), warm
+the pure-Python one (NEOXJA_PURE_PYTHON=1) in three states of its window cache: cold (empty), warm
 (filled by the other corpus files: a long-running process on unseen text) and seen (the measured
 text encoded before). Then a linear-time check on adversarial inputs, emoji-dense text (encode
 time against transformers, whose emoji step makes one pass per emoji.json key), and the
@@ -123,10 +123,9 @@ def main() -> None:
 
     from transformers import GPTNeoXJapaneseTokenizer as Reference
 
-    from neoxja import tokenizer as module
-    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer, segment
 
-    if module._compiled is None:
+    if segment._compiled is None:
         raise SystemExit("neoxja._segment is not built (pip install -e . compiles it): nothing to compare")
     paths = {"compiled": False, "python": True}  # label -> pure_python flag
 

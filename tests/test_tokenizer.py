@@ -237,9 +237,9 @@ def test_special_tokens_can_be_none(assets_dir: Path, tmp_path: Path) -> None:
 
 
 def test_encode_batch_with_workers_matches_single_process(tok, corpus_dir: Path, monkeypatch) -> None:
-    import neoxja.tokenizer as module
+    from neoxja.tokenizer import batch
 
-    monkeypatch.setattr(module, "_FORK_MIN_CHARS", 0)  # fork even for this small batch
+    monkeypatch.setattr(batch, "_FORK_MIN_CHARS", 0)  # fork even for this small batch
     lines = (corpus_dir / "gsd-test.txt").read_text(encoding="utf-8").split("\n")[:400]
     expected = [tok.encode(t) for t in lines]
     for workers in (2, 3):
@@ -251,7 +251,7 @@ def test_encode_batch_with_workers_matches_single_process(tok, corpus_dir: Path,
 @pytest.mark.parametrize("lengths", [[5, 5, 5, 5], [100, 1, 1, 1], [1, 1, 1, 100], [3], [0, 7, 0]])
 @pytest.mark.parametrize("weights", [[1.0], [0.8, 1.0], [1.0, 1.0, 1.0]])
 def test_batch_cuts_cover_the_batch_in_order(lengths: list[int], weights: list[float]) -> None:
-    from neoxja.tokenizer import _balanced_cuts
+    from neoxja.tokenizer.batch import _balanced_cuts
 
     texts = ["x" * n for n in lengths]
     cuts = _balanced_cuts(texts, weights, max(sum(lengths), 1))
@@ -260,7 +260,7 @@ def test_batch_cuts_cover_the_batch_in_order(lengths: list[int], weights: list[f
 
 
 def test_batch_cuts_follow_the_weights() -> None:
-    from neoxja.tokenizer import _balanced_cuts
+    from neoxja.tokenizer.batch import _balanced_cuts
 
     texts = ["x" * 10] * 90
     assert _balanced_cuts(texts, [1.0, 1.0, 1.0], 900) == [0, 30, 60, 90]

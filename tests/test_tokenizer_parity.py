@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neoxja import tokenizer as tokenizer_module
 from neoxja.tokenizer import GPTNeoXJapaneseTokenizer, normalize
+from neoxja.tokenizer import segment as segment_module
 
 # The fuzz alphabets sample the real files at import time (the fixtures skip or fail without them).
 ASSETS = Path(
@@ -30,7 +30,7 @@ def neoxja_paths(*files: str, **kwargs) -> dict[str, GPTNeoXJapaneseTokenizer]:
         env.setenv("NEOXJA_PURE_PYTHON", "1")
         paths["python"] = GPTNeoXJapaneseTokenizer(*files, **kwargs)
         assert paths["python"]._segmenter is None
-        if tokenizer_module._compiled is not None:
+        if segment_module._compiled is not None:
             env.delenv("NEOXJA_PURE_PYTHON")
             paths["compiled"] = GPTNeoXJapaneseTokenizer(*files, **kwargs)
             assert paths["compiled"]._segmenter is not None
@@ -48,7 +48,7 @@ def pair(request, assets_dir: Path):
 
 def test_the_compiled_path_is_built() -> None:
     """The C extension is optional for users, but CI must build and test it."""
-    if tokenizer_module._compiled is None:
+    if segment_module._compiled is None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("neoxja._segment was not compiled (required in CI)")
         pytest.skip("neoxja._segment is not compiled: only the pure-Python path is tested")
@@ -205,4 +205,4 @@ def segmenters(assets_dir: Path) -> dict[str, GPTNeoXJapaneseTokenizer]:
 def test_fuzz_compiled_segmentation_equals_python(segmenters, text: str) -> None:
     """The C segmenter gives the pure-Python segmenter's ids on any (rewritten or raw) text,
     tags cut anywhere included."""
-    assert segmenters["compiled"]._segmenter.segment(text) == list(segmenters["python"]._segment(text))
+    assert segmenters["compiled"]._segmenter.segment(text) == segmenters["python"]._python.segment(text)

@@ -20,12 +20,13 @@ U+FFFD appears only where ``decode`` would put it (invalid bytes, or bytes left 
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from neoxja.tokenizer.detokenize import IdDecoder
+
 if TYPE_CHECKING:
-    from .tokenizer import GPTNeoXJapaneseTokenizer
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 
 
 class StreamingDetokenizer:
@@ -38,8 +39,7 @@ class StreamingDetokenizer:
 
     def reset(self) -> None:
         """Forget everything fed so far."""
-        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._pending = False  # whether byte tokens have been fed since the last text token
+        self._decoder = IdDecoder(*self.tokenizer._decoding)
         self._parts: list[str] = []
 
     @property
@@ -53,14 +53,9 @@ class StreamingDetokenizer:
         """Feed one id; returns the text it completes ("" while a character is unfinished)."""
         tok = self.tokenizer
         idx = tok._check_id(token_id)
-        if self.skip_special_tokens and idx in tok._special_ids:
+        if self.skip_special_tokens and idx in tok.added_tokens_decoder:
             return ""
-        id_text, id_byte = tok._decoding
-        if id_byte[idx] >= 0:
-            self._pending = True
-            piece = self._bytes.decode(bytes((id_byte[idx],)))
-        else:
-            piece = self._flush() + id_text[idx]
+        piece = self._decoder.add(idx)
         if piece:
             self._parts.append(piece)
         return piece
@@ -71,18 +66,10 @@ class StreamingDetokenizer:
 
     def finalize(self) -> str:
         """End of stream: returns the text still held back (an unfinished character as U+FFFD)."""
-        piece = self._flush()
+        piece = self._decoder.finish()
         if piece:
             self._parts.append(piece)
         return piece
 
     add = add_token
     finish = finalize
-
-    def _flush(self) -> str:
-        if not self._pending:
-            return ""
-        self._pending = False
-        piece = self._bytes.decode(b"", final=True)
-        self._bytes.reset()
-        return piece
