@@ -236,6 +236,18 @@ def test_special_tokens_can_be_none(assets_dir: Path, tmp_path: Path) -> None:
     assert GPTNeoXJapaneseTokenizer.from_pretrained(tmp_path).pad_token is None
 
 
+def test_pickled_tokenizer_encodes_and_decodes_the_same(tok) -> None:
+    """Pickling keeps the vocabulary and settings and builds the tables again (the C segmenter
+    does not pickle)."""
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(tok))
+    text = "吾輩は猫である👍🏻 <|endoftext|>𠮷\n"
+    assert clone.encode(text) == tok.encode(text)
+    assert clone.decode(clone.encode(text)) == tok.decode(tok.encode(text))
+    assert (clone._segmenter is None) == (tok._segmenter is None)
+
+
 def test_encode_batch_with_workers_matches_single_process(tok, corpus_dir: Path, monkeypatch) -> None:
     from neoxja.tokenizer import batch
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
+from collections.abc import Callable, Iterable
 from typing import Any
 
 _BOX_DRAWING = "".join(chr(c) for c in range(0x2500, 0x2580))
@@ -160,16 +161,7 @@ def _find_dates(text: str) -> list[tuple[int, int]]:
             known[q] = result
         return result
 
-    spans, pos = [], 0
-    for p in sorted(months | years):
-        if p < pos or not succeeds(p):
-            continue
-        m = _DATE_RE.match(text, p)
-        if m is None:
-            continue
-        spans.append(m.span())
-        pos = m.end()
-    return spans
+    return _matches(_DATE_RE, text, sorted(months | years), succeeds)
 
 
 def _find_prices(text: str) -> list[tuple[int, int]]:
@@ -218,16 +210,24 @@ def _find_prices(text: str) -> list[tuple[int, int]]:
         if k < len(unit_list) and unit_list[k] <= end:
             segments.append((start, end))
     segments.sort()
+    starts = (p for start, end in segments for p in range(start, end))
+    return _matches(_PRICE_RE, text, starts, lambda p: number_end(p) in units)
+
+
+def _matches(
+    pattern: re.Pattern, text: str, starts: Iterable[int], succeeds: Callable[[int], bool]
+) -> list[tuple[int, int]]:
+    """The spans of ``pattern`` matched at ``starts`` (in order) where ``succeeds`` says it can
+    match, skipping the starts inside the previous match."""
     spans, pos = [], 0
-    for start, end in segments:
-        for p in range(max(start, pos), end):
-            if p < pos or number_end(p) not in units:
-                continue  # (p < pos: inside the match just found)
-            m = _PRICE_RE.match(text, p)
-            if m is None:
-                continue
-            spans.append(m.span())
-            pos = m.end()
+    for p in starts:
+        if p < pos or not succeeds(p):
+            continue
+        m = pattern.match(text, p)
+        if m is None:
+            continue
+        spans.append(m.span())
+        pos = m.end()
     return spans
 
 

@@ -169,6 +169,13 @@ def as_id_list(ids: Any) -> list:
     return list(ids)
 
 
+def _special_token_id(name: str) -> property:
+    """A property: the id of the special token held in attribute ``name`` (None without one)."""
+    return property(
+        lambda self: self.added_tokens_encoder.get(getattr(self, name)), doc=f"The id of ``{name}``."
+    )
+
+
 class VocabularyMixin:
     """The tokenizer's vocabulary API: sizes, special tokens, token <-> id conversions."""
 
@@ -215,21 +222,10 @@ class VocabularyMixin:
     def all_special_ids(self) -> list[int]:
         return [self.added_tokens_encoder[t] for t in self.all_special_tokens]
 
-    @property
-    def unk_token_id(self) -> int | None:
-        return self.added_tokens_encoder.get(self.unk_token)
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self.added_tokens_encoder.get(self.pad_token)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.added_tokens_encoder.get(self.bos_token)
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.added_tokens_encoder.get(self.eos_token)
+    unk_token_id = _special_token_id("unk_token")
+    pad_token_id = _special_token_id("pad_token")
+    bos_token_id = _special_token_id("bos_token")
+    eos_token_id = _special_token_id("eos_token")
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
         """Token string(s) -> id(s); an unknown token gives the unk id, as in the reference."""
