@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from neoxja.cache import KVCache
@@ -245,6 +246,22 @@ class GPTNeoXJapanesePreTrainedModel(nn.Module):
                 check()
         return super().train(mode)
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer's activations during backward instead of keeping them (training
+        forwards without a cache): less memory for one more forward. transformers' method name;
+        ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``."""
+        self.base_model.gradient_checkpointing = True
+        self.base_model.checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep activations again (the default)."""
+        self.base_model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether :meth:`gradient_checkpointing_enable` is in effect."""
+        return self.base_model.gradient_checkpointing
+
     def tie_weights(self) -> None:
         """Make the output projection share the input embedding when ``config.tie_word_embeddings``."""
         output = self.get_output_embeddings()
@@ -337,6 +354,8 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         device = torch.get_default_device()
         with torch.device("cpu" if device.type == "meta" else device):
             self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.checkpoint_kwargs: dict[str, Any] = {"use_reentrant": False}
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -406,7 +425,13 @@ class GPTNeoXJapaneseModel(GPTNeoXJapanesePreTrainedModel):
         for layer, layer_head_mask in zip(self.layers, head_masks, strict=True):
             if all_hidden is not None:
                 all_hidden.append(x)
-            x, weights = layer(x, rope, mask, is_causal, cache, layer_head_mask, output_attentions)
+            args = (x, rope, mask, is_causal, cache, layer_head_mask, output_attentions)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                # Keep only the layer's input; recompute its inside during backward (the RNG state is
+                # replayed, so dropout draws the same masks and the gradients are the same).
+                x, weights = torch.utils.checkpoint.checkpoint(layer, *args, **self.checkpoint_kwargs)
+            else:
+                x, weights = layer(*args)
             if all_attentions is not None:
                 all_attentions.append(weights)
         x = self.final_layer_norm(x)
