@@ -1,0 +1,364 @@
+"""The training loop of ``neoxja train`` and :func:`neoxja.train`: full fine-tuning or LoRA, one
+process or many under ``torchrun``.
+
+One step is one optimizer update over ``batch_size * grad_accum * world_size`` blocks, taken in
+order from the seed's permutation of the blocks (epoch after epoch). The loss of a step is the mean
+over every token of those blocks that carries a loss, whichever process or micro-batch holds it,
+so 2 processes with batch B compute what 1 process with batch 2B does, and a resumed run what an
+uninterrupted one does (the step fixes the data position; the checkpoint holds the rest).
+Training changes the model it is given, as transformers' Trainer does; the random-number state of
+the caller is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neoxja.tuner import checkpoints
+from neoxja.tuner.data import IGNORE_INDEX, PackedDataset
+from neoxja.tuner.distributed import World, join, no_sync, wrap
+from neoxja.tuner.lora import LoraArguments, apply_lora
+from neoxja.tuner.optim import SCHEDULES, make_optimizer, make_scheduler
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainingArguments:
+    """What ``neoxja train`` takes; each field is the flag of the same name."""
+
+    output_dir: str
+    steps: int | None = None  # optimizer steps; default: ``epochs`` (1 when neither is given)
+    epochs: float | None = None
+    batch_size: int = 8  # blocks per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 5e-5
+    warmup: int = 0  # steps
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    dtype: str = "float32"  # autocast dtype: bfloat16, or float16 (GPU, with a gradient scaler)
+    grad_checkpointing: bool = False
+    eval_every: int | None = None
+    eval_batch_size: int | None = None
+    save_every: int | None = None
+    log_every: int = 1
+    seed: int = 0
+    resume: str | None = None
+    lora: LoraArguments | None = None
+    fsdp: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # written into the metrics log's first line
+
+    def validate(self) -> None:
+        """A ``ValueError`` naming the first argument that cannot be used."""
+        for name in ("batch_size", "grad_accum", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("steps", "eval_every", "save_every", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
+        if not (isinstance(self.warmup, int) and self.warmup >= 0):
+            raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None), got {self.max_grad_norm!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.lora is not None:
+            self.lora.validate()
+
+
+@dataclass
+class TrainResult:
+    """The trained model (peft-wrapped with LoRA), its last step, and the last losses."""
+
+    model: nn.Module
+    step: int
+    loss: float | None
+    eval_loss: float | None
+    metrics: list[dict[str, Any]]
+
+
+def token_loss_sum(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of each next token that carries a loss, and how many there are."""
+    logits = model(input_ids=input_ids).logits
+    # Position t predicts label t + 1; the last position has no successor (shifting the labels, not
+    # the logits, avoids copying the largest tensor of the step).
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
+    loss = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+class _Rows:
+    """The block indices of each step: the seed's permutation of the blocks, epoch after epoch."""
+
+    def __init__(self, data: PackedDataset, seed: int, per_step: int) -> None:
+        self.data, self.seed, self.per_step = data, seed, per_step
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def of_step(self, step: int) -> torch.Tensor:
+        rows, position, blocks = [], step * self.per_step, len(self.data)
+        while sum(len(r) for r in rows) < self.per_step:
+            epoch, offset = divmod(position, blocks)
+            if epoch not in self._orders:
+                self._orders = {epoch: self.data.order(self.seed, epoch)}
+            take = min(self.per_step - sum(len(r) for r in rows), blocks - offset)
+            rows.append(self._orders[epoch][offset : offset + take])
+            position += take
+        return torch.cat(rows)
+
+
+def total_steps(args: TrainingArguments, blocks: int, per_step: int) -> int:
+    """``args.steps``, or the steps of ``args.epochs`` passes over ``blocks`` (1 epoch by default)."""
+    if args.steps is not None:
+        return args.steps
+    return max(1, math.ceil((args.epochs or 1.0) * blocks / per_step))
+
+
+def _autocast(args: TrainingArguments, device: torch.device) -> AbstractContextManager:
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.float32:
+        return nullcontext()
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError("dtype float16 trains on CUDA GPUs only (it needs a gradient scaler); use bfloat16")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def evaluate(model: nn.Module, data: PackedDataset, batch_size: int, world: World, autocast: Any) -> float:
+    """Mean held-out loss over every token of ``data`` that carries one (shared out over processes)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=world.device)
+    mine = torch.arange(world.rank, len(data), world.size)
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            ids, labels = data.rows(mine[start : start + batch_size])
+            with autocast:
+                loss, count = token_loss_sum(model, ids.to(world.device), labels)
+            total += torch.tensor([loss.item(), count], dtype=torch.float64, device=world.device)
+    model.train(was_training)
+    loss, count = world.sum(total).tolist()
+    return loss / count if count else float("nan")
+
+
+def train(
+    model: nn.Module,
+    train_data: PackedDataset,
+    args: TrainingArguments,
+    eval_data: PackedDataset | None = None,
+    tokenizer: Any = None,
+) -> TrainResult:
+    """Train ``model`` on ``train_data`` as ``args`` say; write checkpoints, the metrics log
+    (``metrics.jsonl``) and the result (model or adapter, and ``tokenizer``) into ``args.output_dir``."""
+    args.validate()
+    device = next(model.parameters()).device
+    world = join(device)
+    devices = [world.device.index or 0] if world.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(args.seed + world.rank)
+        return _Run(model, train_data, args, eval_data, tokenizer, world).loop()
+
+
+class _Run:
+    """One training run: the model, optimizer and schedule, and what is logged and saved."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: PackedDataset,
+        args: TrainingArguments,
+        eval_data: PackedDataset | None,
+        tokenizer: Any,
+        world: World,
+    ) -> None:
+        self.args, self.data, self.eval_data, self.tokenizer, self.world = (
+            args,
+            data,
+            eval_data,
+            tokenizer,
+            world,
+        )
+        self.out = Path(args.output_dir)
+        model.to(world.device)
+        if args.grad_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.model = apply_lora(model, args.lora) if args.lora is not None else model
+        self.model.train()
+        self.per_step = args.batch_size * args.grad_accum * world.size
+        self.total = total_steps(args, len(data), self.per_step)
+        self.rows = _Rows(data, args.seed, self.per_step)
+        self.optimizer = make_optimizer(self.model, args.lr, args.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, args.schedule, args.warmup, self.total)
+        self.autocast = _autocast(args, world.device)
+        self.scaler = torch.amp.GradScaler("cuda") if args.dtype == "float16" else None
+        self.step = 0
+        if args.resume:
+            self._resume(checkpoints.find_checkpoint(args.resume))
+        self.wrapped = wrap(self.model, world, args.fsdp)
+        self.metrics: list[dict[str, Any]] = []
+
+    # ----- the loop ---------------------------------------------------------------------------------
+
+    def loop(self) -> TrainResult:
+        args, world = self.args, self.world
+        if world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        bar = self._progress()
+        loss = eval_loss = None
+        while self.step < self.total:
+            started = time.perf_counter()
+            loss, grad_norm = self._one_step()
+            self.step += 1
+            seconds = time.perf_counter() - started
+            record = {
+                "step": self.step,
+                "loss": loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": self.per_step * self.data.input_ids.shape[1] / seconds,
+            }
+            if self.step % args.log_every == 0 or self.step == self.total:
+                self._log(record)
+            if self.eval_data is not None and args.eval_every and self.step % args.eval_every == 0:
+                eval_loss = self._evaluate()
+            if args.save_every and self.step % args.save_every == 0:
+                self._save_checkpoint()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                )
+        if bar is not None:
+            bar.close()
+        if self.eval_data is not None and (not args.eval_every or self.step % args.eval_every):
+            eval_loss = self._evaluate()
+        self._save_result()
+        return TrainResult(self.model, self.step, loss, eval_loss, self.metrics)
+
+    def _one_step(self) -> tuple[float, float | None]:
+        args, world = self.args, self.world
+        rows = self.rows.of_step(self.step).view(args.grad_accum, world.size, args.batch_size)
+        _, labels = self.data.rows(rows.flatten())
+        count = int((labels[:, 1:] != IGNORE_INDEX).sum())  # every process counts the whole step
+        summed = torch.zeros((), dtype=torch.float64, device=world.device)
+        for micro in range(args.grad_accum):
+            ids, labels = self.data.rows(rows[micro, world.rank])
+            with no_sync(self.wrapped, micro == args.grad_accum - 1), self.autocast:
+                loss, _ = token_loss_sum(self.wrapped, ids.to(world.device), labels)
+            # DDP averages gradients over the processes: scale by their number to get the step's mean.
+            scaled = loss * (world.size / max(count, 1))
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            summed += loss.detach().double()
+        grad_norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if args.max_grad_norm is not None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(world.sum(summed)) / max(count, 1), grad_norm
+
+    def _evaluate(self) -> float:
+        batch = self.args.eval_batch_size or self.args.batch_size
+        loss = evaluate(self.wrapped, self.eval_data, batch, self.world, self.autocast)
+        self._log({"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))})
+        return loss
+
+    # ----- logging, saving, resuming ---------------------------------------------------------------
+
+    def _progress(self) -> Any:
+        if not (self.args.progress and self.world.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total, initial=self.step, desc="training", unit=" steps")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.metrics.append(record)
+        if self.world.is_main:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _write_weights(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+
+    def _save_checkpoint(self) -> None:
+        if not self.world.is_main:
+            return
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": checkpoints.rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "total_steps": self.total,
+            "world_size": self.world.size,
+        }
+        checkpoints.save_checkpoint(self.out, self.step, self._write_weights, state)
+
+    def _resume(self, checkpoint: Path) -> None:
+        state = checkpoints.load_state(checkpoint)
+        self._load_weights(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("world_size", 1) == self.world.size:
+            checkpoints.set_rng_state(state["rng"])  # another world size draws dropout differently anyway
+        self.step = int(state["step"])
+
+    def _load_weights(self, checkpoint: Path) -> None:
+        from safetensors.torch import load_file
+
+        if self.args.lora is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
+            return
+        state = load_file(checkpoint / "model.safetensors")
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = getattr(self.model.config, "tie_word_embeddings", True)
+        if unexpected or [key for key in missing if not (tied and key == "embed_out.weight")]:
+            raise ValueError(
+                f"{checkpoint}: weights do not fit the model (missing {missing}, unexpected {unexpected})"
+            )
+        self.model.tie_weights()
+
+    def _save_result(self) -> None:
+        if self.world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._write_weights(self.out)
+            summary = {"step": self.step, "args": asdict(self.args)}
+            (self.out / "training_args.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
