@@ -1,0 +1,1 @@
+"""Measuring a model: sliding-window perplexity and lm-evaluation-harness integration."""
