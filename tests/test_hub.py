@@ -111,3 +111,13 @@ def test_unresolvable_hub_goes_to_the_cache_without_retrying(
     assert resolve_file("abeja/gpt-neox-japanese-2.7b", "config.json") is not None
     with pytest.raises(HubUnavailableError, match="not reachable"):
         resolve_file("someone/not-cached", "config.json")
+
+
+def test_a_file_given_as_the_model_says_to_pass_its_directory(tmp_path) -> None:
+    from neoxja import GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseTokenizer
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    for load in (GPTNeoXJapaneseForCausalLM.from_pretrained, GPTNeoXJapaneseTokenizer.from_pretrained):
+        with pytest.raises(OSError, match=f"{weights} is a file: pass the model directory that holds it"):
+            load(weights)

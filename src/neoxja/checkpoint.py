@@ -29,7 +29,7 @@ import torch
 from neoxja.configuration import GPTNeoXJapaneseConfig
 from neoxja.devices import resolve_device
 from neoxja.devices import resolve_dtype as _named_dtype
-from neoxja.hub import HubOptions, resolve_file
+from neoxja.hub import HubOptions, file_not_directory, resolve_file
 from neoxja.jsonfile import read_json_object
 
 if TYPE_CHECKING:
@@ -399,6 +399,8 @@ def load_pretrained(
     arguments override config fields.
     """
     options = HubOptions.pop_from(kwargs)
+    if Path(name_or_path).is_file():
+        raise file_not_directory(name_or_path)
     if "torch_dtype" in kwargs:
         dtype = kwargs.pop("torch_dtype")
     if "device_map" in kwargs:

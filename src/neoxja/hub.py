@@ -42,6 +42,11 @@ class HubOptions:
         )
 
 
+def file_not_directory(path: str | os.PathLike) -> OSError:
+    """The error for a file passed where a model directory (or Hub id) belongs."""
+    return OSError(f"{path} is a file: pass the model directory that holds it ({Path(path).parent})")
+
+
 def is_local(name_or_path: str | os.PathLike) -> bool:
     """True when ``name_or_path`` is an existing directory rather than a Hub id."""
     return Path(name_or_path).is_dir()
@@ -62,6 +67,8 @@ def resolve_file(
         path = Path(name_or_path) / options.subfolder / filename
         return path if path.is_file() else None
     repo_id = str(name_or_path)
+    if Path(name_or_path).is_file():
+        raise file_not_directory(name_or_path)
     if repo_id.startswith((".", "/", "~")) or repo_id.count("/") > 1:
         raise OSError(f"model directory {repo_id!r} does not exist (and it is not a Hub id owner/name)")
 
