@@ -131,3 +131,20 @@ def test_a_million_characters_equal_the_sequential_replacement(assets_dir: Path)
     text = "。".join(samples[k] for k in order)
     assert len(text) >= 1_000_000
     assert tok._emoji.replace(text) == "。".join(expected_samples[k] for k in order)
+
+
+def test_keys_that_can_overlap_a_tag_are_replaced_one_after_another(assets_dir: Path, tmp_path: Path) -> None:
+    """A key that can match across an inserted tag (">😃" after "<|emoji1|>") breaks the one-pass
+    reasoning; such a table is replaced key after key, as the reference does."""
+    from transformers import GPTNeoXJapaneseTokenizer as Reference
+
+    table = {"😀": "<|emoji1|>", ">😃": "<|emoji2|>", "😃": "<|emoji2|>"}
+    inverse = {"<|emoji1|>": "😀", "<|emoji2|>": "😃"}
+    (tmp_path / "emoji.json").write_text(json.dumps({"emoji": table, "emoji_inv": inverse}), encoding="utf-8")
+    files = (str(assets_dir / "vocab.txt"), str(tmp_path / "emoji.json"))
+    ours, ref = GPTNeoXJapaneseTokenizer(*files), Reference(*files)
+    text = "😀😃 >😃 😃"
+    expected = "<|emoji1|<|emoji2|> <|emoji2|> <|emoji2|>"
+    assert ours._emoji.replace(text) == _sequential(text, table) == expected
+    assert ours.encode(text) == ref.encode(text)
+    assert ours.encode_with_offsets(text)[0] == ref.encode(text)
