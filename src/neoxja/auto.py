@@ -13,6 +13,7 @@ from typing import Any
 
 from neoxja.hub import HubOptions, resolve_file
 from neoxja.jsonfile import read_json_object
+from neoxja.tuner.lora import adapter_base, is_adapter_dir
 
 MODEL_TYPE = "gpt_neox_japanese"
 TOKENIZER_CLASSES = ("GPTNeoXJapaneseTokenizer", "GPTNeoXJapaneseTokenizerFast")
@@ -32,6 +33,9 @@ def check_model_type(name_or_path: str | os.PathLike, kwargs: dict, *, required:
     With ``required=False`` a missing ``config.json`` is accepted (a tokenizer-only directory).
     """
     config = _read_json(name_or_path, "config.json", kwargs)
+    if config is None and is_adapter_dir(name_or_path):  # a LoRA adapter: its base model decides
+        check_model_type(adapter_base(name_or_path), kwargs, required=required)
+        return
     if config is None:
         if required:
             raise OSError(f"{str(name_or_path)!r} has no config.json, so it is not a model directory")

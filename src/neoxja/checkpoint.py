@@ -31,6 +31,7 @@ from neoxja.devices import resolve_device
 from neoxja.devices import resolve_dtype as _named_dtype
 from neoxja.hub import HubOptions, file_not_directory, resolve_file
 from neoxja.jsonfile import read_json_object
+from neoxja.tuner.lora import adapter_base, is_adapter_dir, merge_adapter
 
 if TYPE_CHECKING:
     from neoxja.network import GPTNeoXJapanesePreTrainedModel
@@ -396,11 +397,26 @@ def load_pretrained(
     Hub keyword arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``,
     ``subfolder``) go to :func:`neoxja.hub.resolve_file`; ``torch_dtype`` is an old name of
     ``dtype`` and ``device_map`` (a single device or ``"auto"``) of ``device``; other keyword
-    arguments override config fields.
+    arguments override config fields. A local LoRA adapter directory (peft's ``adapter_config.json``
+    + ``adapter_model.safetensors``, no ``config.json``) loads its ``base_model_name_or_path`` with
+    the adapter merged into the weights (:func:`neoxja.tuner.lora.merge_adapter`).
     """
-    options = HubOptions.pop_from(kwargs)
     if Path(name_or_path).is_file():
         raise file_not_directory(name_or_path)
+    if is_adapter_dir(name_or_path) and not (Path(name_or_path) / "config.json").is_file():
+        # A LoRA adapter directory (peft's format): its base model with the adapter merged in.
+        base = load_pretrained(
+            cls,
+            adapter_base(name_or_path),
+            config=config,
+            dtype=dtype,
+            device=device,
+            strict=strict,
+            progress=progress,
+            **kwargs,
+        )
+        return merge_adapter(base, name_or_path)
+    options = HubOptions.pop_from(kwargs)
     if "torch_dtype" in kwargs:
         dtype = kwargs.pop("torch_dtype")
     if "device_map" in kwargs:

@@ -68,7 +68,10 @@ def apply_lora(model: nn.Module, args: LoraArguments) -> nn.Module:
     saved = wrapped.peft_config["default"]
     saved.task_type = "CAUSAL_LM"
     saved.auto_mapping = None
-    saved.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    base = getattr(getattr(model, "config", None), "name_or_path", "")
+    if base and Path(base).is_dir():
+        base = str(Path(base).resolve())  # the adapter must find its base from any directory
+    saved.base_model_name_or_path = base or None
     return wrapped
 
 
