@@ -41,7 +41,9 @@ def randomise_lora(model: torch.nn.Module, seed: int = 1) -> None:
 
 
 def reference_lora(reference: torch.nn.Module) -> torch.nn.Module:
-    config = peft.LoraConfig(r=ARGS.r, lora_alpha=ARGS.alpha, lora_dropout=0.0, target_modules=list(ARGS.target))
+    config = peft.LoraConfig(
+        r=ARGS.r, lora_alpha=ARGS.alpha, lora_dropout=0.0, target_modules=list(ARGS.target)
+    )
     return peft.get_peft_model(reference, config)
 
 
@@ -74,7 +76,9 @@ def test_an_adapter_trained_by_neoxja_loads_in_peft_on_transformers(tmp_path: Pa
     args = TrainingArguments(str(out), steps=3, batch_size=4, lr=1e-2, lora=ARGS, progress=False)
     result = train(ours, data, args)
     saved = json.loads((out / "adapter_config.json").read_text())
-    assert saved["task_type"] == "CAUSAL_LM" and saved["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    assert saved["task_type"] == "CAUSAL_LM" and saved["base_model_name_or_path"] == str(
+        (tmp_path / "base").resolve()
+    )
     expected = logits(result.model)
     loaded = peft.PeftModel.from_pretrained(reference, out).eval()
     torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=1e-5)
@@ -101,7 +105,9 @@ def test_lora_resume_is_bit_identical(tmp_path: Path) -> None:
     whole = train(first, data, TrainingArguments(str(tmp_path / "whole"), lora=lora, **settings))
     _, second = make_pair(CONFIG, tmp_path / "b")
     resume = str(tmp_path / "whole" / "checkpoint-2")
-    resumed = train(second, data, TrainingArguments(str(tmp_path / "resumed"), lora=lora, resume=resume, **settings))
+    resumed = train(
+        second, data, TrainingArguments(str(tmp_path / "resumed"), lora=lora, resume=resume, **settings)
+    )
     assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in whole.metrics[2:]]
     mine = {n: p for n, p in resumed.model.named_parameters() if "lora_" in n}
     for name, param in whole.model.named_parameters():

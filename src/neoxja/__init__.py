@@ -35,6 +35,9 @@ _EXPORTS = {
     "AutoModelForCausalLM": "neoxja.auto",
     "BitsAndBytesConfig": "neoxja.auto",
     "AttentionMaskVisualizer": "neoxja.utils.attention_visualizer",
+    "train": "neoxja.tuner.run",
+    "TrainingArguments": "neoxja.tuner.trainer",
+    "LoraArguments": "neoxja.tuner.lora",
 }
 
 __all__ = ["__version__", *_EXPORTS]

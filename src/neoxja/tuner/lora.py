@@ -14,16 +14,17 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from neoxja.jsonfile import read_json_object
+from neoxja.tuner import LORA_TARGETS
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+TARGETS = LORA_TARGETS
 
 
 @dataclass
@@ -96,7 +97,9 @@ def merge_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     ``rank_pattern``/``alpha_pattern`` and ``use_rslora``; anything else (DoRA, biases, other
     adapter types) is refused with its name rather than merged wrongly.
     """
+    import torch
     from safetensors.torch import load_file
+    from torch import nn
 
     directory = Path(path)
     config_path = directory / ADAPTER_CONFIG

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-SCHEDULES = ("cosine", "linear", "constant")
+from neoxja.tuner import SCHEDULES
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -231,13 +231,14 @@ class _Run:
         loss = eval_loss = None
         while self.step < self.total:
             started = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]  # what this step uses
             loss, grad_norm = self._one_step()
             self.step += 1
             seconds = time.perf_counter() - started
             record = {
                 "step": self.step,
                 "loss": loss,
-                "lr": self.scheduler.get_last_lr()[0],
+                "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens_per_s": self.per_step * self.data.input_ids.shape[1] / seconds,
             }

@@ -1,0 +1,157 @@
+"""``neoxja train`` from the command line: one process and torchrun DDP agree; LoRA + merge; errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, make_reference
+from safetensors.torch import load_file
+
+from neoxja.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Path:
+    """A tiny model without dropout (processes would draw different masks) and the real tokenizer."""
+    directory = tmp_path_factory.mktemp("train-cli") / "model"
+    make_reference({**TINY, "attention_dropout": 0.0}).save_pretrained(directory)
+    tokenizer = transformers.GPTNeoXJapaneseTokenizer(
+        str(assets_dir / "vocab.txt"), str(assets_dir / "emoji.json")
+    )
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def common(model_dir: Path, corpus_dir: Path, out: Path) -> list[str]:
+    data = str(corpus_dir / "gsd-dev.txt")
+    return [
+        "--model",
+        str(model_dir),
+        "--data",
+        data,
+        "--line-per-document",
+        "--out",
+        str(out),
+        "--seq-len",
+        "32",
+    ]
+
+
+def run_cli(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess:
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"] if torchrun else []
+    )
+    command = [sys.executable, *launcher, "-m", "neoxja", "train", *args, "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_two_ddp_processes_equal_one_process_with_twice_the_batch(
+    model_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    one = run_cli([*common(model_dir, corpus_dir, tmp_path / "one"), "--steps", "3", "--batch-size", "4"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(
+        [*common(model_dir, corpus_dir, tmp_path / "two"), "--steps", "3", "--batch-size", "2"], torchrun=2
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("trained 3 steps") == 1  # rank 0 alone reports, logs and saves
+    a, b = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").open()]
+        for run in ("one", "two")
+    ]
+    assert len(losses[1]) == 3 and max(abs(x - y) for x, y in zip(*losses, strict=True)) <= 1e-5
+
+
+def test_lora_with_merge_and_resume(model_dir: Path, corpus_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "adapter"
+    args = [
+        *common(model_dir, corpus_dir, out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--lora",
+        "--lora-r",
+        "4",
+    ]
+    assert main(["train", *args, "--save-every", "2", "--merge", "--no-progress", "--lr", "1e-2"]) == 0
+    assert "trained 4 steps; adapter written to" in capsys.readouterr().out
+    assert (out / "adapter_config.json").is_file() and (
+        out / "checkpoint-2" / "adapter_model.safetensors"
+    ).is_file()
+    merged = transformers.GPTNeoXJapaneseForCausalLM.from_pretrained(out / "merged").eval()
+    from neoxja import AutoModelForCausalLM
+
+    ours = AutoModelForCausalLM.from_pretrained(out)  # the adapter directory: base + merged adapter
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-5)
+    # resuming from checkpoint-2 gives the uninterrupted run's last two losses
+    again = tmp_path / "again"
+    resumed = [
+        *common(model_dir, corpus_dir, again),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--lora",
+        "--lora-r",
+        "4",
+    ]
+    assert main(["train", *resumed, "--resume", str(out / "checkpoint-2"), "--no-progress", "--lr", "1e-2"]) == 0
+    first = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
+    second = [json.loads(line)["loss"] for line in (again / "metrics.jsonl").open()]
+    assert second == first[2:]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"text": "ok"}\n{"prompt": "q"}\n', r"bad\.jsonl:2: a prompt/completion record needs completion"),
+        (b'{"text": "ok"}\nnot json\n', r"bad\.jsonl:2: not a JSON line"),
+        (b'{"text": "\xff"}\n', r"bad\.jsonl:1: not UTF-8 text"),
+    ],
+)
+def test_bad_data_stops_before_any_step_with_file_and_line(
+    model_dir: Path, tmp_path: Path, capsys, content: bytes, message: str
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    out = tmp_path / "out"
+    assert (
+        main(["train", "--model", str(model_dir), "--data", str(bad), "--out", str(out), "--no-progress"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("neoxja train: error: ") and len(err.strip().splitlines()) == 1
+    assert __import__("re").search(message, err), err
+    assert not out.exists()  # nothing ran, nothing written
+
+
+def test_option_errors_are_one_line(model_dir: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "a.txt"
+    data.write_text("吾輩は猫である。")
+    base = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main([*base, "--merge"]) == 2
+    assert "--merge merges a LoRA adapter: add --lora" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--batch-size", "0"])
+    assert "--batch-size: must be > 0, got 0" in capsys.readouterr().err
+    assert main([*base, "--dtype", "float16", "--device", "cpu"]) == 2
+    assert "float16 trains on CUDA GPUs only" in capsys.readouterr().err
