@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_pair
 
 import neoxja
-from conftest import make_pair
 from neoxja.tuner.data import PackedDataset
 from neoxja.tuner.lora import LoraArguments, apply_lora, merge_adapter
 from neoxja.tuner.trainer import TrainingArguments, token_loss_sum, train
