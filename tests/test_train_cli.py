@@ -114,7 +114,9 @@ def test_lora_with_merge_and_resume(model_dir: Path, corpus_dir: Path, tmp_path:
         "--lora-r",
         "4",
     ]
-    assert main(["train", *resumed, "--resume", str(out / "checkpoint-2"), "--no-progress", "--lr", "1e-2"]) == 0
+    assert (
+        main(["train", *resumed, "--resume", str(out / "checkpoint-2"), "--no-progress", "--lr", "1e-2"]) == 0
+    )
     first = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
     second = [json.loads(line)["loss"] for line in (again / "metrics.jsonl").open()]
     assert second == first[2:]
