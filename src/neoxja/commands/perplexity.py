@@ -1,0 +1,123 @@
+"""``neoxja perplexity``: sliding-window perplexity and bits per character of text files.
+
+Each FILE is read as UTF-8 (exactly its bytes: no newline translation), tokenised whole and scored
+on its own, with no context carried from one file to the next; the total adds up the files'
+scored tokens, NLLs and characters. See :mod:`neoxja.evaluation.perplexity` for which tokens
+each window scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from neoxja.commands.generate import add_model_arguments, load
+
+EPILOG = """\
+Token perplexity is exp(total NLL / tokens scored); bits/char is the total NLL in bits divided by
+the characters (Unicode code points) of the files as read. Windows of --max-length tokens start
+every --stride tokens; each scores only the tokens after the previous window's end, with the
+tokens before them as context (the first window scores all of its tokens but the first).
+
+examples:
+  neoxja perplexity --model ./gpt-neox-japanese-2.7b neko.txt
+  neoxja perplexity --model ./my-model --max-length 1024 --stride 512 --batch-size 4 a.txt b.txt
+  neoxja perplexity --model ./my-model --json test.txt > ppl.json
+"""
+
+# The window options, by the names the Python API's messages use.
+OPTIONS = {"max_length": "--max-length", "stride": "--stride", "batch_size": "--batch-size"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``perplexity`` sub-command."""
+    parser = subparsers.add_parser(
+        "perplexity",
+        help="sliding-window perplexity and bits per character of text files",
+        description="Score each FILE with the model: tokens, token perplexity and bits per character, "
+        "per file and in total.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("files", metavar="FILE", nargs="+", help="UTF-8 text file to score")
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per window (default: the model's max_position_embeddings)",
+    )
+    parser.add_argument(
+        "--stride", type=int, default=None, help="tokens between window starts (default: --max-length)"
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.set_defaults(func=run_perplexity)
+
+
+def read_file(path: str) -> str:
+    """The text of ``path`` decoded as UTF-8; ValueError naming the file if it is not UTF-8 or empty."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}: {err.reason})"
+        ) from None
+    if not text:
+        raise ValueError(f"{path} is empty")
+    return text
+
+
+def check_options(args: argparse.Namespace, max_positions: int | None = None) -> None:
+    """The Python API's checks of the window options, its messages naming the options."""
+    from neoxja.evaluation.perplexity import check_settings
+
+    try:
+        check_settings(args.max_length, args.stride, args.batch_size, max_positions)
+    except ValueError as err:
+        message = str(err)
+        for name, option in OPTIONS.items():
+            message = message.replace(name, option)
+        raise ValueError(message) from None
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
+    """``neoxja perplexity``: score each FILE, print a table (or ``--json``), per file and total."""
+    from neoxja.evaluation.perplexity import combine, perplexity
+
+    check_options(args)
+    texts = [(path, read_file(path)) for path in args.files]  # every file is checked before loading
+    model, tokenizer = load(args)
+    max_positions = model.config.max_position_embeddings
+    check_options(args, max_positions)
+    max_length = args.max_length or max_positions
+    stride = args.stride or max_length
+    results = []
+    for path, text in texts:
+        try:
+            result = perplexity(model, tokenizer, text, max_length, stride, args.batch_size, description=path)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        results.append((path, result))
+    total = combine(result for _, result in results)
+    if args.json:
+        report = {
+            "model": args.model,
+            "max_length": max_length,
+            "stride": stride,
+            "files": [{"file": path, **result.as_dict()} for path, result in results],
+            "total": total.as_dict(),
+        }
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return 0
+    rows = results + ([("total", total)] if len(results) > 1 else [])
+    width = max(len("file"), *(len(name) for name, _ in rows))
+    print(f"windows of {max_length} tokens, stride {stride}")
+    print(f"{'file':<{width}}  {'characters':>10}  {'tokens':>10}  {'perplexity':>12}  {'bits/char':>9}")
+    for name, result in rows:
+        print(
+            f"{name:<{width}}  {result.characters:>10}  {result.tokens:>10}  "
+            f"{result.perplexity:>12.4f}  {result.bits_per_character:>9.4f}"
+        )
+    return 0
