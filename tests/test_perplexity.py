@@ -161,6 +161,22 @@ def test_a_model_in_training_mode_is_scored_in_eval_mode_and_left_training(pair,
         model.eval()
 
 
+def test_logits_are_computed_only_where_a_token_is_scored(pair, tokenizers, text: str) -> None:
+    _, model = pair
+    _, tokenizer = tokenizers
+    shapes = []
+    hook = model.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.logits.shape[:2])))
+    try:
+        perplexity(model, tokenizer, text, 64, 16, batch_size=3)
+    finally:
+        hook.remove()
+    # The first batch holds the first window (63 scored tokens); later windows score at most 16
+    # tokens each, predicted from the 17 positions before them (the last position is unused).
+    assert shapes[0] == (3, 64)
+    assert max(length for _, length in shapes[1:]) == 17
+    assert sum(rows for rows, _ in shapes) == len(windows(len(tokenizer.encode(text)), 64, 16))
+
+
 def test_windows_and_what_they_score() -> None:
     assert windows(10, 4, 2) == [(0, 1, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
     # Without overlap a last window of one token has nothing to score and is left out.

@@ -235,9 +235,8 @@ def _batch_nll(model: torch.nn.Module, ids: torch.Tensor, batch: list[tuple[int,
     inputs = torch.stack([ids[begin:end] for begin, _, end in batch])
     keep = max(end - first for _, first, end in batch) + 1
     logits = model(inputs, use_cache=False, logits_to_keep=keep).logits
-    predictions = [
-        logits[row, keep - 1 - (end - first) : keep - 1] for row, (_, first, end) in enumerate(batch)
-    ]
-    targets = torch.cat([ids[first:end] for _, first, end in batch])
-    losses = F.cross_entropy(torch.cat(predictions).float(), targets, reduction="none")
-    return losses.double().sum().item()
+    total = 0.0
+    for row, (_, first, end) in enumerate(batch):  # a row at a time: no float32 copy of all logits
+        predictions = logits[row, keep - 1 - (end - first) : keep - 1].float()
+        total += F.cross_entropy(predictions, ids[first:end], reduction="sum").item()
+    return total
