@@ -54,28 +54,39 @@ def run_cli(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_two_ddp_processes_equal_one_process_with_twice_the_batch(
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+def test_ddp_and_fsdp_processes_equal_one_process_and_checkpoints_cross_world_sizes(
     model_dir: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
-    one = run_cli([*common(model_dir, corpus_dir, tmp_path / "one"), "--steps", "3", "--batch-size", "4"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli(
-        [*common(model_dir, corpus_dir, tmp_path / "two"), "--steps", "3", "--batch-size", "2"], torchrun=2
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("trained 3 steps") == 1  # rank 0 alone reports, logs and saves
-    a, b = (
-        load_file(tmp_path / "one" / "model.safetensors"),
-        load_file(tmp_path / "two" / "model.safetensors"),
-    )
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
-    losses = [
-        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").open()]
-        for run in ("one", "two")
-    ]
-    assert len(losses[1]) == 3 and max(abs(x - y) for x, y in zip(*losses, strict=True)) <= 1e-5
+    """1 process with batch 4 = 2 DDP processes with batch 2 = 2 FSDP processes with batch 2; and
+    an FSDP checkpoint resumes in 1 process to the same weights (checkpoints are whole, not shards)."""
+    steps = ["--steps", "4", "--save-every", "2"]
+    runs = {
+        "one": ([*steps, "--batch-size", "4"], 0),
+        "ddp": ([*steps, "--batch-size", "2"], 2),
+        "fsdp": ([*steps, "--batch-size", "2", "--fsdp"], 2),
+        "back": ([*steps, "--batch-size", "4", "--resume", str(tmp_path / "fsdp" / "checkpoint-2")], 0),
+    }
+    for name, (extra, processes) in runs.items():
+        done = run_cli([*common(model_dir, corpus_dir, tmp_path / name), *extra], torchrun=processes)
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+        assert done.stdout.count("trained 4 steps") == 1, name  # rank 0 alone reports, logs and saves
+    expected = weights(tmp_path / "one")
+    for name in ("ddp", "fsdp", "back"):
+        got = weights(tmp_path / name)
+        assert got.keys() == expected.keys()
+        for key, tensor in expected.items():
+            torch.testing.assert_close(got[key], tensor, atol=1e-5, rtol=0, msg=f"{name}: {key}")
+    losses = {
+        name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").open()]
+        for name in ("one", "ddp", "fsdp")
+    }
+    assert all(len(values) == 4 for values in losses.values())
+    for name in ("ddp", "fsdp"):
+        assert max(abs(x - y) for x, y in zip(losses[name], losses["one"], strict=True)) <= 1e-5, name
 
 
 def test_lora_with_merge_and_resume(model_dir: Path, corpus_dir: Path, tmp_path: Path, capsys) -> None:

@@ -466,10 +466,12 @@ def save_pretrained(
     *,
     safe_serialization: bool = True,
     max_shard_size: int | str = "50GB",
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``config.json`` and the weights, sharded above ``max_shard_size`` with an index file.
 
     A tied ``embed_out.weight`` is left out, as transformers does: it is rebuilt from ``embed_in``.
+    ``state_dict`` (tensors under the model's own keys) is written instead of ``model.state_dict()``.
     Old weight files of the directory are removed first so that shards of two saves never mix.
     """
     directory = Path(save_directory)
@@ -478,7 +480,7 @@ def save_pretrained(
     directory.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
 
-    state = model.state_dict()
+    state = dict(state_dict) if state_dict is not None else model.state_dict()
     if getattr(model.config, "tie_word_embeddings", True):
         state.pop("embed_out.weight", None)
     shards: list[dict[str, torch.Tensor]] = [{}]

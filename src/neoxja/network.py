@@ -329,12 +329,18 @@ class GPTNeoXJapanesePreTrainedModel(nn.Module):
         *,
         safe_serialization: bool = True,
         max_shard_size: int | str = "50GB",
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Write ``config.json`` and the weights (safetensors by default) that transformers can load."""
+        """Write ``config.json`` and the weights (safetensors by default) that transformers can load;
+        ``state_dict`` replaces the model's own (e.g. weights gathered from FSDP shards)."""
         from neoxja.checkpoint import save_pretrained
 
         save_pretrained(
-            self, save_directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size
+            self,
+            save_directory,
+            safe_serialization=safe_serialization,
+            max_shard_size=max_shard_size,
+            state_dict=state_dict,
         )
 
 

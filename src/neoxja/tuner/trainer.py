@@ -211,14 +211,18 @@ class _Run:
         self.per_step = args.batch_size * args.grad_accum * world.size
         self.total = total_steps(args, len(data), self.per_step)
         self.rows = _Rows(data, args.seed, self.per_step)
+        checkpoint = checkpoints.find_checkpoint(args.resume) if args.resume else None
+        if checkpoint is not None:
+            self._load_weights(checkpoint)  # before sharding: every process reads the whole weights
+        self.wrapped = wrap(self.model, world, args.fsdp)
+        # After wrapping: FSDP replaces the parameters by their shards, which the optimizer must hold.
         self.optimizer = make_optimizer(self.model, args.lr, args.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, args.schedule, args.warmup, self.total)
         self.autocast = _autocast(args, world.device)
         self.scaler = torch.amp.GradScaler("cuda") if args.dtype == "float16" else None
         self.step = 0
-        if args.resume:
-            self._resume(checkpoints.find_checkpoint(args.resume))
-        self.wrapped = wrap(self.model, world, args.fsdp)
+        if checkpoint is not None:
+            self._resume(checkpoint)
         self.metrics: list[dict[str, Any]] = []
 
     # ----- the loop ---------------------------------------------------------------------------------
@@ -279,7 +283,8 @@ class _Run:
             self.scaler.unscale_(self.optimizer)
         if args.max_grad_norm is not None:
             params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -310,29 +315,52 @@ class _Run:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _write_weights(self, directory: Path) -> None:
-        self.model.save_pretrained(directory)
+    def _model_state(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP the whole weights, gathered from every process (all must call this); else
+        None: the model's own ``state_dict``."""
+        if not self.args.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state keyed by parameter name and whole (gathered under FSDP), so that it
+        resumes with or without FSDP and on any number of processes."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=whole)
+
+    def _write_weights(self, directory: Path, state: dict[str, torch.Tensor] | None) -> None:
+        """The model (or adapter) and the tokenizer in their usual formats (rank 0)."""
+        self.model.save_pretrained(directory, state_dict=state)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
 
     def _save_checkpoint(self) -> None:
+        weights, optimizer = self._model_state(), self._optimizer_state()
         if not self.world.is_main:
             return
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": checkpoints.rng_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "total_steps": self.total,
             "world_size": self.world.size,
         }
-        checkpoints.save_checkpoint(self.out, self.step, self._write_weights, state)
+        checkpoints.save_checkpoint(self.out, self.step, lambda d: self._write_weights(d, weights), state)
 
     def _resume(self, checkpoint: Path) -> None:
         state = checkpoints.load_state(checkpoint)
-        self._load_weights(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        whole = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=whole)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -358,8 +386,9 @@ class _Run:
         self.model.tie_weights()
 
     def _save_result(self) -> None:
+        weights = self._model_state()
         if self.world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self._write_weights(self.out)
+            self._write_weights(self.out, weights)
             summary = {"step": self.step, "args": asdict(self.args)}
             (self.out / "training_args.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
