@@ -11,7 +11,7 @@ window ``w`` scores the tokens ``t`` in ``[max(e_{w-1}, b_w + 1), e_w)``, each b
 
 * ``stride < max_length``: every token but ``x_0`` is scored exactly once (``n - 1`` tokens);
 * ``stride == max_length``: the windows do not overlap and the first token of each window is
-  context for the rest of it but is never scored itself (``n - windows`` tokens);
+  context for the rest of it but is never scored itself (``n - ceil(n / max_length)`` tokens);
 * a sequence shorter than ``max_length`` is one window: ``x_1 .. x_{n-1}`` are scored.
 
 The result is exact: total NLL = the sum of the scored tokens' NLLs, perplexity = exp(total NLL /
@@ -22,7 +22,8 @@ exactly in those cases and differ slightly for ``stride < max_length``.
 
 Memory stays bounded for long inputs: the windows are batched ``batch_size`` per forward (only
 windows of the same length share a batch, so there is no padding), logits are computed only for
-the positions that predict scored tokens, and only each batch's NLL sum is kept.
+the positions that predict scored tokens, and only each window's NLL sum is kept (besides the
+ids themselves).
 """
 
 from __future__ import annotations
