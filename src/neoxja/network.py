@@ -110,7 +110,14 @@ class GPTNeoXJapaneseAttention(nn.Module):
         weights = None
         # SDPA's CPU kernels cannot drop out; its fallback for that is slower than the explicit path.
         cpu_dropout = dropout > 0 and q.device.type == "cpu"
-        if output_attentions or head_mask is not None or cpu_dropout:
+        if cpu_dropout and not output_attentions and torch.is_grad_enabled():
+            # Training: keep only q, k, v and recompute the scores in backward (the RNG is replayed,
+            # so the dropout masks, and the gradients, are the same). The eager path would otherwise
+            # hold every layer's [heads, length, length] scores, softmax and mask until backward.
+            out, _ = torch.utils.checkpoint.checkpoint(
+                self._eager, q, k, v, mask, is_causal, dropout, head_mask, use_reentrant=False
+            )
+        elif output_attentions or head_mask is not None or cpu_dropout:
             out, weights = self._eager(q, k, v, mask, is_causal, dropout, head_mask)
         else:
             out = F.scaled_dot_product_attention(
