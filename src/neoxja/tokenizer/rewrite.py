@@ -73,14 +73,19 @@ class EmojiReplacer:
                 best = word
             first[word] = best
         self._first = {key: first[key] for key in table}
-        # Where a key may start: a one-character key, or a first character followed by a second one.
+        # Where a key may start: a one-character key, or a first character followed by a second
+        # one. The pattern starts with one character class, so the regex engine skips quickly
+        # over the characters outside it (most of a text).
         singles = {key for key in table if len(key) == 1}
-        firsts = {key[0] for key in table if len(key) > 1} - singles
         seconds = {key[1] for key in table if len(key) > 1}
-        alternatives = [_char_class(singles)] if singles else []
-        if firsts:
-            alternatives.append(f"{_char_class(firsts)}(?={_char_class(seconds)})")
-        self._starts = re.compile("|".join(alternatives)).finditer if alternatives else None
+        checks = [f"(?<={_char_class(singles)})"] if singles else []
+        if seconds:
+            checks.append(f"(?={_char_class(seconds)})")
+        pattern = (
+            re.compile(f"{_char_class(key[0] for key in table)}(?:{'|'.join(checks)})") if table else None
+        )
+        self._starts = pattern.finditer if pattern else None
+        self._any_start = pattern.search if pattern else None
         self._groups: dict[str, tuple[tuple[int, int, str], ...]] = {}
 
     def replace(self, text: str) -> str:
@@ -90,9 +95,9 @@ class EmojiReplacer:
                 if key in text:
                     text = text.replace(key, tag)
             return text
-        edits = self.edits(text)
-        if not edits:
+        if self._any_start is None or self._any_start(text) is None:
             return text
+        edits = self.edits(text)
         return splice(text, [(start, end) for start, end, _ in edits], [tag for _, _, tag in edits])
 
     def replace_traced(self, traced: Traced) -> None:
