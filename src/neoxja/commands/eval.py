@@ -75,14 +75,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--num-fewshot",
+        metavar="K",
         type=_non_negative_int,
         default=None,
         help="examples in each prompt (default: the task's)",
     )
     parser.add_argument(
-        "--limit", type=_limit, default=None, help="examples per task, or below 1 a fraction of each task"
+        "--limit",
+        metavar="N",
+        type=_limit,
+        default=None,
+        help="examples per task, or below 1 a fraction of each task",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=1, help="requests per batch (default: 1)")
+    parser.add_argument(
+        "--batch-size", metavar="B", type=_positive_int, default=1, help="requests per batch (default: 1)"
+    )
     parser.add_argument(
         "--output", default=None, metavar="PATH", help="also write the results as JSON to PATH"
     )
