@@ -320,9 +320,9 @@ def test_config_json_that_is_not_utf8_names_the_file(saved: Path, encoding: str)
     config = saved / "config.json"
     text = config.read_text(encoding="utf-8").replace('"model_type"', '"note": "\u00e9t\u00e9", "model_type"')
     config.write_bytes(json.dumps(json.loads(text), ensure_ascii=False).encode(encoding))
-    with pytest.raises(ValueError, match=f"{config}: not UTF-8 text"):
+    with pytest.raises(ValueError, match=f"{config}:1: not UTF-8 text"):
         GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
-    with pytest.raises(ValueError, match=f"{config}: not UTF-8 text"):
+    with pytest.raises(ValueError, match=f"{config}:1: not UTF-8 text"):
         GPTNeoXJapaneseConfig.from_pretrained(saved)
 
 

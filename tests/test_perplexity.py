@@ -307,7 +307,7 @@ def test_cli_counts_the_files_characters_as_stored(
     ("make", "extra", "message"),
     [
         (None, [], "No such file or directory"),
-        (b"\xe5\x90\xbe\xff", [], "is not UTF-8 text (byte 0xff at offset 3: invalid start byte)"),
+        (b"\xe5\x90\xbe\xff", [], ":1: not UTF-8 text (byte 3 is 0xff)"),
         (b"", [], "is empty"),
         ("猫".encode(), [], "the text is 1 token long; perplexity needs at least 2"),
         (

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from neoxja.commands.generate import add_model_arguments, load
+from neoxja.jsonfile import decode_utf8
 
 EPILOG = """\
 Token perplexity is exp(total NLL / tokens scored); bits/char is the total NLL in bits divided by
@@ -57,13 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def read_file(path: str) -> str:
     """The text of ``path`` decoded as UTF-8; ValueError naming the file if it is not UTF-8 or empty."""
-    data = Path(path).read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}: {err.reason})"
-        ) from None
+    text = decode_utf8(Path(path).read_bytes(), path)  # as read: a byte-order mark counts as a character
     if not text:
         raise ValueError(f"{path} is empty")
     return text

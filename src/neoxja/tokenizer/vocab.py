@@ -9,7 +9,7 @@ from functools import cached_property
 from itertools import chain, repeat
 from typing import Any
 
-from neoxja.jsonfile import read_json_object
+from neoxja.jsonfile import decode_utf8, read_json_object
 
 VOCAB_FILES = {"vocab_file": "vocab.txt", "emoji_file": "emoji.json"}
 # transformers' "no limit" value, so saved configs round-trip unchanged.
@@ -37,10 +37,7 @@ def load_vocab(path: str | os.PathLike) -> list[str]:
     """
     with open(path, "rb") as f:
         raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start} is {raw[err.start]:#04x})") from err
+    text = decode_utf8(raw, path)  # a byte-order mark would be part of id 0, as in the reference
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()

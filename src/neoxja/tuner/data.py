@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from neoxja.jsonfile import decode_utf8
+
 IGNORE_INDEX = -100  # label of a position that carries no loss (as in transformers and PyTorch)
 
 
@@ -42,10 +44,9 @@ class Record:
 
 def _decode_utf8(path: Path, raw: bytes) -> str:
     try:
-        return raw.decode("utf-8-sig" if raw.startswith(b"\xef\xbb\xbf") else "utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {err.start} is {raw[err.start]:#04x})") from err
+        return decode_utf8(raw, path, drop_bom=True)
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 def _jsonl_record(path: Path, number: int, line: str) -> Record:
