@@ -39,7 +39,8 @@ CORPUS = Path(os.environ.get("NEOXJA_CORPUS", HERE.parents[1] / "shared" / "corp
 ARCHITECTURE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512)
 TRAINING = dict(steps=600, batch_size=8, lr=3e-3, warmup=30, schedule="cosine", weight_decay=0.01, seed=0)
 SEQ_LEN = 128
-PROMPTS = ("吾輩は猫である。", "私はその人を常に先生と呼んでいた。")
+# Prompts that do not end in 。, after which the model has learned to end the line (the document).
+PROMPTS = ("吾輩は猫である。名前は", "私はその人を常に", "東京の")
 
 
 def corpus_files() -> tuple[list[Path], list[Path]]:
