@@ -133,7 +133,7 @@ def test_training_learns_and_the_result_loads_in_transformers(
     held_out = tiny_data(tokenizer, corpus_dir, "gsd-test.txt")
     out = tmp_path / "out"
     settings = dict(
-        steps=150, batch_size=8, lr=1e-2, warmup=10, eval_every=75, progress=False, weight_decay=0.01
+        steps=300, batch_size=4, lr=1e-2, warmup=10, eval_every=150, progress=False, weight_decay=0.01
     )
     result = train(fresh_model(), data, TrainingArguments(str(out), **settings), held_out, tokenizer)
     evals = [m["eval_loss"] for m in result.metrics if "eval_loss" in m]
