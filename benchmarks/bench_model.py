@@ -36,7 +36,7 @@ import torch
 
 from neoxja.configuration import PRESETS
 
-SPEED_CONFIG = dict(PRESETS["small"], vocab_size=32000)
+SPEED_CONFIG = dict(PRESETS["small"], vocab_size=32000, intermediate_multiple_size=4)
 
 
 CLOCK: Callable[[], float] = time.perf_counter
