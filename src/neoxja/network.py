@@ -75,6 +75,12 @@ def build_attention_mask(
 # ----- network --------------------------------------------------------------------------------------
 
 
+# Score elements of one layer's attention (batch x heads x queries x keys) from which a training
+# forward with dropout on the CPU recomputes them in backward instead of keeping them: 2**24 is
+# 64 MB of float32 per tensor (12 heads at 1,200 tokens, batch 1), several tensors a layer.
+RECOMPUTE_SCORES = 2**24
+
+
 class GPTNeoXJapaneseAttention(nn.Module):
     """Multi-head self-attention with a fused ``query_key_value`` projection laid out per head as [q|k|v]."""
 
@@ -110,10 +116,12 @@ class GPTNeoXJapaneseAttention(nn.Module):
         weights = None
         # SDPA's CPU kernels cannot drop out; its fallback for that is slower than the explicit path.
         cpu_dropout = dropout > 0 and q.device.type == "cpu"
-        if cpu_dropout and not output_attentions and torch.is_grad_enabled():
-            # Training: keep only q, k, v and recompute the scores in backward (the RNG is replayed,
-            # so the dropout masks, and the gradients, are the same). The eager path would otherwise
-            # hold every layer's [heads, length, length] scores, softmax and mask until backward.
+        scores = batch * self.num_heads * length * k.shape[-2]
+        if cpu_dropout and not output_attentions and torch.is_grad_enabled() and scores >= RECOMPUTE_SCORES:
+            # Training on long rows: keep only q, k, v and recompute the scores in backward (the RNG
+            # is replayed, so the dropout masks, and the gradients, are the same). The eager path
+            # would otherwise hold every layer's [heads, length, length] scores, softmax and mask
+            # until backward; below the threshold keeping them is cheaper than recomputing.
             out, _ = torch.utils.checkpoint.checkpoint(
                 self._eager, q, k, v, mask, is_causal, dropout, head_mask, use_reentrant=False
             )
