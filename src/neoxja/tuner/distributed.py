@@ -60,7 +60,10 @@ def wrap(model: nn.Module, world: World, fsdp: bool) -> nn.Module:
             )
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.base_model.layers:
+        from neoxja.network import GPTNeoXJapaneseLayer
+
+        # Each transformer layer its own shard group (found by type, so a peft-wrapped model works too).
+        for layer in [m for m in model.modules() if isinstance(m, GPTNeoXJapaneseLayer)]:
             fully_shard(layer)
         fully_shard(model)
         return model

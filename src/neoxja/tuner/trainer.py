@@ -16,7 +16,7 @@ import json
 import math
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ class TrainingArguments:
     lora: LoraArguments | None = None
     fsdp: bool = False
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)  # written into the metrics log's first line
 
     def validate(self) -> None:
         """A ``ValueError`` naming the first argument that cannot be used."""
