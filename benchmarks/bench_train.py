@@ -20,7 +20,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -73,12 +72,9 @@ def child(library: str, seq: int, dropout: float, lora: bool, checkpointing: boo
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    step()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - start)
+    from bench_generate import best_seconds
+
+    best = best_seconds(step, repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB
     return {"tokens_per_s": seq / best, "peak_rss_gb": peak}
 

@@ -47,6 +47,19 @@ def corpus_dir() -> Path:
 # The "tiny" preset with abeja's full vocabulary: the shape of every shared test checkpoint.
 TINY = {"vocab_size": 32000, **PRESETS["tiny"]}
 
+# A very small config without dropout, for comparing training steps (two libraries, or two runs,
+# draw different dropout masks).
+NO_DROPOUT = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    attention_dropout=0.0,
+    hidden_dropout=0.0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
 
 def build_tiny_checkpoint(out: Path, assets_dir: Path, seed: int = 0, with_tokenizer: bool = True) -> Path:
     """Save a tiny random transformers GPT-NeoX-Japanese (and its real tokenizer) into ``out``."""

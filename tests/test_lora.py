@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_pair
+from conftest import NO_DROPOUT, make_pair
 
 import neoxja
 from neoxja.tuner.data import PackedDataset
@@ -17,16 +17,7 @@ from neoxja.tuner.trainer import TrainingArguments, token_loss_sum, train
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-CONFIG = dict(
-    vocab_size=128,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    attention_dropout=0.0,
-    hidden_dropout=0.0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+CONFIG = NO_DROPOUT
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 ARGS = LoraArguments(r=4, alpha=8.0, dropout=0.0)
 

@@ -91,17 +91,9 @@ def test_ddp_and_fsdp_processes_equal_one_process_and_checkpoints_cross_world_si
 
 def test_lora_with_merge_and_resume(model_dir: Path, corpus_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "adapter"
-    args = [
-        *common(model_dir, corpus_dir, out),
-        "--steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--lora",
-        "--lora-r",
-        "4",
-    ]
-    assert main(["train", *args, "--save-every", "2", "--merge", "--no-progress", "--lr", "1e-2"]) == 0
+    lora = ["--steps", "4", "--batch-size", "2", "--lora", "--lora-r", "4", "--no-progress", "--lr", "1e-2"]
+    args = [*common(model_dir, corpus_dir, out), *lora]
+    assert main(["train", *args, "--save-every", "2", "--merge"]) == 0
     assert "trained 4 steps; adapter written to" in capsys.readouterr().out
     assert (out / "adapter_config.json").is_file() and (
         out / "checkpoint-2" / "adapter_model.safetensors"
@@ -115,19 +107,8 @@ def test_lora_with_merge_and_resume(model_dir: Path, corpus_dir: Path, tmp_path:
         torch.testing.assert_close(ours(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-5)
     # resuming from checkpoint-2 gives the uninterrupted run's last two losses
     again = tmp_path / "again"
-    resumed = [
-        *common(model_dir, corpus_dir, again),
-        "--steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--lora",
-        "--lora-r",
-        "4",
-    ]
-    assert (
-        main(["train", *resumed, "--resume", str(out / "checkpoint-2"), "--no-progress", "--lr", "1e-2"]) == 0
-    )
+    resumed = [*common(model_dir, corpus_dir, again), *lora, "--resume", str(out / "checkpoint-2")]
+    assert main(["train", *resumed]) == 0
     first = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
     second = [json.loads(line)["loss"] for line in (again / "metrics.jsonl").open()]
     assert second == first[2:]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_pair
+from conftest import NO_DROPOUT, make_pair
 
 import neoxja
 from neoxja.tuner import checkpoints
@@ -16,17 +16,7 @@ from neoxja.tuner.trainer import TrainingArguments, token_loss_sum, train
 
 transformers = pytest.importorskip("transformers")
 
-# No dropout: the two libraries draw different masks, so only dropout-free steps can be compared.
-CONFIG = dict(
-    vocab_size=128,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    attention_dropout=0.0,
-    hidden_dropout=0.0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+CONFIG = NO_DROPOUT  # only dropout-free steps can be compared across libraries
 
 
 def batch(seed: int = 0, rows: int = 3, length: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,6 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train as the options say; print where the result is."""
+    from neoxja.tuner.distributed import is_main_process
     from neoxja.tuner.lora import LoraArguments
     from neoxja.tuner.run import train
 
@@ -165,12 +166,7 @@ def run_train(args: argparse.Namespace) -> int:
     summary = f"trained {result.step} steps; {what} written to {args.out}"
     if result.eval_loss is not None:
         summary += f"; held-out loss {result.eval_loss:.4f}"
-    _print_main(summary)
+    if is_main_process():
+        print(summary)
     return 0
 
-
-def _print_main(text: str) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(text)

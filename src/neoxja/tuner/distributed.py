@@ -37,6 +37,11 @@ class World:
         return value
 
 
+def is_main_process() -> bool:
+    """True outside ``torchrun`` and on rank 0 inside it: the process that reports."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def join(device: torch.device) -> World:
     """The :class:`World` of this process; under ``torchrun`` the process group is started here (once),
     and on GPUs each process takes the GPU of its ``LOCAL_RANK``."""

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from neoxja.tuner.data import PackedDataset, load_dataset
+from neoxja.tuner.distributed import is_main_process
 from neoxja.tuner.lora import LoraArguments
 from neoxja.tuner.trainer import TrainingArguments, TrainResult
 from neoxja.tuner.trainer import train as train_blocks
@@ -78,15 +79,10 @@ def train(
         _dataset(eval_data, tokenizer, seq_len, per_line, num_workers) if eval_data is not None else None
     )
     result = train_blocks(model, train_set, args, eval_set, tokenizer)
-    if merge and result.step and _is_main():
+    if merge and result.step and is_main_process():
         merged = result.model.merge_and_unload()
         merged.save_pretrained(Path(output_dir) / "merged")
         if tokenizer is not None:
             tokenizer.save_pretrained(Path(output_dir) / "merged")
     return result
 
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
