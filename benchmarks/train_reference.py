@@ -4,8 +4,8 @@ benchmarks and demos that need one (quantisation quality, the server).
 hidden 256, 4 layers, 4 heads, the real tokenizer (vocab 32000, tied head), sequence 128; trained
 with ``neoxja.train`` on the training part of ``../shared/corpus`` (every file but the ones
 ``bench_tokenizer.py`` holds out: kokoro, gingatetsudou, gsd-test), one document per line,
-600 steps of 8 blocks (0.6M tokens), AdamW 3e-3, 30 warm-up steps, cosine; seed 0. About 15
-minutes on 2 cores (the 32000-row head is most of the work). Held-out loss and the report use the
+1500 steps of 8 blocks (1.5M tokens), AdamW 3e-3, 50 warm-up steps, cosine; seed 0. About 18
+minutes on 2 cores (1064 s on 2026-12-02; the 32000-row head is most of the work). Held-out loss and the report use the
 two smaller held-out files (gingatetsudou, gsd-test) to keep the run short.
 Deterministic: the same files and code give the same weights. The result goes to a cache
 directory outside the repository (``$NEOXJA_CACHE`` or ``~/.cache/neoxja``), named after these
@@ -37,7 +37,7 @@ from bench_tokenizer import HELD_OUT  # noqa: E402  (the held-out files are benc
 ASSETS = Path(os.environ.get("NEOXJA_ASSETS", HERE.parents[1] / "shared" / "assets" / "abeja-tokenizer"))
 CORPUS = Path(os.environ.get("NEOXJA_CORPUS", HERE.parents[1] / "shared" / "corpus"))
 ARCHITECTURE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512)
-TRAINING = dict(steps=600, batch_size=8, lr=3e-3, warmup=30, schedule="cosine", weight_decay=0.01, seed=0)
+TRAINING = dict(steps=1500, batch_size=8, lr=3e-3, warmup=50, schedule="cosine", weight_decay=0.01, seed=0)
 SEQ_LEN = 128
 # Prompts that do not end in 。, after which the model has learned to end the line (the document).
 PROMPTS = ("吾輩は猫である。名前は", "私はその人を常に", "東京の")
@@ -81,7 +81,7 @@ def train_reference(out: Path, train_files: list[Path], held_out: list[Path]) ->
         eval_data=held_out,
         seq_len=SEQ_LEN,
         per_line=True,
-        eval_every=300,
+        eval_every=500,
         log_every=10,
         **TRAINING,
     )
