@@ -5,8 +5,9 @@ hidden 256, 4 layers, 4 heads, the real tokenizer (vocab 32000, tied head), sequ
 with ``neoxja.train`` on the training part of ``../shared/corpus`` (every file but the ones
 ``bench_tokenizer.py`` holds out: kokoro, gingatetsudou, gsd-test), one document per line,
 1500 steps of 8 blocks (1.5M tokens), AdamW 3e-3, 50 warm-up steps, cosine; seed 0.
-About 18 minutes on 2 cores (1064 s on 2026-12-02; the 32000-row head is most of the work). Held-out loss and the report use the
-two smaller held-out files (gingatetsudou, gsd-test) to keep the run short.
+About 18 minutes on 2 cores (1064 s on 2026-12-02; the 32000-row head is most of the work).
+Held-out loss and the report use the two smaller held-out files (gingatetsudou, gsd-test) to keep
+the run short.
 Deterministic: the same files and code give the same weights. The result goes to a cache
 directory outside the repository (``$NEOXJA_CACHE`` or ``~/.cache/neoxja``), named after these
 settings, and is reused when it is there. Prints the held-out perplexity, bits per character and a
