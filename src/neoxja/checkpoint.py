@@ -86,10 +86,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             )
         raw = f.read(length)
     data_start = 8 + length
-    _check_complete(path, raw, data_start, size)
-    _check_with_library(path)
-    header = json.loads(raw)
-    header.pop("__metadata__", None)
+    header = _check_complete(path, raw, data_start, size)
+    _check_with_library(path)  # after it, the header is known to be well formed
     for name, info in header.items():
         if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise CheckpointError(
@@ -99,20 +97,22 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, data_start
 
 
-def _check_complete(path: Path, raw: bytes, data_start: int, size: int) -> None:
-    """Name the tensor a truncated file cuts off (a header too damaged to tell is left to the library)."""
+def _check_complete(path: Path, raw: bytes, data_start: int, size: int) -> dict[str, dict] | None:
+    """The parsed header without ``__metadata__``, after naming the tensor a truncated file cuts off;
+    None for a header too damaged to tell (the library's check then says what is wrong)."""
     try:
         entries = json.loads(raw)
         entries.pop("__metadata__", None)
         ends = {name: int(info["data_offsets"][1]) for name, info in entries.items()}
     except (ValueError, RecursionError, TypeError, KeyError, IndexError, AttributeError):
-        return
+        return None
     for name, end in ends.items():
         if data_start + end > size:
             raise CheckpointError(
                 f"{path}: truncated safetensors file: tensor {name!r} ends at byte {data_start + end}, "
                 f"the file has {size} bytes"
             )
+    return entries
 
 
 def _check_with_library(path: Path) -> None:

@@ -116,8 +116,7 @@ class GPTNeoXJapaneseAttention(nn.Module):
         weights = None
         # SDPA's CPU kernels cannot drop out; its fallback for that is slower than the explicit path.
         cpu_dropout = dropout > 0 and q.device.type == "cpu"
-        scores = batch * self.num_heads * length * k.shape[-2]
-        if cpu_dropout and not output_attentions and torch.is_grad_enabled() and scores >= RECOMPUTE_SCORES:
+        if cpu_dropout and not output_attentions and torch.is_grad_enabled() and self._long(q, k):
             # Training on long rows: keep only q, k, v and recompute the scores in backward (the RNG
             # is replayed, so the dropout masks, and the gradients, are the same). The eager path
             # would otherwise hold every layer's [heads, length, length] scores, softmax and mask
@@ -135,6 +134,11 @@ class GPTNeoXJapaneseAttention(nn.Module):
         if self.dense_bias is not None:
             out = out + self.dense_bias
         return out, weights
+
+    @staticmethod
+    def _long(q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether this layer's score tensors (batch x heads x queries x keys) reach RECOMPUTE_SCORES."""
+        return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= RECOMPUTE_SCORES
 
     def _eager(
         self,

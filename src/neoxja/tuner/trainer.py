@@ -109,7 +109,12 @@ def token_loss_sum(
     loss = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return loss, count_targets(labels)
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """How many next tokens of ``labels`` rows carry a loss (every position but each row's first)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 class _Rows:
@@ -120,15 +125,13 @@ class _Rows:
         self._orders: dict[int, torch.Tensor] = {}
 
     def of_step(self, step: int) -> torch.Tensor:
-        rows, position, blocks = [], step * self.per_step, len(self.data)
-        while sum(len(r) for r in rows) < self.per_step:
+        rows, start, blocks = [], step * self.per_step, len(self.data)
+        for position in range(start, start + self.per_step):  # a step may run into the next epoch
             epoch, offset = divmod(position, blocks)
             if epoch not in self._orders:
-                self._orders = {epoch: self.data.order(self.seed, epoch)}
-            take = min(self.per_step - sum(len(r) for r in rows), blocks - offset)
-            rows.append(self._orders[epoch][offset : offset + take])
-            position += take
-        return torch.cat(rows)
+                self._orders = {epoch: self.data.order(self.seed, epoch)}  # only the current one is kept
+            rows.append(self._orders[epoch][offset])
+        return torch.stack(rows)
 
 
 def total_steps(args: TrainingArguments, blocks: int, per_step: int) -> int:
@@ -151,16 +154,17 @@ def evaluate(model: nn.Module, data: PackedDataset, batch_size: int, world: Worl
     """Mean held-out loss over every token of ``data`` that carries one (shared out over processes)."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=world.device)
+    summed, count = torch.zeros((), dtype=torch.float64, device=world.device), 0
     mine = torch.arange(world.rank, len(data), world.size)
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
             ids, labels = data.rows(mine[start : start + batch_size])
             with autocast:
-                loss, count = token_loss_sum(model, ids.to(world.device), labels)
-            total += torch.tensor([loss.item(), count], dtype=torch.float64, device=world.device)
+                loss, tokens = token_loss_sum(model, ids.to(world.device), labels)
+            summed += loss.double()  # no host sync per batch
+            count += tokens
     model.train(was_training)
-    loss, count = world.sum(total).tolist()
+    loss, count = world.sum(torch.stack([summed, summed.new_tensor(count)])).tolist()
     return loss / count if count else float("nan")
 
 
@@ -266,8 +270,7 @@ class _Run:
     def _one_step(self) -> tuple[float, float | None]:
         args, world = self.args, self.world
         rows = self.rows.of_step(self.step).view(args.grad_accum, world.size, args.batch_size)
-        _, labels = self.data.rows(rows.flatten())
-        count = int((labels[:, 1:] != IGNORE_INDEX).sum())  # every process counts the whole step
+        count = count_targets(self.data.rows(rows.flatten())[1])  # every process counts the whole step
         summed = torch.zeros((), dtype=torch.float64, device=world.device)
         for micro in range(args.grad_accum):
             ids, labels = self.data.rows(rows[micro, world.rank])
@@ -368,14 +371,19 @@ class _Run:
         self.step = int(state["step"])
 
     def _load_weights(self, checkpoint: Path) -> None:
-        from safetensors.torch import load_file
-
         if self.args.lora is not None:
             from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
 
             set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
             return
-        state = load_file(checkpoint / "model.safetensors")
+        from neoxja.checkpoint import find_weight_files, iter_checkpoint
+        from neoxja.hub import HubOptions
+
+        # The reader from_pretrained uses: any layout save_pretrained wrote (shards included), checked.
+        state = {
+            name: tensor for _, name, tensor in iter_checkpoint(find_weight_files(checkpoint, HubOptions()))
+        }
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = getattr(self.model.config, "tie_word_embeddings", True)
         if unexpected or [key for key in missing if not (tied and key == "embed_out.weight")]:
