@@ -26,13 +26,6 @@ Japanese tasks need lm-eval's extra dependencies: pip install 'lm-eval[japanese_
 INSTALL_HINT = "lm-eval is not installed: pip install 'neoxja[eval]'"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -57,7 +50,7 @@ def _limit(text: str) -> int | float:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval`` sub-command."""
-    from neoxja.commands.generate import add_model_arguments
+    from neoxja.commands.generate import add_model_arguments, positive
 
     parser = subparsers.add_parser(
         "eval",
@@ -88,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="examples per task, or below 1 a fraction of each task",
     )
     parser.add_argument(
-        "--batch-size", metavar="B", type=_positive_int, default=1, help="requests per batch (default: 1)"
+        "--batch-size", metavar="B", type=positive(int), default=1, help="requests per batch (default: 1)"
     )
     parser.add_argument(
         "--output", default=None, metavar="PATH", help="also write the results as JSON to PATH"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,19 @@ def device_argument(text: str) -> torch.device:
         return resolve_device(int(text) if text.lstrip("-").isdigit() else text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def positive(kind: type) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind(text)`` (int or float) that must be above 0."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,9 +8,8 @@ before the first step.
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from neoxja.commands.generate import check_directories, device_argument
+from neoxja.commands.generate import check_directories, device_argument, positive
 from neoxja.tuner import LORA_TARGETS, SCHEDULES
 
 EPILOG = """\
@@ -24,17 +23,6 @@ examples:
   torchrun --nproc-per-node 2 -m neoxja train --model ./my-model --data train.jsonl --out ./run
   neoxja train --model ./my-model --data train.jsonl --out ./run --resume ./run
 """
-
-
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,21 +49,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     where.add_argument(
         "--device", type=device_argument, default=None, help="auto (default), cpu, cuda, cuda:N"
     )
-    where.add_argument("--workers", type=_positive(int), default=1, help="tokenizer processes (default: 1)")
+    where.add_argument("--workers", type=positive(int), default=1, help="tokenizer processes (default: 1)")
 
     length = parser.add_argument_group("length and batches")
-    length.add_argument("--steps", type=_positive(int), default=None, help="optimizer steps")
+    length.add_argument("--steps", type=positive(int), default=None, help="optimizer steps")
     length.add_argument(
-        "--epochs", type=_positive(float), default=None, help="passes over the data (default: 1)"
+        "--epochs", type=positive(float), default=None, help="passes over the data (default: 1)"
     )
     length.add_argument(
-        "--batch-size", type=_positive(int), default=8, help="blocks per process and micro-batch"
+        "--batch-size", type=positive(int), default=8, help="blocks per process and micro-batch"
     )
-    length.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per step")
-    length.add_argument("--seq-len", type=_positive(int), default=512, help="tokens per block (default: 512)")
+    length.add_argument("--grad-accum", type=positive(int), default=1, help="micro-batches per step")
+    length.add_argument("--seq-len", type=positive(int), default=512, help="tokens per block (default: 512)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=_positive(float), default=5e-5, help="peak learning rate (default: 5e-5)")
+    optim.add_argument("--lr", type=positive(float), default=5e-5, help="peak learning rate (default: 5e-5)")
     optim.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default: 0)")
     optim.add_argument(
         "--schedule", choices=SCHEDULES, default="cosine", help="after warm-up (default: cosine)"
@@ -90,9 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     lora = parser.add_argument_group("LoRA (needs pip install 'neoxja[train]')")
     lora.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
-    lora.add_argument("--lora-r", type=_positive(int), default=8, help="rank (default: 8)")
+    lora.add_argument("--lora-r", type=positive(int), default=8, help="rank (default: 8)")
     lora.add_argument(
-        "--lora-alpha", type=_positive(float), default=16.0, help="scale alpha / r (default: 16)"
+        "--lora-alpha", type=positive(float), default=16.0, help="scale alpha / r (default: 16)"
     )
     lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")
     lora.add_argument(
@@ -105,10 +93,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lora.add_argument("--merge", action="store_true", help="also write the base with the adapter merged")
 
     runs = parser.add_argument_group("evaluation, checkpoints, scale-out")
-    runs.add_argument("--eval-every", type=_positive(int), default=None, help="held-out loss every N steps")
-    runs.add_argument("--save-every", type=_positive(int), default=None, help="checkpoint every N steps")
+    runs.add_argument("--eval-every", type=positive(int), default=None, help="held-out loss every N steps")
+    runs.add_argument("--save-every", type=positive(int), default=None, help="checkpoint every N steps")
     runs.add_argument("--resume", default=None, help="a checkpoint, or --out of an earlier run (its latest)")
-    runs.add_argument("--log-every", type=_positive(int), default=1, help="metrics.jsonl line every N steps")
+    runs.add_argument("--log-every", type=positive(int), default=1, help="metrics.jsonl line every N steps")
     runs.add_argument("--fsdp", action="store_true", help="shard the model over torchrun's processes (FSDP2)")
     runs.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_train)
