@@ -10,8 +10,9 @@ Same computation and the same state-dict keys as transformers' ``gpt_neox_japane
 
 Linear layers have no bias; the only bias is ``dense_bias`` of the last layer's attention. RoPE
 rotates the first ``rotary_ndims`` dimensions of each head. Attention runs through
-``F.scaled_dot_product_attention``; the explicit (eager) path is used only when the attention
-weights are asked for (``output_attentions``) or a ``head_mask`` must scale them.
+``F.scaled_dot_product_attention``, or in CPU training with attention dropout (which SDPA's CPU
+kernels cannot do) through :mod:`neoxja.dropout_attention`; the explicit (eager) path is used only
+when the attention weights are asked for (``output_attentions``) or a ``head_mask`` must scale them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from torch import nn
 
 from neoxja.cache import KVCache
 from neoxja.configuration import GPTNeoXJapaneseConfig, get_activation
+from neoxja.dropout_attention import dropout_attention
+from neoxja.loss import IGNORE_INDEX, chunked_loss_sum, logits_loss_sum, next_token_targets
 from neoxja.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from neoxja.rope import RotaryEmbedding, apply_rotary
 
@@ -75,12 +78,6 @@ def build_attention_mask(
 # ----- network --------------------------------------------------------------------------------------
 
 
-# Score elements of one layer's attention (batch x heads x queries x keys) from which a training
-# forward with dropout on the CPU recomputes them in backward instead of keeping them: 2**24 is
-# 64 MB of float32 per tensor (12 heads at 1,200 tokens, batch 1), several tensors a layer.
-RECOMPUTE_SCORES = 2**24
-
-
 class GPTNeoXJapaneseAttention(nn.Module):
     """Multi-head self-attention with a fused ``query_key_value`` projection laid out per head as [q|k|v]."""
 
@@ -114,18 +111,10 @@ class GPTNeoXJapaneseAttention(nn.Module):
 
         dropout = self.dropout if self.training else 0.0
         weights = None
-        # SDPA's CPU kernels cannot drop out; its fallback for that is slower than the explicit path.
-        cpu_dropout = dropout > 0 and q.device.type == "cpu"
-        if cpu_dropout and not output_attentions and torch.is_grad_enabled() and self._long(q, k):
-            # Training on long rows: keep only q, k, v and recompute the scores in backward (the RNG
-            # is replayed, so the dropout masks, and the gradients, are the same). The eager path
-            # would otherwise hold every layer's [heads, length, length] scores, softmax and mask
-            # until backward; below the threshold keeping them is cheaper than recomputing.
-            out, _ = torch.utils.checkpoint.checkpoint(
-                self._eager, q, k, v, mask, is_causal, dropout, head_mask, use_reentrant=False
-            )
-        elif output_attentions or head_mask is not None or cpu_dropout:
+        if output_attentions or head_mask is not None:
             out, weights = self._eager(q, k, v, mask, is_causal, dropout, head_mask)
+        elif dropout > 0 and q.device.type == "cpu":  # SDPA's CPU kernels cannot drop out
+            out = dropout_attention(q, k, v, mask, is_causal, dropout)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
@@ -134,11 +123,6 @@ class GPTNeoXJapaneseAttention(nn.Module):
         if self.dense_bias is not None:
             out = out + self.dense_bias
         return out, weights
-
-    @staticmethod
-    def _long(q: torch.Tensor, k: torch.Tensor) -> bool:
-        """Whether this layer's score tensors (batch x heads x queries x keys) reach RECOMPUTE_SCORES."""
-        return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= RECOMPUTE_SCORES
 
     def _eager(
         self,
@@ -524,13 +508,22 @@ class GPTNeoXJapaneseLMHeadModel(GPTNeoXJapanesePreTrainedModel):
         cache_position: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool = False,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast | tuple:
         """Next-token logits ``[batch, kept, vocab]``; arguments as :meth:`GPTNeoXJapaneseModel.forward`.
 
         ``labels`` ``[batch, seq]`` (-100 = ignore) give the mean cross-entropy of predicting token
-        ``t + 1`` from position ``t``. ``logits_to_keep`` = n > 0 computes logits for the last n
-        positions only (a 1-D tensor selects positions); 0 keeps all.
+        ``t + 1`` from position ``t`` (the sum divided by ``num_items_in_batch`` when given, as in
+        transformers: the target count of a whole accumulated step, or 1 for the sum).
+        ``logits_to_keep`` = n > 0 computes logits for the last n positions only (a 1-D tensor
+        selects positions); 0 keeps all. ``skip_logits`` (with
+        ``labels``) returns the loss alone (``logits`` None), computed a chunk of positions at a
+        time (:mod:`neoxja.loss`), and under gradient checkpointing recomputed in backward: a
+        training step then never holds the ``[batch, seq, vocab]`` logits.
         """
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True needs labels (the loss is all it returns)")
         return_dict = _default(return_dict, self.config, "return_dict", True)
         out = self.gpt_neox_japanese(
             input_ids,
@@ -551,14 +544,19 @@ class GPTNeoXJapaneseLMHeadModel(GPTNeoXJapanesePreTrainedModel):
                 hidden = hidden[:, -logits_to_keep:]
         else:
             hidden = hidden[:, logits_to_keep]
-        logits = self.embed_out(hidden)
-
-        loss = None
+        loss = logits = None
         if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels must have shape {list(logits.shape[:2])}, got {list(labels.shape)}")
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100).to(logits.device)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            if labels.shape != hidden.shape[:2]:
+                raise ValueError(f"labels must have shape {list(hidden.shape[:2])}, got {list(labels.shape)}")
+            targets = next_token_targets(labels).to(hidden.device)
+            count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
+        if skip_logits:
+            recompute = self.training and self.is_gradient_checkpointing
+            loss = chunked_loss_sum(hidden, self.embed_out, targets, recompute) / count
+        else:
+            logits = self.embed_out(hidden)
+            if labels is not None:
+                loss = logits_loss_sum(logits, targets) / count
 
         result = CausalLMOutputWithPast(
             loss=loss,
