@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from neoxja.jsonfile import decode_utf8
-
-IGNORE_INDEX = -100  # label of a position that carries no loss (as in transformers and PyTorch)
+from neoxja.loss import IGNORE_INDEX  # label of a position that carries no loss (as in transformers)
 
 
 class DataError(ValueError):

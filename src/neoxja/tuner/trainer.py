@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from neoxja.tuner import checkpoints
@@ -101,15 +100,11 @@ class TrainResult:
 def token_loss_sum(
     model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy of each next token that carries a loss, and how many there are."""
-    logits = model(input_ids=input_ids).logits
-    # Position t predicts label t + 1; the last position has no successor (shifting the labels, not
-    # the logits, avoids copying the largest tensor of the step).
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
-    loss = F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, count_targets(labels)
+    """Summed cross-entropy of each next token that carries a loss, and how many there are. The
+    model computes it from its hidden states a chunk at a time, never holding the whole logits
+    (and under gradient checkpointing recomputes them in backward)."""
+    out = model(input_ids=input_ids, labels=labels, skip_logits=True, num_items_in_batch=1)
+    return out.loss, count_targets(labels)
 
 
 def count_targets(labels: torch.Tensor) -> int:
