@@ -4,6 +4,7 @@ that repeat from the RNG state, and the model's training forward using it."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -90,8 +91,10 @@ def test_compiled_masks_equal_the_pytorch_fallback(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The C kernel (several threads) and the integer-op fallback drop the same elements, about p of them."""
-    if blockwise._dropout is None:
-        pytest.fail("neoxja._dropout is not built (a C compiler is needed)")
+    if blockwise._dropout is None:  # pip install compiles it; CI must have it, elsewhere its absence skips
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("neoxja._dropout was not compiled (required in CI)")
+        pytest.skip("neoxja._dropout is not built (no C compiler at install)")
     x = torch.rand(3, 70_001, generator=torch.Generator().manual_seed(1), dtype=dtype) + 0.5
     torch.set_num_threads(2)
     compiled = blockwise.drop_(x.clone(), 0.15, 2**62 + 9)
