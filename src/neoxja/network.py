@@ -517,10 +517,10 @@ class GPTNeoXJapaneseLMHeadModel(GPTNeoXJapanesePreTrainedModel):
         ``t + 1`` from position ``t`` (the sum divided by ``num_items_in_batch`` when given, as in
         transformers: the target count of a whole accumulated step, or 1 for the sum).
         ``logits_to_keep`` = n > 0 computes logits for the last n positions only (a 1-D tensor
-        selects positions); 0 keeps all. ``skip_logits`` (with
-        ``labels``) returns the loss alone (``logits`` None), computed a chunk of positions at a
-        time (:mod:`neoxja.loss`), and under gradient checkpointing recomputed in backward: a
-        training step then never holds the ``[batch, seq, vocab]`` logits.
+        selects positions); 0 keeps all. ``skip_logits`` (with ``labels``) returns the loss alone
+        (``logits`` None), computed a chunk of positions at a time (:mod:`neoxja.loss`) and under
+        gradient checkpointing recomputed in backward: a training step then never holds the
+        ``[batch, seq, vocab]`` logits.
         """
         if skip_logits and labels is None:
             raise ValueError("skip_logits=True needs labels (the loss is all it returns)")
