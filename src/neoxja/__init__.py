@@ -33,7 +33,7 @@ _EXPORTS = {
     "AutoTokenizer": "neoxja.auto",
     "AutoModel": "neoxja.auto",
     "AutoModelForCausalLM": "neoxja.auto",
-    "BitsAndBytesConfig": "neoxja.auto",
+    "BitsAndBytesConfig": "neoxja.quantization.config",
     "AttentionMaskVisualizer": "neoxja.utils.attention_visualizer",
     "train": "neoxja.tuner.run",
     "TrainingArguments": "neoxja.tuner.trainer",

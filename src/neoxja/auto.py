@@ -102,19 +102,6 @@ class AutoTokenizer:
         return GPTNeoXJapaneseTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
-class BitsAndBytesConfig:
-    """The seed's 4-bit settings holder; it only records them, since neoxja cannot quantize yet.
-
-    Passing it (or any ``quantization_config``) to ``from_pretrained`` raises ``NotImplementedError``.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.settings = dict(kwargs)
-
-    def __repr__(self) -> str:
-        return f"BitsAndBytesConfig({', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"
-
-
 class _AutoModelBase:
     """Shared ``from_pretrained`` / ``from_config`` of the model Auto classes."""
 

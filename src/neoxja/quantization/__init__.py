@@ -1,0 +1,1 @@
+"""Quantized weights: the bitsandbytes settings (:mod:`neoxja.quantization.config`)."""
