@@ -74,7 +74,7 @@ def _scores(
     allowed = None
     if mask is not None:
         allowed = mask[..., start:end, :key_end]
-    elif is_causal and key_end > start:  # only keys at or before each query
+    elif is_causal:  # only keys at or before each query
         allowed = torch.ones(end - start, key_end, dtype=torch.bool).tril(start)
     if allowed is not None:
         scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)

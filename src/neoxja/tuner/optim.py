@@ -26,7 +26,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameter")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel (transformers' Trainer default too) is ~4x faster than the per-tensor loop on CPU.
+    # The fused kernel (transformers' Trainer default too): one pass per tensor, no temporaries.
     fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None
