@@ -118,17 +118,8 @@ class _AutoModelBase:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-        """Load a GPT-NeoX-Japanese checkpoint (directory or Hub id); kwargs go to the model class.
-
-        ``quantization_config`` (the seed's bitsandbytes example) is not supported yet and raises
-        ``NotImplementedError``, rather than silently loading full-precision weights.
-        """
-        if kwargs.get("quantization_config") is not None:
-            raise NotImplementedError(
-                "quantization_config is not supported by neoxja yet (4-bit/8-bit bitsandbytes loading is "
-                "planned); load the model with dtype=torch.float16 or torch.bfloat16 instead"
-            )
-        kwargs.pop("quantization_config", None)
+        """Load a GPT-NeoX-Japanese checkpoint (directory or Hub id); kwargs go to the model class
+        (``quantization_config=BitsAndBytesConfig(...)`` and ``device_map`` included)."""
         check_model_type(pretrained_model_name_or_path, kwargs)
         return cls._model_class().from_pretrained(pretrained_model_name_or_path, **kwargs)
 

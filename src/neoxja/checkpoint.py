@@ -20,7 +20,7 @@ import mmap
 import os
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -294,8 +294,12 @@ def load_state(
     dtype: torch.dtype,
     device: torch.device,
     strict: bool = True,
+    take: Callable[[str, Path, torch.Tensor], bool] | None = None,
 ) -> None:
     """Assign checkpoint tensors to a (meta) model one by one, checking names and shapes.
+
+    ``take(key, file, tensor)`` (quantized loading) sees each tensor first, under the model's key,
+    and returns True for those it consumes itself; a taken key of the model counts as loaded.
 
     Keys are matched with or without the ``gpt_neox_japanese.`` prefix, so a bare-model
     checkpoint loads into the causal-LM class (its head tied or reported missing) and a causal-LM
@@ -309,14 +313,19 @@ def load_state(
         del expected["embed_out.weight"]
     has_prefix = any(key.startswith(prefix) for key in expected)
 
+    base_children = {key[len(prefix) :].split(".", 1)[0] for key in expected if key.startswith(prefix)}
     loaded: dict[str, torch.Tensor] = {}
+    taken: set[str] = set()
     unexpected: list[str] = []
     for path, name, tensor in tensors:
         key = name
-        if has_prefix and not key.startswith(prefix) and prefix + key in expected:
+        if has_prefix and not key.startswith(prefix) and key.split(".", 1)[0] in base_children:
             key = prefix + key
         elif not has_prefix and key.startswith(prefix):
             key = key[len(prefix) :]
+        if take is not None and take(key, path, tensor):
+            taken.add(key)
+            continue
         if key not in expected:
             # The LM head is no error for a tied model, nor for the bare model (transformers agrees).
             head = key == "embed_out.weight" and (tied or not has_prefix)
@@ -336,7 +345,7 @@ def load_state(
             )
         loaded[key] = _convert(f"{path}: {name}", tensor, dtype, device)
 
-    missing = sorted(set(expected) - set(loaded))
+    missing = sorted(set(expected) - set(loaded) - taken)
     if strict and (missing or unexpected):
         parts = []
         if missing:
@@ -417,6 +426,8 @@ def load_pretrained(
         )
         return merge_adapter(base, name_or_path)
     options = HubOptions.pop_from(kwargs)
+    quantization_config = kwargs.pop("quantization_config", None)
+    weight_format = kwargs.pop("weight_format", None)
     if "torch_dtype" in kwargs:
         dtype = kwargs.pop("torch_dtype")
     if "device_map" in kwargs:
@@ -438,9 +449,21 @@ def load_pretrained(
     device = resolve_device(device, default="cpu")
     with torch.device("meta"):
         model = cls(config)
-    tensors = _with_progress(iter_checkpoint(files, dtype, device), files, progress)
-    load_state(model, tensors, dtype, device, strict=strict)
+    loader = None
+    if quantization_config is not None or weight_format is not None or hasattr(config, "quantization_config"):
+        from neoxja.quantization.loading import QuantizingLoader, check_device, plan_for
+
+        plan, prequantized = plan_for(config, quantization_config, weight_format)
+        if plan is not None:
+            check_device(plan, device)
+            loader = QuantizingLoader(model, plan, prequantized, device, dtype)
+    # Quantizing reads (rather than maps) the file, so that each float weight is freed once quantized.
+    keep = dtype if loader is None else None
+    tensors = _with_progress(iter_checkpoint(files, keep, device), files, progress)
+    load_state(model, tensors, dtype, device, strict=strict, take=loader)
     model.tie_weights()
+    if loader is not None:
+        loader.install(model, dtype)
     model.base_model.rotary_emb.to(device)
     return model.eval()
 

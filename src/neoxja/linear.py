@@ -57,8 +57,8 @@ class LinearFormat(nn.Module):
         return None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> LinearFormat:
-        """This format's layer computing what ``linear`` computes."""
+    def from_linear(cls, linear: nn.Linear, **options: Any) -> LinearFormat:
+        """This format's layer computing what ``linear`` computes (``options``: the format's settings)."""
         raise NotImplementedError
 
     def dense_weight(self) -> Tensor:
@@ -152,7 +152,16 @@ class PackedLinear(LinearFormat):
 
 
 FORMATS: dict[str, type[LinearFormat]] = {PackedLinear.format_name: PackedLinear}
-"""Weight formats by name."""
+"""Weight formats by name (the quantized ones register from :mod:`neoxja.quantization.layers`)."""
+
+
+def format_class(name: str) -> type[LinearFormat]:
+    """The weight format called ``name`` (``"onednn-packed"``, ``"bfloat16"``, ``"int8"``, ``"nf4"``, ...)."""
+    if name not in FORMATS:
+        import neoxja.quantization.layers  # noqa: F401  (registers the quantized formats)
+    if name not in FORMATS:
+        raise ValueError(f"unknown weight format {name!r}; formats: {', '.join(sorted(FORMATS))}")
+    return FORMATS[name]
 
 
 def swap_linear_layers(
@@ -160,14 +169,16 @@ def swap_linear_layers(
     fmt: type[LinearFormat] | str,
     *,
     where: Callable[[str, nn.Linear], bool] | None = None,
+    **options: Any,
 ) -> nn.Module:
     """Replace, in place, each ``nn.Linear`` of ``model`` that the format supports (and ``where(name,
-    layer)`` accepts) by that format's layer; returns ``model``.
+    layer)`` accepts) by that format's layer; returns ``model``. ``options`` go to the format's
+    ``from_linear`` (e.g. ``blocksize`` and ``double_quant`` of the 4-bit formats).
 
     A weight shared with another module (the output head tied to the input embedding) is copied
     into the format, so the new layer no longer follows later writes to the embedding.
     """
-    cls = FORMATS[fmt] if isinstance(fmt, str) else fmt
+    cls = format_class(fmt) if isinstance(fmt, str) else fmt
     if model.training:
         raise RuntimeError(f"swapping in {cls.__name__} layers needs a model in eval mode (model.eval())")
     for parent_name, parent in list(model.named_modules()):
@@ -175,7 +186,7 @@ def swap_linear_layers(
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             wanted = where is None or where(name, child)
             if type(child) is nn.Linear and wanted and cls.supports(child) is None:
-                setattr(parent, child_name, cls.from_linear(child).eval())
+                setattr(parent, child_name, cls.from_linear(child, **options).eval())
     return model
 
 

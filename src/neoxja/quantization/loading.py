@@ -1,0 +1,240 @@
+"""Loading into quantized layers: quantizing a dense checkpoint as it is read, or reading a
+pre-quantized one (transformers + bitsandbytes' serialization).
+
+Dense checkpoints are quantized one weight at a time, as each tensor comes off the file: the
+float model is never resident, so loading peaks near the quantized model plus one layer's float
+weight. The checkpoint's tensors are read (not memory-mapped) so that a weight's pages are freed
+once it is quantized. Which layers: every ``nn.Linear`` but ``llm_int8_skip_modules`` (default:
+the output head, as transformers), and never an output head tied to the input embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from neoxja.quantization.config import BitsAndBytesConfig
+from neoxja.quantization.layers import QUANTIZED_FORMATS, QuantizedLinear
+
+if TYPE_CHECKING:
+    from neoxja.network import GPTNeoXJapanesePreTrainedModel
+
+DEFAULT_SKIP = ("embed_out",)
+WEIGHT_FORMATS = tuple(QUANTIZED_FORMATS)
+
+
+@dataclass
+class QuantizationPlan:
+    """What to quantize and how: a format class, its options and the modules left dense."""
+
+    fmt: type[QuantizedLinear]
+    options: dict[str, Any] = field(default_factory=dict)
+    skip: tuple[str, ...] = DEFAULT_SKIP
+    config: BitsAndBytesConfig | None = None  # written to config.json when the format is bitsandbytes'
+
+    @classmethod
+    def from_config(cls, config: BitsAndBytesConfig) -> QuantizationPlan:
+        """The plan a ``BitsAndBytesConfig`` describes."""
+        skip = DEFAULT_SKIP if config.llm_int8_skip_modules is None else tuple(config.llm_int8_skip_modules)
+        if config.load_in_8bit:
+            return cls(QUANTIZED_FORMATS["int8"], {}, skip, config)
+        if not config.load_in_4bit:
+            raise ValueError(
+                "quantization_config has neither load_in_4bit nor load_in_8bit set: nothing to quantize"
+            )
+        options = {"double_quant": config.bnb_4bit_use_double_quant, "storage": config.bnb_4bit_quant_storage}
+        return cls(QUANTIZED_FORMATS[config.bnb_4bit_quant_type], options, skip, config)
+
+    @classmethod
+    def from_format(cls, name: str, **options: Any) -> QuantizationPlan:
+        """The plan for neoxja's ``weight_format=`` / ``--quantize`` names."""
+        if name not in QUANTIZED_FORMATS:
+            raise ValueError(f"weight_format={name!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+        fmt = QUANTIZED_FORMATS[name]
+        config = None
+        if name != "bfloat16":
+            config = BitsAndBytesConfig(
+                load_in_8bit=name == "int8", load_in_4bit=name != "int8",
+                bnb_4bit_quant_type=name if name != "int8" else "nf4",
+                bnb_4bit_use_double_quant=bool(options.get("double_quant", False)),
+            )  # fmt: skip
+        return cls(fmt, options, DEFAULT_SKIP, config)
+
+    def skips(self, name: str) -> bool:
+        """Whether the module called ``name`` stays dense."""
+        return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in self.skip)
+
+
+def check_device(plan: QuantizationPlan, device: torch.device) -> None:
+    """A ValueError naming the field when the device cannot run the plan's compute dtype."""
+    config = plan.config
+    if device.type == "cuda" and config is not None and config.load_in_4bit:
+        if config.bnb_4bit_compute_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                "bnb_4bit_compute_dtype=bfloat16 cannot run on "
+                f"{torch.cuda.get_device_name(device)}: use float16"
+            )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"quantized layers run on the CPU or CUDA, not on device {device}")
+
+
+def target_layers(model: nn.Module, plan: QuantizationPlan) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules of ``model`` to quantize, by name."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = output is not None and getattr(model.config, "tie_word_embeddings", True)
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not plan.skips(name) and not (tied and module is output)
+    }
+
+
+class QuantizingLoader:
+    """The ``take`` hook of :func:`neoxja.checkpoint.load_state` that builds quantized layers."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: QuantizationPlan,
+        prequantized: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.plan = plan
+        self.dtype = dtype
+        self.prequantized = prequantized
+        self.device = device
+        self.targets = target_layers(model, plan)
+        self.pieces: dict[str, dict[str, Tensor]] = {name: {} for name in self.targets}
+        self.layers: dict[str, QuantizedLinear] = {}
+
+    def _layer_of(self, key: str) -> tuple[str, str] | None:
+        name, _, rest = key.partition(".weight")
+        if name in self.targets and (rest == "" or rest.startswith(".")):
+            return name, "weight" + rest
+        name, _, rest = key.rpartition(".")
+        if name in self.targets and rest in ("bias", "SCB", "weight_format"):
+            return name, rest
+        return None
+
+    def __call__(self, key: str, path: Path, tensor: Tensor) -> bool:
+        found = self._layer_of(key)
+        if found is None:
+            return False
+        name, sub = found
+        module = self.targets[name]
+        if sub == "weight" and not self.prequantized:
+            if tuple(tensor.shape) != tuple(module.weight.shape):
+                raise ValueError(
+                    f"{path}: shape mismatch for {key}: checkpoint has {list(tensor.shape)}, "
+                    "the model expects "
+                    f"{list(module.weight.shape)}"
+                )
+            if not tensor.is_floating_point():
+                raise ValueError(
+                    f"{path}: {key} holds {tensor.dtype} values; a dense checkpoint needs float "
+                    "weights (is it "
+                    "quantized without a quantization_config in config.json?)"
+                )
+            weight = tensor.to(
+                device=self.device, dtype=self.dtype
+            )  # quantized from the load dtype, as bitsandbytes
+            self.pieces[name]["weight"] = self.plan.fmt.from_weight(weight, None, **self.plan.options)
+            return True
+        if not self.prequantized and sub != "bias":
+            return False
+        self.pieces[name][sub] = tensor.to(self.device)
+        return True
+
+    def install(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """Put the quantized layers into ``model`` (after the other tensors were loaded)."""
+        for name, pieces in self.pieces.items():
+            bias = pieces.get("bias")
+            if bias is not None:
+                bias = bias.to(dtype)
+            if not pieces or (self.prequantized and "weight" not in pieces):
+                raise ValueError(f"quantized checkpoint: {name}.weight is missing")
+            if self.prequantized:
+                layer = self.plan.fmt.from_state(pieces, name + ".", bias)
+                module = self.targets[name]
+                if (layer.out_features, layer.in_features) != (module.out_features, module.in_features):
+                    raise ValueError(
+                        f"quantized checkpoint: {name}.weight is [{layer.out_features}, {layer.in_features}] "
+                        "but the model (from its config) expects "
+                        f"[{module.out_features}, {module.in_features}]"
+                    )
+            else:
+                layer = pieces["weight"]
+                if bias is not None:
+                    layer.bias = nn.Parameter(bias, requires_grad=False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer.eval())
+        if self.plan.config is not None:
+            model.config.quantization_config = self.plan.config.to_dict()
+
+
+def plan_for(
+    config: Any, quantization_config: BitsAndBytesConfig | dict | None, weight_format: str | None
+) -> tuple[QuantizationPlan | None, bool]:
+    """(the plan, whether the checkpoint is pre-quantized) for a load's arguments and config.json."""
+    saved = getattr(config, "quantization_config", None)
+    if saved is not None:
+        if not isinstance(saved, dict):
+            saved = saved.to_dict()
+        stored = BitsAndBytesConfig.from_dict(saved)
+        asked = quantization_config
+        if isinstance(asked, dict):
+            asked = BitsAndBytesConfig.from_dict(asked)
+        if asked is not None and (asked.load_in_4bit, asked.bnb_4bit_quant_type, asked.load_in_8bit) != (
+            stored.load_in_4bit,
+            stored.bnb_4bit_quant_type,
+            stored.load_in_8bit,
+        ):
+            raise ValueError(
+                "quantization_config asks for another format than the checkpoint's own quantization_config "
+                f"({stored.to_dict()}); a pre-quantized checkpoint loads as it was saved"
+            )
+        return QuantizationPlan.from_config(stored), True
+    if quantization_config is not None and weight_format is not None:
+        raise ValueError("give quantization_config or weight_format, not both")
+    if isinstance(quantization_config, dict):
+        quantization_config = BitsAndBytesConfig.from_dict(quantization_config)
+    if quantization_config is not None:
+        if not isinstance(quantization_config, BitsAndBytesConfig):
+            raise TypeError(
+                "quantization_config must be a neoxja.BitsAndBytesConfig, got "
+                f"{type(quantization_config).__name__}"
+            )
+        return QuantizationPlan.from_config(quantization_config), False
+    if weight_format is not None:
+        return QuantizationPlan.from_format(weight_format), False
+    return None, False
+
+
+def quantize(model: GPTNeoXJapanesePreTrainedModel, weight_format: str, **options: Any) -> nn.Module:
+    """Swap ``weight_format``'s layers into ``model`` in place (an explicit conversion, like
+    :func:`neoxja.linear.swap_linear_layers`); ``options`` as the format's (``blocksize``,
+    ``double_quant``). Returns ``model``."""
+    from neoxja.linear import swap_linear_layers
+
+    plan = QuantizationPlan.from_format(weight_format, **options)
+    targets = target_layers(model, plan)
+    swap_linear_layers(model, plan.fmt, where=lambda name, _: name in targets, **plan.options)
+    if plan.config is not None:
+        model.config.quantization_config = plan.config.to_dict()
+    return model
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model`` (shared tensors once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total

@@ -1,0 +1,171 @@
+"""The quantized matrix products as PyTorch custom ops (``torch.ops.neoxja.*``), with backward.
+
+Each op computes ``x @ W.T`` for a weight held in one format, dispatched by device: on the CPU
+neoxja's kernels (:mod:`neoxja.quantization.kernels`, float32 arithmetic whatever ``x``'s dtype),
+on CUDA bitsandbytes' kernels when it is installed (else a clear error). The result has ``x``'s
+dtype. Being custom ops, they show up as single nodes to ``torch.compile`` and the profiler, and
+their autograd formula gives the gradient with respect to ``x`` (the weights are frozen), which is
+what LoRA on a quantized base (QLoRA) needs: ``grad_x = grad_y @ W``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from neoxja.quantization import formats, kernels
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise RuntimeError(
+            "quantized layers on CUDA run on bitsandbytes' kernels: pip install 'neoxja[bnb]' "
+            "(bitsandbytes), or keep the model on the CPU"
+        ) from error
+    return bitsandbytes
+
+
+def _quant_state(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, dtype):
+    """bitsandbytes' ``QuantState`` for a 4-bit weight (CUDA path)."""
+    functional = _bitsandbytes().functional
+    state2 = None
+    if nested_absmax is not None:
+        state2 = functional.QuantState(
+            absmax=nested_absmax, code=nested_code, blocksize=256, dtype=torch.float32
+        )
+    quant_type = "fp4" if code[1] > 0 else "nf4"
+    return functional.QuantState(
+        absmax=absmax, shape=torch.Size(shape), code=code, blocksize=blocksize, quant_type=quant_type,
+        dtype=dtype, offset=None if state2 is None else torch.tensor(offset, device=absmax.device),
+        state2=state2,
+    )  # fmt: skip
+
+
+# ----- 4-bit -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("neoxja::linear_4bit", mutates_args=())
+def linear_4bit(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    offset: float,
+    blocksize: int,
+    out_features: int,
+) -> Tensor:
+    """``x @ W.T`` for a 4-bit weight ``W`` [out_features, x.shape[-1]] in bitsandbytes' layout."""
+    if x.device.type == "cuda":
+        bnb = _bitsandbytes()
+        state = _quant_state(
+            packed,
+            absmax,
+            code,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            (out_features, x.shape[-1]),
+            x.dtype,
+        )
+        return bnb.matmul_4bit(x, packed.t(), quant_state=state)
+    y = kernels.linear_4bit(
+        x.float(), packed, absmax, code, blocksize, out_features,
+        nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
+    )  # fmt: skip
+    return y.to(x.dtype)
+
+
+@linear_4bit.register_fake
+def _(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _dequantized_4bit(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, out_features):
+    shape = (out_features, x.shape[-1])
+    if x.device.type == "cuda":
+        state = _quant_state(
+            packed, absmax, code, nested_absmax, nested_code, offset, blocksize, shape, x.dtype
+        )
+        return _bitsandbytes().functional.dequantize_4bit(packed, state)
+    return kernels.dequantize_4bit(
+        packed, absmax, code, blocksize, out_features, x.shape[-1],
+        nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
+    )  # fmt: skip
+
+
+def _setup_4bit(ctx, inputs, output) -> None:
+    ctx.weight_inputs = inputs
+
+
+def _backward_4bit(ctx, grad: Tensor):
+    weight = _dequantized_4bit(*ctx.weight_inputs)
+    grad_x = (grad.to(weight.dtype) @ weight).to(grad.dtype)
+    return grad_x, None, None, None, None, None, None, None, None
+
+
+linear_4bit.register_autograd(_backward_4bit, setup_context=_setup_4bit)
+
+
+# ----- int8 --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("neoxja::linear_int8", mutates_args=())
+def linear_int8(x: Tensor, weight: Tensor, scb: Tensor) -> Tensor:
+    """``x @ W.T`` for an int8 weight with per-row absmax ``scb`` (LLM.int8's weight format)."""
+    if x.device.type == "cuda":
+        return (x @ formats.dequantize_int8(weight, scb).to(x.dtype).t()).to(x.dtype)
+    return kernels.linear_int8(x.float(), weight, scb).to(x.dtype)
+
+
+@linear_int8.register_fake
+def _(x, weight, scb):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_int8(ctx, inputs, output) -> None:
+    ctx.weight_inputs = inputs[1:]
+
+
+def _backward_int8(ctx, grad: Tensor):
+    weight, scb = ctx.weight_inputs
+    dense = (
+        kernels.dequantize_int8(weight, scb)
+        if weight.device.type == "cpu"
+        else formats.dequantize_int8(weight, scb)
+    )
+    return (grad.to(dense.dtype) @ dense).to(grad.dtype), None, None
+
+
+linear_int8.register_autograd(_backward_int8, setup_context=_setup_int8)
+
+
+# ----- bfloat16 weights, float32 arithmetic ------------------------------------------------------
+
+
+@torch.library.custom_op("neoxja::linear_bf16", mutates_args=())
+def linear_bf16(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ W.T`` for a bfloat16 weight, computed in float32 on the CPU (bfloat16 on CUDA)."""
+    if x.device.type == "cuda":
+        return torch.nn.functional.linear(x.to(weight.dtype), weight).to(x.dtype)
+    return kernels.linear_bf16(x.float(), weight).to(x.dtype)
+
+
+@linear_bf16.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_bf16(ctx, inputs, output) -> None:
+    ctx.weight = inputs[1]
+
+
+def _backward_bf16(ctx, grad: Tensor):
+    return (grad.float() @ ctx.weight.float()).to(grad.dtype), None
+
+
+linear_bf16.register_autograd(_backward_bf16, setup_context=_setup_bf16)
