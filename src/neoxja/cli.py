@@ -11,7 +11,7 @@ import sys
 from neoxja import __version__
 
 # Each module named here defines ``register(subparsers)``, which adds its sub-command(s).
-COMMAND_MODULES = ("tokenize", "generate", "init", "visualize", "train", "perplexity", "eval")
+COMMAND_MODULES = ("tokenize", "generate", "init", "quantize", "visualize", "train", "perplexity", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,8 +57,8 @@ def positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model/--tokenizer/--dtype/--device, shared by the commands that load a model."""
+def add_model_arguments(parser: argparse.ArgumentParser, quantize: bool = True) -> None:
+    """--model/--tokenizer/--dtype/--device (and --quantize), shared by the commands that load a model."""
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -79,6 +79,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="auto, cpu, cuda, cuda:1, a GPU index (0, 1, ...) or -1 for the CPU (default: auto)",
     )
+    if quantize:
+        parser.add_argument(
+            "--quantize",
+            default=None,
+            choices=("nf4", "fp4", "int8", "bfloat16"),
+            help="store the linear layers in this format, quantized as they load (default: as saved)",
+        )
 
 
 def check_directories(args: argparse.Namespace) -> None:
@@ -178,7 +185,10 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
     check_directories(args)
     device, dtype = device_and_dtype(args)
     try:
-        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=dtype, device=device)
+        quantize = {"weight_format": args.quantize} if getattr(args, "quantize", None) else {}
+        model, tokenizer = load_model_and_tokenizer(
+            args.model, args.tokenizer, dtype=dtype, device=device, **quantize
+        )
     except HubUnavailableError as err:
         raise HubUnavailableError(
             f"{err} For example: neoxja {args.command} --model /path/to/gpt-neox-japanese-2.7b ... "

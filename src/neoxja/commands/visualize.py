@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
     )
     parser.add_argument("texts", metavar="TEXT", nargs="+", help="text(s) to tokenize and show")
-    add_model_arguments(parser)
+    add_model_arguments(parser, quantize=False)
     parser.add_argument("--png", default=None, help="also write an image to this file")
     parser.add_argument("--layer", type=int, default=None, help="layer whose attention weights --png draws")
     parser.add_argument("--head", type=int, default=None, help="head whose attention weights --png draws")
