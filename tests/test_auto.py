@@ -95,9 +95,10 @@ def test_other_tokenizer_classes_are_refused_by_name(tmp_path: Path) -> None:
         AutoTokenizer.from_pretrained(tmp_path)
 
 
-def test_quantization_config_is_not_supported_yet(tiny_dir: Path) -> None:
-    with pytest.raises(NotImplementedError, match="quantization_config is not supported"):
-        AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config={"load_in_4bit": True})
+def test_quantization_config_may_be_a_dict(tiny_dir: Path) -> None:
+    # as in transformers: a dict is BitsAndBytesConfig.from_dict's input (4-bit defaults to fp4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config={"load_in_4bit": True})
+    assert type(model.gpt_neox_japanese.layers[0].mlp.dense_h_to_4h).__name__ == "LinearFP4"
 
 
 def test_unknown_path_and_directory_without_config(tmp_path: Path) -> None:

@@ -130,3 +130,46 @@ def test_bad_lora_arguments_are_named() -> None:
         LoraArguments(r=0).validate()
     with pytest.raises(ValueError, match=r"lora target \['embed_out'\] is not among"):
         LoraArguments(target=("dense", "embed_out")).validate()
+
+
+def test_qlora_gradients_equal_lora_on_the_dequantized_weights(tmp_path: Path) -> None:
+    from neoxja.linear import restore_dense
+    from neoxja.quantization.loading import quantize
+
+    _, ours = make_pair(CONFIG, tmp_path)
+    quantized = apply_lora(quantize(ours, "nf4", double_quant=True), ARGS)
+    _, again = make_pair(CONFIG, tmp_path)
+    dense = apply_lora(restore_dense(quantize(again, "nf4", double_quant=True)), ARGS)
+    for model in (quantized, dense):
+        randomise_lora(model)
+        summed, count = token_loss_sum(model, IDS, IDS.clone())
+        (summed / count).backward()
+    grads = {n: p.grad for n, p in quantized.named_parameters() if p.requires_grad}
+    expected = {n: p.grad for n, p in dense.named_parameters() if p.requires_grad}
+    assert set(grads) == set(expected) and len(grads) == 2 * 4 * 2
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=1e-4)
+
+
+def test_qlora_command_trains_and_merges_into_the_float_base(
+    tiny_checkpoint: Path, tmp_path: Path, corpus_dir: Path
+) -> None:
+    from neoxja.cli import main
+
+    out = tmp_path / "qlora"
+    data = str(corpus_dir / "gsd-test.txt")
+    args = ["train", "--model", str(tiny_checkpoint), "--data", data, "--out", str(out), "--lora",
+            "--quantize", "nf4", "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-2",
+            "--merge", "--no-progress", "--line-per-document"]  # fmt: skip
+    assert main(args) == 0
+    losses = [
+        json.loads(line)["loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "loss" in line
+    ]
+    assert losses[-1] < losses[0]
+    assert (out / "adapter_model.safetensors").is_file()
+    merged = neoxja.AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert all(type(m) is torch.nn.Linear for m in merged.modules() if isinstance(m, torch.nn.Linear))
+    with pytest.raises(ValueError, match="pass lora= too"):
+        neoxja.train(str(tiny_checkpoint), corpus_dir / "gsd-test.txt", tmp_path / "x", quantize="nf4")

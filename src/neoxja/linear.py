@@ -156,9 +156,8 @@ FORMATS: dict[str, type[LinearFormat]] = {PackedLinear.format_name: PackedLinear
 
 
 def format_class(name: str) -> type[LinearFormat]:
-    """The weight format called ``name`` (``"onednn-packed"``, ``"bfloat16"``, ``"int8"``, ``"nf4"``, ...)."""
-    if name not in FORMATS:
-        import neoxja.quantization.layers  # noqa: F401  (registers the quantized formats)
+    """The weight format called ``name`` (``"onednn-packed"``; ``"bfloat16"``, ``"int8"``, ``"nf4"``,
+    ``"fp4"`` once :mod:`neoxja.quantization.layers` is imported, which registers them)."""
     if name not in FORMATS:
         raise ValueError(f"unknown weight format {name!r}; formats: {', '.join(sorted(FORMATS))}")
     return FORMATS[name]

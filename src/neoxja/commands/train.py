@@ -91,6 +91,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="layers to adapt (default: all)",
     )
     lora.add_argument("--merge", action="store_true", help="also write the base with the adapter merged")
+    lora.add_argument(
+        "--quantize",
+        choices=("nf4", "fp4", "int8", "bfloat16"),
+        default=None,
+        help="QLoRA: the base's linear layers in this format, frozen, under the adapter",
+    )
 
     runs = parser.add_argument_group("evaluation, checkpoints, scale-out")
     runs.add_argument("--eval-every", type=positive(int), default=None, help="held-out loss every N steps")
@@ -131,6 +137,7 @@ def run_train(args: argparse.Namespace) -> int:
         lora=lora,
         merge=args.merge,
         device=args.device,
+        quantize=args.quantize,
         steps=args.steps,
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -29,6 +29,9 @@ class QuantizedLinear(LinearFormat):
     def check_trainable(self) -> None:
         """Quantized layers train (their weight stays frozen; gradients flow to the input)."""
 
+    def check_movable(self) -> None:
+        """Quantized layers move between devices (see ``_apply``); dtype casts leave them as they are."""
+
     def train(self, mode: bool = True) -> QuantizedLinear:
         return nn.Module.train(self, mode)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,7 +65,16 @@ def apply_lora(model: nn.Module, args: LoraArguments) -> nn.Module:
     config = peft.LoraConfig(
         r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=list(args.target)
     )
-    wrapped = peft.get_peft_model(model, config)
+    quantized = _quantized_layer_types(model)
+    if quantized:
+        # QLoRA: peft's own LoRA linear wraps neoxja's quantized layers (it only calls their forward
+        # and reads in/out_features); the adapter tensors and files are the same as for nn.Linear.
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        config._register_custom_module(dict.fromkeys(quantized, LoraLinear))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type .*neoxja.quantization")
+        wrapped = peft.get_peft_model(model, config)
     # What peft writes for transformers' model, so that peft on transformers loads the adapter as its own.
     saved = wrapped.peft_config["default"]
     saved.task_type = "CAUSAL_LM"
@@ -74,6 +84,11 @@ def apply_lora(model: nn.Module, args: LoraArguments) -> nn.Module:
         base = str(Path(base).resolve())  # the adapter must find its base from any directory
     saved.base_model_name_or_path = base or None
     return wrapped
+
+
+def _quantized_layer_types(model: nn.Module) -> set[type]:
+    """The quantized layer classes (neoxja.quantization.layers) present in ``model``."""
+    return {type(m) for m in model.modules() if type(m).__module__ == "neoxja.quantization.layers"}
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:

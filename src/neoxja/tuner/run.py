@@ -39,6 +39,7 @@ def train(
     lora: bool | LoraArguments | dict | None = None,
     merge: bool = False,
     device: Any = None,
+    quantize: str | None = None,
     **training_args: Any,
 ) -> TrainResult:
     """Fine-tune ``model`` (a loaded causal LM, a directory or a Hub id) on ``data`` (``.txt``/``.jsonl``
@@ -48,19 +49,27 @@ def train(
     every weight; ``merge`` then also writes the base with the adapter merged into
     ``output_dir/merged``. Other keyword arguments are :class:`TrainingArguments` fields. A model given
     by name is loaded in float32 on ``device`` (default: a GPU if there is one); ``--dtype`` in the
-    arguments is the autocast dtype.
+    arguments is the autocast dtype. ``quantize`` (``"nf4"``, ``"fp4"``, ``"int8"``, ``"bfloat16"``)
+    loads that model's linear layers in the format and trains LoRA on them (QLoRA); with ``merge``
+    the adapter is then merged into the float32 base, loaded again unquantized.
     """
+    source = None
+    if quantize is not None and (lora is None or lora is False):
+        raise ValueError("quantize= trains a LoRA adapter on frozen quantized weights: pass lora= too")
     if isinstance(model, (str, os.PathLike)):
         from neoxja.auto import AutoModelForCausalLM, AutoTokenizer
         from neoxja.devices import resolve_device
 
         source = model
+        extra = {"weight_format": quantize} if quantize is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype="float32", device=resolve_device(device, "auto")
+            source, dtype="float32", device=resolve_device(device, "auto"), **extra
         )
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source)
-    elif device is not None:
-        raise ValueError("device= applies to a model given by name; move a loaded model with .to() yourself")
+    elif device is not None or quantize is not None:
+        raise ValueError(
+            "device= and quantize= apply to a model given by name; move or quantize a loaded model yourself"
+        )
     to_tokenise = [d for d in (data, eval_data) if d is not None and not isinstance(d, PackedDataset)]
     if tokenizer is None and to_tokenise:
         raise ValueError("tokenizer= is needed to tokenise data files for a model object")
@@ -80,7 +89,14 @@ def train(
     )
     result = train_blocks(model, train_set, args, eval_set, tokenizer)
     if merge and result.step and is_main_process():
-        merged = result.model.merge_and_unload()
+        if quantize is not None:
+            from neoxja.auto import AutoModelForCausalLM
+            from neoxja.tuner.lora import merge_adapter
+
+            base = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
+            merged = merge_adapter(base, output_dir)
+        else:
+            merged = result.model.merge_and_unload()
         merged.save_pretrained(Path(output_dir) / "merged")
         if tokenizer is not None:
             tokenizer.save_pretrained(Path(output_dir) / "merged")
