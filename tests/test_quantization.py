@@ -245,3 +245,49 @@ def test_quantize_command_writes_a_checkpoint_that_loads_without_requantizing(
     assert main(quantized_on_load) == 0
     assert main(["quantize", "--model", str(tiny_checkpoint), "--format", "int8", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+KERNEL_CHECK = r"""
+import torch
+from neoxja.quantization import formats, kernels
+torch.manual_seed(0)
+for out_features, in_features, blocksize in [(96, 128, 64), (40, 256, 32), (64, 512, 256), (33, 70, 64)]:
+    weight = torch.randn(out_features, in_features) * 0.02
+    for quant_type, nested in [("nf4", False), ("nf4", True), ("fp4", True)]:
+        q = formats.quantize_4bit(weight, blocksize, quant_type, nested)
+        dense = q.dequantize(torch.float32)
+        args = (q.packed, q.absmax, q.code, blocksize, out_features)
+        extra = dict(nested_absmax=q.nested_absmax, nested_code=q.nested_code, offset=q.offset)
+        assert torch.equal(kernels.dequantize_4bit(*args, in_features, **extra), dense)
+        assert torch.equal(kernels.dequantize_4bit(*args, in_features, **extra, rows=(3, 17)), dense[3:17])
+        for rows in (1, 3, 8, 40):
+            x = torch.randn(rows, in_features)
+            y = kernels.linear_4bit(x, *args, **extra)
+            torch.testing.assert_close(y, x @ dense.T, atol=1e-5, rtol=1e-4)
+    int8, scb = formats.quantize_int8(weight)
+    bf16 = weight.to(torch.bfloat16)
+    for rows in (1, 5, 20):
+        x = torch.randn(2, rows, in_features)
+        expected = x @ formats.dequantize_int8(int8, scb).T
+        torch.testing.assert_close(kernels.linear_int8(x, int8, scb), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(kernels.linear_bf16(x, bf16), x @ bf16.float().T, atol=1e-5, rtol=1e-4)
+print(kernels.kernel_name())
+"""
+
+
+@pytest.mark.parametrize("forced", ["", "avx2", "scalar"])
+def test_cpu_kernels_multiply_by_the_dequantized_weights(forced: str) -> None:
+    import subprocess
+    import sys
+
+    from neoxja.quantization import kernels
+
+    if not kernels.extension_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("neoxja._quant was not compiled (required in CI)")
+        pytest.skip("neoxja._quant is not compiled: quantized layers multiply through PyTorch")
+    env = {**os.environ, "NEOXJA_QUANT_KERNEL": forced}
+    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if forced:
+        assert done.stdout.strip() == forced or (forced == "avx2" and done.stdout.strip() == "scalar")

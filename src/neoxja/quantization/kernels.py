@@ -1,10 +1,12 @@
 """CPU matrix products with quantized weights: ``y = x @ W.T`` for each format.
 
-This module is the one place the quantized layers' CPU arithmetic lives. Today it is plain
-PyTorch: the weight is dequantized (to float32) a tile of output rows at a time and each tile
-multiplied with ``torch.mm``, so a layer never holds more than one tile of float weights besides
-its quantized ones. That is exact (the products use the dequantized values bitsandbytes gives) but
-not yet fast for decoding; direct kernels per format are the next step (see the README).
+The one place the quantized layers' CPU arithmetic lives. Decoding (up to :data:`MATVEC_ROWS` rows
+of ``x``) runs neoxja's C kernels (``neoxja._quant``: AVX-512, AVX2 or portable C), which read each
+quantized weight once and multiply by it directly. Prompts dequantize the weight to float32 a tile
+of output rows at a time (the C kernel again) and multiply each tile through BLAS (``torch.mm``),
+so a layer never holds more than one tile of float weights beside its quantized ones. Without the
+extension, or for shapes the C path does not take, the same products run in PyTorch. All of them
+use the values bitsandbytes dequantizes to, in float32.
 """
 
 from __future__ import annotations
@@ -14,17 +16,31 @@ from torch import Tensor
 
 from neoxja.quantization import formats
 
+try:
+    from neoxja import _quant
+except ImportError:  # built without a C compiler: PyTorch only
+    _quant = None
+
 TILE_ELEMENTS = 1 << 22  # float32 weights dequantized at once (16 MiB)
+MATVEC_ROWS = 8  # rows of x the C kernels take per call (decoding); more go tile by tile through BLAS
 
 
 def extension_available() -> bool:
-    """Whether compiled kernels are in use (not yet: PyTorch only)."""
-    return False
+    """Whether the C kernels (``neoxja._quant``) were built."""
+    return _quant is not None
 
 
 def kernel_name() -> str:
-    """The implementation the products run on."""
-    return "torch"
+    """The implementation decoding runs on: ``avx512``, ``avx2``, ``scalar`` or ``torch``."""
+    return _quant.kernel() if _quant is not None else "torch"
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def _check_x(x: Tensor, in_features: int) -> Tensor:
@@ -68,6 +84,15 @@ def dequantize_4bit(
         scales = formats.dequantize_blockwise(absmax, nested_absmax, nested_code) + offset
     else:
         scales = absmax
+    if _quant is not None and in_features % blocksize == 0 and blocksize % 2 == 0:
+        out = torch.empty(end - begin, in_features, dtype=torch.float32)
+        nested = absmax.dtype == torch.uint8
+        _quant.dequantize_4bit(
+            begin, end - begin, in_features, packed.data_ptr(), code.data_ptr(),
+            0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
+            _address(nested_absmax), _address(nested_code), offset, blocksize, out.data_ptr(), _threads(),
+        )  # fmt: skip
+        return out
     first, last = begin * in_features, end * in_features
     if (first % blocksize, first % 2, last % 2) != (0, 0, 0):  # a tile must start on a block and a byte
         whole = formats.Quantized4bit(
@@ -100,6 +125,17 @@ def linear_4bit(
 ) -> Tensor:
     """``x @ W.T`` for a 4-bit weight in bitsandbytes' layout (float32 ``x`` [..., in])."""
     in_features = x.shape[-1]
+    rows = _check_x(x, in_features).contiguous()
+    matvec = rows.shape[0] <= MATVEC_ROWS and in_features % blocksize == 0 and blocksize % 32 == 0
+    if _quant is not None and matvec:
+        y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+        nested = absmax.dtype == torch.uint8
+        _quant.linear_4bit(
+            rows.data_ptr(), rows.shape[0], in_features, out_features, packed.data_ptr(), code.data_ptr(),
+            0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
+            _address(nested_absmax), _address(nested_code), offset, blocksize, y.data_ptr(), _threads(),
+        )  # fmt: skip
+        return y.view(*x.shape[:-1], out_features)
 
     def tile(rows: tuple[int, int]) -> Tensor:
         return dequantize_4bit(
@@ -116,10 +152,27 @@ def dequantize_int8(weight: Tensor, scb: Tensor, rows: tuple[int, int] | None = 
     return formats.dequantize_int8(weight[begin:end], scb[begin:end])
 
 
+def _matvec_dense(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor | None:
+    """The C kernel's ``x @ W.T`` for int8 (with ``scale``) or bfloat16 weights, or None when it
+    does not apply (no extension, too many rows)."""
+    rows = _check_x(x, weight.shape[1]).contiguous()
+    if _quant is None or rows.shape[0] > MATVEC_ROWS or not weight.is_contiguous():
+        return None
+    y = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
+    _quant.linear_dense(
+        rows.data_ptr(), rows.shape[0], weight.shape[1], weight.shape[0], weight.data_ptr(), _address(scale),
+        y.data_ptr(), _threads(),
+    )  # fmt: skip
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 def linear_int8(x: Tensor, weight: Tensor, scb: Tensor) -> Tensor:
     """``x @ W.T`` for an int8 weight with per-row absmax ``scb``."""
     if weight.dtype != torch.int8:
         raise ValueError(f"weight must be int8, got {weight.dtype}")
+    y = _matvec_dense(x, weight, (scb.float() / 127.0).contiguous())
+    if y is not None:
+        return y
     return _tiled(x, weight.shape[0], weight.shape[1], lambda rows: dequantize_int8(weight, scb, rows))
 
 
@@ -127,4 +180,7 @@ def linear_bf16(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ W.T`` for a bfloat16 weight, in float32."""
     if weight.dtype != torch.bfloat16:
         raise ValueError(f"weight must be bfloat16, got {weight.dtype}")
+    y = _matvec_dense(x, weight, None)
+    if y is not None:
+        return y
     return _tiled(x, weight.shape[0], weight.shape[1], lambda rows: weight[rows[0] : rows[1]].float())

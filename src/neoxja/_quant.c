@@ -1,0 +1,380 @@
+/* Matrix products with quantized weights, for neoxja/quantization/kernels.py (CPU).
+ *
+ * y[r, o] = sum_i x[r, i] * W[o, i] for up to MAX_ROWS rows of x (decoding), reading each weight
+ * once for all rows, with W stored as
+ *   - 4-bit (bitsandbytes' nf4/fp4): byte j/2 of the flattened weight holds element j, even j in
+ *     the high nibble; value = code[nibble] * scale[j / blocksize]; the scale is a float32 absmax
+ *     or, with double quantization, nested_code[qabsmax[b]] * nested_absmax[b / 256] + offset;
+ *   - int8 rows with one float32 scale (SCB / 127) per output row;
+ *   - bfloat16 (the upper half of a float32).
+ * and the dequantization of a range of output rows into float32 (prompts multiply tile by tile
+ * through BLAS in Python). Arithmetic is float32; sums run in another order than PyTorch's, so
+ * results agree with F.linear on the dequantized weight within float32 rounding.
+ *
+ * 4-bit is compute-heavy (a table lookup per weight): with AVX-512 one vpermps looks up 16
+ * nibbles in the 16-entry code. x is first split, per group of 32 (AVX-512) or 16 (AVX2) values,
+ * into its even and odd elements, so the high nibbles of 16 bytes multiply 16 even x's and the
+ * low nibbles the odd ones, with no shuffle of the weights.
+ *
+ * Kernels: AVX-512F, AVX2+FMA or portable C, chosen at import (NEOXJA_QUANT_KERNEL=avx2|scalar
+ * forces a lower one, for tests). Threads: OpenMP over output rows.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ROWS 8
+
+enum { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+static int kernel = SCALAR;
+
+typedef struct {
+    const float *x; /* [rows, in] (deinterleaved per group for the SIMD 4-bit kernels) */
+    int rows;
+    int64_t in, out;
+    const uint8_t *w;
+    const float *code;   /* 16 */
+    const float *absmax; /* float32 [blocks] when not nested */
+    const uint8_t *qabsmax;
+    const float *nested_absmax, *nested_code;
+    float offset;
+    int64_t blocksize;
+    float *y; /* [rows, out] */
+} Q4;
+
+static inline float block_scale(const Q4 *q, int64_t b) {
+    if (q->qabsmax) return q->nested_code[q->qabsmax[b]] * q->nested_absmax[b >> 8] + q->offset;
+    return q->absmax[b];
+}
+
+static void q4_rows_scalar(const Q4 *q, int64_t o0, int64_t o1) {
+    int64_t per_row = q->in / q->blocksize;
+    for (int64_t o = o0; o < o1; o++) {
+        float acc[MAX_ROWS] = {0};
+        const uint8_t *w = q->w + o * q->in / 2;
+        for (int64_t b = 0; b < per_row; b++) {
+            float scale = block_scale(q, o * per_row + b);
+            float part[MAX_ROWS] = {0};
+            for (int64_t i = b * q->blocksize; i < (b + 1) * q->blocksize; i += 2) {
+                uint8_t byte = w[i / 2];
+                float hi = q->code[byte >> 4], lo = q->code[byte & 15];
+                for (int r = 0; r < q->rows; r++) part[r] += hi * q->x[r * q->in + i] + lo * q->x[r * q->in + i + 1];
+            }
+            for (int r = 0; r < q->rows; r++) acc[r] += part[r] * scale;
+        }
+        for (int r = 0; r < q->rows; r++) q->y[r * q->out + o] = acc[r];
+    }
+}
+
+__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) static void q4_rows_avx2(const Q4 *q, int64_t o0, int64_t o1) {
+    int64_t per_row = q->in / q->blocksize;
+    __m256 low_table = _mm256_loadu_ps(q->code), high_table = _mm256_loadu_ps(q->code + 8);
+    __m256i fifteen = _mm256_set1_epi32(15);
+    for (int64_t o = o0; o < o1; o++) {
+        __m256 acc[MAX_ROWS];
+        for (int r = 0; r < q->rows; r++) acc[r] = _mm256_setzero_ps();
+        const uint8_t *w = q->w + o * q->in / 2;
+        for (int64_t b = 0; b < per_row; b++) {
+            __m256 scale = _mm256_set1_ps(block_scale(q, o * per_row + b));
+            __m256 part[MAX_ROWS];
+            for (int r = 0; r < q->rows; r++) part[r] = _mm256_setzero_ps();
+            for (int64_t i = b * q->blocksize; i < (b + 1) * q->blocksize; i += 16) {
+                __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + i / 2)));
+                __m256i hi = _mm256_srli_epi32(bytes, 4), lo = _mm256_and_si256(bytes, fifteen);
+                __m256 vh = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_table, hi),
+                                             _mm256_permutevar8x32_ps(high_table, hi),
+                                             _mm256_castsi256_ps(_mm256_slli_epi32(hi, 28)));
+                __m256 vl = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_table, lo),
+                                             _mm256_permutevar8x32_ps(high_table, lo),
+                                             _mm256_castsi256_ps(_mm256_slli_epi32(lo, 28)));
+                for (int r = 0; r < q->rows; r++) {
+                    const float *x = q->x + r * q->in + i; /* 8 evens, then 8 odds */
+                    part[r] = _mm256_fmadd_ps(vh, _mm256_loadu_ps(x), part[r]);
+                    part[r] = _mm256_fmadd_ps(vl, _mm256_loadu_ps(x + 8), part[r]);
+                }
+            }
+            for (int r = 0; r < q->rows; r++) acc[r] = _mm256_fmadd_ps(part[r], scale, acc[r]);
+        }
+        for (int r = 0; r < q->rows; r++) q->y[r * q->out + o] = hsum256(acc[r]);
+    }
+}
+
+__attribute__((target("avx512f"))) static void q4_rows_avx512(const Q4 *q, int64_t o0, int64_t o1) {
+    int64_t per_row = q->in / q->blocksize;
+    __m512 table = _mm512_loadu_ps(q->code);
+    __m512i fifteen = _mm512_set1_epi32(15);
+    for (int64_t o = o0; o < o1; o++) {
+        __m512 acc[MAX_ROWS];
+        for (int r = 0; r < q->rows; r++) acc[r] = _mm512_setzero_ps();
+        const uint8_t *w = q->w + o * q->in / 2;
+        for (int64_t b = 0; b < per_row; b++) {
+            __m512 scale = _mm512_set1_ps(block_scale(q, o * per_row + b));
+            __m512 part[MAX_ROWS];
+            for (int r = 0; r < q->rows; r++) part[r] = _mm512_setzero_ps();
+            for (int64_t i = b * q->blocksize; i < (b + 1) * q->blocksize; i += 32) {
+                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + i / 2)));
+                __m512 vh = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+                __m512 vl = _mm512_permutexvar_ps(_mm512_and_si512(bytes, fifteen), table);
+                for (int r = 0; r < q->rows; r++) {
+                    const float *x = q->x + r * q->in + i; /* 16 evens, then 16 odds */
+                    part[r] = _mm512_fmadd_ps(vh, _mm512_loadu_ps(x), part[r]);
+                    part[r] = _mm512_fmadd_ps(vl, _mm512_loadu_ps(x + 16), part[r]);
+                }
+            }
+            for (int r = 0; r < q->rows; r++) acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
+        }
+        for (int r = 0; r < q->rows; r++) q->y[r * q->out + o] = _mm512_reduce_add_ps(acc[r]);
+    }
+}
+
+/* x's elements, per group of `group`: the even ones, then the odd ones. */
+static void deinterleave(const float *x, float *out, int64_t n, int group) {
+    for (int64_t g = 0; g < n; g += group)
+        for (int k = 0; k < group / 2; k++) {
+            out[g + k] = x[g + 2 * k];
+            out[g + group / 2 + k] = x[g + 2 * k + 1];
+        }
+}
+
+static void split_rows(int64_t out, int threads, void (*fn)(const void *, int64_t, int64_t), const void *ctx) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        int64_t o0 = out * t / threads, o1 = out * (t + 1) / threads;
+        if (o1 > o0) fn(ctx, o0, o1);
+    }
+}
+
+static void q4_task(const void *ctx, int64_t o0, int64_t o1) {
+    const Q4 *q = ctx;
+    if (kernel == AVX512) q4_rows_avx512(q, o0, o1);
+    else if (kernel == AVX2) q4_rows_avx2(q, o0, o1);
+    else q4_rows_scalar(q, o0, o1);
+}
+
+/* One row of a 4-bit weight as float32, in element order (the two permutes interleave the high
+ * nibbles' values, even elements, with the low nibbles', odd elements). */
+__attribute__((target("avx512f"))) static void dequant_row_avx512(const Q4 *q, int64_t row, float *y) {
+    int64_t per_row = q->in / q->blocksize;
+    const uint8_t *w = q->w + row * q->in / 2;
+    __m512 table = _mm512_loadu_ps(q->code);
+    __m512i fifteen = _mm512_set1_epi32(15);
+    __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int64_t b = 0; b < per_row; b++) {
+        __m512 scale = _mm512_set1_ps(block_scale(q, row * per_row + b));
+        for (int64_t i = b * q->blocksize; i < (b + 1) * q->blocksize; i += 32) {
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + i / 2)));
+            __m512 vh = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale);
+            __m512 vl = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, fifteen), table), scale);
+            _mm512_storeu_ps(y + i, _mm512_permutex2var_ps(vh, first, vl));
+            _mm512_storeu_ps(y + i + 16, _mm512_permutex2var_ps(vh, second, vl));
+        }
+    }
+}
+
+static void dequant_task(const void *ctx, int64_t o0, int64_t o1) {
+    const Q4 *q = ctx; /* rows [o0, o1) of this call's range; y is [range, in] */
+    int64_t per_row = q->in / q->blocksize;
+    for (int64_t o = o0; o < o1; o++) {
+        int64_t row = o + q->rows; /* rows holds the range's first row here */
+        const uint8_t *w = q->w + row * q->in / 2;
+        float *y = q->y + o * q->in;
+        if (kernel == AVX512 && q->blocksize % 32 == 0) {
+            dequant_row_avx512(q, row, y);
+            continue;
+        }
+        for (int64_t b = 0; b < per_row; b++) {
+            float scale = block_scale(q, row * per_row + b);
+            for (int64_t i = b * q->blocksize; i < (b + 1) * q->blocksize; i += 2) {
+                y[i] = q->code[w[i / 2] >> 4] * scale;
+                y[i + 1] = q->code[w[i / 2] & 15] * scale;
+            }
+        }
+    }
+}
+
+/* ----- int8 and bfloat16 rows ------------------------------------------------------------------ */
+
+typedef struct {
+    const float *x;
+    int rows;
+    int64_t in, out;
+    const void *w;
+    const float *scale; /* int8: per output row; NULL for bfloat16 */
+    float *y;
+} Dense;
+
+static inline float load_weight(const Dense *d, int64_t o, int64_t i) {
+    if (d->scale) return (float)((const int8_t *)d->w)[o * d->in + i];
+    uint32_t bits = (uint32_t)((const uint16_t *)d->w)[o * d->in + i] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static void dense_rows_scalar(const Dense *d, int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o++) {
+        float acc[MAX_ROWS] = {0};
+        for (int64_t i = 0; i < d->in; i++) {
+            float w = load_weight(d, o, i);
+            for (int r = 0; r < d->rows; r++) acc[r] += w * d->x[r * d->in + i];
+        }
+        for (int r = 0; r < d->rows; r++) d->y[r * d->out + o] = acc[r] * (d->scale ? d->scale[o] : 1.0f);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void dense_rows_avx2(const Dense *d, int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o++) {
+        __m256 acc[MAX_ROWS];
+        for (int r = 0; r < d->rows; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d->in; i += 8) {
+            __m256 w;
+            if (d->scale) {
+                w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)d->w + o * d->in + i))));
+            } else {
+                __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)d->w + o * d->in + i));
+                w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+            }
+            for (int r = 0; r < d->rows; r++) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(d->x + r * d->in + i), acc[r]);
+        }
+        for (int r = 0; r < d->rows; r++) d->y[r * d->out + o] = hsum256(acc[r]) * (d->scale ? d->scale[o] : 1.0f);
+    }
+}
+
+__attribute__((target("avx512f"))) static void dense_rows_avx512(const Dense *d, int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o++) {
+        __m512 acc[MAX_ROWS];
+        for (int r = 0; r < d->rows; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d->in; i += 16) {
+            __m512 w;
+            if (d->scale) {
+                w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)d->w + o * d->in + i))));
+            } else {
+                __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)d->w + o * d->in + i));
+                w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            }
+            for (int r = 0; r < d->rows; r++) acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(d->x + r * d->in + i), acc[r]);
+        }
+        for (int r = 0; r < d->rows; r++) d->y[r * d->out + o] = _mm512_reduce_add_ps(acc[r]) * (d->scale ? d->scale[o] : 1.0f);
+    }
+}
+
+static void dense_task(const void *ctx, int64_t o0, int64_t o1) {
+    const Dense *d = ctx;
+    if (kernel == AVX512 && d->in % 16 == 0) dense_rows_avx512(d, o0, o1);
+    else if (kernel >= AVX2 && d->in % 8 == 0) dense_rows_avx2(d, o0, o1);
+    else dense_rows_scalar(d, o0, o1);
+}
+
+/* ----- Python ---------------------------------------------------------------------------------- */
+
+#define PTR(type, v) ((type)(uintptr_t)(v))
+
+/* linear_4bit(x, rows, in, out, w, code, absmax, qabsmax, nested_absmax, nested_code, offset,
+ *             blocksize, y, threads); absmax or qabsmax is 0 (the other kind). */
+static PyObject *linear_4bit(PyObject *self, PyObject *args) {
+    unsigned long long x, w, code, absmax, qabsmax, nabs, ncode, y;
+    int rows, threads;
+    long long in, out, blocksize;
+    float offset;
+    if (!PyArg_ParseTuple(args, "KiLLKKKKKKfLKi", &x, &rows, &in, &out, &w, &code, &absmax, &qabsmax, &nabs,
+                          &ncode, &offset, &blocksize, &y, &threads))
+        return NULL;
+    if (rows < 1 || rows > MAX_ROWS || blocksize < 32 || blocksize % 32 || in % blocksize) {
+        PyErr_SetString(PyExc_ValueError, "linear_4bit: 1..8 rows and in_features a multiple of blocksize (>= 32)");
+        return NULL;
+    }
+    int group = kernel == AVX512 ? 32 : kernel == AVX2 ? 16 : 0;
+    float *split = NULL;
+    if (group) {
+        split = malloc(sizeof(float) * rows * in);
+        if (!split) return PyErr_NoMemory();
+    }
+    Q4 q = {PTR(const float *, x), rows, in, out, PTR(const uint8_t *, w), PTR(const float *, code),
+            PTR(const float *, absmax), PTR(const uint8_t *, qabsmax), PTR(const float *, nabs),
+            PTR(const float *, ncode), offset, blocksize, PTR(float *, y)};
+    Py_BEGIN_ALLOW_THREADS
+    if (group) {
+        for (int r = 0; r < rows; r++) deinterleave(q.x + r * in, split + r * in, in, group);
+        q.x = split;
+    }
+    split_rows(out, threads, q4_task, &q);
+    Py_END_ALLOW_THREADS
+    free(split);
+    Py_RETURN_NONE;
+}
+
+/* dequantize_4bit(first_row, count, in, w, code, absmax, qabsmax, nested_absmax, nested_code, offset,
+ *                 blocksize, y, threads): rows [first_row, first_row + count) into y [count, in]. */
+static PyObject *dequantize_4bit(PyObject *self, PyObject *args) {
+    unsigned long long w, code, absmax, qabsmax, nabs, ncode, y;
+    int first, threads;
+    long long count, in, blocksize;
+    float offset;
+    if (!PyArg_ParseTuple(args, "iLLKKKKKKfLKi", &first, &count, &in, &w, &code, &absmax, &qabsmax, &nabs, &ncode,
+                          &offset, &blocksize, &y, &threads))
+        return NULL;
+    if (blocksize < 2 || blocksize % 2 || in % blocksize) {
+        PyErr_SetString(PyExc_ValueError, "dequantize_4bit: in_features must be a multiple of an even blocksize");
+        return NULL;
+    }
+    Q4 q = {NULL, first, in, count, PTR(const uint8_t *, w), PTR(const float *, code), PTR(const float *, absmax),
+            PTR(const uint8_t *, qabsmax), PTR(const float *, nabs), PTR(const float *, ncode), offset, blocksize,
+            PTR(float *, y)};
+    Py_BEGIN_ALLOW_THREADS
+    split_rows(count, threads, dequant_task, &q);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* linear_dense(x, rows, in, out, w, scale, y, threads): int8 rows (scale given) or bfloat16 (scale 0). */
+static PyObject *linear_dense(PyObject *self, PyObject *args) {
+    unsigned long long x, w, scale, y;
+    int rows, threads;
+    long long in, out;
+    if (!PyArg_ParseTuple(args, "KiLLKKKi", &x, &rows, &in, &out, &w, &scale, &y, &threads)) return NULL;
+    if (rows < 1 || rows > MAX_ROWS) {
+        PyErr_SetString(PyExc_ValueError, "linear_dense: 1..8 rows");
+        return NULL;
+    }
+    Dense d = {PTR(const float *, x), rows, in, out, PTR(const void *, w), PTR(const float *, scale), PTR(float *, y)};
+    Py_BEGIN_ALLOW_THREADS
+    split_rows(out, threads, dense_task, &d);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *kernel_name(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(kernel == AVX512 ? "avx512" : kernel == AVX2 ? "avx2" : "scalar");
+}
+
+static PyMethodDef methods[] = {
+    {"linear_4bit", linear_4bit, METH_VARARGS, "y = x @ W.T for a 4-bit weight (addresses of buffers)."},
+    {"dequantize_4bit", dequantize_4bit, METH_VARARGS, "float32 rows of a 4-bit weight."},
+    {"linear_dense", linear_dense, METH_VARARGS, "y = x @ W.T for int8 rows with scales, or bfloat16."},
+    {"kernel", kernel_name, METH_NOARGS, "the instruction set in use"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef quant_module = {PyModuleDef_HEAD_INIT, "neoxja._quant",
+                                          "Matrix products with quantized weights (CPU).", -1, methods};
+
+PyMODINIT_FUNC PyInit__quant(void) {
+    const char *forced = getenv("NEOXJA_QUANT_KERNEL");
+    int limit = !forced ? AVX512 : strcmp(forced, "scalar") == 0 ? SCALAR : strcmp(forced, "avx2") == 0 ? AVX2 : AVX512;
+    __builtin_cpu_init();
+    if (limit >= AVX512 && __builtin_cpu_supports("avx512f")) kernel = AVX512;
+    else if (limit >= AVX2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) kernel = AVX2;
+    return PyModule_Create(&quant_module);
+}
