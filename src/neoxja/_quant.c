@@ -76,18 +76,34 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma"))) static void q4_rows_avx2(const Q4 *q, int64_t o0, int64_t o1) {
+/* The SIMD bodies take the row count R as a constant (the wrappers below switch on it), so their
+ * per-row accumulators live in registers; even and odd elements accumulate separately, two
+ * independent FMA chains per row. */
+#define SWITCH_ROWS(body, ...)                                                                        \
+    switch (rows) {                                                                                   \
+    case 1: body(__VA_ARGS__, 1); break;                                                              \
+    case 2: body(__VA_ARGS__, 2); break;                                                              \
+    case 3: body(__VA_ARGS__, 3); break;                                                              \
+    case 4: body(__VA_ARGS__, 4); break;                                                              \
+    case 5: body(__VA_ARGS__, 5); break;                                                              \
+    case 6: body(__VA_ARGS__, 6); break;                                                              \
+    case 7: body(__VA_ARGS__, 7); break;                                                              \
+    default: body(__VA_ARGS__, 8); break;                                                             \
+    }
+
+__attribute__((target("avx2,fma"), always_inline)) static inline void q4_body_avx2(const Q4 *q, int64_t o0,
+                                                                                    int64_t o1, const int R) {
     int64_t per_row = q->in / q->blocksize;
     __m256 low_table = _mm256_loadu_ps(q->code), high_table = _mm256_loadu_ps(q->code + 8);
     __m256i fifteen = _mm256_set1_epi32(15);
     for (int64_t o = o0; o < o1; o++) {
         __m256 acc[MAX_ROWS];
-        for (int r = 0; r < q->rows; r++) acc[r] = _mm256_setzero_ps();
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
         const uint8_t *w = q->w + o * q->in / 2;
         for (int64_t b = 0; b < per_row; b++) {
             __m256 scale = _mm256_set1_ps(block_scale(q, o * per_row + b));
-            __m256 part[MAX_ROWS];
-            for (int r = 0; r < q->rows; r++) part[r] = _mm256_setzero_ps();
+            __m256 even[MAX_ROWS], odd[MAX_ROWS];
+            for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();
             for (int64_t i = b * q->blocksize; i < (b + 1) * q->blocksize; i += 16) {
                 __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + i / 2)));
                 __m256i hi = _mm256_srli_epi32(bytes, 4), lo = _mm256_and_si256(bytes, fifteen);
@@ -97,44 +113,55 @@ __attribute__((target("avx2,fma"))) static void q4_rows_avx2(const Q4 *q, int64_
                 __m256 vl = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_table, lo),
                                              _mm256_permutevar8x32_ps(high_table, lo),
                                              _mm256_castsi256_ps(_mm256_slli_epi32(lo, 28)));
-                for (int r = 0; r < q->rows; r++) {
+                for (int r = 0; r < R; r++) {
                     const float *x = q->x + r * q->in + i; /* 8 evens, then 8 odds */
-                    part[r] = _mm256_fmadd_ps(vh, _mm256_loadu_ps(x), part[r]);
-                    part[r] = _mm256_fmadd_ps(vl, _mm256_loadu_ps(x + 8), part[r]);
+                    even[r] = _mm256_fmadd_ps(vh, _mm256_loadu_ps(x), even[r]);
+                    odd[r] = _mm256_fmadd_ps(vl, _mm256_loadu_ps(x + 8), odd[r]);
                 }
             }
-            for (int r = 0; r < q->rows; r++) acc[r] = _mm256_fmadd_ps(part[r], scale, acc[r]);
+            for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_add_ps(even[r], odd[r]), scale, acc[r]);
         }
-        for (int r = 0; r < q->rows; r++) q->y[r * q->out + o] = hsum256(acc[r]);
+        for (int r = 0; r < R; r++) q->y[r * q->out + o] = hsum256(acc[r]);
     }
 }
 
-__attribute__((target("avx512f"))) static void q4_rows_avx512(const Q4 *q, int64_t o0, int64_t o1) {
+__attribute__((target("avx2,fma"))) static void q4_rows_avx2(const Q4 *q, int64_t o0, int64_t o1) {
+    int rows = q->rows;
+    SWITCH_ROWS(q4_body_avx2, q, o0, o1)
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline void q4_body_avx512(const Q4 *q, int64_t o0,
+                                                                                     int64_t o1, const int R) {
     int64_t per_row = q->in / q->blocksize;
     __m512 table = _mm512_loadu_ps(q->code);
     __m512i fifteen = _mm512_set1_epi32(15);
     for (int64_t o = o0; o < o1; o++) {
         __m512 acc[MAX_ROWS];
-        for (int r = 0; r < q->rows; r++) acc[r] = _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
         const uint8_t *w = q->w + o * q->in / 2;
         for (int64_t b = 0; b < per_row; b++) {
             __m512 scale = _mm512_set1_ps(block_scale(q, o * per_row + b));
-            __m512 part[MAX_ROWS];
-            for (int r = 0; r < q->rows; r++) part[r] = _mm512_setzero_ps();
+            __m512 even[MAX_ROWS], odd[MAX_ROWS];
+            for (int r = 0; r < R; r++) even[r] = odd[r] = _mm512_setzero_ps();
             for (int64_t i = b * q->blocksize; i < (b + 1) * q->blocksize; i += 32) {
                 __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + i / 2)));
                 __m512 vh = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
                 __m512 vl = _mm512_permutexvar_ps(_mm512_and_si512(bytes, fifteen), table);
-                for (int r = 0; r < q->rows; r++) {
+                for (int r = 0; r < R; r++) {
                     const float *x = q->x + r * q->in + i; /* 16 evens, then 16 odds */
-                    part[r] = _mm512_fmadd_ps(vh, _mm512_loadu_ps(x), part[r]);
-                    part[r] = _mm512_fmadd_ps(vl, _mm512_loadu_ps(x + 16), part[r]);
+                    even[r] = _mm512_fmadd_ps(vh, _mm512_loadu_ps(x), even[r]);
+                    odd[r] = _mm512_fmadd_ps(vl, _mm512_loadu_ps(x + 16), odd[r]);
                 }
             }
-            for (int r = 0; r < q->rows; r++) acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
+            for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(even[r], odd[r]), scale, acc[r]);
         }
-        for (int r = 0; r < q->rows; r++) q->y[r * q->out + o] = _mm512_reduce_add_ps(acc[r]);
+        for (int r = 0; r < R; r++) q->y[r * q->out + o] = _mm512_reduce_add_ps(acc[r]);
     }
+}
+
+__attribute__((target("avx512f"))) static void q4_rows_avx512(const Q4 *q, int64_t o0, int64_t o1) {
+    int rows = q->rows;
+    SWITCH_ROWS(q4_body_avx512, q, o0, o1)
 }
 
 /* x's elements, per group of `group`: the even ones, then the odd ones. */
@@ -234,40 +261,79 @@ static void dense_rows_scalar(const Dense *d, int64_t o0, int64_t o1) {
     }
 }
 
-__attribute__((target("avx2,fma"))) static void dense_rows_avx2(const Dense *d, int64_t o0, int64_t o1) {
+/* Two accumulators per row (alternate chunks), for two independent FMA chains. */
+__attribute__((target("avx2,fma"), always_inline)) static inline __m256 dense_load8(const Dense *d, int64_t o,
+                                                                                    int64_t i) {
+    if (d->scale) {
+        const int8_t *w = (const int8_t *)d->w + o * d->in + i;
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
+    }
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)d->w + o * d->in + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx2,fma"), always_inline)) static inline void dense_body_avx2(const Dense *d, int64_t o0,
+                                                                                      int64_t o1, const int R) {
     for (int64_t o = o0; o < o1; o++) {
-        __m256 acc[MAX_ROWS];
-        for (int r = 0; r < d->rows; r++) acc[r] = _mm256_setzero_ps();
-        for (int64_t i = 0; i < d->in; i += 8) {
-            __m256 w;
-            if (d->scale) {
-                w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)d->w + o * d->in + i))));
-            } else {
-                __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)d->w + o * d->in + i));
-                w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        __m256 a[MAX_ROWS], c[MAX_ROWS];
+        for (int r = 0; r < R; r++) a[r] = c[r] = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= d->in; i += 16) {
+            __m256 w0 = dense_load8(d, o, i), w1 = dense_load8(d, o, i + 8);
+            for (int r = 0; r < R; r++) {
+                a[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(d->x + r * d->in + i), a[r]);
+                c[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(d->x + r * d->in + i + 8), c[r]);
             }
-            for (int r = 0; r < d->rows; r++) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(d->x + r * d->in + i), acc[r]);
         }
-        for (int r = 0; r < d->rows; r++) d->y[r * d->out + o] = hsum256(acc[r]) * (d->scale ? d->scale[o] : 1.0f);
+        for (; i < d->in; i += 8) {
+            __m256 w0 = dense_load8(d, o, i);
+            for (int r = 0; r < R; r++) a[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(d->x + r * d->in + i), a[r]);
+        }
+        float scale = d->scale ? d->scale[o] : 1.0f;
+        for (int r = 0; r < R; r++) d->y[r * d->out + o] = hsum256(_mm256_add_ps(a[r], c[r])) * scale;
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void dense_rows_avx2(const Dense *d, int64_t o0, int64_t o1) {
+    int rows = d->rows;
+    SWITCH_ROWS(dense_body_avx2, d, o0, o1)
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline __m512 dense_load16(const Dense *d, int64_t o,
+                                                                                    int64_t i) {
+    if (d->scale) {
+        const int8_t *w = (const int8_t *)d->w + o * d->in + i;
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
+    }
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)d->w + o * d->in + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline void dense_body_avx512(const Dense *d, int64_t o0,
+                                                                                       int64_t o1, const int R) {
+    for (int64_t o = o0; o < o1; o++) {
+        __m512 a[MAX_ROWS], c[MAX_ROWS];
+        for (int r = 0; r < R; r++) a[r] = c[r] = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 32 <= d->in; i += 32) {
+            __m512 w0 = dense_load16(d, o, i), w1 = dense_load16(d, o, i + 16);
+            for (int r = 0; r < R; r++) {
+                a[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(d->x + r * d->in + i), a[r]);
+                c[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(d->x + r * d->in + i + 16), c[r]);
+            }
+        }
+        for (; i < d->in; i += 16) {
+            __m512 w0 = dense_load16(d, o, i);
+            for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(d->x + r * d->in + i), a[r]);
+        }
+        float scale = d->scale ? d->scale[o] : 1.0f;
+        for (int r = 0; r < R; r++) d->y[r * d->out + o] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], c[r])) * scale;
     }
 }
 
 __attribute__((target("avx512f"))) static void dense_rows_avx512(const Dense *d, int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; o++) {
-        __m512 acc[MAX_ROWS];
-        for (int r = 0; r < d->rows; r++) acc[r] = _mm512_setzero_ps();
-        for (int64_t i = 0; i < d->in; i += 16) {
-            __m512 w;
-            if (d->scale) {
-                w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)d->w + o * d->in + i))));
-            } else {
-                __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)d->w + o * d->in + i));
-                w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-            }
-            for (int r = 0; r < d->rows; r++) acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(d->x + r * d->in + i), acc[r]);
-        }
-        for (int r = 0; r < d->rows; r++) d->y[r * d->out + o] = _mm512_reduce_add_ps(acc[r]) * (d->scale ? d->scale[o] : 1.0f);
-    }
+    int rows = d->rows;
+    SWITCH_ROWS(dense_body_avx512, d, o0, o1)
 }
 
 static void dense_task(const void *ctx, int64_t o0, int64_t o1) {
