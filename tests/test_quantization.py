@@ -202,10 +202,28 @@ def test_broken_prequantized_checkpoints_name_the_key(tmp_path: Path) -> None:
     save_file({k: v for k, v in tensors.items() if k != key}, written / "model.safetensors")
     with pytest.raises(ValueError, match=key.replace(".", r"\.") + " is missing"):
         GPTNeoXJapaneseForCausalLM.from_pretrained(written)
-    tensors[key] = tensors[key][:-1]
+    absmax = tensors[key]
+    tensors[key] = absmax[:-1]
     save_file(tensors, written / "model.safetensors")
     with pytest.raises(ValueError, match=r"weight\.absmax has shape"):
         GPTNeoXJapaneseForCausalLM.from_pretrained(written)
+    tensors[key] = absmax
+    state = key.replace("absmax", "quant_state.bitsandbytes__nf4")
+    info = json.loads(bytes(tensors[state].tolist()))
+
+    def with_state(**changes) -> dict:
+        raw = json.dumps({**info, **changes}).encode()
+        return {**tensors, state: torch.tensor(list(raw), dtype=torch.uint8)}
+
+    for broken, message in [
+        ({k: v for k, v in tensors.items() if k != state}, state.replace(".", r"\.") + " is missing"),
+        (with_state(blocksize=48), "has blocksize 48"),
+        (with_state(shape=[info["shape"][0] * 2, info["shape"][1] // 2]), "the model .* expects"),
+        (with_state(quant_type="fp4"), "quant_type='fp4'"),
+    ]:
+        save_file(broken, written / "model.safetensors")
+        with pytest.raises(ValueError, match=message):
+            GPTNeoXJapaneseForCausalLM.from_pretrained(written)
 
 
 def test_generate_and_pipeline_take_quantized_models(tiny_checkpoint: Path) -> None:
@@ -251,7 +269,8 @@ KERNEL_CHECK = r"""
 import torch
 from neoxja.quantization import formats, kernels
 torch.manual_seed(0)
-for out_features, in_features, blocksize in [(96, 128, 64), (40, 256, 32), (64, 512, 256), (33, 70, 64)]:
+for out_features, in_features, blocksize in [(96, 128, 64), (40, 256, 32), (64, 512, 256), (24, 96, 32),
+                                               (33, 70, 64)]:
     weight = torch.randn(out_features, in_features) * 0.02
     for quant_type, nested in [("nf4", False), ("nf4", True), ("fp4", True)]:
         q = formats.quantize_4bit(weight, blocksize, quant_type, nested)

@@ -12,9 +12,9 @@
  * results agree with F.linear on the dequantized weight within float32 rounding.
  *
  * 4-bit is compute-heavy (a table lookup per weight): with AVX-512 one vpermps looks up 16
- * nibbles in the 16-entry code. x is first split, per group of 32 (AVX-512) or 16 (AVX2) values,
- * into its even and odd elements, so the high nibbles of 16 bytes multiply 16 even x's and the
- * low nibbles the odd ones, with no shuffle of the weights.
+ * nibbles in the 16-entry code, straight from the packed bytes (see q4_body_avx512). x is first
+ * laid out to match the order in which the kernel meets the nibbles (AVX-512: spread_128; AVX2:
+ * per group of 16, the even elements then the odd ones), so the weights are never shuffled.
  *
  * Kernels: AVX-512F, AVX2+FMA or portable C, chosen at import (NEOXJA_QUANT_KERNEL=avx2|scalar
  * forces a lower one, for tests). Threads: OpenMP over output rows.
@@ -43,6 +43,7 @@ typedef struct {
     float offset;
     int64_t blocksize;
     float *y; /* [rows, out] */
+    int wide; /* the AVX-512 kernel's layout of x (spread_128; in_features % 128 == 0) */
 } Q4;
 
 static inline float block_scale(const Q4 *q, int64_t b) {
@@ -130,29 +131,46 @@ __attribute__((target("avx2,fma"))) static void q4_rows_avx2(const Q4 *q, int64_
     SWITCH_ROWS(q4_body_avx2, q, o0, o1)
 }
 
+/* AVX-512 reads 64 bytes (128 weights) at a time as 16 dwords of 8 nibbles each: vpermps looks up
+ * the low 4 bits of each dword index, so shifting the whole register right by 4 * t bits selects
+ * nibble t of every dword, with no widening of the bytes. Nibble t of dword L is element
+ * 8 * L + (t ^ 1) of the group (the even element sits in the high nibble), so x is laid out per
+ * group of 128 as x[8 * L + (t ^ 1)] at 16 * t + L (spread_128). A lane's 8 elements lie in one
+ * block (blocksize >= 32), so the block scales form one vector per group. */
+__attribute__((target("avx512f"))) static inline __m512 group_scales(const Q4 *q, int64_t first) {
+    int64_t b = first / q->blocksize;
+    if (q->blocksize >= 128) return _mm512_set1_ps(block_scale(q, b));
+    if (q->blocksize == 64)
+        return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(block_scale(q, b)), _mm512_set1_ps(block_scale(q, b + 1)));
+    __m128 s0 = _mm_set1_ps(block_scale(q, b)), s1 = _mm_set1_ps(block_scale(q, b + 1));
+    __m128 s2 = _mm_set1_ps(block_scale(q, b + 2)), s3 = _mm_set1_ps(block_scale(q, b + 3));
+    __m512 v = _mm512_castps128_ps512(s0);
+    v = _mm512_insertf32x4(v, s1, 1);
+    v = _mm512_insertf32x4(v, s2, 2);
+    return _mm512_insertf32x4(v, s3, 3);
+}
+
 __attribute__((target("avx512f"), always_inline)) static inline void q4_body_avx512(const Q4 *q, int64_t o0,
-                                                                                     int64_t o1, const int R) {
-    int64_t per_row = q->in / q->blocksize;
+                                                                                          int64_t o1, const int R) {
     __m512 table = _mm512_loadu_ps(q->code);
-    __m512i fifteen = _mm512_set1_epi32(15);
     for (int64_t o = o0; o < o1; o++) {
         __m512 acc[MAX_ROWS];
         for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
         const uint8_t *w = q->w + o * q->in / 2;
-        for (int64_t b = 0; b < per_row; b++) {
-            __m512 scale = _mm512_set1_ps(block_scale(q, o * per_row + b));
+        for (int64_t g = 0; g < q->in; g += 128) {
+            __m512i bytes = _mm512_loadu_si512((const void *)(w + g / 2));
             __m512 even[MAX_ROWS], odd[MAX_ROWS];
             for (int r = 0; r < R; r++) even[r] = odd[r] = _mm512_setzero_ps();
-            for (int64_t i = b * q->blocksize; i < (b + 1) * q->blocksize; i += 32) {
-                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + i / 2)));
-                __m512 vh = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-                __m512 vl = _mm512_permutexvar_ps(_mm512_and_si512(bytes, fifteen), table);
+            for (int t = 0; t < 8; t += 2) {
+                __m512 v0 = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4 * t), table);
+                __m512 v1 = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4 * t + 4), table);
                 for (int r = 0; r < R; r++) {
-                    const float *x = q->x + r * q->in + i; /* 16 evens, then 16 odds */
-                    even[r] = _mm512_fmadd_ps(vh, _mm512_loadu_ps(x), even[r]);
-                    odd[r] = _mm512_fmadd_ps(vl, _mm512_loadu_ps(x + 16), odd[r]);
+                    const float *x = q->x + r * q->in + g + 16 * t;
+                    even[r] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x), even[r]);
+                    odd[r] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + 16), odd[r]);
                 }
             }
+            __m512 scale = group_scales(q, o * q->in + g);
             for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(even[r], odd[r]), scale, acc[r]);
         }
         for (int r = 0; r < R; r++) q->y[r * q->out + o] = _mm512_reduce_add_ps(acc[r]);
@@ -164,12 +182,19 @@ __attribute__((target("avx512f"))) static void q4_rows_avx512(const Q4 *q, int64
     SWITCH_ROWS(q4_body_avx512, q, o0, o1)
 }
 
-/* x's elements, per group of `group`: the even ones, then the odd ones. */
-static void deinterleave(const float *x, float *out, int64_t n, int group) {
-    for (int64_t g = 0; g < n; g += group)
-        for (int k = 0; k < group / 2; k++) {
+/* x's elements, per group of 128, in the order of the AVX-512 kernel's nibbles (see above). */
+static void spread_128(const float *x, float *out, int64_t n) {
+    for (int64_t g = 0; g < n; g += 128)
+        for (int t = 0; t < 8; t++)
+            for (int lane = 0; lane < 16; lane++) out[g + 16 * t + lane] = x[g + 8 * lane + (t ^ 1)];
+}
+
+/* x's elements, per group of 16 (the AVX2 kernel): the 8 even ones, then the 8 odd ones. */
+static void deinterleave(const float *x, float *out, int64_t n) {
+    for (int64_t g = 0; g < n; g += 16)
+        for (int k = 0; k < 8; k++) {
             out[g + k] = x[g + 2 * k];
-            out[g + group / 2 + k] = x[g + 2 * k + 1];
+            out[g + 8 + k] = x[g + 2 * k + 1];
         }
 }
 
@@ -184,8 +209,8 @@ static void split_rows(int64_t out, int threads, void (*fn)(const void *, int64_
 
 static void q4_task(const void *ctx, int64_t o0, int64_t o1) {
     const Q4 *q = ctx;
-    if (kernel == AVX512) q4_rows_avx512(q, o0, o1);
-    else if (kernel == AVX2) q4_rows_avx2(q, o0, o1);
+    if (q->wide) q4_rows_avx512(q, o0, o1);
+    else if (kernel >= AVX2) q4_rows_avx2(q, o0, o1);
     else q4_rows_scalar(q, o0, o1);
 }
 
@@ -361,18 +386,21 @@ static PyObject *linear_4bit(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "linear_4bit: 1..8 rows and in_features a multiple of blocksize (>= 32)");
         return NULL;
     }
-    int group = kernel == AVX512 ? 32 : kernel == AVX2 ? 16 : 0;
+    int wide = kernel == AVX512 && in % 128 == 0;
     float *split = NULL;
-    if (group) {
+    if (kernel >= AVX2) {
         split = malloc(sizeof(float) * rows * in);
         if (!split) return PyErr_NoMemory();
     }
     Q4 q = {PTR(const float *, x), rows, in, out, PTR(const uint8_t *, w), PTR(const float *, code),
             PTR(const float *, absmax), PTR(const uint8_t *, qabsmax), PTR(const float *, nabs),
-            PTR(const float *, ncode), offset, blocksize, PTR(float *, y)};
+            PTR(const float *, ncode), offset, blocksize, PTR(float *, y), wide};
     Py_BEGIN_ALLOW_THREADS
-    if (group) {
-        for (int r = 0; r < rows; r++) deinterleave(q.x + r * in, split + r * in, in, group);
+    if (split) {
+        for (int r = 0; r < rows; r++) {
+            if (wide) spread_128(q.x + r * in, split + r * in, in);
+            else deinterleave(q.x + r * in, split + r * in, in);
+        }
         q.x = split;
     }
     split_rows(out, threads, q4_task, &q);
