@@ -10,6 +10,7 @@ the output head, as transformers), and never an output head tied to the input em
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,7 +152,8 @@ class QuantizingLoader:
         return True
 
     def install(self, model: nn.Module, dtype: torch.dtype) -> None:
-        """Put the quantized layers into ``model`` (after the other tensors were loaded)."""
+        """Put the quantized layers into ``model`` (after the other tensors were loaded), then hand
+        the quantization's freed temporaries back to the system (:func:`release_freed_memory`)."""
         for name, pieces in self.pieces.items():
             bias = pieces.get("bias")
             if bias is not None:
@@ -175,6 +177,25 @@ class QuantizingLoader:
             setattr(model.get_submodule(parent_name), child, layer.eval())
         if self.plan.config is not None:
             model.config.quantization_config = self.plan.config.to_dict()
+        if not self.prequantized:
+            release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Return the C heap's free pages to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Quantizing frees float temporaries of every size between the long-lived quantized buffers;
+    glibc keeps the pages of freed blocks below its mmap threshold (up to 32 MiB) for reuse, which
+    left the loaded 2.7B in nf4 holding ~0.45 GB of free heap beside its 1.46 GB. Only memory that
+    is already free is given back; nothing the process uses moves.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 def plan_for(
