@@ -1,0 +1,287 @@
+"""Quantized weights on the 2.7B shape: memory when quantizing on load and when loading a
+pre-quantized checkpoint, and decoding and prompt speed per format; neoxja beside transformers +
+bitsandbytes, each load in its own process (peak RSS is per process), same weights, same run.
+
+Memory: a random 2.7B-shaped bfloat16 checkpoint (bench_model.py's writer) is loaded with the
+seed's nf4 config by each library (peak RSS, seconds, bytes the model holds, RSS after the load
+against the runtime's RSS before it plus those bytes), saved, and the saved pre-quantized
+directory loaded again (peak RSS against its file size).
+
+Speed (``--speed``), batch 1, 2 threads, per format:
+- decoding: greedy, ``--new`` tokens after an 8-token prompt; s/token, the ratio to neoxja float32,
+  and the bandwidth limit: the weight bytes one step reads (the format's bytes of every linear
+  layer, the float32 head and norms) / the float32 matrix-vector GB/s measured in this run;
+- a 512-token prompt (one forward), its speed against neoxja float32's;
+- neoxja float32 twice: with the whole-step C decoder (``neoxja.cpu_decode``, the default) and with
+  ``NEOXJA_FUSED_DECODE=0`` (one PyTorch op per layer), the comparison that decides whether the
+  whole-step decoder stays;
+- transformers + bitsandbytes with the seed's nf4 config (its CPU path, float16 compute).
+Then each format's C kernel alone (``neoxja.quantization.kernels``, batch 1) over 2.7B layer shapes
+that together far exceed the cache: GB/s of its own bytes and weights multiplied per second, to
+tell a bandwidth-bound format from a compute-bound one.
+
+    python benchmarks/bench_quant.py [--speed] [--no-memory] [--new 8] [--dir /tmp/q27] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_model import write_checkpoint  # noqa: E402
+
+CHILD = r"""
+import json, resource, sys, time
+import torch
+torch.set_num_threads(2)
+task, lib, path, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+seed = dict(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype="float16")
+if lib == "neoxja":
+    import neoxja
+    Model, Config = neoxja.GPTNeoXJapaneseForCausalLM, neoxja.BitsAndBytesConfig
+else:
+    import transformers
+    transformers.logging.set_verbosity_error()
+    Model, Config = transformers.GPTNeoXJapaneseForCausalLM, transformers.BitsAndBytesConfig
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+def held(model):
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr()); total += t.numel() * t.element_size()
+    return total
+def read_per_token(model):
+    # what one decoding step reads: every weight but the input embedding's unused rows and RoPE tables
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.data_ptr() in seen or "rotary" in name or (t is embed and t is not head):
+            continue
+        seen.add(t.data_ptr()); total += t.numel() * t.element_size()
+    return total
+base = rss()
+start = time.perf_counter()
+if task == "quantize":
+    model = Model.from_pretrained(path, dtype=torch.bfloat16, quantization_config=Config(**seed))
+    seconds = time.perf_counter() - start
+    result = {"seconds": seconds, "peak": peak(), "base": base, "after": rss(), "held": held(model)}
+    model.save_pretrained(out)
+elif task == "prequantized":
+    model = Model.from_pretrained(path)
+    seconds = time.perf_counter() - start
+    result = {"seconds": seconds, "peak": peak(), "base": base, "after": rss(), "held": held(model)}
+    with torch.no_grad():  # a lazily (mmap) loaded model reads its weights only when used
+        model(torch.arange(10, 18).unsqueeze(0))
+    result["peak_used"] = peak()
+else:  # decode: out = the format's name
+    fmt, new, prompt = out, int(sys.argv[5]), int(sys.argv[6])
+    kwargs = {}
+    if fmt in ("nf4", "fp4"):
+        kwargs = {"quantization_config": Config(**dict(seed, bnb_4bit_quant_type=fmt))}
+    elif fmt not in ("float32", "float32-torch"):
+        kwargs = {"weight_format": fmt}
+    model = Model.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+    if lib == "neoxja":
+        steps = neoxja.explain_decoding(model).split(":")[0]
+    else:
+        steps = "transformers"
+    ids = torch.arange(10, 18).unsqueeze(0)
+    long_ids = torch.randint(10, 31000, (1, prompt), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+        start = time.perf_counter()
+        tokens = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        per_token = (time.perf_counter() - start) / new
+        prefill = None
+        if prompt:
+            model(long_ids[:, :16], logits_to_keep=1)
+            start = time.perf_counter()
+            model(long_ids, logits_to_keep=1)
+            prefill = time.perf_counter() - start
+    result = {"s_per_token": per_token, "prefill": prefill, "peak": peak(), "held": held(model),
+              "read": read_per_token(model), "steps": steps, "tokens": tokens[0, 8:].tolist()}
+print(json.dumps(result))
+"""
+
+
+def run(*args: str, env: dict | None = None) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=False, env=env
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{args[:2]} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def bench_memory(checkpoint: Path, work: Path, weight_bytes: int) -> None:
+    print(
+        f"\n2.7B-shaped bfloat16 checkpoint: {weight_bytes / 1e9:.2f} GB of weights; the seed's nf4 config\n"
+    )
+    print(
+        "| library | runtime GB | quantize on load: s | peak RSS GB | peak / bf16 bytes | model holds GB "
+        "| (RSS after load - runtime) / held | saved GB | load pre-quantized: s | peak RSS GB "
+        "| peak / file size | (peak - runtime) / file size | peak after a forward GB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for lib in ("neoxja", "transformers"):
+        saved = work / f"{lib}-nf4"
+        q = run("quantize", lib, str(checkpoint), str(saved))
+        p = run("prequantized", lib, str(saved), "-")
+        file_bytes = size(saved)
+        cells = [f"{q['base'] / 1e9:.2f}", f"{q['seconds']:.1f}", f"{q['peak'] / 1e9:.2f}"]
+        cells += [f"{q['peak'] / weight_bytes:.2f}", f"{q['held'] / 1e9:.2f}"]
+        cells += [f"{(q['after'] - q['base']) / q['held']:.2f}", f"{file_bytes / 1e9:.2f}"]
+        cells += [f"{p['seconds']:.1f}", f"{p['peak'] / 1e9:.2f}", f"{p['peak'] / file_bytes:.2f}"]
+        cells += [f"{(p['peak'] - p['base']) / file_bytes:.2f}", f"{p['peak_used'] / 1e9:.2f}"]
+        print(f"| {lib} | " + " | ".join(cells) + " |")
+    print("\n(runtime: RSS of the process before the load, after importing torch and the library)")
+
+
+def kernel_rates(total_bytes: float = 6e8, repeats: int = 3) -> dict[str, tuple[float, float]]:
+    """Per format, (GB/s of the format's bytes, G weights/s) of the C kernels at batch 1 over
+    10240x2560 and 2560x10240 weights whose bytes add up to ``total_bytes`` (beyond any cache);
+    random bytes, since the kernels' speed does not depend on the values."""
+    import torch
+
+    from neoxja.quantization import formats, kernels
+
+    generator = torch.Generator().manual_seed(0)
+    code, nested_code = formats.code_4bit("nf4"), formats.dynamic_code()
+    rates = {}
+    for fmt, bytes_per_weight in (("bfloat16", 2.0), ("int8", 1.0), ("nf4", 0.5 + 1 / 64)):
+        shapes = [(10240, 2560), (2560, 10240)] * int(total_bytes / (26214400 * bytes_per_weight) / 2 + 1)
+        products = []
+        for out_features, in_features in shapes:
+            x = torch.randn(1, in_features, generator=generator)
+            n = out_features * in_features
+            if fmt == "bfloat16":
+                weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+                products.append(lambda x=x, w=weight: kernels.linear_bf16(x, w))
+            elif fmt == "int8":
+                weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+                scb = torch.rand(out_features, generator=generator)
+                products.append(lambda x=x, w=weight, s=scb: kernels.linear_int8(x, w, s))
+            else:
+                packed = torch.randint(0, 256, (n // 2, 1), dtype=torch.uint8, generator=generator)
+                absmax = torch.randint(0, 256, (n // 64,), dtype=torch.uint8, generator=generator)
+                nested = torch.rand(-(-n // 64 // 256), generator=generator)
+                products.append(
+                    lambda x=x, p=packed, a=absmax, m=nested, o=out_features: kernels.linear_4bit(
+                        x, p, a, code, 64, o, nested_absmax=m, nested_code=nested_code, offset=0.01
+                    )
+                )
+        weights = sum(o * i for o, i in shapes)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for product in products:
+                product()
+            best = min(best, time.perf_counter() - start)
+        rates[fmt] = (weights * bytes_per_weight / best / 1e9, weights / best / 1e9)
+    return rates
+
+
+def bench_speed(checkpoint: Path, new: int, prompt: int) -> None:
+    import torch
+    from bench_generate import matvec_gbps
+
+    from neoxja.quantization import kernels
+
+    torch.set_num_threads(2)
+    bandwidths = matvec_gbps()
+    gbps = max(bandwidths.values())
+    print(
+        f"\ngreedy decoding, batch 1, 2 threads, prompt 8, {new} new tokens; a {prompt}-token prompt "
+        f"(one forward); neoxja kernels: {kernels.kernel_name()}; float32 matvec "
+        + ", ".join(f"{v:.1f} GB/s ({k})" for k, v in bandwidths.items())
+        + f"; the bandwidth limit uses {gbps:.1f} GB/s\n"
+    )
+    print(
+        "| weights | decoding steps | s/token | tok/s | vs neoxja float32 | GB read per token "
+        "| bandwidth limit s/token | % of limit | 512-token prompt s | prompt speed vs float32 "
+        "| model holds GB |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = [("neoxja", f) for f in ("float32", "float32-torch", "bfloat16", "int8", "nf4", "fp4")]
+    rows.append(("transformers", "nf4"))
+    base = base_prefill = None
+    results = {}
+    for lib, fmt in rows:
+        env = dict(os.environ, NEOXJA_FUSED_DECODE="0" if fmt == "float32-torch" else "1")
+        r = run(
+            "decode", lib, str(checkpoint), fmt, str(new), "0" if lib != "neoxja" else str(prompt), env=env
+        )
+        results[(lib, fmt)] = r
+        base = base or r["s_per_token"]
+        base_prefill = base_prefill or r["prefill"]
+        limit = r["read"] / (gbps * 1e9)
+        prefill = "-" if r["prefill"] is None else f"{r['prefill']:.2f}"
+        prefill_ratio = "-" if r["prefill"] is None else f"{base_prefill / r['prefill']:.2f}x"
+        print(
+            f"| {lib} {fmt} | {r['steps']} | {r['s_per_token']:.3f} | {1 / r['s_per_token']:.2f} | "
+            f"{base / r['s_per_token']:.2f}x | {r['read'] / 1e9:.2f} | {limit:.3f} | "
+            f"{100 * limit / r['s_per_token']:.0f}% | {prefill} | {prefill_ratio} | {r['held'] / 1e9:.2f} |"
+        )
+    bnb = results[("transformers", "nf4")]["s_per_token"]
+    ours = results[("neoxja", "nf4")]["s_per_token"]
+    whole, per_layer = (results[("neoxja", f)]["s_per_token"] for f in ("float32", "float32-torch"))
+    same = results[("neoxja", "float32")]["tokens"] == results[("neoxja", "float32-torch")]["tokens"]
+    print(f"\nneoxja nf4 vs transformers + bitsandbytes nf4: {bnb / ours:.1f}x")
+    print(
+        f"float32, whole-step C decoder vs one PyTorch op per layer: {per_layer / whole:.2f}x "
+        f"(same tokens: {'yes' if same else 'NO'})"
+    )
+    print("\nC kernels alone, batch 1, 2.7B layer shapes beyond the cache:\n")
+    print("| format | GB/s of its bytes | G weights/s | % of the float32 matvec GB/s |")
+    print("|---|---:|---:|---:|")
+    for fmt, (rate, weights) in kernel_rates().items():
+        print(f"| {fmt} | {rate:.1f} | {weights:.1f} | {100 * rate / gbps:.0f}% |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--speed", action="store_true", help="also time decoding and prompts per format")
+    parser.add_argument("--no-memory", action="store_true", help="skip the loading measurements")
+    parser.add_argument("--new", type=int, default=8, help="new tokens per decoding run (default 8)")
+    parser.add_argument("--prompt", type=int, default=512, help="tokens of the timed prompt (default 512)")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write the checkpoints (tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep (and reuse) the 2.7B bf16 checkpoint")
+    args = parser.parse_args()
+    work = args.dir or Path(tempfile.mkdtemp(prefix="bench-quant-"))
+    checkpoint = work / "bf16"
+    if (checkpoint / "model.safetensors").is_file():
+        weight_bytes = size(checkpoint)
+    else:
+        weight_bytes = write_checkpoint(checkpoint)
+    try:
+        if not args.no_memory:
+            bench_memory(checkpoint, work, weight_bytes)
+        if args.speed:
+            bench_speed(checkpoint, args.new, args.prompt)
+    finally:
+        for saved in work.glob("*-nf4"):
+            shutil.rmtree(saved)
+        if not args.keep:
+            shutil.rmtree(checkpoint)
+
+
+if __name__ == "__main__":
+    main()
