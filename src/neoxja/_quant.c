@@ -27,6 +27,8 @@
 #include <string.h>
 
 #define MAX_ROWS 8
+#define TILE_ROWS 4 /* output rows a kernel reads at once, for one row of x */
+#define TILE_FOR(R) ((R) == 1 ? 4 : (R) == 2 ? 2 : 1)
 
 enum { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
 static int kernel = SCALAR;
@@ -334,26 +336,40 @@ __attribute__((target("avx512f"), always_inline)) static inline __m512 dense_loa
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-__attribute__((target("avx512f"), always_inline)) static inline void dense_body_avx512(const Dense *d, int64_t o0,
-                                                                                       int64_t o1, const int R) {
-    for (int64_t o = o0; o < o1; o++) {
-        __m512 a[MAX_ROWS], c[MAX_ROWS];
-        for (int r = 0; r < R; r++) a[r] = c[r] = _mm512_setzero_ps();
-        int64_t i = 0;
-        for (; i + 32 <= d->in; i += 32) {
-            __m512 w0 = dense_load16(d, o, i), w1 = dense_load16(d, o, i + 16);
+/* NR output rows at a time (a tile): NR weight rows stream from memory together, which a single
+ * row stream per thread cannot saturate; NR * R pairs of accumulators stay in registers. */
+__attribute__((target("avx512f"), always_inline)) static inline void dense_tile_avx512(const Dense *d, int64_t o,
+                                                                                       const int R, const int NR) {
+    __m512 a[TILE_ROWS][MAX_ROWS], c[TILE_ROWS][MAX_ROWS];
+    for (int n = 0; n < NR; n++)
+        for (int r = 0; r < R; r++) a[n][r] = c[n][r] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= d->in; i += 32)
+        for (int n = 0; n < NR; n++) {
+            __m512 w0 = dense_load16(d, o + n, i), w1 = dense_load16(d, o + n, i + 16);
             for (int r = 0; r < R; r++) {
-                a[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(d->x + r * d->in + i), a[r]);
-                c[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(d->x + r * d->in + i + 16), c[r]);
+                a[n][r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(d->x + r * d->in + i), a[n][r]);
+                c[n][r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(d->x + r * d->in + i + 16), c[n][r]);
             }
         }
-        for (; i < d->in; i += 16) {
-            __m512 w0 = dense_load16(d, o, i);
-            for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(d->x + r * d->in + i), a[r]);
+    for (; i < d->in; i += 16)
+        for (int n = 0; n < NR; n++) {
+            __m512 w0 = dense_load16(d, o + n, i);
+            for (int r = 0; r < R; r++) a[n][r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(d->x + r * d->in + i), a[n][r]);
         }
-        float scale = d->scale ? d->scale[o] : 1.0f;
-        for (int r = 0; r < R; r++) d->y[r * d->out + o] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], c[r])) * scale;
+    for (int n = 0; n < NR; n++) {
+        float scale = d->scale ? d->scale[o + n] : 1.0f;
+        for (int r = 0; r < R; r++)
+            d->y[r * d->out + o + n] = _mm512_reduce_add_ps(_mm512_add_ps(a[n][r], c[n][r])) * scale;
     }
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline void dense_body_avx512(const Dense *d, int64_t o0,
+                                                                                       int64_t o1, const int R) {
+    const int NR = TILE_FOR(R);
+    int64_t o = o0;
+    for (; o + NR <= o1; o += NR) dense_tile_avx512(d, o, R, NR);
+    for (; o < o1; o++) dense_tile_avx512(d, o, R, 1);
 }
 
 __attribute__((target("avx512f"))) static void dense_rows_avx512(const Dense *d, int64_t o0, int64_t o1) {
