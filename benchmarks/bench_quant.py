@@ -8,7 +8,8 @@ against the runtime's RSS before it plus those bytes), saved, and the saved pre-
 directory loaded again (peak RSS against its file size).
 
 Speed (``--speed``), batch 1, 2 threads, per format:
-- decoding: greedy, ``--new`` tokens after an 8-token prompt; s/token, the ratio to neoxja float32,
+- decoding: greedy after an 8-token prompt, the median time of a decoding step over ``--repeats``
+  runs of ``--new`` steps (prefill excluded; the host's noise is large); the ratio to neoxja float32,
   and the bandwidth limit: the weight bytes one step reads (the format's bytes of every linear
   layer, the float32 head and norms) / the float32 matrix-vector GB/s measured in this run;
 - a 512-token prompt (one forward), its speed against neoxja float32's;
@@ -20,7 +21,7 @@ Then each format's C kernel alone (``neoxja.quantization.kernels``, batch 1) ove
 that together far exceed the cache: GB/s of its own bytes and weights multiplied per second, to
 tell a bandwidth-bound format from a compute-bound one.
 
-    python benchmarks/bench_quant.py [--speed] [--no-memory] [--new 8] [--dir /tmp/q27] [--keep]
+    python benchmarks/bench_quant.py [--speed] [--no-memory] [--new 8] [--repeats 3] [--dir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ elif task == "prequantized":
         model(torch.arange(10, 18).unsqueeze(0))
     result["peak_used"] = peak()
 else:  # decode: out = the format's name
-    fmt, new, prompt = out, int(sys.argv[5]), int(sys.argv[6])
+    fmt, new, prompt, repeats = out, int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
     kwargs = {}
     if fmt in ("nf4", "fp4"):
         kwargs = {"quantization_config": Config(**dict(seed, bnb_4bit_quant_type=fmt))}
@@ -99,13 +100,24 @@ else:  # decode: out = the format's name
         steps = neoxja.explain_decoding(model).split(":")[0]
     else:
         steps = "transformers"
+    class Clock:  # a streamer that notes when each token arrives: the prompt, then one per step
+        def __init__(self):
+            self.times = []
+        def put(self, value):
+            self.times.append(time.perf_counter())
+        def end(self):
+            pass
     ids = torch.arange(10, 18).unsqueeze(0)
     long_ids = torch.randint(10, 31000, (1, prompt), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, do_sample=False)
-        start = time.perf_counter()
-        tokens = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        per_token = (time.perf_counter() - start) / new
+        intervals = []
+        for _ in range(repeats):
+            clock = Clock()
+            tokens = model.generate(ids, max_new_tokens=new + 1, min_new_tokens=new + 1, do_sample=False,
+                                    streamer=clock)
+            intervals += [b - a for a, b in zip(clock.times[1:], clock.times[2:])]  # after the prefill
+        per_token = sorted(intervals)[len(intervals) // 2]
         prefill = None
         if prompt:
             model(long_ids[:, :16], logits_to_keep=1)
@@ -199,7 +211,7 @@ def kernel_rates(total_bytes: float = 6e8, repeats: int = 3) -> dict[str, tuple[
     return rates
 
 
-def bench_speed(checkpoint: Path, new: int, prompt: int) -> None:
+def bench_speed(checkpoint: Path, new: int, prompt: int, repeats: int) -> None:
     import torch
     from bench_generate import matvec_gbps
 
@@ -209,8 +221,9 @@ def bench_speed(checkpoint: Path, new: int, prompt: int) -> None:
     bandwidths = matvec_gbps()
     gbps = max(bandwidths.values())
     print(
-        f"\ngreedy decoding, batch 1, 2 threads, prompt 8, {new} new tokens; a {prompt}-token prompt "
-        f"(one forward); neoxja kernels: {kernels.kernel_name()}; float32 matvec "
+        f"\ngreedy decoding, batch 1, 2 threads, prompt 8, the median of {repeats} x {new} decoding steps "
+        f"(the prefill excluded); a {prompt}-token prompt (one forward); "
+        f"neoxja kernels: {kernels.kernel_name()}; float32 matvec "
         + ", ".join(f"{v:.1f} GB/s ({k})" for k, v in bandwidths.items())
         + f"; the bandwidth limit uses {gbps:.1f} GB/s\n"
     )
@@ -226,9 +239,8 @@ def bench_speed(checkpoint: Path, new: int, prompt: int) -> None:
     results = {}
     for lib, fmt in rows:
         env = dict(os.environ, NEOXJA_FUSED_DECODE="0" if fmt == "float32-torch" else "1")
-        r = run(
-            "decode", lib, str(checkpoint), fmt, str(new), "0" if lib != "neoxja" else str(prompt), env=env
-        )
+        long = "0" if lib != "neoxja" else str(prompt)
+        r = run("decode", lib, str(checkpoint), fmt, str(new), long, str(repeats), env=env)
         results[(lib, fmt)] = r
         base = base or r["s_per_token"]
         base_prefill = base_prefill or r["prefill"]
@@ -261,6 +273,7 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="also time decoding and prompts per format")
     parser.add_argument("--no-memory", action="store_true", help="skip the loading measurements")
     parser.add_argument("--new", type=int, default=8, help="new tokens per decoding run (default 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="decoding runs per format (default 3)")
     parser.add_argument("--prompt", type=int, default=512, help="tokens of the timed prompt (default 512)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the checkpoints (tmp)")
     parser.add_argument("--keep", action="store_true", help="keep (and reuse) the 2.7B bf16 checkpoint")
@@ -275,7 +288,7 @@ def main() -> None:
         if not args.no_memory:
             bench_memory(checkpoint, work, weight_bytes)
         if args.speed:
-            bench_speed(checkpoint, args.new, args.prompt)
+            bench_speed(checkpoint, args.new, args.prompt, args.repeats)
     finally:
         for saved in work.glob("*-nf4"):
             shutil.rmtree(saved)

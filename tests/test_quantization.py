@@ -237,6 +237,26 @@ def test_generate_and_pipeline_take_quantized_models(tiny_checkpoint: Path) -> N
     assert pipe("こんにちは", max_new_tokens=4)[0]["generated_text"].startswith("こんにちは")
 
 
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_quantized_models_decode_with_the_c_head(tiny_checkpoint: Path, monkeypatch, name: str) -> None:
+    from neoxja import cpu_decode, decoding
+
+    if not cpu_decode.extension_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("neoxja._decode was not compiled (required in CI)")
+        pytest.skip("neoxja._decode is not compiled: quantized models decode through PyTorch alone")
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(tiny_checkpoint, weight_format=name)
+    assert neoxja.explain_decoding(model).startswith("cpu-head:")
+    prompts = torch.tensor([[10, 20, 30, 40], [0, 0, 7, 9]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    ours = model.generate(prompts, attention_mask=mask, max_new_tokens=8, pad_token_id=0)
+    monkeypatch.setattr(decoding, "BACKENDS", (decoding.TorchBackend,))
+    assert torch.equal(ours, model.generate(prompts, attention_mask=mask, max_new_tokens=8, pad_token_id=0))
+    sampled = model.generate(prompts[:1], max_new_tokens=8, do_sample=True, seed=3)
+    monkeypatch.undo()
+    assert torch.equal(sampled, model.generate(prompts[:1], max_new_tokens=8, do_sample=True, seed=3))
+
+
 def test_quantize_command_writes_a_checkpoint_that_loads_without_requantizing(
     tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

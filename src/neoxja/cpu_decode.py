@@ -152,6 +152,35 @@ def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
     return None
 
 
+def head_matmul_unsupported(model: Any) -> str | None:
+    """Why the C matrix kernel (:func:`matmul`) cannot stand in for ``model``'s output head after its
+    PyTorch layers (None if it can): the head and the LM forward must be neoxja's own, unhooked, and
+    the head float32 on the CPU. The layers themselves may be anything (quantized, packed)."""
+    if not extension_available():
+        return "the C extension neoxja._decode is not built"
+    if not isinstance(model, GPTNeoXJapaneseLMHeadModel):
+        return f"{type(model).__name__} is not a GPTNeoXJapaneseForCausalLM"
+    if type(model).forward is not FUSED_STEP_FORWARDS[GPTNeoXJapaneseLMHeadModel]:
+        return f"{type(model).__name__}.forward is not neoxja's"
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or type(head).forward is not FUSED_STEP_FORWARDS[nn.Linear]:
+        return f"the output head is a {type(head).__name__}, not a plain nn.Linear"
+    for module in (model, head):
+        if module._forward_hooks or module._forward_pre_hooks:
+            return "the model or its head has forward hooks, which only the PyTorch forward runs"
+    if model.training:
+        return "the model is in training mode"
+    weight = head.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not weight.is_contiguous():
+        return f"the head's weight is {weight.dtype} on {weight.device}, not contiguous float32 on the CPU"
+    if head.bias is not None:
+        return "the head has a bias"
+    for name, param in model.named_parameters():
+        if param.dtype != torch.float32:
+            return f"parameter {name} is {param.dtype}, not float32"
+    return None
+
+
 class FusedDecodingUnsupported(ValueError):
     """The model cannot be decoded in C (the message says why); its PyTorch forward still can."""
 

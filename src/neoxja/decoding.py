@@ -13,7 +13,9 @@ does so itself and writes the ids straight into the output buffer. Backends in t
 
 * :class:`TorchBackend` — the model's PyTorch forward; works for every model, device and dtype;
 * :class:`CpuFusedBackend` — each step one C call over the whole model (:mod:`neoxja.cpu_decode`),
-  for neoxja's own modules in float32 on the CPU.
+  for neoxja's own modules in float32 on the CPU;
+* :class:`CpuHeadBackend` — the model's PyTorch layers (quantized ones included), then the float32
+  output head by neoxja's C matrix kernel, on the CPU.
 
 :func:`choose_backend` picks the first that applies, in :data:`BACKENDS` order, and says why each
 one before it does not; :func:`explain_decoding` gives that answer to users, and ``generate()``
@@ -30,7 +32,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from neoxja.cache import KVCache
-from neoxja.cpu_decode import FusedDecoder, fused_decoding_unsupported
+from neoxja.cpu_decode import FusedDecoder, fused_decoding_unsupported, head_matmul_unsupported, matmul
 from neoxja.sample_utils import Sampler, greedy
 
 logger = logging.getLogger("neoxja.decoding")
@@ -122,7 +124,31 @@ class CpuFusedBackend(DecodingBackend):
         return out if self.picks_greedy else self.sampler(history, logits)
 
 
-BACKENDS: tuple[type[DecodingBackend], ...] = (CpuFusedBackend, TorchBackend)
+class CpuHeadBackend(TorchBackend):
+    """Each step through the model's PyTorch layers, then the output head by neoxja's C matrix kernel.
+
+    For models on the CPU that the whole-step C decoder does not take, above all quantized ones: their
+    layers run on their formats' kernels, while the float32 head (the tied 32000-row embedding, which
+    stays dense as in transformers) is read at about twice the speed of PyTorch's own product here
+    (``bench_quant.py``). The logits are those of the LM forward within float32 rounding.
+    """
+
+    name = "cpu-head"
+    description = "each step through the PyTorch layers, the output head by neoxja's C matrix kernel"
+
+    @classmethod
+    def unsupported(cls, model: Any, max_length: int, sampler: Sampler) -> str | None:
+        return head_matmul_unsupported(model)
+
+    def _forward(self, ids: Tensor, mask: Tensor | None, positions: Tensor | None) -> Tensor:
+        out = self.model.base_model(
+            ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+        )
+        hidden = out.last_hidden_state.select(1, -1).contiguous()
+        return matmul(self.model.get_output_embeddings().weight, hidden)
+
+
+BACKENDS: tuple[type[DecodingBackend], ...] = (CpuFusedBackend, CpuHeadBackend, TorchBackend)
 """Backends in order of preference; the last one applies to every model."""
 
 
