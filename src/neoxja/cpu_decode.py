@@ -119,15 +119,23 @@ def matmul(weight: Tensor, x: Tensor) -> Tensor:
     return out
 
 
+def _c_lm_unsupported(model: Any) -> str | None:
+    """What both C paths need first: the extension, and neoxja's causal LM class."""
+    if not extension_available():
+        return "the C extension neoxja._decode is not built"
+    if not isinstance(model, GPTNeoXJapaneseLMHeadModel):
+        return f"{type(model).__name__} is not a GPTNeoXJapaneseForCausalLM"
+    return None
+
+
 def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
     """Why :class:`FusedDecoder` would refuse ``model`` (None if it would decode it)."""
 
     if os.environ.get("NEOXJA_FUSED_DECODE", "1") == "0":
         return "turned off by NEOXJA_FUSED_DECODE=0"
-    if not extension_available():
-        return "the C extension neoxja._decode is not built"
-    if not isinstance(model, GPTNeoXJapaneseLMHeadModel):
-        return f"{type(model).__name__} is not a GPTNeoXJapaneseForCausalLM"
+    reason = _c_lm_unsupported(model)
+    if reason is not None:
+        return reason
     if is_optimized_for_cpu_inference(model):
         return "the weights are packed for oneDNN (optimize_for_cpu_inference)"
     for module in model.modules():
@@ -156,10 +164,9 @@ def head_matmul_unsupported(model: Any) -> str | None:
     """Why the C matrix kernel (:func:`matmul`) cannot stand in for ``model``'s output head after its
     PyTorch layers (None if it can): the head and the LM forward must be neoxja's own, unhooked, and
     the head float32 on the CPU. The layers themselves may be anything (quantized, packed)."""
-    if not extension_available():
-        return "the C extension neoxja._decode is not built"
-    if not isinstance(model, GPTNeoXJapaneseLMHeadModel):
-        return f"{type(model).__name__} is not a GPTNeoXJapaneseForCausalLM"
+    reason = _c_lm_unsupported(model)
+    if reason is not None:
+        return reason
     if type(model).forward is not FUSED_STEP_FORWARDS[GPTNeoXJapaneseLMHeadModel]:
         return f"{type(model).__name__}.forward is not neoxja's"
     head = model.get_output_embeddings()
