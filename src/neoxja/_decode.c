@@ -297,6 +297,7 @@ typedef struct {
     int rows;
     int64_t t, token_stride, mask_stride, position_delta, argmax_stride;
     const int64_t *tokens, *positions, *mask;
+    const int64_t *slots, *lengths; /* step_slots: the cache row and filled length of each row, else NULL */
     float *logits;
     int64_t *argmax;
 } Model;
@@ -333,18 +334,19 @@ static inline void split(int64_t n, int ith, int nth, int64_t align, int64_t *st
 /* RoPE, cache write and attention for the (row, head) pairs of this thread. */
 static void attention(Model *m, Layer *L, int ith, int nth) {
     const int H = m->hidden, hd = m->head_dim, half = m->rot / 2;
-    const int64_t t = m->t, cap = m->capacity;
+    const int64_t cap = m->capacity;
     const float scale = 1.0f / sqrtf((float)hd);
     float *q = m->thread_scratch + (int64_t)ith * (hd + cap), *scores = q + hd;
     int64_t u0, u1;
     split((int64_t)m->rows * m->heads, ith, nth, 1, &u0, &u1);
     for (int64_t u = u0; u < u1; u++) {
         int b = (int)(u / m->heads), head = (int)(u % m->heads);
+        const int64_t t = m->lengths ? m->lengths[b] : m->t, row = m->slots ? m->slots[b] : b;
         const float *src = m->qkv + (int64_t)b * 3 * H + (int64_t)head * 3 * hd;
         const float *ks = src + hd, *vs = src + 2 * hd;
         int64_t pos = m->positions ? m->positions[b] + m->position_delta : t;
         const float *c = m->cos + pos * half, *s = m->sin + pos * half;
-        int64_t slot = ((int64_t)b * m->heads + head) * cap;
+        int64_t slot = (row * m->heads + head) * cap;
         float *K = L->k + slot * hd, *V = L->v + slot * hd, *k = K + t * hd;
         for (int i = 0; i < half; i++) {
             q[i] = src[i] * c[i] - src[i + half] * s[i];
@@ -610,6 +612,8 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
     return PyCapsule_New(m, "neoxja._decode.Model", capsule_destructor);
 }
 
+static PyObject *launch(Model *m, int threads);
+
 static PyObject *step(PyObject *self, PyObject *args) {
     PyObject *capsule;
     int rows, threads;
@@ -655,6 +659,15 @@ static PyObject *step(PyObject *self, PyObject *args) {
             return NULL;
         }
     }
+    m->rows = rows, m->t = t, m->tokens = tokens, m->token_stride = token_stride;
+    m->positions = positions, m->position_delta = position_delta, m->mask = mask;
+    m->mask_stride = mask_stride, m->logits = logits, m->argmax = argmax, m->argmax_stride = argmax_stride;
+    m->slots = m->lengths = NULL;
+    return launch(m, threads);
+}
+
+/* Runs the step set up in m on up to `threads` threads, without the GIL. */
+static PyObject *launch(Model *m, int threads) {
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
 
@@ -669,16 +682,66 @@ static PyObject *step(PyObject *self, PyObject *args) {
         }
     }
     if (m->scratch_threads < threads) threads = m->scratch_threads; /* out of memory: fewer threads */
-    if (threads >= 1) {
-        m->rows = rows, m->t = t, m->tokens = tokens, m->token_stride = token_stride;
-        m->positions = positions, m->position_delta = position_delta, m->mask = mask;
-        m->mask_stride = mask_stride, m->logits = logits, m->argmax = argmax, m->argmax_stride = argmax_stride;
-        run_parallel(step_task, m, threads);
-    }
+    if (threads >= 1) run_parallel(step_task, m, threads);
     pthread_mutex_unlock(&pool.run_lock);
     Py_END_ALLOW_THREADS
     if (threads < 1) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+/* One token per row, each row at its own place: row b reads and writes cache row slots[b], whose
+ * first lengths[b] positions are filled, and its token goes at position lengths[b] (also its RoPE
+ * position). Rows are independent: each row's numbers are those of a batch of one. */
+static PyObject *step_slots(PyObject *self, PyObject *args) {
+    PyObject *capsule, *o_tokens, *o_slots, *o_lengths, *o_logits, *o_argmax;
+    int rows, threads;
+    if (!PyArg_ParseTuple(args, "OiOOOOOi", &capsule, &rows, &o_tokens, &o_slots, &o_lengths, &o_logits,
+                          &o_argmax, &threads))
+        return NULL;
+    Model *m = PyCapsule_GetPointer(capsule, "neoxja._decode.Model");
+    if (!m) return NULL;
+    const int64_t *ids = PyLong_AsVoidPtr(o_tokens), *slots = PyLong_AsVoidPtr(o_slots);
+    const int64_t *lengths = PyLong_AsVoidPtr(o_lengths);
+    float *logits = PyLong_AsVoidPtr(o_logits);
+    int64_t *argmax = o_argmax == Py_None ? NULL : PyLong_AsVoidPtr(o_argmax);
+    if (PyErr_Occurred()) return NULL;
+    if (!ids || !slots || !lengths || !logits) {
+        PyErr_SetString(PyExc_ValueError, "step_slots: tokens, slots, lengths and logits are required");
+        return NULL;
+    }
+    if (rows <= 0 || rows > m->batch) {
+        PyErr_Format(PyExc_ValueError, "step_slots: %d rows, but the decoder was built for at most %d", rows,
+                     m->batch);
+        return NULL;
+    }
+    for (int b = 0; b < rows; b++) {
+        if (ids[b] < 0 || ids[b] >= m->vocab) {
+            PyErr_Format(PyExc_ValueError, "step_slots: token id %lld in row %d is outside the vocabulary [0, %lld)",
+                         (long long)ids[b], b, (long long)m->vocab);
+            return NULL;
+        }
+        if (slots[b] < 0 || slots[b] >= m->batch) {
+            PyErr_Format(PyExc_ValueError, "step_slots: slot %lld of row %d is outside the cache's %d rows",
+                         (long long)slots[b], b, m->batch);
+            return NULL;
+        }
+        for (int c = 0; c < b; c++)
+            if (slots[c] == slots[b]) {
+                PyErr_Format(PyExc_ValueError, "step_slots: rows %d and %d both use slot %lld", c, b,
+                             (long long)slots[b]);
+                return NULL;
+            }
+        if (lengths[b] < 0 || lengths[b] >= m->capacity || lengths[b] >= m->table_len) {
+            PyErr_Format(PyExc_ValueError, "step_slots: length %lld of row %d leaves no room in the cache (%lld)",
+                         (long long)lengths[b], b, (long long)m->capacity);
+            return NULL;
+        }
+    }
+    m->rows = rows, m->t = 0, m->tokens = ids, m->token_stride = 1;
+    m->positions = NULL, m->position_delta = 0, m->mask = NULL, m->mask_stride = 0;
+    m->logits = logits, m->argmax = argmax, m->argmax_stride = 1;
+    m->slots = slots, m->lengths = lengths;
+    return launch(m, threads);
 }
 
 static PyObject *kernel(PyObject *self, PyObject *noargs) {
@@ -696,6 +759,10 @@ static PyMethodDef methods[] = {
      "step(model, rows, t, tokens, token_stride, positions, position_delta, mask, mask_stride, logits,\n"
      "     argmax, argmax_stride, threads): one token per row at cache position t; writes logits\n"
      "[rows, vocab] and, if argmax is not None, the first maximum of each row."},
+    {"step_slots", step_slots, METH_VARARGS,
+     "step_slots(model, rows, tokens, slots, lengths, logits, argmax, threads): one token per row, row b\n"
+     "in cache row slots[b] at position lengths[b] (int64 addresses, contiguous); writes logits and,\n"
+     "if argmax is not None, each row's first maximum. The cache lengths are the caller's to advance."},
     {"matmul", matmul_py, METH_VARARGS,
      "matmul(w, rows, cols, x, vectors, y, threads): y[vectors, rows] = x[vectors, cols] @ w[rows, cols]^T\n"
      "(addresses of contiguous float32 buffers) with the step's kernel, on `threads` threads."},

@@ -271,11 +271,18 @@ class FusedDecoder:
         extension = _extension()
         self._handle = extension.new_model(dims, layers, globals_)
         self._run_step = extension.step
+        self._run_slots = extension.step_slots
         self._keep = keep
         self._keys = cache.keys[0]
         self.cache = cache
         self.batch_size = cache.batch_size
         self.logits = torch.empty(cache.batch_size, config.vocab_size)
+
+    def _check_cache(self) -> None:
+        if self.cache.keys[0] is not self._keys:
+            raise RuntimeError(
+                "the KV cache was reallocated (grown or rows selected) since the decoder was built"
+            )
 
     def step(
         self,
@@ -294,10 +301,7 @@ class FusedDecoder:
         ``[batch]``, any stride) receives each row's greedy token.
         """
         cache = self.cache
-        if cache.keys[0] is not self._keys:
-            raise RuntimeError(
-                "the KV cache was reallocated (grown or rows selected) since the decoder was built"
-            )
+        self._check_cache()
         for name, tensor in (("tokens", tokens), ("argmax_out", argmax_out)):
             if tensor is not None and (tensor.dtype != torch.int64 or tensor.shape != (self.batch_size,)):
                 raise ValueError(
@@ -338,3 +342,40 @@ class FusedDecoder:
         )
         cache.advance(1)
         return self.logits
+
+    def step_slots(
+        self, tokens: Tensor, slots: Tensor, lengths: Tensor, argmax_out: Tensor | None = None
+    ) -> Tensor:
+        """Feed one token per row, each row at its own place in the cache: row ``b`` uses cache row
+        ``slots[b]``, whose first ``lengths[b]`` positions are filled, and its token goes (and is
+        rotated) at position ``lengths[b]``. All three are contiguous int64 ``[rows]``, ``rows`` at most
+        the cache's batch size, the slots distinct. Returns the logits ``[rows, vocab]`` (a view of a
+        buffer the next step overwrites); ``argmax_out`` (contiguous int64 ``[rows]``) receives each
+        row's greedy token. Each row's numbers are those of a batch of one (the kernels never mix
+        rows), which is what lets a server batch requests without changing their results. The caller
+        keeps the lengths: ``cache.length`` is not touched.
+        """
+        self._check_cache()
+        rows = tokens.shape[0] if tokens.dim() == 1 else -1
+        named = (("tokens", tokens), ("slots", slots), ("lengths", lengths), ("argmax_out", argmax_out))
+        for name, tensor in named:
+            if tensor is not None and (
+                tensor.dtype != torch.int64 or tensor.shape != (rows,) or not tensor.is_contiguous()
+            ):
+                raise ValueError(
+                    f"{name} must be contiguous int64 of shape [rows] like tokens, got {tensor.dtype} "
+                    f"{list(tensor.shape)}"
+                )
+        if not 0 < rows <= self.batch_size:
+            raise ValueError(f"step_slots takes 1 to {self.batch_size} rows, got {rows}")
+        self._run_slots(
+            self._handle,
+            rows,
+            tokens.data_ptr(),
+            slots.data_ptr(),
+            lengths.data_ptr(),
+            self.logits.data_ptr(),
+            None if argmax_out is None else argmax_out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return self.logits[:rows]

@@ -116,6 +116,45 @@ class RepetitionPenaltyProcessor:
         return torch.where(seen, penalized, scores)
 
 
+class PresenceFrequencyProcessor:
+    """OpenAI's additive penalties on the generated tokens: each token's score loses
+    ``frequency_penalty`` times the number of times it was generated, plus ``presence_penalty`` once
+    if it was generated at all. The first ``prompt_length`` positions are the prompt and do not count.
+    Counts are kept as a [batch, vocab] tensor, updated with the new tokens only."""
+
+    def __init__(self, presence_penalty: float, frequency_penalty: float, prompt_length: int) -> None:
+        for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        self.presence, self.frequency = float(presence_penalty), float(frequency_penalty)
+        self._counts: torch.Tensor | None = None
+        self._consumed = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._counts is None:
+            self._counts = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device)
+        new = input_ids[:, self._consumed :]
+        if new.shape[1]:
+            self._counts.scatter_add_(1, new, torch.ones(new.shape, dtype=scores.dtype, device=scores.device))
+        self._consumed = input_ids.shape[1]
+        scores -= self._counts * self.frequency + (self._counts > 0).to(scores.dtype) * self.presence
+        return scores
+
+
+class MinPProcessor:
+    """Keep the tokens whose probability is at least ``min_p`` times the most likely one's."""
+
+    def __init__(self, min_p: float) -> None:
+        if not 0.0 <= min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+        self.min_p = float(min_p)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = scores.softmax(dim=-1)
+        floor = probs.amax(dim=-1, keepdim=True) * self.min_p
+        return scores.masked_fill_(probs < floor, -math.inf)
+
+
 class NoRepeatNGramProcessor:
     """Forbid any token that would complete an n-gram (prompt included) that already occurred in its row.
 
@@ -226,6 +265,7 @@ def make_sampler(
     temperature: float = 1.0,
     top_k: int = 50,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     min_length: int = 0,
@@ -237,7 +277,7 @@ def make_sampler(
     """Build the reference's processor chain for these settings.
 
     Order as in transformers: repetition penalty, no-repeat-ngram, min length, user processors, then,
-    only when sampling, temperature, top-k, top-p. ``prompt_padding`` [batch] is the number of left
+    only when sampling, temperature, top-k, top-p, min-p. ``prompt_padding`` [batch] is the number of left
     pad positions per row (kept out of the repetition penalty). Settings equal to their neutral value
     add no processor.
     """
@@ -258,4 +298,6 @@ def make_sampler(
         processors.append(TopKProcessor(top_k))
     if top_p < 1.0:
         processors.append(TopPProcessor(top_p))
+    if min_p > 0.0:
+        processors.append(MinPProcessor(min_p))
     return Sampler(processors, make_multinomial(generator))
