@@ -11,7 +11,17 @@ import sys
 from neoxja import __version__
 
 # Each module named here defines ``register(subparsers)``, which adds its sub-command(s).
-COMMAND_MODULES = ("tokenize", "generate", "init", "quantize", "visualize", "train", "perplexity", "eval")
+COMMAND_MODULES = (
+    "tokenize",
+    "generate",
+    "init",
+    "quantize",
+    "visualize",
+    "train",
+    "perplexity",
+    "eval",
+    "serve",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

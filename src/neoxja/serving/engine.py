@@ -260,10 +260,19 @@ class Engine:
         """Sequences holding a slot (prefilling or decoding)."""
         return self.pool.used
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Take no new requests; let running ones finish for up to ``timeout`` s, then cancel the rest."""
+    @property
+    def decoding(self) -> int:
+        """Sequences in the running decoding batch."""
+        return len(self._decoding)
+
+    def close(self) -> None:
+        """Take no new requests (:meth:`submit` raises :class:`EngineClosed`); running ones go on."""
         with self._lock:
             self._closed = True
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Take no new requests; let running ones finish for up to ``timeout`` s, then cancel the rest."""
+        self.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and (self.running or self.queue_depth):
             time.sleep(0.01)
