@@ -96,6 +96,10 @@ def run_serve(args: argparse.Namespace) -> int:
             f'neoxja serve needs the server extra: pip install "neoxja[server]" ({err})'
         ) from None
     check_directories(args)
+    from neoxja.hub import resolve_file
+
+    if resolve_file(args.model, "config.json") is None:  # fail here, before a port is opened
+        raise ValueError(f"--model {args.model}: no config.json there")
     template = None
     if args.chat_template is not None:
         try:
@@ -138,7 +142,10 @@ def run_serve(args: argparse.Namespace) -> int:
     # lets the drained process exit with 0 instead of dying by SIGTERM.
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, lambda *_: None)
+    app.state.server.on_failure = lambda: setattr(server, "should_exit", True)
     server.run()
+    if app.state.server.failure is not None:
+        raise ValueError(f"could not load the model: {app.state.server.failure}")
     return 0
 
 

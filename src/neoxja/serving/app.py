@@ -80,6 +80,7 @@ class Server:
         self.chat_stops = [] if config.chat_template is not None else DEFAULT_CHAT_STOPS
         self.metrics = Metrics()
         self.failure: str | None = None
+        self.on_failure: Callable[[], None] | None = None  # the CLI stops uvicorn: no model, no server
         self.draining = False
 
     def start_loading(self) -> threading.Thread:
@@ -121,6 +122,8 @@ class Server:
         except Exception as err:  # reported by /health and every request
             self.failure = f"{type(err).__name__}: {err}"
             logger.error("could not load the model: %s", self.failure)
+            if self.on_failure is not None:
+                self.on_failure()
 
     def ready(self) -> Engine:
         """The engine, or a 503 saying why there is none."""

@@ -30,6 +30,10 @@ class SlotPool:
 
     def __init__(self, model: Any, num_slots: int, capacity: int) -> None:
         self.cache = KVCache(model.config, num_slots, capacity, dtype=model.dtype, device=model.device)
+        # Zeros, not whatever the allocator had: the PyTorch step multiplies the values of masked
+        # positions by 0, which must not meet a NaN; and the memory is committed now, not mid-serving.
+        for buffer in self.cache.keys + self.cache.values:
+            buffer.zero_()
         self.capacity = capacity
         self.num_slots = num_slots
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
