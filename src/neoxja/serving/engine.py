@@ -148,6 +148,7 @@ class Request:
     sink: Callable[[Event], None]
     sequences: list[_Sequence] = field(default_factory=list)
     cancelled: bool = False
+    sink_failed: bool = False
     arrival: float = field(default_factory=time.monotonic)
 
 
@@ -397,7 +398,7 @@ class Engine:
         )
         seq.scored = scored
         if end == len(prompt):
-            seq.request.sink(Event(seq.index, prompt_logprobs=scored))
+            self._send(seq, Event(seq.index, prompt_logprobs=scored))
 
     def _decode(self) -> None:
         rows = list(self._decoding)
@@ -438,7 +439,7 @@ class Engine:
                 reason, seq.hit_stop = "stop", True
         if reason is None and seq.generated >= params.max_tokens:
             reason = "length"
-        seq.request.sink(event)
+        self._send(seq, event)
         if reason is not None:
             self._finish(seq, reason)
 
@@ -459,4 +460,16 @@ class Engine:
         if reason in ("length", "stop") and not seq.hit_stop:  # what the detokenizer and stop check held
             tail, seq.hit_stop = seq.stops.feed(seq.detokenizer.finalize())
             tail += "" if seq.hit_stop else seq.stops.flush()
-        seq.request.sink(Event(seq.index, text=tail, finish_reason=reason, error=error))
+        self._send(seq, Event(seq.index, text=tail, finish_reason=reason, error=error))
+
+    @staticmethod
+    def _send(seq: _Sequence, event: Event) -> None:
+        """Hand ``event`` to its request's sink; a sink that fails cancels its own request only."""
+        request = seq.request
+        if request.sink_failed:
+            return
+        try:
+            request.sink(event)
+        except Exception:
+            logger.exception("the sink of a request failed; cancelling the request")
+            request.sink_failed = request.cancelled = True
