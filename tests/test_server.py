@@ -159,6 +159,23 @@ def test_the_pytorch_step_decodes_as_generate(loaded: tuple, monkeypatch: pytest
         assert tokens == alone[0, len(prompt) :].tolist()
 
 
+def test_a_quantized_model_is_served(tiny_checkpoint: Path, loaded: tuple) -> None:
+    _, tokenizer = loaded
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(tiny_checkpoint, weight_format="nf4").eval()
+    engine = Engine(model, tokenizer, max_batch=2, max_model_len=96)
+    engine.start()
+    try:
+        prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+        results = _run(
+            engine, [(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)) for p in prompts]
+        )
+    finally:
+        engine.shutdown(0)
+    for prompt, (tokens, _, _) in zip(prompts, results, strict=True):
+        alone = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert tokens == alone[0, len(prompt) :].tolist()
+
+
 def test_chunked_prefill_scores_the_prompt_as_one_forward(loaded: tuple) -> None:
     model, tokenizer = loaded
     prompt = tokenizer.encode("".join(PROMPTS))
@@ -195,6 +212,22 @@ def test_a_cancelled_request_frees_its_slot_within_a_step(engine: Engine, loaded
         pass
     assert event.finish_reason == "cancelled"
     assert engine.pool.used == 0 and engine.steps <= steps + 2
+
+
+def test_a_failing_sink_cancels_its_own_request_only(engine: Engine, loaded: tuple) -> None:
+    _, tokenizer = loaded
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("the client's queue is gone")
+
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    engine.submit([tokenizer.encode(PROMPTS[0])], params, broken)
+    tokens, _, reason = _run(engine, [(tokenizer.encode(PROMPTS[1]), params)])[0]
+    assert reason == "length" and len(tokens) == 20
+    deadline = time.monotonic() + 10
+    while engine.pool.used and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.pool.used == 0
 
 
 def test_a_full_queue_is_refused(loaded: tuple) -> None:
