@@ -20,7 +20,8 @@ early) streaming its tokens through a ``BaseStreamer``, behind a minimal FastAPI
 script with ``--baseline-server``) that runs one generation at a time (a lock): the same client at
 concurrency 1 and 16, max(C, 4) requests. Both servers keep torch's default thread count; they run
 one after the other, never together. The baseline rows also say how many of their texts equal the
-neoxja 1-stream texts of the same prompts (both greedy).
+neoxja 1-stream texts of the same prompts (both greedy; they part where EOS is the top token, which
+neoxja's ignore_eos emits and then continues, and min_new_tokens forbids).
 
 Floors, per model: neoxja 16 streams / neoxja 1 stream >= 3, and neoxja 16 streams / the faster of
 the baseline rows >= 6.
@@ -319,6 +320,8 @@ def run_baseline_server(path: str, port: int, name: str) -> None:
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
+    # uvicorn re-raises the SIGTERM that stopped it; ignoring it lets the process exit 0, as neoxja's does
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -568,6 +571,7 @@ def read_metrics(base: str) -> dict[str, float]:
 async def soak(server: ServerProcess, name: str, count: int, text: str, tokenizer: Any) -> list[tuple]:
     """Run the soak against ``server``; the checks as (name, passed, detail)."""
     specs = soak_specs(count, text, tokenizer, seed=0)
+    before = read_metrics(server.base)
     url = server.base + "/v1/completions"
     statuses: dict[str, int] = {}
     failures: list[str] = []
@@ -647,7 +651,7 @@ async def soak(server: ServerProcess, name: str, count: int, text: str, tokenize
     rss["end"] = server.rss()
     m = read_metrics(server.base)
     server_counts = {
-        re.search(r'status="(\d+)"', k).group(1): int(v)
+        re.search(r'status="(\d+)"', k).group(1): int(v - before.get(k, 0))
         for k, v in m.items()
         if k.startswith("neoxja_requests_total") and 'endpoint="/v1/completions"' in k
     }
@@ -669,7 +673,9 @@ async def soak(server: ServerProcess, name: str, count: int, text: str, tokenize
     )
     print(f"status codes seen by the client: {dict(sorted(statuses.items()))}")
     counted = dict(sorted(server_counts.items()))
-    print(f"/v1/completions statuses counted by the server (neoxja_requests_total): {counted}")
+    print(
+        f"/v1/completions statuses counted by the server during the soak (neoxja_requests_total): {counted}"
+    )
     print(f"ERROR/Traceback lines in the server log: {len(log_errors)}")
     for line in log_errors[:10]:
         print(f"    {line}")
