@@ -452,6 +452,7 @@ def test_a_client_that_goes_away_is_cancelled(served: _Served) -> None:
         time.sleep(0.01)
     assert engine.pool.used == 0
     assert engine.steps < 1000
+    assert "neoxja_requests_cancelled_total 1.0" in httpx.get(served.url + "/metrics").text
 
 
 def test_api_key_loading_and_queue_full(loaded: tuple) -> None:

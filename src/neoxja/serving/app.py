@@ -210,7 +210,11 @@ class _RequestLog:
                 if collector.first_token_at is None
                 else f"{collector.first_token_at - collector.arrival:.3f}s"
             )
-            reasons = ",".join(sorted({str(c.finish_reason) for c in collector.choices}))
+            reasons = (
+                "cancelled"
+                if collector.cancelled
+                else ",".join(sorted({str(c.finish_reason) for c in collector.choices}))
+            )
             extra = (
                 f" id={collector.id} prompt_tokens={usage['prompt_tokens']} "
                 f"completion_tokens={usage['completion_tokens']} ttft={ttft} finish={reasons}"
@@ -395,10 +399,12 @@ async def _generate(server: Server, engine: Engine, request: Request, parsed: Pa
                 if not getter.done() and await request.is_disconnected():
                     getter.cancel()
                     engine.cancel(handle)
-                    return Response(status_code=499)
+                    collector.cancel()
+                    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
             collector.add(getter.result())
     except asyncio.CancelledError:
         engine.cancel(handle)
+        collector.cancel()
         raise
     errors = [c.error for c in collector.choices if c.error]
     if errors:
@@ -430,3 +436,4 @@ async def _stream(
     finally:
         if collector.unfinished:
             engine.cancel(handle)
+            collector.cancel()

@@ -7,8 +7,9 @@ per step until it stops. Every iteration of the engine's loop does, in this orde
 
 1. drop cancelled sequences and free their slots (a client that went away costs at most one step);
 2. give free slots to waiting sequences;
-3. prefill one chunk of the oldest sequence still prefilling (so a long prompt delays the running
-   streams by one chunk per step, never by the whole prompt);
+3. prefill at most ``prefill_chunk`` prompt tokens: a chunk of the oldest sequence still
+   prefilling, then whole prompts that fit (so a long prompt delays the running streams by one
+   chunk per step, never by the whole prompt, and many short ones start together);
 4. one decoding step over every sequence that is decoding, each with its own sampler, seed and
    stopping rules, and hand each new token to its request's ``sink``.
 
@@ -350,16 +351,27 @@ class Engine:
             seq = self._waiting.popleft()
             seq.slot = self.pool.acquire()
             self._prefilling.append(seq)
-        if self._prefilling:
-            self._prefill(self._prefilling[0])
+        self._prefill_some()
         if self._decoding:
             self._decode()
         self.steps += 1
 
-    def _prefill(self, seq: _Sequence) -> None:
-        """One chunk of ``seq``'s prompt into its slot; after the last, its first token."""
+    def _prefill_some(self) -> None:
+        """Up to ``prefill_chunk`` prompt tokens before the next decoding step: one chunk of the oldest
+        prompt, then whole prompts that still fit. A prompt no longer than the chunk is thus always
+        prefilled in one forward, as ``generate()`` does; many short ones start in the same step."""
+        budget = self.prefill_chunk
+        while self._prefilling and budget > 0:
+            seq = self._prefilling[0]
+            remaining = len(seq.prompt) - seq.filled
+            if budget < self.prefill_chunk and remaining > budget:
+                return
+            budget -= self._prefill(seq, min(remaining, budget))
+
+    def _prefill(self, seq: _Sequence, size: int) -> int:
+        """The next ``size`` tokens of ``seq``'s prompt into its slot; after the last, its first token."""
         start = seq.filled
-        end = min(len(seq.prompt), start + self.prefill_chunk)
+        end = start + size
         whole = seq.request.params.prompt_logprobs
         out = self.model(
             seq.tokens[:, start:end],
@@ -371,15 +383,16 @@ class Engine:
         if whole:
             self._prompt_logprobs(seq, start, out.logits[0].float())
         if end < len(seq.prompt):
-            return
+            return size
         self._prefilling.popleft()
         if seq.request.params.max_tokens == 0:
             self._finish(seq, "length")
-            return
+            return size
         logits = out.logits[:, -1].float()
         self._emit(seq, logits, seq.sampler(seq.tokens[:, :end], logits.clone()))
         if not seq.finished:
             self._decoding.append(seq)
+        return size
 
     def _prompt_logprobs(self, seq: _Sequence, start: int, logits: torch.Tensor) -> None:
         """Scores of the prompt tokens start+1..end, from the chunk's logits (sent with the last chunk)."""

@@ -21,6 +21,9 @@ class Metrics:
             ["endpoint", "status"],
             registry=r,
         )
+        self.cancelled = Counter(
+            "neoxja_requests_cancelled", "Requests whose client went away before the end", registry=r
+        )
         self.prompt_tokens = Counter("neoxja_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("neoxja_generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram(

@@ -54,6 +54,13 @@ class Collector:
         self.choices = [_Choice() for _ in range(total)]
         self.unfinished = total
         self.started: set[int] = set()  # stream: choices whose first chunk went out
+        self.cancelled = False  # the client went away before the end
+
+    def cancel(self) -> None:
+        """The client went away: count it (the engine was told to stop the sequences)."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.metrics.cancelled.inc()
 
     # ------------------------------------------------------------------ events
 
