@@ -117,6 +117,22 @@ def test_the_c_step_gives_each_row_the_logits_of_a_batch_of_one(loaded: tuple) -
         assert torch.equal(alone[0], together[row])
 
 
+def test_the_c_step_refuses_rows_it_cannot_place(loaded: tuple) -> None:
+    model, tokenizer = loaded
+    step = Engine(model, tokenizer, max_batch=2, max_model_len=16).step
+    one, two = torch.tensor([5]), torch.tensor([5, 6])
+    with pytest.raises(ValueError, match="both use slot 1"):
+        step(two, torch.tensor([1, 1]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="slot 2 of row 0 is outside"):
+        step(one, torch.tensor([2]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="length 16 of row 0 leaves no room"):
+        step(one, torch.tensor([0]), torch.tensor([16]))
+    with pytest.raises(ValueError, match="token id 32000"):
+        step(torch.tensor([32000]), torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="lengths must be contiguous int64"):
+        step(one, torch.tensor([0]), torch.tensor([0], dtype=torch.int32))
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(engine: Engine, loaded: tuple) -> None:
     model, tokenizer = loaded
     prompt = tokenizer.encode(PROMPTS[0])
