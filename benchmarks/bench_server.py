@@ -15,13 +15,12 @@ consecutive token chunks of one stream (both client side, p50 and p99 over the l
 One short request warms each server up before the levels.
 
 Baseline, "what a user would write today": transformers' ``GPTNeoXJapaneseForCausalLM`` from the
-same directory, ``generate()`` (greedy, ``min_new_tokens`` = ``max_new_tokens``, so it cannot stop
-early) streaming its tokens through a ``BaseStreamer``, behind a minimal FastAPI app on uvicorn (this
-``server_baseline.py``) that runs one generation at a time (a lock): the same client at
-concurrency 1 and 16, max(C, 4) requests. Both servers keep torch's default thread count; they run
-one after the other, never together. The baseline rows also say how many of their texts equal the
-neoxja 1-stream texts of the same prompts (both greedy; they part where EOS is the top token, which
-neoxja's ignore_eos emits and then continues, and min_new_tokens forbids).
+same directory, ``generate()`` (greedy, ``eos_token_id=None``: like ignore_eos, EOS is a token like
+any other and never stops it) streaming its tokens through a ``BaseStreamer``, behind a minimal
+FastAPI app on uvicorn (``server_baseline.py``) that runs one generation at a time (a lock): the
+same client at concurrency 1 and 16, max(C, 4) requests. Both servers keep torch's default thread
+count; they run one after the other, never together. The baseline rows also say how many of their
+texts equal the neoxja 1-stream texts of the same prompts (both greedy, special tokens skipped).
 
 Floors, per model: neoxja 16 streams / neoxja 1 stream >= 3, and neoxja 16 streams / the faster of
 the baseline rows >= 6.

@@ -65,7 +65,7 @@ def run_baseline_server(path: str, port: int, name: str) -> None:
                     model.generate(
                         **encoded,
                         max_new_tokens=new,
-                        min_new_tokens=new,
+                        eos_token_id=None,  # as ignore_eos: EOS neither stops nor is forbidden
                         do_sample=False,
                         streamer=Streamer(),
                         pad_token_id=tokenizer.eos_token_id,
@@ -95,7 +95,7 @@ def run_baseline_server(path: str, port: int, name: str) -> None:
                 if item is None:
                     return
                 ids.append(item)
-                text = tokenizer.decode(ids)
+                text = tokenizer.decode(ids, skip_special_tokens=True)
                 yield item, text[len(sent) :]
                 sent = text
 
