@@ -255,6 +255,8 @@ def test_a_full_queue_is_refused(loaded: tuple) -> None:
     engine.submit([[1, 2], [3, 4]], params, lambda e: None)
     with pytest.raises(QueueFull):
         engine.submit([[5]], params, lambda e: None)
+    with pytest.raises(ValueError, match="prompt 0, position 1: 32000 is not a token id"):
+        engine.submit([[1, 32000]], params, lambda e: None)
     with pytest.raises(ValueError, match="max_model_len 64"):
         engine.submit([[1] * 60], SamplingParams(max_tokens=8), lambda e: None)
 

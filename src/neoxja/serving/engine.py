@@ -225,9 +225,15 @@ class Engine:
             )
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        vocab = self.model.config.vocab_size
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty")
+            bad = next((j for j, t in enumerate(prompt) if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(
+                    f"prompt {i}, position {bad}: {prompt[bad]} is not a token id in [0, {vocab})"
+                )
             if len(prompt) + params.max_tokens > self.max_model_len:
                 raise ValueError(
                     f"prompt {i} has {len(prompt)} tokens and max_tokens is {params.max_tokens}: together "
