@@ -212,6 +212,42 @@ def test_chunked_prefill_scores_the_prompt_as_one_forward(loaded: tuple) -> None
         torch.testing.assert_close(torch.tensor(got[1:]), expected, rtol=0, atol=1e-5)
 
 
+def test_a_long_prompt_does_not_stall_the_running_streams(loaded: tuple) -> None:
+    """With 8-token chunks, a 60-token prompt takes 8 steps to prefill; the running stream gets a
+    token at every one of them."""
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_batch=2, max_model_len=128, prefill_chunk=8)
+    steps: list[int] = []
+    started = threading.Event()
+
+    def running(event: Event) -> None:
+        if event.token is not None:
+            steps.append(engine.steps)
+            started.set()
+
+    long_prompt = (tokenizer.encode("".join(PROMPTS)) * 3)[:60]
+    params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    engine.start()
+    try:
+        engine.submit([tokenizer.encode(PROMPTS[3])], params, running)
+        assert started.wait(30)
+        first: list[int] = []
+        sink: queue.Queue = queue.Queue()
+        submitted = engine.steps
+        engine.submit(
+            [long_prompt],
+            SamplingParams(max_tokens=1, temperature=0),
+            lambda e: (first.append(engine.steps), sink.put(e)),
+        )
+        while sink.get(timeout=30).finish_reason is None:
+            pass
+    finally:
+        engine.shutdown(0)
+    during = [s for s in steps[1:] if s <= first[0]]  # steps[0]: the prefill's token, in step 0 too
+    assert first[0] - submitted >= 7  # the long prompt's prefill spanned at least 8 steps...
+    assert during == list(range(during[0], first[0] + 1))  # ...each with a token of the stream
+
+
 def test_a_cancelled_request_frees_its_slot_within_a_step(engine: Engine, loaded: tuple) -> None:
     _, tokenizer = loaded
     sink: queue.Queue = queue.Queue()
