@@ -496,7 +496,7 @@ def test_models_health_metrics_and_tokenizer_endpoints(
 
 def test_a_client_that_goes_away_is_cancelled(served: _Served) -> None:
     app_server = served.server.config.app.state.server if hasattr(served.server.config.app, "state") else None
-    body = {"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {"prompt": PROMPTS[0], "max_tokens": 240, "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", served.url + "/v1/completions", json=body) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
@@ -507,6 +507,15 @@ def test_a_client_that_goes_away_is_cancelled(served: _Served) -> None:
     assert engine.pool.used == 0
     assert engine.steps < 1000
     assert "neoxja_requests_cancelled_total 1.0" in httpx.get(served.url + "/metrics").text
+    # A whole (not streamed) answer that the client stops waiting for: cancelled as well.
+    body = {**body, "stream": False, "max_tokens": 240}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.05))
+    deadline = time.monotonic() + 10
+    while "neoxja_requests_cancelled_total 2.0" not in httpx.get(served.url + "/metrics").text:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert engine.pool.used == 0
 
 
 def test_api_key_loading_and_queue_full(loaded: tuple) -> None:

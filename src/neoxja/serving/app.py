@@ -390,50 +390,67 @@ async def _generate(server: Server, engine: Engine, request: Request, parsed: Pa
     request.scope["state"]["log"]["collector"] = collector
 
     if parsed.stream:
-        return StreamingResponse(_stream(engine, handle, events, collector), media_type="text/event-stream")
+        return _EventStream(_stream(events, collector), lambda: _abandon(engine, handle, collector))
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
         while collector.unfinished:
             getter = asyncio.ensure_future(events.get())
-            while not getter.done():
-                await asyncio.wait({getter}, timeout=0.25)
-                if not getter.done() and await request.is_disconnected():
-                    getter.cancel()
-                    engine.cancel(handle)
-                    collector.cancel()
-                    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
             collector.add(getter.result())
-    except asyncio.CancelledError:
-        engine.cancel(handle)
-        collector.cancel()
-        raise
+    finally:
+        gone.cancel()
+        _abandon(engine, handle, collector)
     errors = [c.error for c in collector.choices if c.error]
     if errors:
         raise APIError(500, f"generation failed: {errors[0]}", type="server_error")
     return JSONResponse(collector.completion() if kind == "completion" else collector.chat())
 
 
-async def _stream(
-    engine: Engine, handle: Any, events: asyncio.Queue, collector: Collector
-) -> AsyncIterator[bytes]:
-    """Server-sent events: chunks as tokens come, the usage chunk if asked for, then ``[DONE]``.
-    A client that goes away cancels the request (its slots are freed at the next step)."""
-    try:
-        if collector.parsed.echo and not collector.parsed.params.prompt_logprobs:
-            for index in range(len(collector.choices)):
-                yield _sse(collector._completion_piece(index, collector.echo_text(index), None, None))
-                collector.started.add(index)
-        while collector.unfinished:
-            event = await events.get()
-            collector.add(event)
-            if event.error:
-                yield _sse(APIError(500, f"generation failed: {event.error}", type="server_error").body())
-                continue
-            for chunk in collector.chunks(event):
-                yield _sse(chunk)
-        if collector.parsed.include_usage:
-            yield _sse(collector.usage_chunk())
-        yield b"data: [DONE]\n\n"
-    finally:
-        if collector.unfinished:
-            engine.cancel(handle)
-            collector.cancel()
+async def _disconnected(request: Request) -> None:
+    """Returns when the client of ``request`` (whose body was read) closes its connection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _abandon(engine: Engine, handle: Any, collector: Collector) -> None:
+    """If the request is not finished, its client is gone: cancel it (freed at the engine's next step)."""
+    if collector.unfinished:
+        engine.cancel(handle)
+        collector.cancel()
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that call ``on_close`` when the response ends, however it ends (a client
+    that goes away included: Starlette then stops iterating the stream without closing it)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def _stream(events: asyncio.Queue, collector: Collector) -> AsyncIterator[bytes]:
+    """Server-sent events: chunks as tokens come, the usage chunk if asked for, then ``[DONE]``."""
+    if collector.parsed.echo and not collector.parsed.params.prompt_logprobs:
+        for index in range(len(collector.choices)):
+            yield _sse(collector._completion_piece(index, collector.echo_text(index), None, None))
+            collector.started.add(index)
+    while collector.unfinished:
+        event = await events.get()
+        collector.add(event)
+        if event.error:
+            yield _sse(APIError(500, f"generation failed: {event.error}", type="server_error").body())
+            continue
+        for chunk in collector.chunks(event):
+            yield _sse(chunk)
+    if collector.parsed.include_usage:
+        yield _sse(collector.usage_chunk())
+    yield b"data: [DONE]\n\n"
