@@ -431,6 +431,17 @@ def test_streaming_with_usage(client: openai.OpenAI) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
 
 
+@pytest.mark.parametrize("logprobs", [None, 1])
+def test_an_echoed_stream_equals_the_whole_answer(client: openai.OpenAI, logprobs: int | None) -> None:
+    settings = dict(model=NAME, prompt=PROMPTS[1], max_tokens=6, temperature=0, echo=True, logprobs=logprobs)
+    whole = client.completions.create(**settings).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**settings, stream=True)]
+    assert "".join(c.text for c in chunks) == whole.text
+    if logprobs is not None:
+        streamed = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+        assert streamed == whole.logprobs.token_logprobs
+
+
 def test_chat_with_logprobs_and_streaming(client: openai.OpenAI) -> None:
     messages = [{"role": "system", "content": "丁寧に答えます。"}, {"role": "user", "content": "こんにちは"}]
     out = client.chat.completions.create(

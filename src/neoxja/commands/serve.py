@@ -125,7 +125,6 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_n=args.max_n,
         chat_template=template,
-        drain_timeout=args.drain_timeout,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(lambda: load(args), config)

@@ -53,7 +53,9 @@ ENDPOINTS = (
 
 @dataclass
 class ServerConfig:
-    """What ``neoxja serve`` sets: names, caps, engine sizes and the chat template."""
+    """What ``neoxja serve`` sets: names, caps, engine sizes and the chat template. (How long running
+    requests may finish after SIGTERM is uvicorn's ``timeout_graceful_shutdown``; when the app's
+    lifespan ends, what still runs is cancelled.)"""
 
     served_model_name: str
     api_key: str | None = None
@@ -65,7 +67,6 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     max_n: int = 8
     chat_template: str | None = None  # None: DEFAULT_CHAT_TEMPLATE with DEFAULT_CHAT_STOPS
-    drain_timeout: float = 30.0
 
 
 class Server:
@@ -441,7 +442,7 @@ async def _stream(events: asyncio.Queue, collector: Collector) -> AsyncIterator[
     """Server-sent events: chunks as tokens come, the usage chunk if asked for, then ``[DONE]``."""
     if collector.parsed.echo and not collector.parsed.params.prompt_logprobs:
         for index in range(len(collector.choices)):
-            yield _sse(collector._completion_piece(index, collector.echo_text(index), None, None))
+            yield _sse(collector.completion_piece(index, collector.echo_text(index), None, None))
             collector.started.add(index)
     while collector.unfinished:
         event = await events.get()

@@ -226,7 +226,7 @@ class Collector:
                 logprobs = self._completion_logprobs(choice) if self.parsed.params.prompt_logprobs else None
                 if logprobs is not None and event.token is not None:  # the token's entry follows
                     logprobs = {k: v[:-1] for k, v in logprobs.items()}
-                out.append(self._completion_piece(index, self.echo_text(index), logprobs, None))
+                out.append(self.completion_piece(index, self.echo_text(index), logprobs, None))
                 if event.token is None and event.finish_reason is None:
                     return out
             self.started.add(index)
@@ -235,7 +235,7 @@ class Collector:
             logprobs = None
             if event.token is not None and event.logprob is not None:
                 logprobs = self._completion_logprobs(choice, len(choice.lp_tokens) - 1)
-            out.append(self._completion_piece(index, event.text, logprobs, event.finish_reason))
+            out.append(self.completion_piece(index, event.text, logprobs, event.finish_reason))
             return out
         if index not in self.started:
             self.started.add(index)
@@ -264,7 +264,8 @@ class Collector:
         )
         return out
 
-    def _completion_piece(self, index: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
+    def completion_piece(self, index: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
+        """One ``text_completion`` stream chunk of choice ``index``."""
         return self._chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}])
 
     def usage_chunk(self) -> dict[str, Any]:
