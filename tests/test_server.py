@@ -529,7 +529,7 @@ def test_a_client_that_goes_away_is_cancelled(served: _Served) -> None:
     assert engine.pool.used == 0
 
 
-def test_api_key_loading_and_queue_full(loaded: tuple) -> None:
+def test_api_key_loading_queue_full_and_draining(loaded: tuple) -> None:
     release = threading.Event()
 
     def slow_load():
@@ -566,6 +566,12 @@ def test_api_key_loading_and_queue_full(loaded: tuple) -> None:
         assert refused and all(r.status_code == 200 for r in responses if r not in refused)
         assert all(r.headers["retry-after"] == "1" for r in refused)
         assert refused[0].json()["error"]["type"] == "rate_limit_error"
+        served.server.config.app.state.server.drain()  # what SIGTERM does first (neoxja serve)
+        draining = httpx.post(
+            served.url + "/v1/completions", json=long, headers={"Authorization": "Bearer sekret"}
+        )
+        assert draining.status_code == 503 and "shutting down" in draining.json()["error"]["message"]
+        assert httpx.get(served.url + "/health").json() == {"status": "draining"}
     finally:
         release.set()
         served.stop()
