@@ -480,6 +480,33 @@ def test_errors_have_openais_shape_and_status(client: openai.OpenAI, served: _Se
     assert response.status_code == 404 and "error" in response.json()
 
 
+def test_a_request_larger_than_the_queue_is_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="72 sequences"):  # never satisfiable: not a 429
+        client.completions.create(model=NAME, prompt=PROMPTS[:1] * 9, n=8, max_tokens=1)
+
+
+def test_a_custom_chat_template_and_its_refusals(loaded: tuple, tmp_path: Path) -> None:
+    template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system messages here') }}{% endif %}"
+        "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:"
+    )
+    config = ServerConfig(served_model_name=NAME, max_batch=2, max_model_len=128, chat_template=template)
+    served = _Served(create_app(lambda: loaded, config))
+    try:
+        served.wait_ready()
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="no system messages here"):
+            client.chat.completions.create(model=NAME, messages=[{"role": "system", "content": "x"}])
+        user = [{"role": "user", "content": "こんにちは"}]
+        tokens = httpx.post(served.url + "/tokenize", json={"messages": user}).json()["tokens"]
+        assert tokens == loaded[1].encode("Q: こんにちは\nA:")
+        out = client.chat.completions.create(model=NAME, messages=user, max_tokens=3, temperature=0)
+        assert out.usage.prompt_tokens == len(tokens)
+        assert httpx.get(served.url + "/tokenizer_info").json()["chat_template"] == template
+    finally:
+        served.stop()
+
+
 def test_models_health_metrics_and_tokenizer_endpoints(
     client: openai.OpenAI, served: _Served, loaded: tuple
 ) -> None:

@@ -313,13 +313,7 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServerConfig) -> Fas
         if isinstance(body, dict) and isinstance(body.get("prompt"), str):
             tokens = server.tokenizer.encode(body["prompt"])
         elif isinstance(body, dict) and isinstance(body.get("messages"), list):
-            tokens = parse_chat(
-                {"messages": body["messages"], "max_tokens": 1},
-                server.render,
-                server.tokenizer,
-                server.limits,
-                [],
-            ).prompts[0]
+            tokens = _parse_chat(server, {"messages": body["messages"], "max_tokens": 1}, []).prompts[0]
         else:
             raise APIError(400, "prompt: a string is required (or messages, a chat)", param="prompt")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": server.limits.max_model_len}
@@ -350,16 +344,22 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServerConfig) -> Fas
         engine = server.ready()
         body = await read_json(request, config.max_body_bytes)
         server.check_model(body)
-        try:
-            parsed = parse_chat(body, server.render, server.tokenizer, server.limits, server.chat_stops)
-        except APIError:
-            raise
-        except Exception as err:  # the template refused the conversation (raise_exception) or broke
-            raise APIError(400, f"messages: the chat template failed: {err}", param="messages") from None
+        parsed = _parse_chat(server, body, server.chat_stops)
         return await _generate(server, engine, request, parsed, "chat")
 
     app.add_middleware(_RequestLog, server=server)
     return app
+
+
+def _parse_chat(server: Server, body: Any, stops: list[str]) -> Parsed:
+    """A chat body checked and rendered; a template that refuses it (``raise_exception``) or breaks is
+    the request's problem (400), not the server's."""
+    try:
+        return parse_chat(body, server.render, server.tokenizer, server.limits, stops)
+    except APIError:
+        raise
+    except Exception as err:
+        raise APIError(400, f"messages: the chat template failed: {err}", param="messages") from None
 
 
 async def _generate(server: Server, engine: Engine, request: Request, parsed: Parsed, kind: str) -> Response:

@@ -239,6 +239,11 @@ class Engine:
                     f"prompt {i} has {len(prompt)} tokens and max_tokens is {params.max_tokens}: together "
                     f"more than this server's max_model_len {self.max_model_len}"
                 )
+        if len(prompts) * n > self.max_queue:
+            raise ValueError(
+                f"{len(prompts)} prompts x n={n} are {len(prompts) * n} sequences, more than this server "
+                f"queues at once (max_queue {self.max_queue})"
+            )
         request = Request(params, sink)
         for p, prompt in enumerate(prompts):
             for i in range(n):
