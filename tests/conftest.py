@@ -104,3 +104,22 @@ def make_pair(config: dict, directory: Path, seed: int = 0, jitter: float = 0.05
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path) -> Path:
     """One tiny random checkpoint with the real tokenizer, for tests that only read it."""
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), assets_dir)
+
+
+# Prompts of the serving tests (test_serving_engine, test_server).
+SERVING_PROMPTS = [
+    "吾輩は猫である。名前はまだ無い。",
+    "今日はいい天気ですね",
+    "人とAIが協調するためには、",
+    "東京",
+    "むかしむかし",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_checkpoint: Path):
+    """neoxja's model (eval mode) and tokenizer of :func:`tiny_checkpoint`, shared read-only."""
+    from neoxja import GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseTokenizer
+
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    return model, GPTNeoXJapaneseTokenizer.from_pretrained(tiny_checkpoint)

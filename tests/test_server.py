@@ -1,10 +1,6 @@
-"""The serving engine (continuous batching) and the HTTP server, driven by clients no one here wrote.
-
-Engine: batching never changes a result (greedy tokens equal ``generate()`` alone, bit-identical
-logits on the C step; a seeded sampled request equals itself alone and ``generate(seed=...)``),
-chunked prefill, cancellation, caps. Server: the official ``openai`` client (completions, chat,
-streaming with usage, logprobs, errors), raw HTTP for what the client does not send (oversized or
-broken bodies, a missing key), Prometheus metrics, the tokenizer endpoints, and lm-eval's
+"""The HTTP server, driven by clients no one here wrote: the official ``openai`` client (completions,
+chat, streaming with usage, logprobs, errors), raw HTTP for what the client does not send (oversized
+or broken bodies, a missing key), Prometheus metrics, the tokenizer endpoints, and lm-eval's
 ``local-completions`` model pointed at the server, whose loglikelihoods must equal neoxja's
 in-process lm-eval model's.
 """
@@ -13,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -24,308 +19,11 @@ import openai
 import pytest
 import torch
 import uvicorn
+from conftest import SERVING_PROMPTS as PROMPTS
 
-from neoxja import GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseTokenizer
 from neoxja.serving.app import ServerConfig, create_app
-from neoxja.serving.engine import Engine, Event, QueueFull, SamplingParams, StopMatcher
-from neoxja.serving.slots import FusedSlotStep, TorchSlotStep
 
-PROMPTS = [
-    "吾輩は猫である。名前はまだ無い。",
-    "今日はいい天気ですね",
-    "人とAIが協調するためには、",
-    "東京",
-    "むかしむかし",
-]
 NAME = "tiny"
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint: Path) -> tuple[GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseTokenizer]:
-    model = GPTNeoXJapaneseForCausalLM.from_pretrained(tiny_checkpoint).eval()
-    return model, GPTNeoXJapaneseTokenizer.from_pretrained(tiny_checkpoint)
-
-
-def _collect(sink: queue.Queue) -> tuple[list[int], str, str]:
-    """(tokens, text, finish_reason) of one sequence's events."""
-    tokens, text = [], []
-    while True:
-        event: Event = sink.get(timeout=60)
-        if event.token is not None:
-            tokens.append(event.token)
-        text.append(event.text)
-        if event.finish_reason is not None:
-            return tokens, "".join(text), event.finish_reason
-
-
-def _run(
-    engine: Engine, requests: list[tuple[list[int], SamplingParams]]
-) -> list[tuple[list[int], str, str]]:
-    """Submit every request at once, then collect each one's sequence."""
-    sinks = []
-    for prompt, params in requests:
-        sink: queue.Queue = queue.Queue()
-        engine.submit([prompt], params, sink.put)
-        sinks.append(sink)
-    return [_collect(sink) for sink in sinks]
-
-
-@pytest.fixture
-def engine(loaded: tuple) -> Iterator[Engine]:
-    model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_batch=3, max_queue=16, max_model_len=128)
-    engine.start()
-    yield engine
-    engine.shutdown(0)
-
-
-# ---------------------------------------------------------------------- engine
-
-
-def test_greedy_in_a_crowd_equals_generate_alone(engine: Engine, loaded: tuple) -> None:
-    model, tokenizer = loaded
-    assert isinstance(engine.step, FusedSlotStep)
-    prompts = [tokenizer.encode(p) for p in PROMPTS]
-    lengths = [20, 7, 33, 12, 25]  # sequences leave the batch at different steps; 5 prompts, 3 slots
-    results = _run(
-        engine,
-        [
-            (p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-            for p, n in zip(prompts, lengths, strict=True)
-        ],
-    )
-    for prompt, n, (tokens, _, reason) in zip(prompts, lengths, results, strict=True):
-        alone = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        assert tokens == alone[0, len(prompt) :].tolist()
-        assert reason == "length"
-
-
-def test_the_c_step_gives_each_row_the_logits_of_a_batch_of_one(loaded: tuple) -> None:
-    """Bit for bit: what makes batching unable to change a greedy or seeded result."""
-    model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_batch=4, max_model_len=64)
-    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
-    for slot, prompt in enumerate(prompts):
-        assert engine.pool.acquire() == slot
-        model(torch.tensor([prompt]), past_key_values=engine.pool.view(slot, 0), use_cache=True)
-    tokens = torch.tensor([p[-1] for p in prompts])  # fed again at the next position: any id will do
-    lengths = torch.tensor([len(p) for p in prompts])
-    together, _ = engine.step(tokens, torch.tensor([0, 1, 2]), lengths)
-    together = together.clone()
-    for row in (2, 0, 1):
-        alone, _ = engine.step(tokens[row : row + 1], torch.tensor([row]), lengths[row : row + 1])
-        assert torch.equal(alone[0], together[row])
-
-
-def test_the_c_step_refuses_rows_it_cannot_place(loaded: tuple) -> None:
-    model, tokenizer = loaded
-    step = Engine(model, tokenizer, max_batch=2, max_model_len=16).step
-    one, two = torch.tensor([5]), torch.tensor([5, 6])
-    with pytest.raises(ValueError, match="both use slot 1"):
-        step(two, torch.tensor([1, 1]), torch.tensor([0, 0]))
-    with pytest.raises(ValueError, match="slot 2 of row 0 is outside"):
-        step(one, torch.tensor([2]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="length 16 of row 0 leaves no room"):
-        step(one, torch.tensor([0]), torch.tensor([16]))
-    with pytest.raises(ValueError, match="token id 32000"):
-        step(torch.tensor([32000]), torch.tensor([0]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="lengths must be contiguous int64"):
-        step(one, torch.tensor([0]), torch.tensor([0], dtype=torch.int32))
-
-
-def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(engine: Engine, loaded: tuple) -> None:
-    model, tokenizer = loaded
-    prompt = tokenizer.encode(PROMPTS[0])
-    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
-    alone = _run(engine, [(prompt, params)])[0]
-    crowd = [
-        (tokenizer.encode(p), SamplingParams(max_tokens=10, temperature=1.0, seed=i))
-        for i, p in enumerate(PROMPTS)
-    ]
-    mixed = _run(engine, [*crowd[:2], (prompt, params), *crowd[2:]])
-    assert mixed[2] == alone
-    reference = model.generate(
-        torch.tensor([prompt]),
-        max_new_tokens=16,
-        min_new_tokens=16,
-        do_sample=True,
-        temperature=0.9,
-        top_k=0,
-        top_p=0.95,
-        seed=1234,
-    )
-    assert alone[0] == reference[0, len(prompt) :].tolist()
-
-
-def test_the_pytorch_step_decodes_as_generate(loaded: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NEOXJA_FUSED_DECODE", "0")  # the step every other model (dtype, device) takes
-    model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_batch=2, max_model_len=96)
-    assert isinstance(engine.step, TorchSlotStep)
-    engine.start()
-    try:
-        prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
-        results = _run(
-            engine, [(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)) for p in prompts]
-        )
-    finally:
-        engine.shutdown(0)
-    for prompt, (tokens, _, _) in zip(prompts, results, strict=True):
-        alone = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
-        assert tokens == alone[0, len(prompt) :].tolist()
-
-
-def test_a_quantized_model_is_served(tiny_checkpoint: Path, loaded: tuple) -> None:
-    _, tokenizer = loaded
-    model = GPTNeoXJapaneseForCausalLM.from_pretrained(tiny_checkpoint, weight_format="nf4").eval()
-    engine = Engine(model, tokenizer, max_batch=2, max_model_len=96)
-    engine.start()
-    try:
-        prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
-        results = _run(
-            engine, [(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)) for p in prompts]
-        )
-    finally:
-        engine.shutdown(0)
-    for prompt, (tokens, _, _) in zip(prompts, results, strict=True):
-        alone = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-        assert tokens == alone[0, len(prompt) :].tolist()
-
-
-def test_chunked_prefill_scores_the_prompt_as_one_forward(loaded: tuple) -> None:
-    model, tokenizer = loaded
-    prompt = tokenizer.encode("".join(PROMPTS))
-    scores = []
-    for chunk in (4, 512):
-        engine = Engine(model, tokenizer, max_batch=2, max_model_len=128, prefill_chunk=chunk)
-        engine.start()
-        sink: queue.Queue = queue.Queue()
-        engine.submit([prompt], SamplingParams(max_tokens=0, logprobs=0, prompt_logprobs=True), sink.put)
-        event = sink.get(timeout=30)
-        assert sink.get(timeout=30).finish_reason == "length"
-        engine.shutdown(0)
-        scores.append([lp for lp, _ in event.prompt_logprobs])
-    assert scores[0][0] is None and len(scores[0]) == len(prompt)
-    logits = model(torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
-    expected = logits.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
-    for got in scores:
-        torch.testing.assert_close(torch.tensor(got[1:]), expected, rtol=0, atol=1e-5)
-
-
-def test_a_long_prompt_does_not_stall_the_running_streams(loaded: tuple) -> None:
-    """With 8-token chunks, a 60-token prompt takes 8 steps to prefill; the running stream gets a
-    token at every one of them."""
-    model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_batch=2, max_model_len=128, prefill_chunk=8)
-    steps: list[int] = []
-    started = threading.Event()
-
-    def running(event: Event) -> None:
-        if event.token is not None:
-            steps.append(engine.steps)
-            started.set()
-
-    long_prompt = (tokenizer.encode("".join(PROMPTS)) * 3)[:60]
-    params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
-    engine.start()
-    try:
-        engine.submit([tokenizer.encode(PROMPTS[3])], params, running)
-        assert started.wait(30)
-        first: list[int] = []
-        sink: queue.Queue = queue.Queue()
-        submitted = engine.steps
-        engine.submit(
-            [long_prompt],
-            SamplingParams(max_tokens=1, temperature=0),
-            lambda e: (first.append(engine.steps), sink.put(e)),
-        )
-        while sink.get(timeout=30).finish_reason is None:
-            pass
-    finally:
-        engine.shutdown(0)
-    during = [s for s in steps[1:] if s <= first[0]]  # steps[0]: the prefill's token, in step 0 too
-    assert first[0] - submitted >= 7  # the long prompt's prefill spanned at least 8 steps...
-    assert during == list(range(during[0], first[0] + 1))  # ...each with a token of the stream
-
-
-def test_a_cancelled_request_frees_its_slot_within_a_step(engine: Engine, loaded: tuple) -> None:
-    _, tokenizer = loaded
-    sink: queue.Queue = queue.Queue()
-    request = engine.submit(
-        [tokenizer.encode(PROMPTS[0])],
-        SamplingParams(max_tokens=100, temperature=0, ignore_eos=True),
-        sink.put,
-    )
-    assert sink.get(timeout=30).token is not None  # decoding
-    assert engine.pool.used == 1
-    steps = engine.steps
-    engine.cancel(request)
-    while (event := sink.get(timeout=30)).finish_reason is None:
-        pass
-    assert event.finish_reason == "cancelled"
-    assert engine.pool.used == 0 and engine.steps <= steps + 2
-
-
-def test_a_failing_sink_cancels_its_own_request_only(engine: Engine, loaded: tuple) -> None:
-    _, tokenizer = loaded
-
-    def broken(event: Event) -> None:
-        raise RuntimeError("the client's queue is gone")
-
-    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    engine.submit([tokenizer.encode(PROMPTS[0])], params, broken)
-    tokens, _, reason = _run(engine, [(tokenizer.encode(PROMPTS[1]), params)])[0]
-    assert reason == "length" and len(tokens) == 20
-    deadline = time.monotonic() + 10
-    while engine.pool.used and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.pool.used == 0
-
-
-def test_a_full_queue_is_refused(loaded: tuple) -> None:
-    model, tokenizer = loaded
-    engine = Engine(
-        model, tokenizer, max_batch=1, max_queue=2, max_model_len=64
-    )  # not started: nothing moves
-    params = SamplingParams(max_tokens=4)
-    engine.submit([[1, 2], [3, 4]], params, lambda e: None)
-    with pytest.raises(QueueFull):
-        engine.submit([[5]], params, lambda e: None)
-    with pytest.raises(ValueError, match="prompt 0, position 1: 32000 is not a token id"):
-        engine.submit([[1, 32000]], params, lambda e: None)
-    with pytest.raises(ValueError, match="max_model_len 64"):
-        engine.submit([[1] * 60], SamplingParams(max_tokens=8), lambda e: None)
-
-
-def test_stop_strings_cut_the_text_and_hold_back_a_possible_start() -> None:
-    matcher = StopMatcher(["。\n", "END"])
-    assert matcher.feed("今日は") == ("今日は", False)
-    assert matcher.feed("晴れ。") == ("晴れ", False)  # "。" may start "。\n"
-    assert matcher.feed("です") == ("。です", False)
-    assert matcher.feed("EN") == ("", False)
-    assert matcher.feed("Dの後") == ("", True)
-    assert StopMatcher(["。"]).feed("一。二。") == ("一", True)
-
-
-def test_stop_and_eos_end_a_sequence_with_finish_reason_stop(engine: Engine, loaded: tuple) -> None:
-    model, tokenizer = loaded
-    prompt = tokenizer.encode(PROMPTS[1])
-    tokens, text, _ = _run(engine, [(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))])[
-        0
-    ]
-    full = tokenizer.decode(tokens, skip_special_tokens=True)
-    stop = full[3:5]
-    _, cut, reason = _run(engine, [(prompt, SamplingParams(max_tokens=12, temperature=0, stop=[stop]))])[0]
-    assert reason == "stop" and cut == full[: full.index(stop)]
-    eos = model.generation_config.eos_ids()[0]
-    ends = _run(
-        engine, [([*prompt, *tokens[:2]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))]
-    )[0]
-    assert ends[2] == "length" and len(ends[0]) == 5
-    assert eos in engine.eos_ids
-
-
-# ---------------------------------------------------------------------- HTTP server
 
 
 class _Served:
@@ -353,11 +51,11 @@ class _Served:
 
 
 @pytest.fixture(scope="module")
-def served(loaded: tuple) -> Iterator[_Served]:
+def served(tiny_loaded: tuple) -> Iterator[_Served]:
     config = ServerConfig(
         served_model_name=NAME, max_batch=4, max_queue=64, max_model_len=256, max_body_bytes=4096
     )
-    server = _Served(create_app(lambda: loaded, config))
+    server = _Served(create_app(lambda: tiny_loaded, config))
     server.wait_ready()
     yield server
     server.stop()
@@ -368,8 +66,8 @@ def client(served: _Served) -> openai.OpenAI:
     return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
 
 
-def test_completions_with_the_openai_client_equal_generate(client: openai.OpenAI, loaded: tuple) -> None:
-    model, tokenizer = loaded
+def test_completions_with_the_openai_client_equal_generate(client: openai.OpenAI, tiny_loaded: tuple) -> None:
+    model, tokenizer = tiny_loaded
     ids = [tokenizer.encode(p) for p in PROMPTS[:2]]
     out = client.completions.create(model=NAME, prompt=PROMPTS[:2], max_tokens=9, temperature=0)
     assert [c.index for c in out.choices] == [0, 1]
@@ -396,8 +94,8 @@ def test_n_seed_and_echo(client: openai.OpenAI) -> None:
     assert echoed.choices[0].text.startswith(PROMPTS[0])
 
 
-def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, loaded: tuple) -> None:
-    model, tokenizer = loaded
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, tiny_loaded: tuple) -> None:
+    model, tokenizer = tiny_loaded
     ids = tokenizer.encode(PROMPTS[2])
     out = client.completions.create(
         model=NAME, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2
@@ -485,13 +183,13 @@ def test_a_request_larger_than_the_queue_is_a_400(client: openai.OpenAI) -> None
         client.completions.create(model=NAME, prompt=PROMPTS[:1] * 9, n=8, max_tokens=1)
 
 
-def test_a_custom_chat_template_and_its_refusals(loaded: tuple, tmp_path: Path) -> None:
+def test_a_custom_chat_template_and_its_refusals(tiny_loaded: tuple, tmp_path: Path) -> None:
     template = (
         "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system messages here') }}{% endif %}"
         "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:"
     )
     config = ServerConfig(served_model_name=NAME, max_batch=2, max_model_len=128, chat_template=template)
-    served = _Served(create_app(lambda: loaded, config))
+    served = _Served(create_app(lambda: tiny_loaded, config))
     try:
         served.wait_ready()
         client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
@@ -499,7 +197,7 @@ def test_a_custom_chat_template_and_its_refusals(loaded: tuple, tmp_path: Path) 
             client.chat.completions.create(model=NAME, messages=[{"role": "system", "content": "x"}])
         user = [{"role": "user", "content": "こんにちは"}]
         tokens = httpx.post(served.url + "/tokenize", json={"messages": user}).json()["tokens"]
-        assert tokens == loaded[1].encode("Q: こんにちは\nA:")
+        assert tokens == tiny_loaded[1].encode("Q: こんにちは\nA:")
         out = client.chat.completions.create(model=NAME, messages=user, max_tokens=3, temperature=0)
         assert out.usage.prompt_tokens == len(tokens)
         assert httpx.get(served.url + "/tokenizer_info").json()["chat_template"] == template
@@ -508,9 +206,9 @@ def test_a_custom_chat_template_and_its_refusals(loaded: tuple, tmp_path: Path) 
 
 
 def test_models_health_metrics_and_tokenizer_endpoints(
-    client: openai.OpenAI, served: _Served, loaded: tuple
+    client: openai.OpenAI, served: _Served, tiny_loaded: tuple
 ) -> None:
-    _, tokenizer = loaded
+    _, tokenizer = tiny_loaded
     assert [m.id for m in client.models.list().data] == [NAME]
     assert httpx.get(served.url + "/health").json() == {"status": "ok"}
     tokens = httpx.post(served.url + "/tokenize", json={"prompt": PROMPTS[0]}).json()
@@ -556,12 +254,12 @@ def test_a_client_that_goes_away_is_cancelled(served: _Served) -> None:
     assert engine.pool.used == 0
 
 
-def test_api_key_loading_queue_full_and_draining(loaded: tuple) -> None:
+def test_api_key_loading_queue_full_and_draining(tiny_loaded: tuple) -> None:
     release = threading.Event()
 
     def slow_load():
         release.wait(30)
-        return loaded
+        return tiny_loaded
 
     config = ServerConfig(
         served_model_name=NAME, api_key="sekret", max_batch=1, max_queue=1, max_model_len=256
