@@ -6,6 +6,7 @@ equals itself alone and ``generate(seed=...)``), chunked prefill, cancellation, 
 from __future__ import annotations
 
 import queue
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -271,6 +272,30 @@ def test_stop_strings_cut_the_text_and_hold_back_a_possible_start() -> None:
     assert matcher.feed("EN") == ("", False)
     assert matcher.feed("Dの後") == ("", True)
     assert StopMatcher(["。"]).feed("一。二。") == ("一", True)
+
+
+def test_stop_matching_follows_its_definition_on_random_text() -> None:
+    """Sent text + held text = all text so far, cut at the first stop string; what is held is the
+    longest end of the text that is the beginning of a stop string (checked the slow way)."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        stops = ["".join(rng.choices("ab。", k=rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        matcher, sent, text = StopMatcher(stops), "", ""
+        for _ in range(6):
+            piece = "".join(rng.choices("abc。", k=rng.randint(0, 3)))
+            text += piece
+            out, stopped = matcher.feed(piece)
+            sent += out
+            first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if stopped:
+                assert first >= 0 and sent == text[:first]
+                break
+            assert first < 0 and sent + matcher.pending == text
+            longest = max(
+                (k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+                default=0,
+            )
+            assert len(matcher.pending) == longest
 
 
 def test_stop_and_eos_end_a_sequence_with_finish_reason_stop(engine: Engine, tiny_loaded: tuple) -> None:

@@ -105,14 +105,18 @@ class StopMatcher:
         if hits:
             self.pending = ""
             return text[: min(hits)], True
-        hold = 0
-        for stop in self.stops:  # the longest end of text that begins some stop string
-            for size in range(min(len(stop) - 1, len(text)), hold, -1):
-                if stop.startswith(text[-size:]):
-                    hold = size
+        # Hold back the longest end of the text that begins a stop string. Only the places where a
+        # stop's first character occurs can start one, so the work per token stays small.
+        start = len(text)
+        for stop in self.stops:
+            at = text.find(stop[0], max(len(text) - len(stop) + 1, 0))
+            while 0 <= at < start:
+                if stop.startswith(text[at:]):
+                    start = at
                     break
-        self.pending = text[len(text) - hold :] if hold else ""
-        return text[: len(text) - hold], False
+                at = text.find(stop[0], at + 1)
+        self.pending = text[start:]
+        return text[:start], False
 
     def flush(self) -> str:
         text, self.pending = self.pending, ""

@@ -55,6 +55,7 @@ class Collector:
         self.unfinished = total
         self.started: set[int] = set()  # stream: choices whose first chunk went out
         self.cancelled = False  # the client went away before the end
+        self._echo: dict[int, str] = {}
 
     def cancel(self) -> None:
         """The client went away: count it (the engine was told to stop the sequences)."""
@@ -79,7 +80,11 @@ class Collector:
         return self.parsed.prompts[index // self.parsed.n]
 
     def echo_text(self, index: int) -> str:
-        return self.tokenizer.decode(self.prompt_of(index))
+        """The prompt of choice ``index`` as text (decoded once per prompt)."""
+        prompt = index // self.parsed.n
+        if prompt not in self._echo:
+            self._echo[prompt] = self.tokenizer.decode(self.parsed.prompts[prompt])
+        return self._echo[prompt]
 
     def add(self, event: Event) -> None:
         """Record ``event`` (and observe its latencies)."""
@@ -111,13 +116,13 @@ class Collector:
 
     def _add_prompt_logprobs(self, choice: _Choice, event: Event) -> None:
         prompt = self.prompt_of(event.index)
-        detokenizer_text = ""
+        offset = 0
         for token, (logprob, top) in zip(prompt, event.prompt_logprobs or [], strict=True):
             choice.lp_tokens.append(self._name(token))
             choice.lp_values.append(logprob)
             choice.lp_top.append(None if logprob is None else self._top(token, logprob, top))
-            choice.lp_offsets.append(len(detokenizer_text))
-            detokenizer_text += self.tokenizer.decode([token])
+            choice.lp_offsets.append(offset)
+            offset += len(self.tokenizer.decode([token]))
 
     def _add_logprob(self, choice: _Choice, event: Event) -> None:
         token = event.token

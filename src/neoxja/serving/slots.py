@@ -107,7 +107,11 @@ class FusedSlotStep:
 class _GatheredRows(KVCache):
     """The pool rows of one PyTorch step: the new key of row ``b`` is stored at its slot's position
     ``lengths[b]`` and the attention sees ``[past keys of the slot, padding..., new key]``: the
-    gathered rows end with the new key at position ``max(lengths)``, where the model puts it."""
+    gathered rows end with the new key at position ``max(lengths)``, where the model puts it.
+
+    Gathering copies each layer's keys and values of the running rows once per step (about as many
+    bytes as the attention reads anyway); this fallback keeps the model's own attention unchanged,
+    the C step reads the slots in place."""
 
     def __init__(self, pool: SlotPool, slots: Tensor, lengths: Tensor) -> None:
         source = pool.cache
