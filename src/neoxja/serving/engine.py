@@ -404,7 +404,7 @@ class Engine:
             self._finish(seq, "length")
             return size
         logits = out.logits[:, -1].float()
-        self._emit(seq, logits, seq.sampler(seq.tokens[:, :end], logits.clone()))
+        self._emit(seq, logits, int(seq.sampler(seq.tokens[:, :end], logits.clone())[0]))
         if not seq.finished:
             self._decoding.append(seq)
         return size
@@ -435,18 +435,17 @@ class Engine:
         slots = torch.tensor([s.slot for s in rows], dtype=torch.long, device=device)
         lengths = torch.tensor([s.filled for s in rows], dtype=torch.long, device=device)
         logits, argmax = self.step(tokens, slots, lengths)
+        greedy_ids = argmax.tolist()  # one device sync for every plain greedy row
         for b, seq in enumerate(rows):
             seq.filled += 1
             row = logits[b : b + 1]
+            token = greedy_ids[b]
             if seq.sampler.processors or seq.sampler.pick is not greedy:
-                picked = seq.sampler(seq.tokens[:, : seq.length], row.clone())
-            else:
-                picked = argmax[b : b + 1]
-            self._emit(seq, row, picked)
+                token = int(seq.sampler(seq.tokens[:, : seq.length], row.clone())[0])
+            self._emit(seq, row, token)
 
-    def _emit(self, seq: _Sequence, logits: torch.Tensor, picked: torch.Tensor) -> None:
+    def _emit(self, seq: _Sequence, logits: torch.Tensor, token: int) -> None:
         """Record ``seq``'s new token, send it, and finish the sequence if it stops here."""
-        token = int(picked[0])
         params = seq.request.params
         seq.tokens[0, seq.length] = token
         seq.generated += 1
