@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import httpx
-from server_client import MAX_MODEL_LEN, Answer, ServerProcess, client, stream_request  # noqa: F401
+from server_client import MAX_MODEL_LEN, Answer, ServerProcess, client, stream_request
 
 SOAK_CLIENTS, SOAK_WARMUP = 32, 100
 MALFORMED = ("temperature", "no-prompt", "max_tokens", "json", "model", "too-long", "empty-prompt")

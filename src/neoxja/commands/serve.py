@@ -109,7 +109,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from neoxja.serving.chat import compile_chat_template
 
         try:
-            compile_chat_template(template, _NoTokens())
+            compile_chat_template(template)
         except Exception as err:
             raise ValueError(f"--chat-template {args.chat_template}: {err}") from None
     if not 0 < args.port < 65536:
@@ -146,12 +146,6 @@ def run_serve(args: argparse.Namespace) -> int:
     if app.state.server.failure is not None:
         raise ValueError(f"could not load the model: {app.state.server.failure}")
     return 0
-
-
-class _NoTokens:
-    """Stands in for the tokenizer when a template is only checked for syntax."""
-
-    bos_token = eos_token = ""
 
 
 def _draining_server() -> type:

@@ -39,16 +39,6 @@ from neoxja.serving.responses import Collector
 logger = logging.getLogger("neoxja.server")
 
 OPEN_PATHS = ("/health", "/metrics")
-ENDPOINTS = (
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/v1/models",
-    "/health",
-    "/metrics",
-    "/tokenize",
-    "/detokenize",
-    "/tokenizer_info",
-)
 
 
 @dataclass
@@ -101,7 +91,9 @@ class Server:
                 max_model_len=config.max_model_len,
                 prefill_chunk=config.prefill_chunk,
             )
-            self.render = compile_chat_template(config.chat_template or DEFAULT_CHAT_TEMPLATE, tokenizer)
+            self.render = compile_chat_template(
+                config.chat_template or DEFAULT_CHAT_TEMPLATE, tokenizer.bos_token, tokenizer.eos_token
+            )
             self.limits = Limits(
                 max_model_len=engine.max_model_len,
                 vocab_size=model.config.vocab_size,
@@ -176,8 +168,8 @@ def _sse(data: Any) -> bytes:
 class _RequestLog:
     """ASGI middleware: one log line and one metrics count per request, when its last byte is sent."""
 
-    def __init__(self, app: Any, server: Server) -> None:
-        self.app, self.server = app, server
+    def __init__(self, app: Any, server: Server, endpoints: frozenset[str]) -> None:
+        self.app, self.server, self.endpoints = app, server, endpoints
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -199,7 +191,7 @@ class _RequestLog:
 
     def _record(self, scope: dict, status: int, start: float, info: dict) -> None:
         path = scope["path"]
-        self.server.metrics.requests.labels(path if path in ENDPOINTS else "other", str(status)).inc()
+        self.server.metrics.requests.labels(path if path in self.endpoints else "other", str(status)).inc()
         if path in ("/health", "/metrics"):
             return
         collector: Collector | None = info.get("collector")
@@ -347,7 +339,8 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServerConfig) -> Fas
         parsed = _parse_chat(server, body, server.chat_stops)
         return await _generate(server, engine, request, parsed, "chat")
 
-    app.add_middleware(_RequestLog, server=server)
+    endpoints = frozenset(route.path for route in app.routes)  # metrics label; any other path: "other"
+    app.add_middleware(_RequestLog, server=server, endpoints=endpoints)
     return app
 
 

@@ -12,7 +12,6 @@ request's ``stop`` still applies). Templates run in Jinja's sandbox and see ``me
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -26,7 +25,9 @@ DEFAULT_CHAT_TEMPLATE = (
 DEFAULT_CHAT_STOPS = ["\nユーザー:"]
 
 
-def compile_chat_template(template: str, tokenizer: Any) -> Callable[[list[dict[str, str]]], str]:
+def compile_chat_template(
+    template: str, bos_token: str | None = None, eos_token: str | None = None
+) -> Callable[[list[dict[str, str]]], str]:
     """``render(messages) -> prompt text`` for ``template``; a syntax error is raised here, at startup."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -38,7 +39,7 @@ def compile_chat_template(template: str, tokenizer: Any) -> Callable[[list[dict[
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True
     )
     compiled = environment.from_string(template)
-    specials = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+    specials = {"bos_token": bos_token, "eos_token": eos_token}
 
     def render(messages: list[dict[str, str]]) -> str:
         return compiled.render(

@@ -154,7 +154,6 @@ class Request:
     sequences: list[_Sequence] = field(default_factory=list)
     cancelled: bool = False
     sink_failed: bool = False
-    arrival: float = field(default_factory=time.monotonic)
 
 
 class Engine:
