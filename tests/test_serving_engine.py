@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -308,9 +309,14 @@ def test_stop_and_eos_end_a_sequence_with_finish_reason_stop(engine: Engine, tin
     stop = full[3:5]
     _, cut, reason = _run(engine, [(prompt, SamplingParams(max_tokens=12, temperature=0, stop=[stop]))])[0]
     assert reason == "stop" and cut == full[: full.index(stop)]
-    eos = model.generation_config.eos_ids()[0]
-    ends = _run(
-        engine, [([*prompt, *tokens[:2]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))]
-    )[0]
-    assert ends[2] == "length" and len(ends[0]) == 5
-    assert eos in engine.eos_ids
+    # EOS: a seeded sampled run, then the same run with its latest new token taken for the eos id.
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+    drawn = _run(engine, [(prompt, sampled)])[0][0]
+    k = max(i for i in range(len(drawn)) if drawn[i] not in drawn[:i])
+    assert k >= 2
+    engine.eos_ids = {drawn[k]}  # the engine's own copy of the ids; the model is not touched
+    ended, text, reason = _run(engine, [(prompt, replace(sampled, ignore_eos=False))])[0]
+    assert reason == "stop" and ended == drawn[: k + 1]
+    assert text == tokenizer.decode(drawn[:k], skip_special_tokens=True)  # the eos token adds no text
+    ignored = _run(engine, [(prompt, sampled)])[0]
+    assert ignored[2] == "length" and ignored[0] == drawn
