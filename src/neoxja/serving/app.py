@@ -74,10 +74,8 @@ class Server:
         self.on_failure: Callable[[], None] | None = None  # the CLI stops uvicorn: no model, no server
         self.draining = False
 
-    def start_loading(self) -> threading.Thread:
-        thread = threading.Thread(target=self._load, name="neoxja-load", daemon=True)
-        thread.start()
-        return thread
+    def start_loading(self) -> None:
+        threading.Thread(target=self._load, name="neoxja-load", daemon=True).start()
 
     def _load(self) -> None:
         try:

@@ -31,6 +31,7 @@ class SlotPool:
     """``num_slots`` preallocated cache rows of ``capacity`` positions each, and which are free."""
 
     def __init__(self, model: Any, num_slots: int, capacity: int) -> None:
+        self.config = model.config
         self.cache = KVCache(model.config, num_slots, capacity, dtype=model.dtype, device=model.device)
         # Zeros, not whatever the allocator had: the PyTorch step multiplies the values of masked
         # positions by 0, which must not meet a NaN; and the memory is committed now, not mid-serving.
@@ -74,11 +75,10 @@ class _SlotView(KVCache):
 
     def __init__(self, pool: SlotPool, slot: int, length: int) -> None:
         source = pool.cache
-        self.num_layers, self.num_heads, self.head_dim = source.num_layers, source.num_heads, source.head_dim
-        self.batch_size, self.dtype, self.device = 1, source.dtype, source.device
-        self.length = length
+        super().__init__(pool.config, 1, None, dtype=source.dtype, device=source.device)
         self.keys = [k.narrow(0, slot, 1) for k in source.keys]
         self.values = [v.narrow(0, slot, 1) for v in source.values]
+        self.length = length
 
     def _grow(self, needed: int) -> None:
         raise ValueError(f"a sequence of {needed} positions does not fit in its slot ({self.capacity})")
@@ -115,12 +115,10 @@ class _GatheredRows(KVCache):
 
     def __init__(self, pool: SlotPool, slots: Tensor, lengths: Tensor) -> None:
         source = pool.cache
-        self.num_layers, self.num_heads, self.head_dim = source.num_layers, source.num_heads, source.head_dim
-        self.batch_size, self.dtype, self.device = slots.shape[0], source.dtype, source.device
-        self.pool = source
+        super().__init__(pool.config, slots.shape[0], None, dtype=source.dtype, device=source.device)
+        self.pool = source  # no buffers of its own: update() reads and writes the pool's rows
         self.slots, self.lengths = slots, lengths
         self.length = int(lengths.max())
-        self.keys = self.values = []
 
     def update(self, layer_idx: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         out = []
