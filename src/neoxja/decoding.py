@@ -33,7 +33,7 @@ from torch import Tensor
 
 from neoxja.cache import KVCache
 from neoxja.cpu_decode import FusedDecoder, fused_decoding_unsupported, head_matmul_unsupported, matmul
-from neoxja.sample_utils import Sampler, greedy
+from neoxja.sample_utils import Sampler
 
 logger = logging.getLogger("neoxja.decoding")
 
@@ -106,7 +106,7 @@ class CpuFusedBackend(DecodingBackend):
     def __init__(self, model: Any, cache: KVCache, max_length: int, sampler: Sampler) -> None:
         super().__init__(model, cache, max_length, sampler)
         self.decoder = FusedDecoder(model, cache, max_length)
-        self.picks_greedy = sampler.pick is greedy and not sampler.processors
+        self.picks_greedy = sampler.plain_greedy
 
     @classmethod
     def unsupported(cls, model: Any, max_length: int, sampler: Sampler) -> str | None:

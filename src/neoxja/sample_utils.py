@@ -249,6 +249,11 @@ class Sampler:
     processors: list[Processor] = field(default_factory=list)
     pick: Picker = greedy
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits (no processors): a backend that computes the argmax may pick."""
+        return self.pick is greedy and not self.processors
+
     def process(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Apply every processor to ``scores`` (float32 [batch, vocab], may be modified in place)."""
         for processor in self.processors:

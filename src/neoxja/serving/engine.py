@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from neoxja.sample_utils import PresenceFrequencyProcessor, Sampler, greedy, make_sampler
+from neoxja.sample_utils import PresenceFrequencyProcessor, Sampler, make_sampler
 from neoxja.serving.slots import SlotPool, choose_step
 from neoxja.tokenizer_utils import StreamingDetokenizer
 
@@ -439,7 +439,7 @@ class Engine:
             seq.filled += 1
             row = logits[b : b + 1]
             token = greedy_ids[b]
-            if seq.sampler.processors or seq.sampler.pick is not greedy:
+            if not seq.sampler.plain_greedy:
                 token = int(seq.sampler(seq.tokens[:, : seq.length], row.clone())[0])
             self._emit(seq, row, token)
 
