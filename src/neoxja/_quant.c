@@ -18,6 +18,9 @@
  *
  * Kernels: AVX-512F, AVX2+FMA or portable C, chosen at import (NEOXJA_QUANT_KERNEL=avx2|scalar
  * forces a lower one, for tests). Threads: OpenMP over output rows.
+ *
+ * The entry points (bottom of the file) take numpy-style arrays, never raw addresses, and check
+ * every array against the dimensions before a kernel runs (see "arguments"); the kernels trust them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -46,6 +49,7 @@ typedef struct {
     int64_t blocksize;
     float *y; /* [rows, out] */
     int wide; /* the AVX-512 kernel's layout of x (spread_128; in_features % 128 == 0) */
+    int64_t first; /* dequantization: the first row of the range */
 } Q4;
 
 static inline float block_scale(const Q4 *q, int64_t b) {
@@ -241,7 +245,7 @@ static void dequant_task(const void *ctx, int64_t o0, int64_t o1) {
     const Q4 *q = ctx; /* rows [o0, o1) of this call's range; y is [range, in] */
     int64_t per_row = q->in / q->blocksize;
     for (int64_t o = o0; o < o1; o++) {
-        int64_t row = o + q->rows; /* rows holds the range's first row here */
+        int64_t row = o + q->first;
         const uint8_t *w = q->w + row * q->in / 2;
         float *y = q->y + o * q->in;
         if (kernel == AVX512 && q->blocksize % 32 == 0) {
@@ -384,37 +388,182 @@ static void dense_task(const void *ctx, int64_t o0, int64_t o1) {
     else dense_rows_scalar(d, o0, o1);
 }
 
-/* ----- Python ---------------------------------------------------------------------------------- */
+/* ----- arguments ------------------------------------------------------------------------------
+ * The kernels above trust their Q4 / Dense structs; these entry points fill them only from arrays
+ * they have checked. Every array is an object with the buffer protocol (neoxja passes numpy views of
+ * its tensors; a bfloat16 weight as int16), exported C-contiguous, and must have the item type, the
+ * alignment and exactly the element count that the dimensions given imply (their products checked
+ * for overflow); outputs must be writable and share no memory with an input. Any failure is a
+ * ValueError or TypeError that names the function and the argument, raised before any arithmetic. */
 
-#define PTR(type, v) ((type)(uintptr_t)(v))
+#define MAX_ARRAYS 8
+#define MAX_THREADS 256
+
+typedef struct {
+    const char *fn;
+    Py_buffer views[MAX_ARRAYS];
+    int held;
+} Args;
+
+static void release(Args *a) {
+    while (a->held > 0) PyBuffer_Release(&a->views[--a->held]);
+}
+
+/* Does the struct-module format of v describe one item of kind 'f' (float), 'i' (signed integer),
+ * 'u' (unsigned integer) or 'x' (any integer) in native byte order? */
+static int format_kind(const Py_buffer *v, char kind) {
+    const char *f = v->format ? v->format : "B";
+    if (*f == '@' || *f == '=' || *f == '<') f++; /* native or little-endian: the machines we build for */
+    if (f[0] == '\0' || f[1] != '\0') return 0;
+    const char *kinds = kind == 'f' ? "fde" : kind == 'i' ? "bhilq" : kind == 'u' ? "BHILQ" : "bhilqBHILQ";
+    return strchr(kinds, f[0]) != NULL;
+}
+
+static const char *kind_name(char kind) {
+    return kind == 'f' ? "float" : kind == 'i' ? "signed integer" : kind == 'u' ? "unsigned integer" : "integer";
+}
+
+/* The buffer of obj as `count` items of `itemsize` bytes of `kind`; NULL with an exception set. */
+static void *array(Args *a, PyObject *obj, const char *name, char kind, Py_ssize_t itemsize, int64_t count,
+                   int writable) {
+    if (obj == Py_None) {
+        PyErr_Format(PyExc_TypeError, "%s: %s is required (got None)", a->fn, name);
+        return NULL;
+    }
+    if (!PyObject_CheckBuffer(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be an array with the buffer protocol, got %.100s", a->fn, name,
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    Py_buffer *v = &a->views[a->held];
+    if (PyObject_GetBuffer(obj, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: %s must be a C-contiguous%s array", a->fn, name,
+                     writable ? " writable" : "");
+        return NULL;
+    }
+    a->held++;
+    if (v->itemsize != itemsize || !format_kind(v, kind)) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must hold %zd-byte %s values, got format '%s' (%zd bytes)", a->fn,
+                     name, itemsize, kind_name(kind), v->format ? v->format : "B", v->itemsize);
+        return NULL;
+    }
+    if ((uintptr_t)v->buf % (uintptr_t)itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: %s is not aligned to its %zd-byte items", a->fn, name, itemsize);
+        return NULL;
+    }
+    if (v->len / itemsize != count) {
+        PyErr_Format(PyExc_ValueError, "%s: %s holds %zd values, the dimensions given need %lld", a->fn, name,
+                     v->len / itemsize, (long long)count);
+        return NULL;
+    }
+    return v->buf;
+}
+
+/* The output (the last array taken) shares no byte with any array taken before it. */
+static int output_apart(Args *a, const char *name) {
+    const Py_buffer *out = &a->views[a->held - 1];
+    for (int i = 0; i < a->held - 1; i++) {
+        const Py_buffer *in = &a->views[i];
+        const char *o = out->buf, *p = in->buf;
+        if (out->len && in->len && o < p + in->len && p < o + out->len) {
+            PyErr_Format(PyExc_ValueError, "%s: %s overlaps an input array", a->fn, name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* *out = x * y, a positive element count that fits a Py_ssize_t, or a ValueError naming `what`. */
+static int product(Args *a, const char *what, int64_t x, int64_t y, int64_t *out) {
+    if (__builtin_mul_overflow(x, y, out) || *out > PY_SSIZE_T_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: %s (%lld x %lld) overflows", a->fn, what, (long long)x, (long long)y);
+        return -1;
+    }
+    return 0;
+}
+
+static int positive(Args *a, const char *name, long long value) {
+    if (value > 0) return 0;
+    PyErr_Format(PyExc_ValueError, "%s: %s must be positive, got %lld", a->fn, name, value);
+    return -1;
+}
+
+static int clamp_threads(int threads) {
+    return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+}
+
+/* The scale tables of a 4-bit weight of `blocks` blocks into q: a float32 absmax, or (double
+ * quantization) a uint8 qabsmax with its float32 nested absmax (one per 256 blocks) and 256-entry
+ * nested code. */
+static int scale_tables(Args *a, Q4 *q, int64_t blocks, PyObject *absmax, PyObject *qabsmax, PyObject *nabs,
+                        PyObject *ncode) {
+    if ((absmax == Py_None) == (qabsmax == Py_None)) {
+        PyErr_Format(PyExc_ValueError, "%s: give exactly one of absmax (float32) and qabsmax (uint8)", a->fn);
+        return -1;
+    }
+    if (absmax != Py_None) {
+        if (nabs != Py_None || ncode != Py_None) {
+            PyErr_Format(PyExc_ValueError, "%s: nested_absmax and nested_code belong with a qabsmax, not absmax", a->fn);
+            return -1;
+        }
+        q->absmax = array(a, absmax, "absmax", 'f', 4, blocks, 0);
+        return q->absmax ? 0 : -1;
+    }
+    if (!(q->qabsmax = array(a, qabsmax, "qabsmax", 'u', 1, blocks, 0))) return -1;
+    if (!(q->nested_absmax = array(a, nabs, "nested_absmax", 'f', 4, (blocks + 255) / 256, 0))) return -1;
+    if (!(q->nested_code = array(a, ncode, "nested_code", 'f', 4, 256, 0))) return -1;
+    return 0;
+}
 
 /* linear_4bit(x, rows, in, out, w, code, absmax, qabsmax, nested_absmax, nested_code, offset,
- *             blocksize, y, threads); absmax or qabsmax is 0 (the other kind). */
+ *             blocksize, y, threads): y [rows, out] = x [rows, in] @ W.T; absmax or qabsmax is None. */
 static PyObject *linear_4bit(PyObject *self, PyObject *args) {
-    unsigned long long x, w, code, absmax, qabsmax, nabs, ncode, y;
+    PyObject *o_x, *o_w, *o_code, *o_absmax, *o_qabsmax, *o_nabs, *o_ncode, *o_y;
     int rows, threads;
     long long in, out, blocksize;
     float offset;
-    if (!PyArg_ParseTuple(args, "KiLLKKKKKKfLKi", &x, &rows, &in, &out, &w, &code, &absmax, &qabsmax, &nabs,
-                          &ncode, &offset, &blocksize, &y, &threads))
+    if (!PyArg_ParseTuple(args, "OiLLOOOOOOfLOi:linear_4bit", &o_x, &rows, &in, &out, &o_w, &o_code, &o_absmax,
+                          &o_qabsmax, &o_nabs, &o_ncode, &offset, &blocksize, &o_y, &threads))
         return NULL;
-    if (rows < 1 || rows > MAX_ROWS || blocksize < 32 || blocksize % 32 || in % blocksize) {
-        PyErr_SetString(PyExc_ValueError, "linear_4bit: 1..8 rows and in_features a multiple of blocksize (>= 32)");
+    Args a = {"linear_4bit"};
+    Q4 q = {.rows = rows, .in = in, .out = out, .offset = offset, .blocksize = blocksize};
+    int64_t x_count, y_count, weights;
+    if (rows < 1 || rows > MAX_ROWS) {
+        PyErr_Format(PyExc_ValueError, "linear_4bit: rows must be 1..%d, got %d", MAX_ROWS, rows);
         return NULL;
     }
-    int wide = kernel == AVX512 && in % 128 == 0;
+    if (positive(&a, "in_features", in) || positive(&a, "out_features", out)) return NULL;
+    if (blocksize < 32 || blocksize % 32 || in % blocksize) {
+        PyErr_Format(PyExc_ValueError,
+                     "linear_4bit: blocksize must be a multiple of 32 dividing in_features (%lld), got %lld", in,
+                     blocksize);
+        return NULL;
+    }
+    if (product(&a, "rows x in_features", rows, in, &x_count) || product(&a, "rows x out_features", rows, out, &y_count) ||
+        product(&a, "out_features x in_features", out, in, &weights))
+        return NULL;
+    if (!(q.x = array(&a, o_x, "x", 'f', 4, x_count, 0)) || !(q.w = array(&a, o_w, "w", 'u', 1, weights / 2, 0)) ||
+        !(q.code = array(&a, o_code, "code", 'f', 4, 16, 0)) ||
+        scale_tables(&a, &q, weights / blocksize, o_absmax, o_qabsmax, o_nabs, o_ncode) ||
+        !(q.y = array(&a, o_y, "y", 'f', 4, y_count, 1)) || output_apart(&a, "y")) {
+        release(&a);
+        return NULL;
+    }
+    threads = clamp_threads(threads);
+    q.wide = kernel == AVX512 && in % 128 == 0;
     float *split = NULL;
     if (kernel >= AVX2) {
-        split = malloc(sizeof(float) * rows * in);
-        if (!split) return PyErr_NoMemory();
+        split = malloc(sizeof(float) * (size_t)x_count);
+        if (!split) {
+            release(&a);
+            return PyErr_NoMemory();
+        }
     }
-    Q4 q = {PTR(const float *, x), rows, in, out, PTR(const uint8_t *, w), PTR(const float *, code),
-            PTR(const float *, absmax), PTR(const uint8_t *, qabsmax), PTR(const float *, nabs),
-            PTR(const float *, ncode), offset, blocksize, PTR(float *, y), wide};
     Py_BEGIN_ALLOW_THREADS
     if (split) {
         for (int r = 0; r < rows; r++) {
-            if (wide) spread_128(q.x + r * in, split + r * in, in);
+            if (q.wide) spread_128(q.x + r * in, split + r * in, in);
             else deinterleave(q.x + r * in, split + r * in, in);
         }
         q.x = split;
@@ -422,46 +571,84 @@ static PyObject *linear_4bit(PyObject *self, PyObject *args) {
     split_rows(out, threads, q4_task, &q);
     Py_END_ALLOW_THREADS
     free(split);
+    release(&a);
     Py_RETURN_NONE;
 }
 
-/* dequantize_4bit(first_row, count, in, w, code, absmax, qabsmax, nested_absmax, nested_code, offset,
- *                 blocksize, y, threads): rows [first_row, first_row + count) into y [count, in]. */
+/* dequantize_4bit(first_row, count, out, in, w, code, absmax, qabsmax, nested_absmax, nested_code,
+ *                 offset, blocksize, y, threads): rows [first_row, first_row + count) of a weight
+ * [out, in] into y [count, in]. */
 static PyObject *dequantize_4bit(PyObject *self, PyObject *args) {
-    unsigned long long w, code, absmax, qabsmax, nabs, ncode, y;
-    int first, threads;
-    long long count, in, blocksize;
+    PyObject *o_w, *o_code, *o_absmax, *o_qabsmax, *o_nabs, *o_ncode, *o_y;
+    int threads;
+    long long first, count, out, in, blocksize;
     float offset;
-    if (!PyArg_ParseTuple(args, "iLLKKKKKKfLKi", &first, &count, &in, &w, &code, &absmax, &qabsmax, &nabs, &ncode,
-                          &offset, &blocksize, &y, &threads))
+    if (!PyArg_ParseTuple(args, "LLLLOOOOOOfLOi:dequantize_4bit", &first, &count, &out, &in, &o_w, &o_code,
+                          &o_absmax, &o_qabsmax, &o_nabs, &o_ncode, &offset, &blocksize, &o_y, &threads))
         return NULL;
-    if (blocksize < 2 || blocksize % 2 || in % blocksize) {
-        PyErr_SetString(PyExc_ValueError, "dequantize_4bit: in_features must be a multiple of an even blocksize");
+    Args a = {"dequantize_4bit"};
+    int64_t weights, y_count;
+    if (positive(&a, "in_features", in) || positive(&a, "out_features", out)) return NULL;
+    if (first < 0 || count < 0 || first > out - count) {
+        PyErr_Format(PyExc_ValueError, "dequantize_4bit: rows [%lld, %lld + %lld) are not rows of the weight's %lld",
+                     first, first, count, out);
         return NULL;
     }
-    Q4 q = {NULL, first, in, count, PTR(const uint8_t *, w), PTR(const float *, code), PTR(const float *, absmax),
-            PTR(const uint8_t *, qabsmax), PTR(const float *, nabs), PTR(const float *, ncode), offset, blocksize,
-            PTR(float *, y)};
+    if (blocksize < 2 || blocksize % 2 || in % blocksize) {
+        PyErr_Format(PyExc_ValueError,
+                     "dequantize_4bit: blocksize must be an even divisor of in_features (%lld), got %lld", in,
+                     blocksize);
+        return NULL;
+    }
+    if (product(&a, "out_features x in_features", out, in, &weights) || product(&a, "count x in_features", count, in, &y_count))
+        return NULL;
+    Q4 q = {.in = in, .out = count, .offset = offset, .blocksize = blocksize, .first = first};
+    if (!(q.w = array(&a, o_w, "w", 'u', 1, weights / 2, 0)) || !(q.code = array(&a, o_code, "code", 'f', 4, 16, 0)) ||
+        scale_tables(&a, &q, weights / blocksize, o_absmax, o_qabsmax, o_nabs, o_ncode) ||
+        !(q.y = array(&a, o_y, "y", 'f', 4, y_count, 1)) || output_apart(&a, "y")) {
+        release(&a);
+        return NULL;
+    }
+    threads = clamp_threads(threads);
     Py_BEGIN_ALLOW_THREADS
     split_rows(count, threads, dequant_task, &q);
     Py_END_ALLOW_THREADS
+    release(&a);
     Py_RETURN_NONE;
 }
 
-/* linear_dense(x, rows, in, out, w, scale, y, threads): int8 rows (scale given) or bfloat16 (scale 0). */
+/* linear_dense(x, rows, in, out, w, scale, y, threads): y [rows, out] = x [rows, in] @ W.T for int8
+ * rows W times a float32 scale per row, or (scale None) bfloat16 W given as 16-bit integers. */
 static PyObject *linear_dense(PyObject *self, PyObject *args) {
-    unsigned long long x, w, scale, y;
+    PyObject *o_x, *o_w, *o_scale, *o_y;
     int rows, threads;
     long long in, out;
-    if (!PyArg_ParseTuple(args, "KiLLKKKi", &x, &rows, &in, &out, &w, &scale, &y, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "OiLLOOOi:linear_dense", &o_x, &rows, &in, &out, &o_w, &o_scale, &o_y, &threads))
+        return NULL;
+    Args a = {"linear_dense"};
+    int64_t x_count, y_count, weights;
     if (rows < 1 || rows > MAX_ROWS) {
-        PyErr_SetString(PyExc_ValueError, "linear_dense: 1..8 rows");
+        PyErr_Format(PyExc_ValueError, "linear_dense: rows must be 1..%d, got %d", MAX_ROWS, rows);
         return NULL;
     }
-    Dense d = {PTR(const float *, x), rows, in, out, PTR(const void *, w), PTR(const float *, scale), PTR(float *, y)};
+    if (positive(&a, "in_features", in) || positive(&a, "out_features", out) ||
+        product(&a, "rows x in_features", rows, in, &x_count) || product(&a, "rows x out_features", rows, out, &y_count) ||
+        product(&a, "out_features x in_features", out, in, &weights))
+        return NULL;
+    int int8 = o_scale != Py_None; /* else bfloat16 */
+    Dense d = {.rows = rows, .in = in, .out = out};
+    if (!(d.x = array(&a, o_x, "x", 'f', 4, x_count, 0)) ||
+        !(d.w = int8 ? array(&a, o_w, "w", 'i', 1, weights, 0) : array(&a, o_w, "w", 'x', 2, weights, 0)) ||
+        (int8 && !(d.scale = array(&a, o_scale, "scale", 'f', 4, out, 0))) ||
+        !(d.y = array(&a, o_y, "y", 'f', 4, y_count, 1)) || output_apart(&a, "y")) {
+        release(&a);
+        return NULL;
+    }
+    threads = clamp_threads(threads);
     Py_BEGIN_ALLOW_THREADS
     split_rows(out, threads, dense_task, &d);
     Py_END_ALLOW_THREADS
+    release(&a);
     Py_RETURN_NONE;
 }
 
@@ -470,9 +657,16 @@ static PyObject *kernel_name(PyObject *self, PyObject *noargs) {
 }
 
 static PyMethodDef methods[] = {
-    {"linear_4bit", linear_4bit, METH_VARARGS, "y = x @ W.T for a 4-bit weight (addresses of buffers)."},
-    {"dequantize_4bit", dequantize_4bit, METH_VARARGS, "float32 rows of a 4-bit weight."},
-    {"linear_dense", linear_dense, METH_VARARGS, "y = x @ W.T for int8 rows with scales, or bfloat16."},
+    {"linear_4bit", linear_4bit, METH_VARARGS,
+     "linear_4bit(x, rows, in, out, w, code, absmax, qabsmax, nested_absmax, nested_code, offset, blocksize,\n"
+     "            y, threads): y [rows, out] = x [rows, in] @ W.T for a 4-bit weight (arrays with the buffer\n"
+     "protocol, C-contiguous; float32 absmax, or uint8 qabsmax with its nested tables; the other None)."},
+    {"dequantize_4bit", dequantize_4bit, METH_VARARGS,
+     "dequantize_4bit(first_row, count, out, in, w, code, absmax, qabsmax, nested_absmax, nested_code, offset,\n"
+     "                blocksize, y, threads): float32 rows [first_row, first_row + count) of a 4-bit weight."},
+    {"linear_dense", linear_dense, METH_VARARGS,
+     "linear_dense(x, rows, in, out, w, scale, y, threads): y = x @ W.T for int8 rows W with a float32 scale\n"
+     "per row, or (scale None) bfloat16 W passed as 16-bit integers."},
     {"kernel", kernel_name, METH_NOARGS, "the instruction set in use"},
     {NULL, NULL, 0, NULL},
 };

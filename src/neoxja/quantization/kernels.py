@@ -11,6 +11,8 @@ use the values bitsandbytes dequantizes to, in float32.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -39,15 +41,131 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _address(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
+def _array(t: Tensor | None) -> Any:
+    """``t`` as the C kernels take it: a numpy view (bfloat16 as int16), made contiguous; None stays."""
+    if t is None:
+        return None
+    t = t.detach().contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _tensor(value: Any, name: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _whole(value: Any, name: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, got {value}")
+    return value
+
+
+def _dtype(t: Tensor, name: str, *dtypes: torch.dtype) -> None:
+    if t.dtype not in dtypes:
+        wanted = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must be {wanted}, got {str(t.dtype).removeprefix('torch.')}")
+
+
+def _numel(t: Tensor, name: str, count: int, what: str) -> None:
+    if t.numel() != count:
+        raise ValueError(f"{name} holds {t.numel()} values; {what} needs {count}")
+
+
+def check_4bit(
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    nested_absmax: Tensor | None = None,
+    nested_code: Tensor | None = None,
+) -> None:
+    """Refuse a 4-bit weight whose parts disagree, naming the argument (ValueError, TypeError).
+
+    ``packed`` uint8 holds ``ceil(out * in / 2)`` bytes; ``code`` 16 float32 values; ``absmax`` one
+    float32 per block of ``blocksize`` values, or (double quantization) one uint8 per block with
+    ``nested_absmax`` (float32, one per 256 blocks) and ``nested_code`` (256 float32). Only shapes and
+    dtypes are read, so this also runs on meta and fake tensors (``torch.compile``), on any device.
+    """
+    for name, value, optional in (
+        ("packed", packed, False), ("absmax", absmax, False), ("code", code, False),
+        ("nested_absmax", nested_absmax, True), ("nested_code", nested_code, True),
+    ):  # fmt: skip
+        _tensor(value, name, optional)
+    _whole(blocksize, "blocksize", 1)
+    _whole(out_features, "out_features", 1)
+    _whole(in_features, "in_features", 1)
+    weights = out_features * in_features
+    what = f"a 4-bit weight [{out_features}, {in_features}]"
+    _dtype(packed, "packed", torch.uint8)
+    _numel(packed, "packed", (weights + 1) // 2, what)
+    _dtype(code, "code", torch.float32)
+    _numel(code, "code", 16, "a 4-bit code table")
+    blocks = -(-weights // blocksize)
+    _dtype(absmax, "absmax", torch.float32, torch.uint8)
+    _numel(absmax, "absmax", blocks, f"{what} in blocks of {blocksize}")
+    if absmax.dtype == torch.float32:
+        if nested_absmax is not None or nested_code is not None:
+            raise ValueError("nested_absmax and nested_code go with a uint8 absmax (double quantization)")
+        return
+    if nested_absmax is None or nested_code is None:
+        raise ValueError("a uint8 absmax (double quantization) needs nested_absmax and nested_code")
+    _dtype(nested_absmax, "nested_absmax", torch.float32)
+    _numel(nested_absmax, "nested_absmax", -(-blocks // formats.NESTED_BLOCKSIZE), f"{blocks} blocks")
+    _dtype(nested_code, "nested_code", torch.float32)
+    _numel(nested_code, "nested_code", 256, "a double-quantization code table")
+
+
+def check_dense(weight: Tensor, scb: Tensor | None = None) -> None:
+    """Refuse an int8 weight ``[out, in]`` without its ``scb`` (one float per row), or a weight that is
+    not 2-d int8 (with ``scb``) or bfloat16 (without), naming the argument."""
+    _tensor(weight, "weight")
+    _tensor(scb, "scb", optional=True)
+    _dtype(weight, "weight", torch.int8 if scb is not None else torch.bfloat16)
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight must be a non-empty 2-d [out, in] tensor, got shape {list(weight.shape)}")
+    if scb is not None:
+        if not scb.is_floating_point():
+            raise ValueError(f"scb must be a floating-point tensor, got {scb.dtype}")
+        if scb.shape != weight.shape[:1]:
+            raise ValueError(
+                f"scb has shape {list(scb.shape)}; an int8 weight {list(weight.shape)} "
+                f"needs [{weight.shape[0]}]"
+            )
+
+
+def check_x(x: Tensor, in_features: int) -> None:
+    """Refuse an ``x`` that is not a floating-point tensor ``[..., in_features]``, naming it."""
+    _tensor(x, "x")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x has shape {list(x.shape)}; the weight takes [..., {in_features}]")
+
+
+def x_features(x: Tensor) -> int:
+    """The in_features of ``x`` [..., in_features] (at least 1), which sets a 4-bit weight's width."""
+    _tensor(x, "x")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x has shape {list(x.shape)}; it must be [..., in_features] with in_features >= 1")
+    return x.shape[-1]
+
+
+def _on_cpu(**tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device}; the CPU kernels take tensors on the CPU")
 
 
 def _check_x(x: Tensor, in_features: int) -> Tensor:
+    check_x(x, in_features)
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"x must be float32 on the CPU, got {x.dtype} on {x.device}")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features ; the weight takes {in_features}")
     return x.reshape(-1, in_features)
 
 
@@ -75,24 +193,25 @@ def dequantize_4bit(
     rows: tuple[int, int] | None = None,
 ) -> Tensor:
     """float32 rows ``[begin, end)`` (default: all) of a 4-bit weight ``[out_features, in_features]``."""
+    check_4bit(packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code)
+    _on_cpu(packed=packed, absmax=absmax, code=code, nested_absmax=nested_absmax, nested_code=nested_code)
     begin, end = rows if rows is not None else (0, out_features)
     if not 0 <= begin <= end <= out_features:
         raise ValueError(f"rows={rows} is not a range of the weight's {out_features} rows")
-    if absmax.dtype == torch.uint8:
-        if nested_absmax is None or nested_code is None:
-            raise ValueError("a uint8 absmax (double quantization) needs nested_absmax and nested_code")
+    nested = absmax.dtype == torch.uint8
+    if _quant is not None and in_features % blocksize == 0 and blocksize % 2 == 0:
+        out = torch.empty(end - begin, in_features, dtype=torch.float32)
+        _quant.dequantize_4bit(
+            begin, end - begin, out_features, in_features, _array(packed), _array(code),
+            None if nested else _array(absmax), _array(absmax) if nested else None,
+            _array(nested_absmax), _array(nested_code), offset, blocksize, out.numpy(), _threads(),
+        )  # fmt: skip
+        return out
+    if nested:
         scales = formats.dequantize_blockwise(absmax, nested_absmax, nested_code) + offset
     else:
         scales = absmax
-    if _quant is not None and in_features % blocksize == 0 and blocksize % 2 == 0:
-        out = torch.empty(end - begin, in_features, dtype=torch.float32)
-        nested = absmax.dtype == torch.uint8
-        _quant.dequantize_4bit(
-            begin, end - begin, in_features, packed.data_ptr(), code.data_ptr(),
-            0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
-            _address(nested_absmax), _address(nested_code), offset, blocksize, out.data_ptr(), _threads(),
-        )  # fmt: skip
-        return out
+    packed, scales, code = packed.contiguous(), scales.contiguous(), code.contiguous()
     first, last = begin * in_features, end * in_features
     if (first % blocksize, first % 2, last % 2) != (0, 0, 0):  # a tile must start on a block and a byte
         whole = formats.Quantized4bit(
@@ -124,16 +243,20 @@ def linear_4bit(
     offset: float = 0.0,
 ) -> Tensor:
     """``x @ W.T`` for a 4-bit weight in bitsandbytes' layout (float32 ``x`` [..., in])."""
-    in_features = x.shape[-1]
-    rows = _check_x(x, in_features).contiguous()
+    in_features = x_features(x)
+    check_4bit(packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code)
+    _on_cpu(packed=packed, absmax=absmax, code=code, nested_absmax=nested_absmax, nested_code=nested_code)
+    rows = _check_x(x, in_features)
+    if rows.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], out_features)
     matvec = rows.shape[0] <= MATVEC_ROWS and in_features % blocksize == 0 and blocksize % 32 == 0
     if _quant is not None and matvec:
         y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
         nested = absmax.dtype == torch.uint8
         _quant.linear_4bit(
-            rows.data_ptr(), rows.shape[0], in_features, out_features, packed.data_ptr(), code.data_ptr(),
-            0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
-            _address(nested_absmax), _address(nested_code), offset, blocksize, y.data_ptr(), _threads(),
+            _array(rows), rows.shape[0], in_features, out_features, _array(packed), _array(code),
+            None if nested else _array(absmax), _array(absmax) if nested else None,
+            _array(nested_absmax), _array(nested_code), offset, blocksize, y.numpy(), _threads(),
         )  # fmt: skip
         return y.view(*x.shape[:-1], out_features)
 
@@ -148,29 +271,33 @@ def linear_4bit(
 
 def dequantize_int8(weight: Tensor, scb: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
     """float32 rows ``[begin, end)`` (default: all) of an int8 weight with row absmax ``scb``."""
+    check_dense(weight, scb)
     begin, end = rows if rows is not None else (0, weight.shape[0])
+    if not 0 <= begin <= end <= weight.shape[0]:
+        raise ValueError(f"rows={rows} is not a range of the weight's {weight.shape[0]} rows")
     return formats.dequantize_int8(weight[begin:end], scb[begin:end])
 
 
 def _matvec_dense(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor | None:
     """The C kernel's ``x @ W.T`` for int8 (with ``scale``) or bfloat16 weights, or None when it
-    does not apply (no extension, too many rows)."""
-    rows = _check_x(x, weight.shape[1]).contiguous()
+    does not apply (no extension, too many rows, a weight that is not contiguous)."""
+    rows = _check_x(x, weight.shape[1])
     if _quant is None or rows.shape[0] > MATVEC_ROWS or not weight.is_contiguous():
         return None
     y = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
-    _quant.linear_dense(
-        rows.data_ptr(), rows.shape[0], weight.shape[1], weight.shape[0], weight.data_ptr(), _address(scale),
-        y.data_ptr(), _threads(),
-    )  # fmt: skip
+    if rows.shape[0]:
+        _quant.linear_dense(
+            _array(rows), rows.shape[0], weight.shape[1], weight.shape[0], _array(weight), _array(scale),
+            y.numpy(), _threads(),
+        )  # fmt: skip
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def linear_int8(x: Tensor, weight: Tensor, scb: Tensor) -> Tensor:
     """``x @ W.T`` for an int8 weight with per-row absmax ``scb``."""
-    if weight.dtype != torch.int8:
-        raise ValueError(f"weight must be int8, got {weight.dtype}")
-    y = _matvec_dense(x, weight, (scb.float() / 127.0).contiguous())
+    check_dense(weight, scb)
+    _on_cpu(weight=weight, scb=scb)
+    y = _matvec_dense(x, weight, scb.float() / 127.0)
     if y is not None:
         return y
     return _tiled(x, weight.shape[0], weight.shape[1], lambda rows: dequantize_int8(weight, scb, rows))
@@ -178,8 +305,8 @@ def linear_int8(x: Tensor, weight: Tensor, scb: Tensor) -> Tensor:
 
 def linear_bf16(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ W.T`` for a bfloat16 weight, in float32."""
-    if weight.dtype != torch.bfloat16:
-        raise ValueError(f"weight must be bfloat16, got {weight.dtype}")
+    check_dense(weight)
+    _on_cpu(weight=weight)
     y = _matvec_dense(x, weight, None)
     if y is not None:
         return y

@@ -43,6 +43,33 @@ def _quant_state(packed, absmax, code, nested_absmax, nested_code, offset, block
     )  # fmt: skip
 
 
+def _check_devices(x: Tensor, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}: the op needs them on one device")
+
+
+# Each op checks its arguments (dtypes, every size against the others, the tables double
+# quantization needs, devices) before it dispatches, and so does its fake implementation: a call
+# that disagrees is a ValueError or TypeError naming the argument, on every device and under
+# torch.compile, never a read outside a tensor.
+
+
+def _check_4bit(x, packed, absmax, code, nested_absmax, nested_code, blocksize, out_features) -> None:
+    in_features = kernels.x_features(x)
+    kernels.check_x(x, in_features)
+    kernels.check_4bit(packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code)
+    _check_devices(
+        x, packed=packed, absmax=absmax, code=code, nested_absmax=nested_absmax, nested_code=nested_code
+    )
+
+
+def _check_dense(x: Tensor, weight: Tensor, scb: Tensor | None = None) -> None:
+    kernels.check_dense(weight, scb)
+    kernels.check_x(x, weight.shape[1])
+    _check_devices(x, weight=weight, scb=scb)
+
+
 # ----- 4-bit -------------------------------------------------------------------------------------
 
 
@@ -59,6 +86,7 @@ def linear_4bit(
     out_features: int,
 ) -> Tensor:
     """``x @ W.T`` for a 4-bit weight ``W`` [out_features, x.shape[-1]] in bitsandbytes' layout."""
+    _check_4bit(x, packed, absmax, code, nested_absmax, nested_code, blocksize, out_features)
     if x.device.type == "cuda":
         bnb = _bitsandbytes()
         state = _quant_state(
@@ -82,6 +110,7 @@ def linear_4bit(
 
 @linear_4bit.register_fake
 def _(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, out_features):
+    _check_4bit(x, packed, absmax, code, nested_absmax, nested_code, blocksize, out_features)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -117,6 +146,7 @@ linear_4bit.register_autograd(_backward_4bit, setup_context=_setup_4bit)
 @torch.library.custom_op("neoxja::linear_int8", mutates_args=())
 def linear_int8(x: Tensor, weight: Tensor, scb: Tensor) -> Tensor:
     """``x @ W.T`` for an int8 weight with per-row absmax ``scb`` (LLM.int8's weight format)."""
+    _check_dense(x, weight, scb)
     if x.device.type == "cuda":
         return (x @ formats.dequantize_int8(weight, scb).to(x.dtype).t()).to(x.dtype)
     return kernels.linear_int8(x.float(), weight, scb).to(x.dtype)
@@ -124,6 +154,7 @@ def linear_int8(x: Tensor, weight: Tensor, scb: Tensor) -> Tensor:
 
 @linear_int8.register_fake
 def _(x, weight, scb):
+    _check_dense(x, weight, scb)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -150,6 +181,7 @@ linear_int8.register_autograd(_backward_int8, setup_context=_setup_int8)
 @torch.library.custom_op("neoxja::linear_bf16", mutates_args=())
 def linear_bf16(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ W.T`` for a bfloat16 weight, computed in float32 on the CPU (bfloat16 on CUDA)."""
+    _check_dense(x, weight)
     if x.device.type == "cuda":
         return torch.nn.functional.linear(x.to(weight.dtype), weight).to(x.dtype)
     return kernels.linear_bf16(x.float(), weight).to(x.dtype)
@@ -157,6 +189,7 @@ def linear_bf16(x: Tensor, weight: Tensor) -> Tensor:
 
 @linear_bf16.register_fake
 def _(x, weight):
+    _check_dense(x, weight)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
