@@ -204,6 +204,10 @@ def tiny_model() -> torch.nn.Module:
         ("top_p", float("nan"), TopPProcessor),
         ("repetition_penalty", 0.0, RepetitionPenaltyProcessor),
         ("repetition_penalty", None, RepetitionPenaltyProcessor),
+        ("repetition_penalty", 1e-31, RepetitionPenaltyProcessor),  # a score of 3.4e7 would overflow
+        ("repetition_penalty", math.inf, RepetitionPenaltyProcessor),
+        ("temperature", math.inf, TemperatureProcessor),
+        ("temperature", math.nan, TemperatureProcessor),
         ("no_repeat_ngram_size", -1, NoRepeatNGramProcessor),
         ("no_repeat_ngram_size", 1.5, NoRepeatNGramProcessor),
         ("min_length", -1, lambda value: MinLengthProcessor(value, 0)),
@@ -238,3 +242,71 @@ def test_greedy_is_torch_argmax_including_ties_and_nan(vocab: int) -> None:
     assert torch.equal(greedy(scores), torch.argmax(scores, dim=-1))
     assert torch.equal(greedy(scores[:, :]), greedy(scores.clone()))
     assert torch.equal(greedy(scores[::2]), torch.argmax(scores[::2], dim=-1))  # rows not adjacent
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-45, 5e-324])
+def test_a_tiny_temperature_leaves_the_best_tokens_and_no_nan(temperature: float) -> None:
+    """Below float32's range the plain quotient is inf at the best score (softmax: NaN, the sampler
+    raised): the row is shifted to a best score of 0 first. The limit is the argmax, ties shared."""
+    scores = _scores(7, batch=4) * 1e9  # 1e-30 overflows these too
+    scores[1, [3, 11]] = scores[1].max() + 1e9  # a tie for the best score
+    scores[2] = torch.linspace(-1e-38, 1e-38, VOCAB)  # small enough for the plain quotient
+    scores[3, 5] = -math.inf  # a token already forbidden stays forbidden
+    out = TemperatureProcessor(temperature)(_ids(7, batch=4), scores.clone())
+    assert not out.isnan().any() and (out[[0, 1, 3]].amax(-1) == 0).all()
+    probs = out.softmax(-1)
+    for row in (0, 3):
+        assert probs[row].argmax() == scores[row].argmax() and probs[row].max() == 1.0
+    assert probs[1, 3] == probs[1, 11] == 0.5
+    assert probs[3, 5] == 0
+    if temperature >= torch.finfo(torch.float32).tiny:  # a row that does not overflow: the reference's
+        _same(out[2], ref.TemperatureLogitsWarper(temperature)(_ids(7), scores[2:3].clone())[0])
+    else:  # a temperature float32 cannot hold (the reference divides by its rounding, or by 0)
+        exact = (scores[2].double() / temperature).softmax(-1)
+        torch.testing.assert_close(probs[2].double(), exact, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [1e30, 1e300])
+def test_a_huge_temperature_flattens_and_keeps_forbidden_tokens_out(temperature: float) -> None:
+    """1e300 is inf in float32, and -inf / inf is NaN: the float64 path divides it exactly instead."""
+    scores = _scores(8)
+    scores[:, :4] = -math.inf  # forbidden (min length, top-k, ...)
+    out = TemperatureProcessor(temperature)(_ids(8), scores.clone())
+    probs = out.softmax(-1)
+    torch.testing.assert_close(probs[:, 4:], torch.full((3, VOCAB - 4), 1 / (VOCAB - 4)))
+    assert (probs[:, :4] == 0).all()
+    if temperature < torch.finfo(torch.float32).max:
+        _same(out, ref.TemperatureLogitsWarper(temperature)(_ids(8), scores))
+
+
+def test_sampling_at_a_tiny_or_huge_temperature_runs_generate(tiny_model: torch.nn.Module) -> None:
+    prompt = torch.tensor([[3, 4, 5]])
+    greedy_ids = tiny_model.generate(prompt, max_new_tokens=6, min_new_tokens=6, eos_token_id=2)
+    for seed in range(3):
+        cold = tiny_model.generate(
+            prompt,
+            max_new_tokens=6,
+            min_new_tokens=6,
+            eos_token_id=2,
+            do_sample=True,
+            temperature=1e-40,
+            seed=seed,
+        )
+        assert cold.tolist() == greedy_ids.tolist()
+        hot = tiny_model.generate(
+            prompt,
+            max_new_tokens=6,
+            min_new_tokens=6,
+            eos_token_id=2,
+            do_sample=True,
+            temperature=1e300,
+            seed=seed,
+        )
+        assert 2 not in hot[0, 3:].tolist()  # the eos id, forbidden until the 6th token, is never drawn
+
+
+def test_the_smallest_repetition_penalty_keeps_scores_finite() -> None:
+    ids = torch.tensor([[1, 2, 3]])
+    scores = torch.tensor([[0.0, 3.4e8, -3.4e8, 1.0, 9.0]])
+    out = RepetitionPenaltyProcessor(1e-30)(ids, scores.clone())
+    assert torch.isfinite(out).all() and out.argmax() == 1

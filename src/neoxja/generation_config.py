@@ -9,6 +9,7 @@ Every rule about a setting's value lives here, in :func:`check_setting` (one rul
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -19,6 +20,11 @@ from typing import Any
 from neoxja.jsonfile import read_json_object
 
 GENERATION_CONFIG_NAME = "generation_config.json"
+
+MIN_REPETITION_PENALTY = 1e-30
+"""The smallest repetition penalty: a positive score divided by it stays finite in float32 up to
+3.4e8 (float32's maximum times the penalty), far beyond any model's logits. Penalties above 1 can
+only push negative scores towards -inf, which is their limit, so they have no upper bound."""
 
 
 @dataclass
@@ -148,6 +154,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite(value: Any) -> bool:
+    """A number that is neither infinite nor NaN (the scores it scales would become NaN)."""
+    return _is_number(value) and math.isfinite(value)
+
+
 def _is_token_id(value: Any) -> bool:
     return _is_int(value) and value >= 0
 
@@ -169,11 +180,19 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "min_length": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "min_new_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "do_sample": (lambda v: isinstance(v, bool), "True or False"),
-    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (> 0 when do_sample=True)"),
+    "temperature": (lambda v: _is_finite(v) and v >= 0, "a finite number >= 0 (> 0 when do_sample=True)"),
     "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 disables it)"),
     "top_p": (lambda v: _is_number(v) and 0.0 < v <= 1.0, "a number in (0, 1]"),
-    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number > 0 (1.0 disables it)"),
+    "repetition_penalty": (
+        lambda v: _is_finite(v) and v >= MIN_REPETITION_PENALTY,
+        f"a finite number >= {MIN_REPETITION_PENALTY} (1.0 disables it; a smaller one can push a score "
+        "past float32's range)",
+    ),
     "no_repeat_ngram_size": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 disables it)"),
+    # The serving engine's settings (not generate()'s), here so that every rule is in one table.
+    "min_p": (lambda v: _is_number(v) and 0.0 <= v <= 1.0, "a number in [0, 1] (0 disables it)"),
+    "presence_penalty": (lambda v: _is_number(v) and -2.0 <= v <= 2.0, "a number in [-2, 2]"),
+    "frequency_penalty": (lambda v: _is_number(v) and -2.0 <= v <= 2.0, "a number in [-2, 2]"),
     "num_return_sequences": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "bos_token_id": (_is_token_id, "a token id (an integer >= 0) or None"),
     "eos_token_id": (_one_or_list(_is_token_id), "a token id (an integer >= 0), a list of them, or None"),
@@ -206,4 +225,3 @@ def check_seed(seed: Any) -> int:
     if not _is_int(seed) or not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
     return seed
-

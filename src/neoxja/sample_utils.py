@@ -42,13 +42,32 @@ def _check_switched_on(name: str, value: int, processor: str) -> int:
 
 
 class TemperatureProcessor:
-    """Divide the scores by ``temperature`` (> 0): below 1 sharpens, above 1 flattens the distribution."""
+    """Divide the scores by ``temperature`` (> 0): below 1 sharpens, above 1 flattens the distribution.
+
+    The quotient is the reference's (``scores / temperature`` in the scores' dtype, bit for bit)
+    wherever that is finite at each row's best score. Where it is not (a row's best score over a
+    tiny temperature overflows: 1e-40, or 1e-30 against a score of 1e9), or where the temperature
+    itself is no normal number of the scores' dtype (below float32's 1.2e-38 or above its 3.4e38),
+    the row is shifted so that its best score is 0 and divided in float64: the same distribution
+    (softmax ignores a shift), every score finite or -inf, never the NaN of ``inf - inf`` or of
+    ``-inf / inf``.
+    """
 
     def __init__(self, temperature: float) -> None:
         self.temperature = check_temperature(temperature, do_sample=True)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores.div_(self.temperature)
+        t = self.temperature
+        best = scores.amax(dim=-1, keepdim=True)
+        info = torch.finfo(scores.dtype)
+        if info.tiny <= t <= info.max:
+            plain = torch.isfinite(best / t)  # the quotient's maximum: division is monotonic
+            if bool(plain.all()):
+                return scores.div_(t)
+        else:
+            plain = torch.zeros_like(best, dtype=torch.bool)
+        shifted = ((scores.double() - best.double()) / t).to(scores.dtype)
+        return torch.where(plain, scores / t, shifted)
 
 
 class TopKProcessor:
@@ -123,10 +142,8 @@ class PresenceFrequencyProcessor:
     Counts are kept as a [batch, vocab] tensor, updated with the new tokens only."""
 
     def __init__(self, presence_penalty: float, frequency_penalty: float, prompt_length: int) -> None:
-        for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-            if not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
-        self.presence, self.frequency = float(presence_penalty), float(frequency_penalty)
+        self.presence = float(check_setting("presence_penalty", presence_penalty))
+        self.frequency = float(check_setting("frequency_penalty", frequency_penalty))
         self._counts: torch.Tensor | None = None
         self._consumed = prompt_length
 
@@ -145,9 +162,7 @@ class MinPProcessor:
     """Keep the tokens whose probability is at least ``min_p`` times the most likely one's."""
 
     def __init__(self, min_p: float) -> None:
-        if not 0.0 <= min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {min_p}")
-        self.min_p = float(min_p)
+        self.min_p = float(check_setting("min_p", min_p))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         probs = scores.softmax(dim=-1)
