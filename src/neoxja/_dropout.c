@@ -14,6 +14,7 @@
 #include <Python.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 
 static inline uint32_t mix(uint32_t x) {
     x ^= x >> 16;
@@ -60,20 +61,61 @@ static void *run_part(void *arg) {
 
 #define MAX_THREADS 64
 
+/* *out = the int obj, which must lie in 0..limit; else a ValueError or TypeError naming it. */
+static int bounded(PyObject *obj, const char *name, unsigned long long limit, uint32_t *out) {
+    PyObject *index = PyNumber_Index(obj);
+    if (index == NULL) {
+        PyErr_Format(PyExc_TypeError, "drop: %s must be an int, got %.100s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    unsigned long long value = PyLong_AsUnsignedLongLong(index);
+    Py_DECREF(index);
+    if ((value == (unsigned long long)-1 && PyErr_Occurred()) || value > limit) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "drop: %s must be in 0..%llu", name, limit);
+        return -1;
+    }
+    *out = (uint32_t)value;
+    return 0;
+}
+
+/* drop(x, k1, k2, threshold, scale, threads): x is a writable C-contiguous float32 or float64 array
+ * (buffer protocol) of at most 2**32 - 1 elements, checked before it is touched. */
 static PyObject *drop(PyObject *self, PyObject *args) {
-    unsigned long long address;
-    Py_ssize_t n;
-    int is_double, threads;
-    unsigned long k1, k2, threshold;
+    PyObject *o_x, *o_k1, *o_k2, *o_threshold;
+    uint32_t k1, k2, threshold;
+    int threads;
     double scale;
-    if (!PyArg_ParseTuple(args, "Knpkkkdi", &address, &n, &is_double, &k1, &k2, &threshold, &scale, &threads))
+    if (!PyArg_ParseTuple(args, "OOOOdi:drop", &o_x, &o_k1, &o_k2, &o_threshold, &scale, &threads)) return NULL;
+    if (bounded(o_k1, "k1", UINT32_MAX, &k1) || bounded(o_k2, "k2", UINT32_MAX, &k2) ||
+        bounded(o_threshold, "threshold", 1UL << 24, &threshold))
         return NULL;
-    if (n < 0 || (unsigned long long)n > UINT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "a dropout block holds at most 2**32 - 1 elements, got %zd", n);
+    if (!PyObject_CheckBuffer(o_x))
+        return PyErr_Format(PyExc_TypeError, "drop: x must be an array with the buffer protocol, got %.100s",
+                            Py_TYPE(o_x)->tp_name);
+    Py_buffer view;
+    if (PyObject_GetBuffer(o_x, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        return PyErr_Format(PyExc_ValueError, "drop: x must be a C-contiguous writable array");
+    }
+    const char *f = view.format ? view.format : "B";
+    if (*f == '@' || *f == '=' || *f == '<') f++;
+    int is_double = strcmp(f, "d") == 0 && view.itemsize == 8;
+    if (!is_double && !(strcmp(f, "f") == 0 && view.itemsize == 4)) {
+        PyErr_Format(PyExc_ValueError, "drop: x must hold float32 or float64 values, got format '%s'",
+                     view.format ? view.format : "B");
+        PyBuffer_Release(&view);
         return NULL;
     }
-    if (threshold > (1UL << 24) || k1 > UINT32_MAX || k2 > UINT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "dropout keys must be 32-bit and the threshold at most 2**24");
+    if ((uintptr_t)view.buf % (uintptr_t)view.itemsize) {
+        PyErr_SetString(PyExc_ValueError, "drop: x is not aligned to its items");
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    Py_ssize_t n = view.len / view.itemsize;
+    if ((unsigned long long)n > UINT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "drop: x holds %zd elements; a dropout block holds at most 2**32 - 1", n);
+        PyBuffer_Release(&view);
         return NULL;
     }
     if (threads < 1) threads = 1;
@@ -84,9 +126,8 @@ static PyObject *drop(PyObject *self, PyObject *args) {
     int started[MAX_THREADS] = {0};
     Py_BEGIN_ALLOW_THREADS
     for (int t = 0; t < threads; t++) {
-        parts[t] = (Part){(void *)(uintptr_t)address, is_double, (uint32_t)(n * t / threads),
-                          (uint32_t)(n * (t + 1) / threads), (uint32_t)k1, (uint32_t)k2, (uint32_t)threshold,
-                          scale};
+        parts[t] = (Part){view.buf, is_double, (uint32_t)(n * t / threads), (uint32_t)(n * (t + 1) / threads), k1, k2,
+                          threshold, scale};
         if (t > 0) started[t] = pthread_create(&ids[t], NULL, run_part, &parts[t]) == 0;
     }
     for (int t = 0; t < threads; t++)
@@ -94,13 +135,14 @@ static PyObject *drop(PyObject *self, PyObject *args) {
     for (int t = 1; t < threads; t++)
         if (started[t]) pthread_join(ids[t], NULL);
     Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"drop", drop, METH_VARARGS,
-     "drop(address, n, is_double, k1, k2, threshold, scale, threads): dropout in place of n contiguous\n"
-     "float32 (or float64) values at address; element i is kept, times scale, when\n"
+     "drop(x, k1, k2, threshold, scale, threads): dropout in place of x, a writable C-contiguous float32\n"
+     "or float64 array (buffer protocol); element i is kept, times scale, when\n"
      "mix(mix(i ^ k1) ^ k2) >> 8 >= threshold, else set to 0."},
     {NULL, NULL, 0, NULL},
 };

@@ -120,16 +120,7 @@ def drop_(x: torch.Tensor, dropout: float, seed: int) -> torch.Tensor:
     threshold, scale = round(dropout * 2**24), 1.0 / (1.0 - dropout)
     k1, k2 = _keys(seed)
     if _dropout is not None and x.is_contiguous() and x.dtype in (torch.float32, torch.float64):
-        _dropout.drop(
-            x.data_ptr(),
-            x.numel(),
-            x.dtype == torch.float64,
-            k1,
-            k2,
-            threshold,
-            scale,
-            torch.get_num_threads(),
-        )
+        _dropout.drop(x.detach().numpy(), k1, k2, threshold, scale, torch.get_num_threads())
         return x
     index = torch.arange(x.numel(), dtype=torch.int64).view(x.shape)
     keep = (_mix(_mix(index ^ k1) ^ k2) >> 8) >= threshold
