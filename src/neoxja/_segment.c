@@ -20,6 +20,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -53,8 +54,9 @@ typedef struct {
     char *long_lengths;  /* long_lengths[L]: some "<" word has length L */
     int32_t kigou_id, u2000_id;
     int32_t byte_ids[256];
-    PyObject **ints; /* id -> its int object, made on first use */
+    PyObject **ints; /* id -> its int object, made on first use (ids below n_ints) */
     Py_ssize_t n_ints;
+    int ready; /* every table built: set last by a successful __init__ */
 } Segmenter;
 
 static inline uint64_t
@@ -143,12 +145,14 @@ add_short(Segmenter *s, const Py_UCS4 *cp, Py_ssize_t len, int32_t id)
     }
 }
 
+/* Frees the tables, leaving the segmenter uninitialised (an __init__ that fails part way calls it,
+ * so no half-built table is ever used). */
 static void
-Segmenter_dealloc(Segmenter *s)
+free_tables(Segmenter *s)
 {
     if (s->ints != NULL) {
         for (Py_ssize_t i = 0; i < s->n_ints; i++)
-            Py_XDECREF(s->ints[i]);
+            Py_CLEAR(s->ints[i]);
         PyMem_Free(s->ints);
     }
     PyMem_Free(s->bmp);
@@ -157,15 +161,29 @@ Segmenter_dealloc(Segmenter *s)
     PyMem_Free(s->longs);
     PyMem_Free(s->long_text);
     PyMem_Free(s->long_lengths);
+    memset((char *)s + offsetof(Segmenter, bmp), 0, sizeof(Segmenter) - offsetof(Segmenter, bmp));
+}
+
+static void
+Segmenter_dealloc(Segmenter *s)
+{
+    free_tables(s);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
+/* An id argument: an int in 0..INT32_MAX, else a TypeError or ValueError naming `what`. It may run
+ * Python code (__index__), so callers read it from objects nobody else can change meanwhile. */
 static int
 id_arg(PyObject *value, const char *what, int32_t *out)
 {
     long v = PyLong_AsLong(value);
-    if (v == -1 && PyErr_Occurred())
+    if (v == -1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "%s: id is outside 0..%ld", what, (long)INT32_MAX);
+        }
         return -1;
+    }
     if (v < 0 || v > INT32_MAX) {
         PyErr_Format(PyExc_ValueError, "%s: id %ld is outside 0..%ld", what, v, (long)INT32_MAX);
         return -1;
@@ -174,51 +192,60 @@ id_arg(PyObject *value, const char *what, int32_t *out)
     return 0;
 }
 
+/* Builds the tables into s (a private struct, see Segmenter_init) from private copies of the arguments: the vocabulary's (word, id) pairs as a new
+ * list and byte_ids as a tuple, every id converted before any table is sized, so that Python code
+ * run by a conversion (an __index__ that changes the dict or the list) cannot make the second pass
+ * see more words than the first counted. */
 static int
-Segmenter_init(Segmenter *s, PyObject *args, PyObject *kwds)
+build_tables(Segmenter *s, PyObject *vocab, PyObject *kigou, PyObject *u2000, PyObject *byte_ids)
 {
-    static char *kwlist[] = {"vocab", "kigou_id", "u2000_id", "byte_ids", NULL};
-    PyObject *vocab, *kigou, *u2000, *byte_ids;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOO:Segmenter", kwlist, &PyDict_Type, &vocab, &kigou,
-                                     &u2000, &byte_ids))
-        return -1;
-    if (s->bmp != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "Segmenter is already initialised");
-        return -1;
-    }
     if (id_arg(kigou, "kigou_id", &s->kigou_id) < 0 || id_arg(u2000, "u2000_id", &s->u2000_id) < 0)
         return -1;
-    PyObject *seq = PySequence_Fast(byte_ids, "byte_ids must be a sequence of 256 ids");
-    if (seq == NULL)
+    PyObject *bytes = PySequence_Check(byte_ids) ? PySequence_Tuple(byte_ids) : NULL;
+    if (bytes == NULL) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "byte_ids must be a sequence of 256 ids, got %.100s",
+                     Py_TYPE(byte_ids)->tp_name);
         return -1;
-    if (PySequence_Fast_GET_SIZE(seq) != 256) {
-        Py_DECREF(seq);
-        PyErr_SetString(PyExc_ValueError, "byte_ids must hold 256 ids");
+    }
+    if (PyTuple_GET_SIZE(bytes) != 256) {
+        PyErr_Format(PyExc_ValueError, "byte_ids must hold 256 ids, got %zd", PyTuple_GET_SIZE(bytes));
+        Py_DECREF(bytes);
         return -1;
     }
     for (int b = 0; b < 256; b++) {
-        if (id_arg(PySequence_Fast_GET_ITEM(seq, b), "byte_ids", &s->byte_ids[b]) < 0) {
-            Py_DECREF(seq);
+        if (id_arg(PyTuple_GET_ITEM(bytes, b), "byte_ids", &s->byte_ids[b]) < 0) {
+            Py_DECREF(bytes);
             return -1;
         }
     }
-    Py_DECREF(seq);
+    Py_DECREF(bytes);
 
-    /* First pass: count the words of each table and find the largest id. */
-    Py_ssize_t n_short[3] = {0, 0, 0}, n_long = 0, long_chars = 0, pos = 0;
+    PyObject *items = PyDict_Items(vocab);
+    if (items == NULL)
+        return -1;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    int32_t *ids = PyMem_Malloc((n ? n : 1) * sizeof(int32_t));
+    int status = -1;
+    if (ids == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+
+    /* First pass: check every word and id, count the words of each table, find the largest id. */
+    Py_ssize_t n_short[3] = {0, 0, 0}, n_long = 0, long_chars = 0;
     int32_t max_id = s->kigou_id > s->u2000_id ? s->kigou_id : s->u2000_id;
     for (int b = 0; b < 256; b++)
         max_id = s->byte_ids[b] > max_id ? s->byte_ids[b] : max_id;
-    PyObject *word, *value;
-    while (PyDict_Next(vocab, &pos, &word, &value)) {
-        int32_t id;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *word = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
         if (!PyUnicode_Check(word)) {
             PyErr_Format(PyExc_TypeError, "vocab keys must be str, got %.100s", Py_TYPE(word)->tp_name);
-            return -1;
+            goto done;
         }
-        if (id_arg(value, "vocab", &id) < 0)
-            return -1;
-        max_id = id > max_id ? id : max_id;
+        if (id_arg(PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1), "vocab", &ids[i]) < 0)
+            goto done;
+        max_id = ids[i] > max_id ? ids[i] : max_id;
         Py_ssize_t len = PyUnicode_GET_LENGTH(word);
         for (Py_ssize_t k = 1; k <= len && len <= 3; k++)
             n_short[k - 1]++; /* the word and its prefixes (an upper bound of each table's entries) */
@@ -230,7 +257,7 @@ Segmenter_init(Segmenter *s, PyObject *args, PyObject *kwds)
     }
     if (max_id == INT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "ids must be below 2**31 - 1");
-        return -1;
+        goto done;
     }
     s->bmp = PyMem_Calloc(0x10000, sizeof(uint32_t));
     for (int k = 0; k < 3; k++) {
@@ -239,14 +266,15 @@ Segmenter_init(Segmenter *s, PyObject *args, PyObject *kwds)
         s->shorts[k].mask = size - 1;
         if (s->shorts[k].slots == NULL) {
             PyErr_NoMemory();
-            return -1;
+            goto done;
         }
     }
-    s->n_ints = (Py_ssize_t)max_id + 1;
+    /* ids beyond a dense vocabulary's range (a sparse or hostile one) get int objects made per use */
+    s->n_ints = (Py_ssize_t)max_id + 1 < 2 * (n + 258) ? (Py_ssize_t)max_id + 1 : 2 * (n + 258);
     s->ints = PyMem_Calloc(s->n_ints, sizeof(PyObject *));
     if (s->bmp == NULL || s->ints == NULL) {
         PyErr_NoMemory();
-        return -1;
+        goto done;
     }
     if (n_long) {
         uint64_t size = table_size(n_long);
@@ -256,15 +284,15 @@ Segmenter_init(Segmenter *s, PyObject *args, PyObject *kwds)
         s->long_lengths = PyMem_Calloc(s->long_max + 1, 1);
         if (s->longs == NULL || s->long_text == NULL || s->long_lengths == NULL) {
             PyErr_NoMemory();
-            return -1;
+            goto done;
         }
     }
 
-    /* Second pass: fill the tables. */
+    /* Second pass: fill the tables (no Python code runs here). */
     Py_ssize_t text_used = 0;
-    pos = 0;
-    while (PyDict_Next(vocab, &pos, &word, &value)) {
-        int32_t id = (int32_t)PyLong_AsLong(value);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *word = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+        int32_t id = ids[i];
         Py_ssize_t len = PyUnicode_GET_LENGTH(word);
         if (len >= 1 && len <= 3) {
             Py_UCS4 cp[3];
@@ -280,14 +308,49 @@ Segmenter_init(Segmenter *s, PyObject *args, PyObject *kwds)
                 h = hash_step(h, text[k]);
             }
             h = long_hash(h, len);
-            uint64_t i = h & s->long_mask;
-            while (s->longs[i].hash != 0)
-                i = (i + 1) & s->long_mask;
-            s->longs[i] = (LongEntry){h, text_used, len, id};
+            uint64_t slot = h & s->long_mask;
+            while (s->longs[slot].hash != 0)
+                slot = (slot + 1) & s->long_mask;
+            s->longs[slot] = (LongEntry){h, text_used, len, id};
             s->long_lengths[len] = 1;
             text_used += len;
         }
     }
+    status = 0;
+done:
+    PyMem_Free(ids);
+    Py_DECREF(items);
+    return status;
+}
+
+static int
+Segmenter_init(Segmenter *s, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"vocab", "kigou_id", "u2000_id", "byte_ids", NULL};
+    PyObject *vocab, *kigou, *u2000, *byte_ids;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOO:Segmenter", kwlist, &PyDict_Type, &vocab, &kigou,
+                                     &u2000, &byte_ids))
+        return -1;
+    if (s->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Segmenter is already initialised");
+        return -1;
+    }
+    /* Built aside and moved in at the end: a conversion that runs Python code may let another thread
+     * call __init__ or segment() on this object meanwhile, and must find it untouched. */
+    Segmenter built;
+    memset(&built, 0, sizeof built);
+    if (build_tables(&built, vocab, kigou, u2000, byte_ids) < 0) {
+        free_tables(&built);
+        return -1;
+    }
+    if (s->ready) {
+        free_tables(&built);
+        PyErr_SetString(PyExc_RuntimeError, "Segmenter is already initialised");
+        return -1;
+    }
+    memcpy((char *)s + offsetof(Segmenter, bmp), (char *)&built + offsetof(Segmenter, bmp),
+           sizeof(Segmenter) - offsetof(Segmenter, bmp));
+    s->ready = 1;
     return 0;
 }
 
@@ -470,7 +533,7 @@ Segmenter_segment(Segmenter *s, PyObject *text)
 {
     if (!PyUnicode_Check(text))
         return PyErr_Format(PyExc_TypeError, "text must be a str, got %.100s", Py_TYPE(text)->tp_name);
-    if (s->bmp == NULL) {
+    if (!s->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Segmenter is not initialised");
         return NULL;
     }
@@ -503,7 +566,8 @@ Segmenter_segment(Segmenter *s, PyObject *text)
     return list;
 }
 
-/* unpack(lengths, ids): the lists of ids that pack() wrote (int32 arrays in native byte order). */
+/* unpack(lengths, ids): the lists of ids that pack() wrote (int32 arrays in native byte order, any
+ * alignment: values are copied out, not dereferenced in place). */
 static PyObject *
 Segmenter_unpack(Segmenter *s, PyObject *args)
 {
@@ -511,22 +575,26 @@ Segmenter_unpack(Segmenter *s, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*:unpack", &lengths, &ids))
         return NULL;
     PyObject *result = NULL;
-    const int32_t *len = lengths.buf, *id = ids.buf;
+    const char *len_bytes = lengths.buf, *id_bytes = ids.buf;
     Py_ssize_t n = lengths.len / 4, total = ids.len / 4, used = 0;
     if (lengths.len % 4 || ids.len % 4) {
-        PyErr_SetString(PyExc_ValueError, "unpack: buffers must hold int32 values");
+        PyErr_SetString(PyExc_ValueError, "unpack: lengths and ids must hold int32 values (a multiple of 4 bytes)");
         goto done;
     }
     result = PyList_New(n);
     for (Py_ssize_t i = 0; result != NULL && i < n; i++) {
-        if (len[i] < 0 || len[i] > total - used) {
-            PyErr_Format(PyExc_ValueError, "unpack: length %d of sequence %zd overruns the ids", len[i], i);
+        int32_t len;
+        memcpy(&len, len_bytes + 4 * i, 4);
+        if (len < 0 || len > total - used) {
+            PyErr_Format(PyExc_ValueError, "unpack: length %d of sequence %zd overruns the ids", len, i);
             Py_CLEAR(result);
             break;
         }
-        PyObject *row = PyList_New(len[i]);
-        for (int32_t k = 0; row != NULL && k < len[i]; k++) {
-            PyObject *obj = id_object(s, id[used + k]);
+        PyObject *row = PyList_New(len);
+        for (int32_t k = 0; row != NULL && k < len; k++) {
+            int32_t id;
+            memcpy(&id, id_bytes + 4 * (used + k), 4);
+            PyObject *obj = id_object(s, id);
             if (obj == NULL)
                 Py_CLEAR(row);
             else
@@ -536,8 +604,12 @@ Segmenter_unpack(Segmenter *s, PyObject *args)
             Py_CLEAR(result);
             break;
         }
-        used += len[i];
+        used += len;
         PyList_SET_ITEM(result, i, row);
+    }
+    if (result != NULL && used != total) {
+        PyErr_Format(PyExc_ValueError, "unpack: the lengths cover %zd ids of %zd", used, total);
+        Py_CLEAR(result);
     }
 done:
     PyBuffer_Release(&lengths);
@@ -545,45 +617,73 @@ done:
     return result;
 }
 
-/* pack(sequences): (lengths, ids) of a list of lists of ints as int32 bytes, for unpack(). */
+/* pack(sequences): (lengths, ids) of a list of lists of ints as int32 bytes, for unpack().
+ *
+ * Converting an item may run Python code (__index__) that changes the lists being packed, so one
+ * pass reads every size afresh, holds a reference to the row and item it reads, and appends to
+ * growing buffers: what is packed is what was read, and nothing is written beyond what was
+ * allocated. (The first version sized its output in a first pass: a row that grew during the second
+ * overflowed the heap.) */
 static PyObject *
 pack(PyObject *module, PyObject *sequences)
 {
     (void)module;
     if (!PyList_Check(sequences))
         return PyErr_Format(PyExc_TypeError, "pack: expected a list, got %.100s", Py_TYPE(sequences)->tp_name);
-    Py_ssize_t n = PyList_GET_SIZE(sequences), total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    IdBuffer lengths = {NULL, 0, 0}, ids = {NULL, 0, 0};
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(sequences); i++) {
         PyObject *row = PyList_GET_ITEM(sequences, i);
-        if (!PyList_Check(row))
-            return PyErr_Format(PyExc_TypeError, "pack: item %zd is not a list", i);
-        total += PyList_GET_SIZE(row);
-    }
-    PyObject *lengths = PyBytes_FromStringAndSize(NULL, n * 4);
-    PyObject *ids = PyBytes_FromStringAndSize(NULL, total * 4);
-    if (lengths == NULL || ids == NULL)
-        goto fail;
-    int32_t *len = (int32_t *)PyBytes_AS_STRING(lengths), *out = (int32_t *)PyBytes_AS_STRING(ids);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *row = PyList_GET_ITEM(sequences, i);
-        Py_ssize_t m = PyList_GET_SIZE(row);
-        len[i] = (int32_t)m;
-        for (Py_ssize_t k = 0; k < m; k++) {
-            long v = PyLong_AsLong(PyList_GET_ITEM(row, k));
-            if (v == -1 && PyErr_Occurred())
-                goto fail;
-            if (v < INT32_MIN || v > INT32_MAX) {
-                PyErr_Format(PyExc_OverflowError, "pack: id %ld does not fit in int32", v);
-                goto fail;
-            }
-            *out++ = (int32_t)v;
+        if (!PyList_Check(row)) {
+            PyErr_Format(PyExc_TypeError, "pack: item %zd is not a list", i);
+            goto done;
         }
+        Py_INCREF(row);
+        Py_ssize_t start = ids.size;
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(row); k++) {
+            PyObject *item = PyList_GET_ITEM(row, k);
+            Py_INCREF(item);
+            long v = PyLong_AsLong(item);
+            Py_DECREF(item);
+            if (v == -1 && PyErr_Occurred()) {
+                if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                    PyErr_Clear();
+                    PyErr_Format(PyExc_ValueError, "pack: item %zd of sequence %zd does not fit in int32", k, i);
+                }
+                Py_DECREF(row);
+                goto done;
+            }
+            if (v < INT32_MIN || v > INT32_MAX) {
+                PyErr_Format(PyExc_ValueError, "pack: id %ld (item %zd of sequence %zd) does not fit in int32", v, k,
+                             i);
+                Py_DECREF(row);
+                goto done;
+            }
+            if (reserve(&ids, 1) < 0) {
+                Py_DECREF(row);
+                goto done;
+            }
+            ids.ids[ids.size++] = (int32_t)v;
+        }
+        Py_DECREF(row);
+        if (ids.size - start > INT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "pack: sequence %zd holds more than 2**31 - 1 ids", i);
+            goto done;
+        }
+        if (reserve(&lengths, 1) < 0)
+            goto done;
+        lengths.ids[lengths.size++] = (int32_t)(ids.size - start);
     }
-    return Py_BuildValue("(NN)", lengths, ids);
-fail:
-    Py_XDECREF(lengths);
-    Py_XDECREF(ids);
-    return NULL;
+    PyObject *len_bytes = PyBytes_FromStringAndSize(lengths.ids ? (const char *)lengths.ids : "", lengths.size * 4);
+    PyObject *id_bytes = PyBytes_FromStringAndSize(ids.ids ? (const char *)ids.ids : "", ids.size * 4);
+    if (len_bytes != NULL && id_bytes != NULL)
+        result = PyTuple_Pack(2, len_bytes, id_bytes);
+    Py_XDECREF(len_bytes);
+    Py_XDECREF(id_bytes);
+done:
+    PyMem_Free(lengths.ids);
+    PyMem_Free(ids.ids);
+    return result;
 }
 
 static PyMethodDef Segmenter_methods[] = {
