@@ -45,7 +45,10 @@ def _array(t: Tensor | None) -> Any:
     """``t`` as the C kernels take it: a numpy view (bfloat16 as int16), made contiguous; None stays."""
     if t is None:
         return None
-    t = t.detach().contiguous()
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
