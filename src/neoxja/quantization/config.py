@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from typing import Any
 
@@ -65,8 +66,12 @@ class BitsAndBytesConfig:
                 raise ValueError(f"{field} must be True or False, got {value!r}")
         if load_in_8bit and load_in_4bit:
             raise ValueError("load_in_4bit and load_in_8bit cannot both be True: choose one")
-        if isinstance(llm_int8_threshold, bool) or not isinstance(llm_int8_threshold, (int, float)):
-            raise ValueError(f"llm_int8_threshold must be a number, got {llm_int8_threshold!r}")
+        if (
+            isinstance(llm_int8_threshold, bool)
+            or not isinstance(llm_int8_threshold, (int, float))
+            or not math.isfinite(llm_int8_threshold)
+        ):
+            raise ValueError(f"llm_int8_threshold must be a finite number, got {llm_int8_threshold!r}")
         if llm_int8_skip_modules is not None and not (
             isinstance(llm_int8_skip_modules, list) and all(isinstance(m, str) for m in llm_int8_skip_modules)
         ):

@@ -23,6 +23,9 @@ from torch import Tensor
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 QUANT_TYPES = ("nf4", "fp4")
+# What a 4-bit weight dequantizes to (bitsandbytes has kernels for these alone): a quant state's
+# "dtype" is looked up here, never taken as any attribute of torch.
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # nf4: quantiles of a standard normal (QLoRA), as bitsandbytes lists them.
 _NF4 = (

@@ -14,13 +14,22 @@ gives the gradient with respect to the input, for LoRA on a quantized base.
 from __future__ import annotations
 
 import json
+import math
+import os
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from neoxja import jsonfile
 from neoxja.linear import FORMATS, LinearFormat
 from neoxja.quantization import formats, ops
+from neoxja.quantization.config import STORAGE_DTYPES
+
+# bitsandbytes' QuantState.from_dict accepts these keys in a serialized quant state and no others
+_NESTED_STATE_KEYS = ("nested_blocksize", "nested_dtype", "nested_offset")
+_QUANT_STATE_KEYS = {"quant_type", "blocksize", "dtype", "shape", *_NESTED_STATE_KEYS}
 
 
 class QuantizedLinear(LinearFormat):
@@ -67,8 +76,15 @@ class QuantizedLinear(LinearFormat):
         return cls.from_weight(linear.weight, linear.bias, **options)
 
     @classmethod
-    def from_state(cls, tensors: dict[str, Tensor], prefix: str, bias: Tensor | None) -> QuantizedLinear:
-        """A layer from its serialized tensors (keys after ``prefix``, e.g. ``"weight.absmax"``)."""
+    def from_state(
+        cls,
+        tensors: dict[str, Tensor],
+        prefix: str,
+        bias: Tensor | None,
+        files: Mapping[str, str | os.PathLike] | None = None,
+    ) -> QuantizedLinear:
+        """A layer from its serialized tensors (keys after ``prefix``, e.g. ``"weight.absmax"``; ``files``:
+        the file each came from, for the errors), every key, shape and value checked."""
         raise NotImplementedError
 
     def nbytes(self) -> int:
@@ -77,20 +93,77 @@ class QuantizedLinear(LinearFormat):
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _require(tensors: dict[str, Tensor], prefix: str, key: str) -> Tensor:
-    if key not in tensors:
-        raise ValueError(
-            f"quantized checkpoint: {prefix}{key} is missing (needed by the layer {prefix.rstrip('.')})"
-        )
-    return tensors[key]
+class SerializedLayer:
+    """One layer's serialized tensors (keys after ``prefix``) as a checkpoint brought them, read with
+    errors that name the file (where known) and the key of every value refused."""
 
+    def __init__(
+        self, tensors: dict[str, Tensor], prefix: str, files: Mapping[str, str | os.PathLike] | None = None
+    ) -> None:
+        self.tensors, self.prefix, self.files = tensors, prefix, dict(files or {})
 
-def _check_shape(prefix: str, key: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(
-            f"quantized checkpoint: {prefix}{key} has shape {list(tensor.shape)}, "
-            f"the layer needs {list(shape)}"
-        )
+    def where(self, key: str) -> str:
+        """``"<file>: <prefix><key>"``, the file being the key's own or else the layer weight's."""
+        file = self.files.get(key, self.files.get("weight"))
+        return f"{file if file is not None else 'quantized checkpoint'}: {self.prefix}{key}"
+
+    def error(self, key: str, problem: str) -> ValueError:
+        return ValueError(f"{self.where(key)} {problem}")
+
+    def require(self, key: str) -> Tensor:
+        if key not in self.tensors:
+            raise ValueError(
+                f"quantized checkpoint: {self.prefix}{key} is missing (needed by the layer "
+                f"{self.prefix.rstrip('.')})"
+            )
+        return self.tensors[key]
+
+    def check_keys(self, allowed: set[str]) -> None:
+        """Refuse tensors the format has no place for (they would be dropped without a word)."""
+        extra = sorted(set(self.tensors) - allowed)
+        if extra:
+            raise self.error(extra[0], f"is not part of a {self.prefix.rstrip('.')} layer's format")
+
+    def check_shape(self, key: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
+        if tuple(tensor.shape) != tuple(shape):
+            raise self.error(key, f"has shape {list(tensor.shape)}, the layer needs {list(shape)}")
+
+    def floats(self, key: str, tensor: Tensor, low: float, high: float) -> Tensor:
+        """``tensor`` as float32 (the kernels' arithmetic), refused unless it is a float tensor whose
+        every value is finite and within [low, high]; the error gives the first bad value's index."""
+        if not tensor.is_floating_point():
+            raise self.error(key, f"holds {tensor.dtype} values; the format stores floats here")
+        values = tensor.float()
+        bad = ~torch.isfinite(values) | (values < low) | (values > high)
+        if bad.any():
+            index = [int(i) for i in bad.nonzero()[0]]
+            raise self.error(
+                key,
+                f"holds {values[tuple(index)].item()!r} at index {index}; the format needs finite values "
+                f"in [{low:g}, {high:g}]",
+            )
+        return values
+
+    def quant_state(self, key: str) -> dict[str, Any]:
+        """The JSON object bitsandbytes packs into the uint8 tensor ``key``."""
+        raw = self.require(key)
+        if raw.dtype != torch.uint8 or raw.dim() != 1:
+            raise self.error(
+                key, f"must be a 1-d uint8 tensor (JSON bytes), got {raw.dtype} {list(raw.shape)}"
+            )
+        info = jsonfile.loads(raw.cpu().numpy().tobytes(), self.where(key))
+        if not isinstance(info, dict):
+            raise self.error(key, f"is not a valid quant state: a JSON {type(info).__name__}, not an object")
+        unknown = sorted(set(info) - _QUANT_STATE_KEYS)
+        if unknown:
+            raise self.error(key, f"has keys bitsandbytes does not know: {', '.join(unknown)}")
+        return info
+
+    def state_int(self, key: str, info: dict[str, Any], field: str) -> int:
+        value = info.get(field)
+        if type(value) is not int:
+            raise self.error(key, f"has {field}={value!r}; it must be an integer")
+        return value
 
 
 class Linear4bit(QuantizedLinear):
@@ -168,61 +241,115 @@ class Linear4bit(QuantizedLinear):
         destination[key + "quant_state.bitsandbytes__" + self.quant_type] = packed_info
 
     @classmethod
-    def from_state(cls, tensors: dict[str, Tensor], prefix: str, bias: Tensor | None) -> Linear4bit:
+    def from_state(
+        cls,
+        tensors: dict[str, Tensor],
+        prefix: str,
+        bias: Tensor | None,
+        files: Mapping[str, str | os.PathLike] | None = None,
+    ) -> Linear4bit:
+        layer = SerializedLayer(tensors, prefix, files)
         state_key = "weight.quant_state.bitsandbytes__" + cls.quant_type
-        raw = _require(tensors, prefix, state_key)
-        try:
-            info = json.loads(bytes(raw.to(torch.uint8).tolist()).decode("utf-8"))
-            out_features, in_features = (int(n) for n in info["shape"])
-            blocksize = int(info["blocksize"])
-            dtype = getattr(torch, info["dtype"])
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ValueError(
-                f"quantized checkpoint: {prefix}{state_key} is not a valid quant state: {error}"
-            ) from None
+        info = layer.quant_state(state_key)
         if info.get("quant_type") != cls.quant_type:
-            raise ValueError(
-                f"quantized checkpoint: {prefix}{state_key} says quant_type={info.get('quant_type')!r}"
-            )
+            raise layer.error(state_key, f"says quant_type={info.get('quant_type')!r}")
+        blocksize = layer.state_int(state_key, info, "blocksize")
         if blocksize not in formats.BLOCKSIZES_4BIT:
-            raise ValueError(
-                f"quantized checkpoint: {prefix}{state_key} has blocksize {blocksize}, not 4-bit's"
+            raise layer.error(state_key, f"has blocksize {blocksize}, not 4-bit's {formats.BLOCKSIZES_4BIT}")
+        dtype = formats.WEIGHT_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise layer.error(
+                state_key, f"has dtype={info.get('dtype')!r}, not one of {', '.join(formats.WEIGHT_DTYPES)}"
             )
+        shape = info.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(n) is int and n > 0 for n in shape)):
+            raise layer.error(state_key, f"has shape={shape!r}; it must be [out_features, in_features]")
+        nested = "weight.nested_absmax" in tensors or any(key in info for key in _NESTED_STATE_KEYS)
+        layer.check_keys(
+            {"weight", "bias", "weight.absmax", "weight.quant_map", state_key}
+            | ({"weight.nested_absmax", "weight.nested_quant_map"} if nested else set())
+        )
+        out_features, in_features = shape
         n = out_features * in_features
         blocks = -(-n // blocksize)
-        packed = _require(tensors, prefix, "weight")
+        packed = layer.require("weight")
         storage = packed.dtype
-        packed = packed.reshape(-1).view(torch.uint8).reshape(-1, 1)
-        _check_shape(prefix, "weight", packed, ((n + 1) // 2, 1))
-        code = _require(tensors, prefix, "weight.quant_map").float()
-        _check_shape(prefix, "weight.quant_map", code, (16,))
-        absmax = _require(tensors, prefix, "weight.absmax")
-        _check_shape(prefix, "weight.absmax", absmax, (blocks,))
-        weight = formats.Quantized4bit(
-            packed, absmax, code, blocksize, cls.quant_type, (out_features, in_features), dtype
-        )
-        if "nested_offset" in info or "weight.nested_absmax" in tensors:
-            weight.nested_absmax = _require(tensors, prefix, "weight.nested_absmax").float()
-            _check_shape(
-                prefix,
-                "weight.nested_absmax",
-                weight.nested_absmax,
-                (-(-blocks // formats.NESTED_BLOCKSIZE),),
+        if str(storage).removeprefix("torch.") not in STORAGE_DTYPES:
+            raise layer.error(
+                "weight", f"is {storage}, not a 4-bit storage dtype ({', '.join(STORAGE_DTYPES)})"
             )
-            weight.nested_code = _require(tensors, prefix, "weight.nested_quant_map").float()
-            _check_shape(prefix, "weight.nested_quant_map", weight.nested_code, (256,))
-            if absmax.dtype != torch.uint8:
-                raise ValueError(
-                    f"quantized checkpoint: {prefix}weight.absmax must be uint8 with double quantization"
-                )
-            weight.offset = float(info.get("nested_offset", 0.0))
+        packed = packed.reshape(-1).view(torch.uint8).reshape(-1, 1)
+        layer.check_shape("weight", packed, ((n + 1) // 2, 1))
+        code = layer.require("weight.quant_map")
+        layer.check_shape("weight.quant_map", code, (16,))
+        standard = formats.code_4bit(cls.quant_type).to(code.device)
+        if not torch.allclose(layer.floats("weight.quant_map", code, -1, 1), standard, rtol=0, atol=1e-6):
+            # bitsandbytes decodes with quant_type's fixed table whatever the file holds, so another
+            # table would give other weights here than in transformers: no writer makes one.
+            raise layer.error("weight.quant_map", f"is not bitsandbytes' {cls.quant_type} table")
+        absmax = layer.require("weight.absmax")
+        layer.check_shape("weight.absmax", absmax, (blocks,))
+        weight = formats.Quantized4bit(
+            packed, absmax, standard, blocksize, cls.quant_type, (out_features, in_features), dtype
+        )
+        largest = torch.finfo(dtype).max  # an absmax is the largest |value| of a block of the weight
+        if nested:
+            _read_nested(layer, info, state_key, weight)
         else:
-            weight.absmax = absmax.float()
+            weight.absmax = layer.floats("weight.absmax", absmax, 0.0, largest)
         return cls(weight, bias, storage)
 
     def extra_repr(self) -> str:
         nested = ", double_quant" if self.nested_absmax is not None else ""
         return f"{super().extra_repr()}, {self.quant_type}, blocksize={self.blocksize}{nested}"
+
+
+def _read_nested(
+    layer: SerializedLayer, info: dict[str, Any], state_key: str, weight: formats.Quantized4bit
+) -> None:
+    """Double quantization's tensors and offset into ``weight``, each checked against what a real file
+    can hold: nested absmax (a block's largest |absmax - offset|) finite in [0, the weight dtype's
+    largest]; the nested code 256 finite values in [-1, 1]; the offset (the mean of the absmax) finite
+    in [0, that largest]; and the block absmax they give back in that range too, give or take one
+    step of the nested code (the rounding double quantization may do on an all-zero block)."""
+    missing = [key for key in _NESTED_STATE_KEYS if key not in info]
+    if missing:
+        raise layer.error(state_key, f"lacks {', '.join(missing)}, needed with double quantization")
+    if layer.state_int(state_key, info, "nested_blocksize") != formats.NESTED_BLOCKSIZE:
+        raise layer.error(
+            state_key, f"has nested_blocksize={info['nested_blocksize']}, not {formats.NESTED_BLOCKSIZE}"
+        )
+    if info["nested_dtype"] != "float32":
+        raise layer.error(state_key, f"has nested_dtype={info['nested_dtype']!r}, not 'float32'")
+    largest = torch.finfo(weight.dtype).max
+    offset = info["nested_offset"]
+    if type(offset) not in (int, float) or not (math.isfinite(offset) and 0 <= offset <= largest):
+        raise layer.error(
+            state_key,
+            f"has nested_offset={offset!r}; the mean of a {weight.dtype} weight's block absmax is a "
+            f"finite number in [0, {largest:g}]",
+        )
+    if weight.absmax.dtype != torch.uint8:
+        raise layer.error("weight.absmax", "must be uint8 with double quantization")
+    nested_absmax = layer.require("weight.nested_absmax")
+    groups = -(-weight.absmax.numel() // formats.NESTED_BLOCKSIZE)
+    layer.check_shape("weight.nested_absmax", nested_absmax, (groups,))
+    weight.nested_absmax = layer.floats("weight.nested_absmax", nested_absmax, 0.0, largest)
+    code = layer.require("weight.nested_quant_map")
+    layer.check_shape("weight.nested_quant_map", code, (256,))
+    weight.nested_code = layer.floats("weight.nested_quant_map", code, -1.0, 1.0)
+    weight.offset = float(offset)
+    block_absmax = weight.block_absmax()
+    step = weight.nested_code.sort().values.diff().max()
+    slack = (step * weight.nested_absmax).repeat_interleave(formats.NESTED_BLOCKSIZE)[: block_absmax.numel()]
+    bad = ~torch.isfinite(block_absmax) | (block_absmax < -slack) | (block_absmax > largest + slack)
+    if bad.any():
+        block = int(bad.nonzero()[0])
+        raise layer.error(
+            "weight.absmax",
+            f"with nested_offset={offset!r} gives block {block} the absmax {block_absmax[block].item()!r}; "
+            f"a block absmax of a {weight.dtype} weight lies in [0, {largest:g}]",
+        )
 
 
 class LinearNF4(Linear4bit):
@@ -268,19 +395,34 @@ class Linear8bit(QuantizedLinear):
         destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)  # bitsandbytes' "row"
 
     @classmethod
-    def from_state(cls, tensors: dict[str, Tensor], prefix: str, bias: Tensor | None) -> Linear8bit:
-        weight = _require(tensors, prefix, "weight")
+    def from_state(
+        cls,
+        tensors: dict[str, Tensor],
+        prefix: str,
+        bias: Tensor | None,
+        files: Mapping[str, str | os.PathLike] | None = None,
+    ) -> Linear8bit:
+        layer = SerializedLayer(tensors, prefix, files)
+        layer.check_keys({"weight", "bias", "SCB", "weight_format"})
+        weight = layer.require("weight")
         if weight.dtype != torch.int8 or weight.dim() != 2:
-            raise ValueError(
-                f"quantized checkpoint: {prefix}weight must be a 2-d int8 tensor, got {weight.dtype}"
-            )
-        scb = _require(tensors, prefix, "SCB").float()
-        _check_shape(prefix, "SCB", scb, (weight.shape[0],))
+            raise layer.error("weight", f"must be a 2-d int8 tensor, got {weight.dtype} {list(weight.shape)}")
+        if (weight == -128).any():  # bitsandbytes rounds rows to [-127, 127]
+            index = [int(i) for i in (weight == -128).nonzero()[0]]
+            raise layer.error("weight", f"holds -128 at index {index}; int8 rows lie in [-127, 127]")
+        scb = layer.require("SCB")
+        layer.check_shape("SCB", scb, (weight.shape[0],))
+        # A row's largest |value| (in float32, the kernels' arithmetic); 0 for an all-zero row, as
+        # bitsandbytes writes it, so zero is accepted and only a negative scale is refused.
+        scb = layer.floats("SCB", scb, 0.0, torch.finfo(torch.float32).max)
         layout = tensors.get("weight_format")
-        if layout is not None and int(layout) != 0:
-            raise ValueError(
-                f"quantized checkpoint: {prefix}weight_format={int(layout)}; only 0 (row) is supported"
-            )
+        if layout is not None:
+            if layout.numel() != 1 or layout.is_floating_point() or layout.is_complex():
+                raise layer.error(
+                    "weight_format", f"must be one integer, got {layout.dtype} {list(layout.shape)}"
+                )
+            if int(layout) != 0:
+                raise layer.error("weight_format", f"is {int(layout)}; only 0 (row) is supported")
         return cls(weight, scb, bias)
 
 
@@ -304,8 +446,21 @@ class LinearBFloat16(QuantizedLinear):
         return self.weight
 
     @classmethod
-    def from_state(cls, tensors: dict[str, Tensor], prefix: str, bias: Tensor | None) -> LinearBFloat16:
-        return cls(_require(tensors, prefix, "weight"), bias)
+    def from_state(
+        cls,
+        tensors: dict[str, Tensor],
+        prefix: str,
+        bias: Tensor | None,
+        files: Mapping[str, str | os.PathLike] | None = None,
+    ) -> LinearBFloat16:
+        layer = SerializedLayer(tensors, prefix, files)
+        layer.check_keys({"weight", "bias"})
+        weight = layer.require("weight")
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise layer.error(
+                "weight", f"must be a 2-d float tensor, got {weight.dtype} {list(weight.shape)}"
+            )
+        return cls(weight, bias)
 
 
 QUANTIZED_FORMATS: dict[str, type[QuantizedLinear]] = {

@@ -111,6 +111,7 @@ class QuantizingLoader:
         self.device = device
         self.targets = target_layers(model, plan)
         self.pieces: dict[str, dict[str, Tensor]] = {name: {} for name in self.targets}
+        self.files: dict[str, dict[str, Path]] = {name: {} for name in self.targets}  # for the errors
         self.layers: dict[str, QuantizedLinear] = {}
 
     def _layer_of(self, key: str) -> tuple[str, str] | None:
@@ -128,6 +129,11 @@ class QuantizingLoader:
             return False
         name, sub = found
         module = self.targets[name]
+        if not self.prequantized and sub not in ("weight", "bias"):
+            return False
+        if sub in self.pieces[name]:
+            raise ValueError(f"{path}: {key} is also in {self.files[name][sub]}: which one is meant?")
+        self.files[name][sub] = path
         if sub == "weight" and not self.prequantized:
             if tuple(tensor.shape) != tuple(module.weight.shape):
                 raise ValueError(
@@ -146,8 +152,6 @@ class QuantizingLoader:
             )  # quantized from the load dtype, as bitsandbytes
             self.pieces[name]["weight"] = self.plan.fmt.from_weight(weight, None, **self.plan.options)
             return True
-        if not self.prequantized and sub != "bias":
-            return False
         self.pieces[name][sub] = tensor.to(self.device)
         return True
 
@@ -161,11 +165,12 @@ class QuantizingLoader:
             if not pieces or (self.prequantized and "weight" not in pieces):
                 raise ValueError(f"quantized checkpoint: {name}.weight is missing")
             if self.prequantized:
-                layer = self.plan.fmt.from_state(pieces, name + ".", bias)
+                layer = self.plan.fmt.from_state(pieces, name + ".", bias, self.files[name])
                 module = self.targets[name]
                 if (layer.out_features, layer.in_features) != (module.out_features, module.in_features):
                     raise ValueError(
-                        f"quantized checkpoint: {name}.weight is [{layer.out_features}, {layer.in_features}] "
+                        f"{self.files[name]['weight']}: {name}.weight is [{layer.out_features}, "
+                        f"{layer.in_features}] "
                         "but the model (from its config) expects "
                         f"[{module.out_features}, {module.in_features}]"
                     )
@@ -204,9 +209,7 @@ def plan_for(
     """(the plan, whether the checkpoint is pre-quantized) for a load's arguments and config.json."""
     saved = getattr(config, "quantization_config", None)
     if saved is not None:
-        if not isinstance(saved, dict):
-            saved = saved.to_dict()
-        stored = BitsAndBytesConfig.from_dict(saved)
+        stored = _saved_settings(config, saved)
         asked = quantization_config
         if isinstance(asked, dict):
             asked = BitsAndBytesConfig.from_dict(asked)
@@ -234,6 +237,20 @@ def plan_for(
     if weight_format is not None:
         return QuantizationPlan.from_format(weight_format), False
     return None, False
+
+
+def _saved_settings(config: Any, saved: Any) -> BitsAndBytesConfig:
+    """The ``quantization_config`` of a checkpoint's config.json, its errors naming that file and key."""
+    if isinstance(saved, BitsAndBytesConfig):
+        return saved
+    where = Path(getattr(config, "name_or_path", "") or ".")
+    where = where if where.suffix == ".json" else where / "config.json"
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where}: quantization_config must be an object, got a {type(saved).__name__}")
+    try:
+        return BitsAndBytesConfig.from_dict(saved)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: quantization_config: {error}") from None
 
 
 def quantize(model: GPTNeoXJapanesePreTrainedModel, weight_format: str, **options: Any) -> nn.Module:
