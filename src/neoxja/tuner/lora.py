@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TARGETS = LORA_TARGETS
+MAX_ADAPTER_CHAIN = 16  # adapters stacked on adapters; real ones stack one or two
 
 
 @dataclass
@@ -39,10 +41,10 @@ class LoraArguments:
 
     def validate(self) -> None:
         """A ``ValueError`` naming the first argument out of range."""
-        if not isinstance(self.r, int) or self.r < 1:
+        if not _positive_int(self.r):
             raise ValueError(f"lora r must be a positive int, got {self.r!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"lora alpha must be > 0, got {self.alpha!r}")
+        if not _positive_number(self.alpha):
+            raise ValueError(f"lora alpha must be a finite number > 0, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
         unknown = sorted(set(self.target) - set(TARGETS))
@@ -96,12 +98,45 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def _adapter_only(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an adapter directory with no model of its own (loading it loads its base)."""
+    return is_adapter_dir(path) and not (Path(path) / "config.json").is_file()
+
+
+def _read_base(path: str | os.PathLike) -> str:
+    config_path = Path(path) / ADAPTER_CONFIG
+    base = read_json_object(config_path, "a peft adapter config").get("base_model_name_or_path")
+    if base is None or base == "":
+        raise ValueError(f"{config_path}: no base_model_name_or_path; pass the base model")
+    if not isinstance(base, str):
+        raise ValueError(f"{config_path}: base_model_name_or_path must be a path or Hub id, got {base!r}")
+    return base
+
+
 def adapter_base(path: str | os.PathLike) -> str:
-    """The base model an adapter directory names (``base_model_name_or_path``)."""
-    config = read_json_object(Path(path) / ADAPTER_CONFIG, "a peft adapter config")
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{Path(path) / ADAPTER_CONFIG}: no base_model_name_or_path; pass the base model")
+    """The base model an adapter directory names (``base_model_name_or_path``).
+
+    The chain of bases is followed first, as loading will follow it (a base that is an adapter
+    directory without config.json loads its own base, and so on): a chain that comes back to an
+    adapter already on it (itself, A -> B -> A), or stacks more than ``MAX_ADAPTER_CHAIN`` adapters,
+    is refused naming the chain, where loading would recurse without end.
+    """
+    chain = [str(path)]
+    seen = {Path(path).resolve()}
+    base = current = _read_base(path)
+    while _adapter_only(current):
+        chain.append(current)
+        if Path(current).resolve() in seen:
+            raise ValueError(
+                f"{Path(chain[-2]) / ADAPTER_CONFIG}: base_model_name_or_path leads back to {current}, an "
+                f"adapter already on the chain {' -> '.join(chain)}; the chain must end in a model"
+            )
+        if len(chain) > MAX_ADAPTER_CHAIN:
+            raise ValueError(
+                f"{path}: more than {MAX_ADAPTER_CHAIN} adapters stacked on one another: {' -> '.join(chain)}"
+            )
+        seen.add(Path(current).resolve())
+        current = _read_base(current)
     return base
 
 
@@ -110,57 +145,163 @@ def merge_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     Supports what neoxja trains and peft's plain LoRA: ``r``/``lora_alpha`` with optional
     ``rank_pattern``/``alpha_pattern`` and ``use_rslora``; anything else (DoRA, biases, other
-    adapter types) is refused with its name rather than merged wrongly.
+    adapter types) is refused with its name rather than merged wrongly. Every setting and tensor is
+    checked before the first weight changes (types, ranks against the shapes, finite values, merged
+    weights within the model's dtype), so a refused adapter leaves ``model`` as it was.
     """
     import torch
-    from safetensors.torch import load_file
     from torch import nn
 
     directory = Path(path)
-    config_path = directory / ADAPTER_CONFIG
-    config = read_json_object(config_path, "a peft adapter config")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
-        if config.get(key, plain) != plain:
-            raise ValueError(
-                f"{config_path}: {key}={config[key]!r} is not supported; merge with peft instead"
-            )
+    settings = _LoraSettings.read(directory / ADAPTER_CONFIG)
     weights_path = directory / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise FileNotFoundError(f"{directory}: no {ADAPTER_WEIGHTS}")
-    state = load_file(weights_path)
     modules = dict(model.named_modules())
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        name, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
-        if part not in ("A.weight", "B.weight"):
-            raise ValueError(f"{weights_path}: unexpected tensor {key!r} (only lora_A/lora_B weights merge)")
-        pairs.setdefault(name, {})[part[0]] = tensor
+    merges = []
+    for name, (a, b) in _read_pairs(weights_path).items():
+        layer = modules.get(name)
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"{weights_path}: {name!r} is not a linear layer of the model")
+        rank = a.shape[0]
+        if (b.shape[0], a.shape[1]) != tuple(layer.weight.shape) or b.shape[1] != rank:
+            raise ValueError(
+                f"{weights_path}: {name} has A {list(a.shape)} and B {list(b.shape)}, which do not fit "
+                f"the weight {list(layer.weight.shape)}"
+            )
+        key, configured = settings.rank(name)
+        if rank != configured:
+            raise ValueError(
+                f"{weights_path}: {name}.lora_A has rank {rank}, but {settings.path} says {key}={configured}"
+            )
+        scale = settings.alpha(name) / (math.sqrt(rank) if settings.use_rslora else rank)
+        _check_merged(weights_path, name, layer.weight, a, b, scale)
+        merges.append((layer, a, b, scale))
     with torch.no_grad():
-        for name, pair in pairs.items():
-            layer = modules.get(name)
-            if not isinstance(layer, nn.Linear) or set(pair) != {"A", "B"}:
-                raise ValueError(
-                    f"{weights_path}: {name!r} is not a linear layer of the model with lora_A and lora_B"
-                )
-            a, b = pair["A"], pair["B"]
-            rank = a.shape[0]
-            alpha = _pattern(config, "alpha_pattern", name, config.get("lora_alpha", 8))
-            scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            if (b.shape[0], a.shape[1]) != tuple(layer.weight.shape) or b.shape[1] != rank:
-                raise ValueError(
-                    f"{weights_path}: {name} has A {list(a.shape)} and B {list(b.shape)}, which do not fit "
-                    f"the weight {list(layer.weight.shape)}"
-                )
+        for layer, a, b, scale in merges:
             delta = (b.double() @ a.double()) * scale
             layer.weight.copy_((layer.weight.double() + delta.to(layer.weight.device)).to(layer.weight.dtype))
     return model
 
 
-def _pattern(config: dict, key: str, name: str, default: float) -> float:
-    """A per-layer override from peft's ``rank_pattern``/``alpha_pattern`` (matched as a name suffix)."""
-    for pattern, value in (config.get(key) or {}).items():
-        if name == pattern or name.endswith("." + pattern):
-            return value
-    return default
+def _read_pairs(weights_path: Path) -> dict[str, tuple[Any, Any]]:
+    """(A, B) of each adapted layer (by the model's module name), every tensor a finite 2-d float."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(weights_path)
+    except SafetensorError as err:
+        raise ValueError(f"{weights_path}: not a readable safetensors file: {err}") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        name, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if part not in ("A.weight", "B.weight"):
+            raise ValueError(f"{weights_path}: unexpected tensor {key!r} (only lora_A/lora_B weights merge)")
+        if not tensor.is_floating_point() or tensor.dim() != 2:
+            raise ValueError(
+                f"{weights_path}: {key} must be a 2-d float tensor, got {tensor.dtype} {list(tensor.shape)}"
+            )
+        bad = ~torch.isfinite(tensor)
+        if bad.any():
+            index = [int(i) for i in bad.nonzero()[0]]
+            raise ValueError(f"{weights_path}: {key} holds {tensor[tuple(index)].item()} at index {index}")
+        pairs.setdefault(name, {})[part[0]] = tensor
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{weights_path}: {name} has lora_{next(iter(pair))} without its other half")
+    return {name: (pair["A"], pair["B"]) for name, pair in pairs.items()}
+
+
+def _check_merged(weights_path: Path, name: str, weight: Any, a: Any, b: Any, scale: float) -> None:
+    """Refuse an adapter whose merged weight leaves the model dtype's finite range (an overflow would
+    give inf or NaN logits). A bound on ``|W| + |scale| |B| |A|`` settles almost every layer without
+    computing the product; only a layer the bound cannot clear is merged here on trial."""
+    import torch
+
+    largest = torch.finfo(weight.dtype).max
+    with torch.no_grad():
+        bound = weight.detach().abs().max().double() + abs(scale) * (
+            b.double().abs().sum(dim=1).max() * a.double().abs().max()
+        )
+        if bound <= largest:
+            return
+        merged = weight.detach().double() + (b.double() @ a.double()).to(weight.device) * scale
+        if torch.isfinite(merged.to(weight.dtype)).all():
+            return
+    raise ValueError(
+        f"{weights_path}: merging {name} (scale {scale:g}) gives weights beyond {weight.dtype}'s range"
+    )
+
+
+def _positive_int(value: Any) -> bool:
+    return type(value) is int and value >= 1
+
+
+def _positive_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value > 0
+
+
+@dataclass
+class _LoraSettings:
+    """The settings of an adapter_config.json that a merge uses, each checked as it is read."""
+
+    path: Path
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+    @classmethod
+    def read(cls, path: Path) -> _LoraSettings:
+        config = read_json_object(path, "a peft adapter config")
+        if config.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
+        for key, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+            if config.get(key, plain) != plain:
+                raise ValueError(f"{path}: {key}={config[key]!r} is not supported; merge with peft instead")
+        r, alpha = config.get("r", 8), config.get("lora_alpha", 8)  # peft's defaults
+        if not _positive_int(r):
+            raise ValueError(f"{path}: r={r!r}; it must be a positive integer")
+        if not _positive_number(alpha):
+            raise ValueError(f"{path}: lora_alpha={alpha!r}; it must be a finite number > 0")
+        use_rslora = config.get("use_rslora", False)
+        if not isinstance(use_rslora, bool):
+            raise ValueError(f"{path}: use_rslora={use_rslora!r}; it must be true or false")
+        patterns = {}
+        for key, valid, what in (
+            ("rank_pattern", _positive_int, "a positive integer"),
+            ("alpha_pattern", _positive_number, "a finite number > 0"),
+        ):
+            pattern = config.get(key) or {}
+            if not isinstance(pattern, dict):
+                raise ValueError(f"{path}: {key} must be an object (layer name -> value), got {pattern!r}")
+            for layer, value in pattern.items():
+                if not valid(value):
+                    raise ValueError(f"{path}: {key}[{layer!r}]={value!r}; it must be {what}")
+                try:
+                    re.compile(layer)
+                except re.error as err:
+                    raise ValueError(f"{path}: {key} key {layer!r} is not a valid pattern: {err}") from None
+            patterns[key] = pattern
+        return cls(path, r, alpha, use_rslora, patterns["rank_pattern"], patterns["alpha_pattern"])
+
+    def rank(self, name: str) -> tuple[str, int]:
+        """(the setting that gives the rank of layer ``name``, that rank)."""
+        key = _pattern_key(self.rank_pattern, name)
+        return ("r", self.r) if key is None else (f"rank_pattern[{key!r}]", self.rank_pattern[key])
+
+    def alpha(self, name: str) -> float:
+        key = _pattern_key(self.alpha_pattern, name)
+        return self.lora_alpha if key is None else self.alpha_pattern[key]
+
+
+def _pattern_key(pattern: dict[str, Any], name: str) -> str | None:
+    """The first key of peft's ``rank_pattern``/``alpha_pattern`` that matches layer ``name``, as
+    peft matches them: a regular expression for the end of the name, after a dot or the start."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
