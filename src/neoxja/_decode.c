@@ -26,8 +26,10 @@
  * thread alone, and then only the output head is shared. Idle workers spin briefly (the next
  * step usually follows within microseconds), then sleep on a condition variable.
  *
- * Safety: Python passes raw addresses of tensors it owns and checked (neoxja/cpu_decode.py);
- * this file checks every index it reads from them (token ids, positions, cache position).
+ * Safety: the entry points take arrays (the buffer protocol), never addresses, and check each one's
+ * type, layout and size against the model's dimensions; the indices a step follows (token ids,
+ * cache rows and positions) are copied out of the caller's arrays and checked on the copy, so
+ * nothing the caller passes or changes meanwhile makes a step read or write outside an array.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -293,14 +295,28 @@ typedef struct {
     int scratch_threads;
     float *best_value; /* [MAX_THREADS, batch] */
     int64_t *best_index;
-    /* this step */
+    Py_buffer *views; /* every array the model reads (weights, tables) or writes (caches), held */
+    int n_views;
+    /* this step (see Call) */
     int rows;
-    int64_t t, token_stride, mask_stride, position_delta, argmax_stride;
-    const int64_t *tokens, *positions, *mask;
-    const int64_t *slots, *lengths; /* step_slots: the cache row and filled length of each row, else NULL */
+    const int64_t *token, *row, *at, *pos, *mask;
+    int64_t mask_stride, argmax_stride;
     float *logits;
     int64_t *argmax;
 } Model;
+
+/* One step's rows, set into the model under run_lock. token, row, at and pos are the caller's
+ * private copies, checked before the step (another thread may change the caller's arrays while the
+ * step runs without the GIL): row b feeds token[b] into cache row row[b] at cache position at[b]
+ * (it attends to positions 0..at[b]) and RoPE position pos[b]. mask (optional) [rows, > at] with
+ * unit stride along positions: 0 marks a key row b must not see. */
+typedef struct {
+    int rows;
+    const int64_t *token, *row, *at, *pos, *mask;
+    int64_t mask_stride, argmax_stride;
+    float *logits;
+    int64_t *argmax; /* NULL: no argmax */
+} Call;
 
 static void layer_norm(const float *x, const float *w, const float *b, float *y, int n, float eps) {
     double sum = 0.0;
@@ -341,10 +357,10 @@ static void attention(Model *m, Layer *L, int ith, int nth) {
     split((int64_t)m->rows * m->heads, ith, nth, 1, &u0, &u1);
     for (int64_t u = u0; u < u1; u++) {
         int b = (int)(u / m->heads), head = (int)(u % m->heads);
-        const int64_t t = m->lengths ? m->lengths[b] : m->t, row = m->slots ? m->slots[b] : b;
+        const int64_t t = m->at[b], row = m->row[b];
         const float *src = m->qkv + (int64_t)b * 3 * H + (int64_t)head * 3 * hd;
         const float *ks = src + hd, *vs = src + 2 * hd;
-        int64_t pos = m->positions ? m->positions[b] + m->position_delta : t;
+        int64_t pos = m->pos[b];
         const float *c = m->cos + pos * half, *s = m->sin + pos * half;
         int64_t slot = (row * m->heads + head) * cap;
         float *K = L->k + slot * hd, *V = L->v + slot * hd, *k = K + t * hd;
@@ -448,7 +464,7 @@ static void step_task(void *ctx, int ith, int nth) {
     const int layer_threads = per_layer >= PARALLEL_MIN_ELEMENTS ? nth : 1;
     if (ith == 0)
         for (int b = 0; b < B; b++)
-            memcpy(m->x + b * H, m->embed_in + m->tokens[b * m->token_stride] * H, sizeof(float) * H);
+            memcpy(m->x + b * H, m->embed_in + m->token[b] * H, sizeof(float) * H);
     if (ith < layer_threads)
         for (int l = 0; l < m->layers; l++) run_layer(m, &m->layer[l], ith, layer_threads);
     if (ith == 0)
@@ -484,6 +500,97 @@ static void step_task(void *ctx, int ith, int nth) {
         }
 }
 
+/* ----- arguments ------------------------------------------------------------------------------
+ * Every array comes as an object with the buffer protocol (neoxja passes numpy views of its
+ * tensors), never as an address. Before a step touches memory: each array has the item type, the
+ * alignment, the layout (C-contiguous, or 1-d with a stride where noted) and the size the model's
+ * dimensions imply, outputs are writable, and every index a step will follow (token ids, cache rows,
+ * cache and RoPE positions) is copied out of the caller's arrays and checked on that copy. A failure
+ * is a ValueError or TypeError naming the function and the argument. */
+
+#define MAX_ARGS 6
+
+typedef struct {
+    const char *fn;
+    Py_buffer views[MAX_ARGS];
+    int held;
+} Args;
+
+static void release(Args *a) {
+    while (a->held > 0) PyBuffer_Release(&a->views[--a->held]);
+}
+
+/* Does v's struct-module format describe one native item of kind 'f' (float) or 'i' (signed int)? */
+static int format_kind(const Py_buffer *v, char kind) {
+    const char *f = v->format ? v->format : "B";
+    if (*f == '@' || *f == '=' || *f == '<') f++;
+    return f[0] != '\0' && f[1] == '\0' && strchr(kind == 'f' ? "fde" : "bhilq", f[0]) != NULL;
+}
+
+/* obj's buffer into *v: C-contiguous (or, if strided, any strides), `itemsize`-byte items of kind
+ * 'f' or 'i', aligned, writable if asked. 0, or -1 with a ValueError/TypeError naming fn and name. */
+static int take(const char *fn, const char *name, PyObject *obj, char kind, Py_ssize_t itemsize, int writable,
+                int strided, Py_buffer *v) {
+    if (obj == Py_None || !PyObject_CheckBuffer(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be an array with the buffer protocol, got %.100s", fn, name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    int flags = (strided ? PyBUF_STRIDES : PyBUF_C_CONTIGUOUS) | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, v, flags) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: %s must be a %s%s array", fn, name, strided ? "strided" : "C-contiguous",
+                     writable ? " writable" : "");
+        return -1;
+    }
+    const char *problem = NULL;
+    if (v->itemsize != itemsize || !format_kind(v, kind)) problem = "has the wrong item type";
+    else if ((uintptr_t)v->buf % (uintptr_t)itemsize) problem = "is not aligned to its items";
+    else if (v->suboffsets != NULL) problem = "is an indirect array";
+    else if (strided && v->strides != NULL)
+        for (int d = 0; d < v->ndim; d++)
+            if (v->strides[d] % itemsize) problem = "has a stride that is not a whole number of items";
+    if (problem) {
+        PyErr_Format(PyExc_ValueError, "%s: %s %s (%zd-byte %s values expected, got format '%s')", fn, name, problem,
+                     itemsize, kind == 'f' ? "float" : "integer", v->format ? v->format : "B");
+        PyBuffer_Release(v);
+        return -1;
+    }
+    return 0;
+}
+
+/* take() into a's list (released by release()); NULL on error. */
+static Py_buffer *arg(Args *a, const char *name, PyObject *obj, char kind, Py_ssize_t itemsize, int writable,
+                      int strided) {
+    Py_buffer *v = &a->views[a->held];
+    if (take(a->fn, name, obj, kind, itemsize, writable, strided, v) < 0) return NULL;
+    a->held++;
+    return v;
+}
+
+/* A 1-d (strided) array of exactly `rows` items: its stride in items through *stride. */
+static int rows_of(Args *a, const char *name, const Py_buffer *v, int rows, int64_t *stride) {
+    if (v->ndim != 1 || v->shape[0] != rows) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must be 1-d with %d values (one per row)", a->fn, name, rows);
+        return -1;
+    }
+    *stride = v->strides ? v->strides[0] / v->itemsize : 1;
+    return 0;
+}
+
+static int64_t items(const Py_buffer *v) { return v->len / v->itemsize; }
+
+/* *out = x * y, or a ValueError naming `what` if it overflows a Py_ssize_t. */
+static int product(const char *fn, const char *what, int64_t x, int64_t y, int64_t *out) {
+    if (__builtin_mul_overflow(x, y, out) || *out > PY_SSIZE_T_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: %s (%lld x %lld) overflows", fn, what, (long long)x, (long long)y);
+        return -1;
+    }
+    return 0;
+}
+
+static int clamp_threads(int threads) { return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads; }
+
 /* ----- Python interface ------------------------------------------------------------------------ */
 
 typedef struct {
@@ -501,31 +608,48 @@ static void matmul_task(void *ctx, int ith, int nth) {
     barrier(nth);
 }
 
-/* matmul(w, rows, cols, x, vectors, y, threads): y[vectors, rows] = x[vectors, cols] @ w[rows, cols]^T
- * with the step's kernel and threads (for benchmarks and tests of the kernel on its own). */
+/* matmul(w, x, y, threads): y [vectors, rows] = x [vectors, cols] @ w [rows, cols]^T, C-contiguous
+ * float32 arrays, with the step's kernel and threads (for benchmarks and tests of the kernel alone). */
 static PyObject *matmul_py(PyObject *self, PyObject *args) {
     PyObject *o_w, *o_x, *o_y;
-    long long rows, cols;
-    int vectors, threads;
-    if (!PyArg_ParseTuple(args, "OLLOiOi", &o_w, &rows, &cols, &o_x, &vectors, &o_y, &threads)) return NULL;
-    MatmulTask task = {PyLong_AsVoidPtr(o_w), PyLong_AsVoidPtr(o_x), PyLong_AsVoidPtr(o_y), rows, cols, vectors};
-    if (PyErr_Occurred()) return NULL;
-    if (!task.w || !task.x || !task.y || rows <= 0 || cols <= 0 || vectors <= 0) {
-        PyErr_SetString(PyExc_ValueError, "matmul: null pointer or empty shape");
-        return NULL;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOi:matmul", &o_w, &o_x, &o_y, &threads)) return NULL;
+    Args a = {"matmul"};
+    Py_buffer *w, *x, *y;
+    if (!(w = arg(&a, "w", o_w, 'f', 4, 0, 0)) || !(x = arg(&a, "x", o_x, 'f', 4, 0, 0)) ||
+        !(y = arg(&a, "y", o_y, 'f', 4, 1, 0)))
+        goto fail;
+    if (w->ndim != 2 || x->ndim != 2 || y->ndim != 2 || w->shape[0] < 1 || w->shape[1] < 1 || x->shape[0] < 1 ||
+        x->shape[0] > INT32_MAX || x->shape[1] != w->shape[1] || y->shape[0] != x->shape[0] ||
+        y->shape[1] != w->shape[0]) {
+        PyErr_SetString(PyExc_ValueError,
+                        "matmul: w [rows, cols], x [vectors, cols] and y [vectors, rows] must be 2-d, non-empty "
+                        "and agree");
+        goto fail;
     }
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    const char *yb = y->buf, *wb = w->buf, *xb = x->buf;
+    if ((yb < wb + w->len && wb < yb + y->len) || (yb < xb + x->len && xb < yb + y->len)) {
+        PyErr_SetString(PyExc_ValueError, "matmul: y overlaps w or x");
+        goto fail;
+    }
+    MatmulTask task = {w->buf, x->buf, y->buf, w->shape[0], w->shape[1], (int)x->shape[0]};
+    threads = clamp_threads(threads);
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&pool.run_lock);
     run_parallel(matmul_task, &task, threads);
     pthread_mutex_unlock(&pool.run_lock);
     Py_END_ALLOW_THREADS
+    release(&a);
     Py_RETURN_NONE;
+fail:
+    release(&a);
+    return NULL;
 }
 
 static void free_model(Model *m) {
     if (!m) return;
+    for (int i = 0; i < m->n_views; i++) PyBuffer_Release(&m->views[i]);
+    free(m->views);
     free(m->layer);
     free(m->x);
     free(m->thread_scratch);
@@ -538,9 +662,29 @@ static void capsule_destructor(PyObject *capsule) {
     free_model(PyCapsule_GetPointer(capsule, "neoxja._decode.Model"));
 }
 
-static const float *as_ptr(PyObject *item) {
-    if (item == Py_None) return NULL;
-    return (const float *)PyLong_AsVoidPtr(item);
+static const char *const LAYER_NAMES[11] = {
+    "input_layernorm.weight", "input_layernorm.bias", "query_key_value.weight", "dense.weight", "dense_bias",
+    "post_attention_layernorm.weight", "post_attention_layernorm.bias", "dense_h_to_4h.weight",
+    "dense_4h_to_h.weight", "k cache", "v cache"};
+static const char *const GLOBAL_NAMES[6] = {"embed_in", "embed_out", "final_layer_norm.weight",
+                                            "final_layer_norm.bias", "cos table", "sin table"};
+
+/* The model's view of array obj (held until the model is freed) with `count` floats (at least
+ * that many if at_least), writable if asked; NULL on error. */
+static float *model_array(Model *m, int layer, const char *name, PyObject *obj, int64_t count, int at_least,
+                          int writable) {
+    char label[96];
+    if (layer >= 0) snprintf(label, sizeof label, "layer %d %s", layer, name);
+    else snprintf(label, sizeof label, "%s", name);
+    Py_buffer *v = &m->views[m->n_views];
+    if (take("new_model", label, obj, 'f', 4, writable, 0, v) < 0) return NULL;
+    m->n_views++;
+    if (at_least ? items(v) < count : items(v) != count) {
+        PyErr_Format(PyExc_ValueError, "new_model: %s holds %lld values, the dimensions need %s%lld", label,
+                     (long long)items(v), at_least ? "at least " : "", (long long)count);
+        return NULL;
+    }
+    return v->buf;
 }
 
 static PyObject *new_model(PyObject *self, PyObject *args) {
@@ -548,9 +692,8 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
     long long vocab, capacity, table_len;
     float eps;
     PyObject *layer_list, *globals;
-    if (!PyArg_ParseTuple(args, "(iiiiiiiLLLf)O!O!", &layers, &hidden, &heads, &rot, &inter, &act, &batch,
-                          &vocab, &capacity, &table_len, &eps, &PyList_Type, &layer_list, &PyTuple_Type,
-                          &globals))
+    if (!PyArg_ParseTuple(args, "(iiiiiiiLLLf)O!O!:new_model", &layers, &hidden, &heads, &rot, &inter, &act, &batch,
+                          &vocab, &capacity, &table_len, &eps, &PyList_Type, &layer_list, &PyTuple_Type, &globals))
         return NULL;
     if (layers <= 0 || hidden <= 0 || heads <= 0 || hidden % heads || rot < 0 || rot % 2 ||
         rot > hidden / heads || inter <= 0 || batch <= 0 || vocab <= 0 || capacity <= 0 || table_len <= 0 ||
@@ -559,7 +702,22 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (PyList_GET_SIZE(layer_list) != layers || PyTuple_GET_SIZE(globals) != 6) {
-        PyErr_SetString(PyExc_ValueError, "new_model: expected one pointer tuple per layer and 6 globals");
+        PyErr_SetString(PyExc_ValueError, "new_model: expected one tuple of 11 arrays per layer and 6 globals");
+        return NULL;
+    }
+    /* Element counts of every array, and of the scratch buffers, checked for overflow. */
+    const char *fn = "new_model";
+    int64_t hh, qkv, mlp, cache, embed, table, scratch, row_scratch;
+    if (product(fn, "hidden x hidden", hidden, hidden, &hh) || product(fn, "3 hidden x hidden", 3 * (int64_t)hidden, hidden, &qkv) ||
+        product(fn, "intermediate x hidden", inter, hidden, &mlp) ||
+        product(fn, "batch x capacity", batch, capacity, &cache) || product(fn, "cache x hidden", cache, hidden, &cache) ||
+        product(fn, "vocab x hidden", vocab, hidden, &embed) || product(fn, "table x rotary / 2", table_len, rot / 2, &table) ||
+        product(fn, "batch x scratch", batch, 6 * (int64_t)hidden + inter, &scratch) ||
+        product(fn, "threads x batch", MAX_THREADS, batch, &row_scratch) ||
+        product(fn, "threads x (head_dim + capacity)", MAX_THREADS, hidden / heads + capacity, &row_scratch))
+        return NULL;
+    if (3 * (int64_t)hidden > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "new_model: hidden size too large");
         return NULL;
     }
     Model *m = calloc(1, sizeof(Model));
@@ -568,11 +726,11 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
     m->inter = inter, m->act = act, m->batch = batch, m->vocab = vocab, m->capacity = capacity;
     m->table_len = table_len, m->eps = eps;
     m->layer = calloc(layers, sizeof(Layer));
-    int64_t scratch = (int64_t)batch * (3 * hidden + 3 * hidden + inter);
+    m->views = calloc((size_t)layers * 11 + 6, sizeof(Py_buffer));
     m->x = malloc(sizeof(float) * scratch);
     m->best_value = malloc(sizeof(float) * MAX_THREADS * batch);
     m->best_index = malloc(sizeof(int64_t) * MAX_THREADS * batch);
-    if (!m->layer || !m->x || !m->best_value || !m->best_index) {
+    if (!m->layer || !m->views || !m->x || !m->best_value || !m->best_index) {
         free_model(m);
         return PyErr_NoMemory();
     }
@@ -584,95 +742,47 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
         PyObject *p = PyList_GET_ITEM(layer_list, l);
         if (!PyTuple_Check(p) || PyTuple_GET_SIZE(p) != 11) {
             free_model(m);
-            PyErr_Format(PyExc_ValueError, "new_model: layer %d needs a tuple of 11 pointers", l);
+            PyErr_Format(PyExc_ValueError, "new_model: layer %d needs a tuple of 11 arrays", l);
             return NULL;
         }
         Layer *L = &m->layer[l];
         const float **slots[9] = {&L->ln1_w, &L->ln1_b, &L->qkv, &L->dense, &L->dense_bias,
                                   &L->ln2_w, &L->ln2_b, &L->fc1, &L->fc2};
-        for (int i = 0; i < 9; i++) *slots[i] = as_ptr(PyTuple_GET_ITEM(p, i));
-        L->k = (float *)as_ptr(PyTuple_GET_ITEM(p, 9));
-        L->v = (float *)as_ptr(PyTuple_GET_ITEM(p, 10));
-        if (PyErr_Occurred() || !L->ln1_w || !L->ln1_b || !L->qkv || !L->dense || !L->ln2_w || !L->ln2_b ||
-            !L->fc1 || !L->fc2 || !L->k || !L->v) {
-            free_model(m);
-            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "new_model: layer %d has a null pointer", l);
-            return NULL;
+        const int64_t counts[11] = {hidden, hidden, qkv, hh, hidden, hidden, hidden, mlp, mlp, cache, cache};
+        for (int i = 0; i < 11; i++) {
+            PyObject *item = PyTuple_GET_ITEM(p, i);
+            if (i == 4 && item == Py_None) continue; /* no dense bias */
+            float *v = model_array(m, l, LAYER_NAMES[i], item, counts[i], 0, i >= 9);
+            if (!v) {
+                free_model(m);
+                return NULL;
+            }
+            if (i < 9) *slots[i] = v;
+            else if (i == 9) L->k = v;
+            else L->v = v;
         }
     }
     const float **globals_slots[6] = {&m->embed_in, &m->embed_out, &m->lnf_w, &m->lnf_b, &m->cos, &m->sin};
+    const int64_t global_counts[6] = {embed, embed, hidden, hidden, table, table};
     for (int i = 0; i < 6; i++) {
-        *globals_slots[i] = as_ptr(PyTuple_GET_ITEM(globals, i));
-        if (PyErr_Occurred() || !*globals_slots[i]) {
+        *globals_slots[i] = model_array(m, -1, GLOBAL_NAMES[i], PyTuple_GET_ITEM(globals, i), global_counts[i], i >= 4, 0);
+        if (!*globals_slots[i]) {
             free_model(m);
-            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "new_model: global pointer %d is null", i);
             return NULL;
         }
     }
     return PyCapsule_New(m, "neoxja._decode.Model", capsule_destructor);
 }
 
-static PyObject *launch(Model *m, int threads);
-
-static PyObject *step(PyObject *self, PyObject *args) {
-    PyObject *capsule;
-    int rows, threads;
-    long long t, token_stride, mask_stride, position_delta, argmax_stride;
-    void *tokens, *positions, *mask, *logits, *argmax;
-    PyObject *o_tokens, *o_positions, *o_mask, *o_logits, *o_argmax;
-    if (!PyArg_ParseTuple(args, "OiLOLOLOLOOLi", &capsule, &rows, &t, &o_tokens, &token_stride, &o_positions,
-                          &position_delta, &o_mask, &mask_stride, &o_logits, &o_argmax, &argmax_stride, &threads))
-        return NULL;
-    Model *m = PyCapsule_GetPointer(capsule, "neoxja._decode.Model");
-    if (!m) return NULL;
-    tokens = PyLong_AsVoidPtr(o_tokens);
-    positions = o_positions == Py_None ? NULL : PyLong_AsVoidPtr(o_positions);
-    mask = o_mask == Py_None ? NULL : PyLong_AsVoidPtr(o_mask);
-    logits = PyLong_AsVoidPtr(o_logits);
-    argmax = o_argmax == Py_None ? NULL : PyLong_AsVoidPtr(o_argmax);
-    if (PyErr_Occurred()) return NULL;
-    if (!tokens || !logits) {
-        PyErr_SetString(PyExc_ValueError, "step: tokens and logits are required");
-        return NULL;
-    }
-    if (rows <= 0 || rows > m->batch) {
-        PyErr_Format(PyExc_ValueError, "step: %d rows, but the decoder was built for at most %d", rows, m->batch);
-        return NULL;
-    }
-    if (t < 0 || t >= m->capacity) {
-        PyErr_Format(PyExc_ValueError, "step: cache position %lld outside the cache's capacity %lld", t,
-                     (long long)m->capacity);
-        return NULL;
-    }
-    const int64_t *ids = tokens;
-    for (int b = 0; b < rows; b++) {
-        int64_t id = ids[b * token_stride];
-        if (id < 0 || id >= m->vocab) {
-            PyErr_Format(PyExc_ValueError, "step: token id %lld in row %d is outside the vocabulary [0, %lld)",
-                         (long long)id, b, (long long)m->vocab);
-            return NULL;
-        }
-        int64_t pos = positions ? ((const int64_t *)positions)[b] + position_delta : t;
-        if (pos < 0 || pos >= m->table_len) {
-            PyErr_Format(PyExc_ValueError, "step: position %lld of row %d is outside the RoPE table [0, %lld)",
-                         (long long)pos, b, (long long)m->table_len);
-            return NULL;
-        }
-    }
-    m->rows = rows, m->t = t, m->tokens = tokens, m->token_stride = token_stride;
-    m->positions = positions, m->position_delta = position_delta, m->mask = mask;
-    m->mask_stride = mask_stride, m->logits = logits, m->argmax = argmax, m->argmax_stride = argmax_stride;
-    m->slots = m->lengths = NULL;
-    return launch(m, threads);
-}
-
-/* Runs the step set up in m on up to `threads` threads, without the GIL. */
-static PyObject *launch(Model *m, int threads) {
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-
+/* Runs the step of `call` on up to `threads` threads, without the GIL; the step's fields are set
+ * into the model only once this call holds the run lock. */
+static PyObject *launch(Model *m, const Call *call, int threads) {
+    threads = clamp_threads(threads);
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&pool.run_lock);
+    m->rows = call->rows, m->token = call->token, m->row = call->row, m->at = call->at, m->pos = call->pos;
+    m->mask = call->mask, m->mask_stride = call->mask_stride, m->logits = call->logits;
+    m->argmax = call->argmax, m->argmax_stride = call->argmax_stride;
     int64_t per_thread = m->head_dim + m->capacity;
     if (m->scratch_threads < threads) {
         float *grown = realloc(m->thread_scratch, sizeof(float) * per_thread * threads);
@@ -689,59 +799,162 @@ static PyObject *launch(Model *m, int threads) {
     Py_RETURN_NONE;
 }
 
+/* The model of a capsule, and the output arrays every step writes: logits (C-contiguous float32,
+ * at least rows x vocab) and argmax (None, or int64 1-d of `rows`, any stride). */
+static Model *step_outputs(Args *a, PyObject *capsule, int rows, PyObject *o_logits, PyObject *o_argmax, Call *call) {
+    Model *m = PyCapsule_GetPointer(capsule, "neoxja._decode.Model");
+    if (!m) return NULL;
+    if (rows <= 0 || rows > m->batch) {
+        PyErr_Format(PyExc_ValueError, "%s: %d rows, but the decoder was built for 1..%d", a->fn, rows, m->batch);
+        return NULL;
+    }
+    Py_buffer *logits = arg(a, "logits", o_logits, 'f', 4, 1, 0);
+    if (!logits) return NULL;
+    if (items(logits) < rows * m->vocab) {
+        PyErr_Format(PyExc_ValueError, "%s: logits holds %lld values, %d rows need %lld", a->fn,
+                     (long long)items(logits), rows, (long long)(rows * m->vocab));
+        return NULL;
+    }
+    call->rows = rows;
+    call->logits = logits->buf;
+    if (o_argmax != Py_None) {
+        Py_buffer *argmax = arg(a, "argmax", o_argmax, 'i', 8, 1, 1);
+        if (!argmax || rows_of(a, "argmax", argmax, rows, &call->argmax_stride) < 0) return NULL;
+        call->argmax = argmax->buf;
+    }
+    return m;
+}
+
+/* step(model, rows, t, tokens, positions, position_delta, mask, logits, argmax, threads). */
+static PyObject *step(PyObject *self, PyObject *args) {
+    PyObject *capsule, *o_tokens, *o_positions, *o_mask, *o_logits, *o_argmax;
+    int rows, threads;
+    long long t, position_delta;
+    if (!PyArg_ParseTuple(args, "OiLOOLOOOi:step", &capsule, &rows, &t, &o_tokens, &o_positions, &position_delta,
+                          &o_mask, &o_logits, &o_argmax, &threads))
+        return NULL;
+    Args a = {"step"};
+    Call call = {0};
+    int64_t *copy = NULL, token_stride, position_stride = 0;
+    Py_buffer *tokens, *positions = NULL;
+    PyObject *result = NULL;
+    Model *m = step_outputs(&a, capsule, rows, o_logits, o_argmax, &call);
+    if (!m) goto done;
+    if (t < 0 || t >= m->capacity) {
+        PyErr_Format(PyExc_ValueError, "step: cache position %lld outside the cache's capacity %lld", t,
+                     (long long)m->capacity);
+        goto done;
+    }
+    if (!(tokens = arg(&a, "tokens", o_tokens, 'i', 8, 0, 1)) || rows_of(&a, "tokens", tokens, rows, &token_stride) < 0)
+        goto done;
+    if (o_positions != Py_None && (!(positions = arg(&a, "positions", o_positions, 'i', 8, 0, 1)) ||
+                                   rows_of(&a, "positions", positions, rows, &position_stride) < 0))
+        goto done;
+    if (o_mask != Py_None) {
+        Py_buffer *mask = arg(&a, "mask", o_mask, 'i', 8, 0, 1);
+        if (!mask) goto done;
+        if (mask->ndim != 2 || mask->shape[0] != rows || mask->shape[1] <= t || mask->strides[1] != 8) {
+            PyErr_Format(PyExc_ValueError, "step: mask must be int64 [%d, > %lld] with unit stride along positions",
+                         rows, t);
+            goto done;
+        }
+        call.mask = mask->buf;
+        call.mask_stride = mask->strides[0] / 8;
+    }
+    copy = malloc(sizeof(int64_t) * 4 * rows);
+    if (!copy) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t *token = copy, *row = copy + rows, *at = copy + 2 * rows, *pos = copy + 3 * rows;
+    for (int b = 0; b < rows; b++) {
+        token[b] = ((const int64_t *)tokens->buf)[b * token_stride];
+        row[b] = b;
+        at[b] = t;
+        pos[b] = t;
+        if (token[b] < 0 || token[b] >= m->vocab) {
+            PyErr_Format(PyExc_ValueError, "step: token id %lld in row %d is outside the vocabulary [0, %lld)",
+                         (long long)token[b], b, (long long)m->vocab);
+            goto done;
+        }
+        if (positions && __builtin_add_overflow(((const int64_t *)positions->buf)[b * position_stride],
+                                                (int64_t)position_delta, &pos[b])) {
+            PyErr_Format(PyExc_ValueError, "step: positions[%d] + position_delta overflows int64", b);
+            goto done;
+        }
+        if (pos[b] < 0 || pos[b] >= m->table_len) {
+            PyErr_Format(PyExc_ValueError, "step: position %lld of row %d is outside the RoPE table [0, %lld)",
+                         (long long)pos[b], b, (long long)m->table_len);
+            goto done;
+        }
+    }
+    call.token = token, call.row = row, call.at = at, call.pos = pos;
+    result = launch(m, &call, threads);
+done:
+    free(copy);
+    release(&a);
+    return result;
+}
+
 /* One token per row, each row at its own place: row b reads and writes cache row slots[b], whose
  * first lengths[b] positions are filled, and its token goes at position lengths[b] (also its RoPE
  * position). Rows are independent: each row's numbers are those of a batch of one. */
 static PyObject *step_slots(PyObject *self, PyObject *args) {
     PyObject *capsule, *o_tokens, *o_slots, *o_lengths, *o_logits, *o_argmax;
     int rows, threads;
-    if (!PyArg_ParseTuple(args, "OiOOOOOi", &capsule, &rows, &o_tokens, &o_slots, &o_lengths, &o_logits,
+    if (!PyArg_ParseTuple(args, "OiOOOOOi:step_slots", &capsule, &rows, &o_tokens, &o_slots, &o_lengths, &o_logits,
                           &o_argmax, &threads))
         return NULL;
-    Model *m = PyCapsule_GetPointer(capsule, "neoxja._decode.Model");
-    if (!m) return NULL;
-    const int64_t *ids = PyLong_AsVoidPtr(o_tokens), *slots = PyLong_AsVoidPtr(o_slots);
-    const int64_t *lengths = PyLong_AsVoidPtr(o_lengths);
-    float *logits = PyLong_AsVoidPtr(o_logits);
-    int64_t *argmax = o_argmax == Py_None ? NULL : PyLong_AsVoidPtr(o_argmax);
-    if (PyErr_Occurred()) return NULL;
-    if (!ids || !slots || !lengths || !logits) {
-        PyErr_SetString(PyExc_ValueError, "step_slots: tokens, slots, lengths and logits are required");
-        return NULL;
+    Args a = {"step_slots"};
+    Call call = {0};
+    int64_t *copy = NULL, strides[3];
+    Py_buffer *in[3];
+    PyObject *result = NULL;
+    Model *m = step_outputs(&a, capsule, rows, o_logits, o_argmax, &call);
+    if (!m) goto done;
+    const char *names[3] = {"tokens", "slots", "lengths"};
+    PyObject *objs[3] = {o_tokens, o_slots, o_lengths};
+    for (int i = 0; i < 3; i++)
+        if (!(in[i] = arg(&a, names[i], objs[i], 'i', 8, 0, 1)) || rows_of(&a, names[i], in[i], rows, &strides[i]) < 0)
+            goto done;
+    copy = malloc(sizeof(int64_t) * 4 * rows);
+    if (!copy) {
+        PyErr_NoMemory();
+        goto done;
     }
-    if (rows <= 0 || rows > m->batch) {
-        PyErr_Format(PyExc_ValueError, "step_slots: %d rows, but the decoder was built for at most %d", rows,
-                     m->batch);
-        return NULL;
-    }
+    int64_t *token = copy, *row = copy + rows, *at = copy + 2 * rows, *pos = copy + 3 * rows;
     for (int b = 0; b < rows; b++) {
-        if (ids[b] < 0 || ids[b] >= m->vocab) {
+        token[b] = ((const int64_t *)in[0]->buf)[b * strides[0]];
+        row[b] = ((const int64_t *)in[1]->buf)[b * strides[1]];
+        at[b] = pos[b] = ((const int64_t *)in[2]->buf)[b * strides[2]];
+        if (token[b] < 0 || token[b] >= m->vocab) {
             PyErr_Format(PyExc_ValueError, "step_slots: token id %lld in row %d is outside the vocabulary [0, %lld)",
-                         (long long)ids[b], b, (long long)m->vocab);
-            return NULL;
+                         (long long)token[b], b, (long long)m->vocab);
+            goto done;
         }
-        if (slots[b] < 0 || slots[b] >= m->batch) {
+        if (row[b] < 0 || row[b] >= m->batch) {
             PyErr_Format(PyExc_ValueError, "step_slots: slot %lld of row %d is outside the cache's %d rows",
-                         (long long)slots[b], b, m->batch);
-            return NULL;
+                         (long long)row[b], b, m->batch);
+            goto done;
         }
         for (int c = 0; c < b; c++)
-            if (slots[c] == slots[b]) {
+            if (row[c] == row[b]) {
                 PyErr_Format(PyExc_ValueError, "step_slots: rows %d and %d both use slot %lld", c, b,
-                             (long long)slots[b]);
-                return NULL;
+                             (long long)row[b]);
+                goto done;
             }
-        if (lengths[b] < 0 || lengths[b] >= m->capacity || lengths[b] >= m->table_len) {
+        if (at[b] < 0 || at[b] >= m->capacity || at[b] >= m->table_len) {
             PyErr_Format(PyExc_ValueError, "step_slots: length %lld of row %d leaves no room in the cache (%lld)",
-                         (long long)lengths[b], b, (long long)m->capacity);
-            return NULL;
+                         (long long)at[b], b, (long long)m->capacity);
+            goto done;
         }
     }
-    m->rows = rows, m->t = 0, m->tokens = ids, m->token_stride = 1;
-    m->positions = NULL, m->position_delta = 0, m->mask = NULL, m->mask_stride = 0;
-    m->logits = logits, m->argmax = argmax, m->argmax_stride = 1;
-    m->slots = slots, m->lengths = lengths;
-    return launch(m, threads);
+    call.token = token, call.row = row, call.at = at, call.pos = pos;
+    result = launch(m, &call, threads);
+done:
+    free(copy);
+    release(&a);
+    return result;
 }
 
 static PyObject *kernel(PyObject *self, PyObject *noargs) {
@@ -750,22 +963,24 @@ static PyObject *kernel(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef methods[] = {
     {"new_model", new_model, METH_VARARGS,
-     "new_model(dims, layers, globals) -> capsule: a model over tensors the caller keeps alive.\n\n"
+     "new_model(dims, layers, globals) -> capsule: a model over arrays it holds until it is freed.\n\n"
      "dims = (layers, hidden, heads, rotary_ndims, intermediate, activation, max_batch, vocab,\n"
-     "        cache_capacity, rope_table_length, layer_norm_eps); layers = one tuple of addresses per\n"
-     "layer (ln1 w, ln1 b, qkv, dense, dense_bias or None, ln2 w, ln2 b, fc1, fc2, k cache, v cache);\n"
-     "globals = (embed_in, embed_out, final ln w, final ln b, cos table, sin table)."},
+     "        cache_capacity, rope_table_length, layer_norm_eps); layers = one tuple of C-contiguous float32\n"
+     "arrays (buffer protocol) per layer (ln1 w, ln1 b, qkv, dense, dense_bias or None, ln2 w, ln2 b, fc1,\n"
+     "fc2, k cache, v cache; the caches writable [max_batch, heads, capacity, head_dim]); globals =\n"
+     "(embed_in, embed_out, final ln w, final ln b, cos table, sin table). Every size is checked."},
     {"step", step, METH_VARARGS,
-     "step(model, rows, t, tokens, token_stride, positions, position_delta, mask, mask_stride, logits,\n"
-     "     argmax, argmax_stride, threads): one token per row at cache position t; writes logits\n"
-     "[rows, vocab] and, if argmax is not None, the first maximum of each row."},
+     "step(model, rows, t, tokens, positions, position_delta, mask, logits, argmax, threads): one token per\n"
+     "row at cache position t; tokens, positions (or None) and argmax (or None) int64 [rows], any stride;\n"
+     "mask (or None) int64 [rows, > t] with unit stride along positions; writes logits (float32, at least\n"
+     "rows x vocab) and the first maximum of each row into argmax."},
     {"step_slots", step_slots, METH_VARARGS,
      "step_slots(model, rows, tokens, slots, lengths, logits, argmax, threads): one token per row, row b\n"
-     "in cache row slots[b] at position lengths[b] (int64 addresses, contiguous); writes logits and,\n"
-     "if argmax is not None, each row's first maximum. The cache lengths are the caller's to advance."},
+     "in cache row slots[b] at position lengths[b] (int64 [rows] arrays); writes logits and, if argmax is\n"
+     "not None, each row's first maximum. The cache lengths are the caller's to advance."},
     {"matmul", matmul_py, METH_VARARGS,
-     "matmul(w, rows, cols, x, vectors, y, threads): y[vectors, rows] = x[vectors, cols] @ w[rows, cols]^T\n"
-     "(addresses of contiguous float32 buffers) with the step's kernel, on `threads` threads."},
+     "matmul(w, x, y, threads): y [vectors, rows] = x [vectors, cols] @ w [rows, cols]^T (C-contiguous\n"
+     "float32 arrays) with the step's kernel, on `threads` threads."},
     {"kernel", kernel, METH_NOARGS, "Which matrix kernel this CPU runs: 'avx2' or 'scalar'."},
     {NULL, NULL, 0, NULL},
 };

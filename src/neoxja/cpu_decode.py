@@ -107,15 +107,7 @@ def matmul(weight: Tensor, x: Tensor) -> Tensor:
     if x.shape[1] != weight.shape[1] or x.shape[0] == 0 or weight.numel() == 0:
         raise ValueError(f"cannot multiply x {list(x.shape)} by weight {list(weight.shape)} transposed")
     out = torch.empty(x.shape[0], weight.shape[0])
-    extension.matmul(
-        weight.data_ptr(),
-        weight.shape[0],
-        weight.shape[1],
-        x.data_ptr(),
-        x.shape[0],
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
+    extension.matmul(weight.detach().numpy(), x.detach().numpy(), out.numpy(), torch.get_num_threads())
     return out
 
 
@@ -188,6 +180,15 @@ def head_matmul_unsupported(model: Any) -> str | None:
     return None
 
 
+def _array(tensor: Tensor | None) -> Any:
+    """A CPU tensor as the extension takes it (a numpy view sharing its memory), or None."""
+    if tensor is None:
+        return None
+    if tensor.device.type != "cpu":
+        raise ValueError(f"the C step takes CPU tensors, got one on {tensor.device}")
+    return tensor.numpy()
+
+
 class FusedDecodingUnsupported(ValueError):
     """The model cannot be decoded in C (the message says why); its PyTorch forward still can."""
 
@@ -210,17 +211,13 @@ class FusedDecoder:
                 f"the cache must be float32 on the CPU with room for {max_length} positions, got {cache!r}"
             )
         base = model.gpt_neox_japanese
-        # Every tensor whose address the extension holds, as detached views: they keep the storage
-        # alive even if the model's parameters are later given other data (``param.data = ...``,
-        # ``.to()``), so a step never reads freed memory; it keeps computing with the weights it
-        # was built on.
-        keep: list[Tensor] = []
 
-        def address(tensor: Tensor | None) -> int | None:
-            if tensor is None:
-                return None
-            keep.append(tensor.detach())
-            return tensor.data_ptr()
+        # The extension takes numpy views of the tensors (detached) and holds them, with their
+        # storage, as long as it lives: a model whose parameters are later given other data
+        # (``param.data = ...``, ``.to()``) leaves the step computing with the weights it was built
+        # on, never reading freed memory. It checks every size against the dimensions below.
+        def array(tensor: Tensor | None) -> Any:
+            return None if tensor is None else tensor.detach().numpy()
 
         layers = []
         for i, layer in enumerate(base.layers):
@@ -238,7 +235,7 @@ class FusedDecoder:
                 cache.keys[i],
                 cache.values[i],
             )
-            layers.append(tuple(address(t) for t in tensors))
+            layers.append(tuple(array(t) for t in tensors))
 
         rotary = base.rotary_emb
         half = rotary.rotary_ndims // 2
@@ -247,12 +244,12 @@ class FusedDecoder:
         if half == 0:  # nothing to rotate: the tables are never read, but need an address
             cos = sin = torch.zeros(1)
         globals_ = (
-            address(base.embed_in.weight),
-            address(model.embed_out.weight),
-            address(base.final_layer_norm.weight),
-            address(base.final_layer_norm.bias),
-            address(cos.float().contiguous()),
-            address(sin.float().contiguous()),
+            array(base.embed_in.weight),
+            array(model.embed_out.weight),
+            array(base.final_layer_norm.weight),
+            array(base.final_layer_norm.bias),
+            array(cos.float().contiguous()),
+            array(sin.float().contiguous()),
         )
         intermediate = mlp.dense_h_to_4h.weight.shape[0]
         dims = (
@@ -272,11 +269,11 @@ class FusedDecoder:
         self._handle = extension.new_model(dims, layers, globals_)
         self._run_step = extension.step
         self._run_slots = extension.step_slots
-        self._keep = keep
         self._keys = cache.keys[0]
         self.cache = cache
         self.batch_size = cache.batch_size
         self.logits = torch.empty(cache.batch_size, config.vocab_size)
+        self._logits_array = self.logits.numpy()
 
     def _check_cache(self) -> None:
         if self.cache.keys[0] is not self._keys:
@@ -329,15 +326,12 @@ class FusedDecoder:
             self._handle,
             self.batch_size,
             t,
-            tokens.data_ptr(),
-            tokens.stride(0),
-            None if positions is None else positions.data_ptr(),
+            _array(tokens),
+            None if positions is None else _array(positions.view(-1)),
             position_delta,
-            None if mask is None else mask.data_ptr(),
-            0 if mask is None else mask.stride(0),
-            self.logits.data_ptr(),
-            None if argmax_out is None else argmax_out.data_ptr(),
-            0 if argmax_out is None else argmax_out.stride(0),
+            _array(mask),
+            self._logits_array,
+            _array(argmax_out),
             torch.get_num_threads(),
         )
         cache.advance(1)
@@ -371,11 +365,11 @@ class FusedDecoder:
         self._run_slots(
             self._handle,
             rows,
-            tokens.data_ptr(),
-            slots.data_ptr(),
-            lengths.data_ptr(),
-            self.logits.data_ptr(),
-            None if argmax_out is None else argmax_out.data_ptr(),
+            _array(tokens),
+            _array(slots),
+            _array(lengths),
+            self._logits_array,
+            _array(argmax_out),
             torch.get_num_threads(),
         )
         return self.logits[:rows]
