@@ -345,3 +345,52 @@ def test_presets_build_valid_configs_and_unknown_names_are_listed() -> None:
         assert {key: getattr(config, key) for key in fields} == fields
     with pytest.raises(ValueError, match="preset 'huge' is not one of tiny, small, 2.7b"):
         GPTNeoXJapaneseConfig.from_preset("huge")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false, got 'false'"),
+        ("use_cache", 1, "use_cache must be true or false, got 1"),
+        ("return_dict", None, "return_dict must be true or false"),
+        ("bos_token_id", "31996", "bos_token_id must be a token id"),
+        ("pad_token_id", -1, "pad_token_id must be a token id"),
+        ("eos_token_id", [1, "2"], "eos_token_id must be a token id or a list of them"),
+        ("eos_token_id", True, "eos_token_id must be"),
+        ("architectures", "GPTNeoXJapaneseForCausalLM", "architectures must be a list of class names"),
+        ("architectures", [3], "architectures must be a list of class names"),
+        ("torch_dtype", "int4", "torch_dtype='int4' is not one of the torch dtypes"),
+        ("dtype", 16, "dtype=16 is not one of the torch dtypes"),
+        ("num_hidden_layers", 10**9, "num_hidden_layers=1000000000 is beyond the limit of 1024"),
+        ("hidden_size", 2**40, "hidden_size=1099511627776 is beyond the limit of 65536"),
+        ("vocab_size", 10**30, "vocab_size=1000000000000000000000000000000 is beyond the limit"),
+        ("max_position_embeddings", 2**40, "max_position_embeddings=1099511627776 is beyond the limit"),
+        (
+            "intermediate_multiple_size",
+            1e300,
+            r"intermediate_multiple_size=1e\+300 makes the MLP .* limit of 1048576",
+        ),
+        ("validate", False, "'validate' is a GPTNeoXJapaneseConfig method or class attribute, not a setting"),
+        ("name_or_path", "x", "'name_or_path' is a GPTNeoXJapaneseConfig computed value, not a setting"),
+        ("_dtype", "float32", "'_dtype' is the internal name of a GPTNeoXJapaneseConfig field"),
+    ],
+)
+def test_wrong_types_and_sizes_in_config_json_name_file_and_key(
+    tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    _write(tmp_path, {**TINY, key: value})
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: {message}"):
+        GPTNeoXJapaneseConfig.from_pretrained(tmp_path)
+
+
+def test_the_sizes_at_their_limits_are_accepted_and_overrides_are_checked_too(tmp_path: Path) -> None:
+    from neoxja.configuration import SIZE_LIMITS
+
+    config = GPTNeoXJapaneseConfig(**{**TINY, "num_hidden_layers": SIZE_LIMITS["num_hidden_layers"]})
+    assert config.num_hidden_layers == 1024  # nothing is built: a config is only numbers
+    _write(tmp_path, TINY)
+    with pytest.raises(ValueError, match="num_hidden_layers=2048 is beyond the limit"):
+        GPTNeoXJapaneseConfig.from_pretrained(tmp_path, num_hidden_layers=2048)
+    with pytest.raises(ValueError, match="'to_dict' is a GPTNeoXJapaneseConfig method"):
+        GPTNeoXJapaneseConfig.from_pretrained(tmp_path, to_dict=None)
+    assert GPTNeoXJapaneseConfig.from_pretrained(tmp_path, rotary_pct=0.5).rotary_pct == 0.5  # a property

@@ -73,6 +73,28 @@ _WRITER_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
 # Computed from other fields; a file may carry them, but they must agree with what they derive from.
 _DERIVED = ("head_dim", "intermediate_size", "rotary_ndims")
 
+# Upper bounds on the sizes: far beyond any model of this architecture (the 2.7B model has 32 layers
+# of width 2560 and 32000 tokens), far below sizes whose products overflow. A config past them is a
+# damaged or crafted file, refused before anything is built or allocated.
+SIZE_LIMITS = {
+    "vocab_size": 2**24,
+    "hidden_size": 2**16,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 2**16,
+    "max_position_embeddings": 2**24,
+    "intermediate_size": 2**20,
+}
+# Fields that hold true or false, and special token ids (an int, or none).
+_FLAGS = (
+    "use_cache",
+    "tie_word_embeddings",
+    "is_decoder",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+)
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
 
 def get_activation(name: str) -> Callable:
     """The activation function called ``name`` (one of :data:`ACTIVATIONS`), as a tensor -> tensor callable.
@@ -185,11 +207,15 @@ class GPTNeoXJapaneseConfig:
         self.output_attentions = output_attentions
         self.output_hidden_states = output_hidden_states
         self.return_dict = return_dict
+        if architectures is not None and not isinstance(architectures, (list, tuple)):
+            raise ValueError(f"architectures must be a list of class names, got {architectures!r}")
         self.architectures = list(architectures) if architectures is not None else None
 
         # Old files say torch_dtype, new ones dtype; the new name wins when both are there.
         legacy_dtype = kwargs.pop("torch_dtype", None)
-        self.dtype = dtype if dtype is not None else legacy_dtype
+        self._dtype = (
+            _dtype_name(dtype, "dtype") if dtype is not None else _dtype_name(legacy_dtype, "torch_dtype")
+        )
 
         theta = float(rotary_emb_base) if _is_number(rotary_emb_base) else rotary_emb_base
         self.rope_parameters = _complete_rope(
@@ -200,6 +226,9 @@ class GPTNeoXJapaneseConfig:
             kwargs.pop(key, None)
         derived = {key: kwargs.pop(key) for key in _DERIVED if key in kwargs}
         for key, value in kwargs.items():
+            if key in vars(self):  # e.g. "_dtype": a field kept under another name
+                raise ValueError(f"{key!r} is the internal name of a {type(self).__name__} field: refused")
+            self._check_settable(key)
             setattr(self, key, value)
         self.validate()
         for key, value in derived.items():
@@ -271,21 +300,15 @@ class GPTNeoXJapaneseConfig:
 
     @dtype.setter
     def dtype(self, value: Any) -> None:
-        if value is None:
-            self._dtype = None
-            return
-        name = value if isinstance(value, str) else str(value)
-        name = name.removeprefix("torch.")
-        if name not in _DTYPE_NAMES:
-            raise ValueError(f"dtype={value!r} is not one of the torch dtypes {', '.join(_DTYPE_NAMES)}")
-        self._dtype = name
+        self._dtype = _dtype_name(value, "dtype")
 
     torch_dtype = dtype  # the transformers-4 name of the same field
 
     # ----- validation -------------------------------------------------------------------------------
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field whose value the model cannot be built with."""
+        """Raise ValueError naming the first field whose value the model cannot be built with: a wrong
+        type, or a size outside ``1..SIZE_LIMITS[key]`` (checked before any product of sizes is taken)."""
         for key in (
             "vocab_size",
             "hidden_size",
@@ -296,11 +319,31 @@ class GPTNeoXJapaneseConfig:
             value = getattr(self, key)
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
+            if value > SIZE_LIMITS[key]:
+                raise ValueError(f"{key}={value} is beyond the limit of {SIZE_LIMITS[key]}: refused")
         if not _is_number(self.intermediate_multiple_size) or self.intermediate_size <= 0:
             raise ValueError(
                 f"intermediate_multiple_size must be a positive number (hidden_size * it is the MLP width), "
                 f"got {self.intermediate_multiple_size!r}"
             )
+        if self.intermediate_size > SIZE_LIMITS["intermediate_size"]:
+            raise ValueError(
+                f"intermediate_multiple_size={self.intermediate_multiple_size} makes the MLP "
+                f"(hidden_size * it) wider than the limit of {SIZE_LIMITS['intermediate_size']}: refused"
+            )
+        for key in _FLAGS:
+            value = getattr(self, key)
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
+        for key in _TOKEN_IDS:
+            value = getattr(self, key)
+            ids = value if key == "eos_token_id" and isinstance(value, list) else [value]
+            if value is not None and not (ids and all(_is_int(i) and i >= 0 for i in ids)):
+                allowed = "a token id or a list of them" if key == "eos_token_id" else "a token id"
+                raise ValueError(f"{key} must be {allowed} (an integer >= 0) or null, got {value!r}")
+        architectures = self.architectures
+        if architectures is not None and not all(isinstance(name, str) for name in architectures):
+            raise ValueError(f"architectures must be a list of class names, got {architectures!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by "
@@ -376,6 +419,15 @@ class GPTNeoXJapaneseConfig:
                     f"rope_parameters needs 0 < low_freq_factor < high_freq_factor, got {low!r} and {high!r}"
                 )
 
+    def _check_settable(self, key: str) -> None:
+        """A ValueError when ``key`` (from a file or an override) names a method or a computed value
+        of the class, which setting it would break, rather than a setting."""
+        attribute = getattr(type(self), key, None)
+        if key in _DERIVED or attribute is None or (isinstance(attribute, property) and attribute.fset):
+            return
+        kind = "computed value" if isinstance(attribute, property) else "method or class attribute"
+        raise ValueError(f"{key!r} is a {type(self).__name__} {kind}, not a setting: refused")
+
     def _check_derived(self, key: str, value: Any) -> None:
         expected = getattr(self, key)
         if value != expected:
@@ -447,6 +499,7 @@ class GPTNeoXJapaneseConfig:
     def _override(self, values: dict[str, Any]) -> None:
         """Set fields from ``from_pretrained``/``from_dict`` keyword arguments, then re-validate."""
         for key, value in values.items():
+            self._check_settable(key)
             if key == "rope_parameters":
                 value = _complete_rope(
                     value, self.rotary_emb_base, self.rotary_pct, self.max_position_embeddings
@@ -485,6 +538,18 @@ class GPTNeoXJapaneseConfig:
 
 
 _DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _dtype_name(value: Any, key: str) -> str | None:
+    """The name in :data:`_DTYPE_NAMES` of ``value`` (a torch dtype, or its name with or without
+    ``torch.``), None for None; a ValueError naming ``key`` otherwise."""
+    if value is None:
+        return None
+    name = value if isinstance(value, str) else str(value)
+    name = name.removeprefix("torch.")
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"{key}={value!r} is not one of the torch dtypes {', '.join(_DTYPE_NAMES)}")
+    return name
 
 
 def _complete_rope(rope: Any, theta: Any, rotary_pct: Any, max_positions: Any) -> dict[str, Any]:
