@@ -128,6 +128,11 @@ def test_adapters_neoxja_cannot_merge_exactly_are_refused(tmp_path: Path, change
 def test_bad_lora_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="lora r must be a positive int"):
         LoraArguments(r=0).validate()
+    with pytest.raises(ValueError, match="lora r must be a positive int, got True"):
+        LoraArguments(r=True).validate()
+    for alpha in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"lora alpha must be a finite number > 0, got {alpha}"):
+            LoraArguments(alpha=alpha).validate()
     with pytest.raises(ValueError, match=r"lora target \['embed_out'\] is not among"):
         LoraArguments(target=("dense", "embed_out")).validate()
 

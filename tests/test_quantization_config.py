@@ -43,6 +43,8 @@ def test_same_dict_as_transformers(settings: dict) -> None:
         ({"bnb_4bit_quant_storage": "complex64"}, "bnb_4bit_quant_storage"),
         ({"load_in_4bit": "yes"}, "load_in_4bit"),
         ({"llm_int8_threshold": "6"}, "llm_int8_threshold"),
+        ({"llm_int8_threshold": float("nan")}, "llm_int8_threshold must be a finite number, got nan"),
+        ({"llm_int8_threshold": float("inf")}, "llm_int8_threshold must be a finite number, got inf"),
         ({"llm_int8_skip_modules": "embed_out"}, "llm_int8_skip_modules"),
     ],
 )

@@ -407,7 +407,7 @@ class Linear8bit(QuantizedLinear):
         weight = layer.require("weight")
         if weight.dtype != torch.int8 or weight.dim() != 2:
             raise layer.error("weight", f"must be a 2-d int8 tensor, got {weight.dtype} {list(weight.shape)}")
-        if (weight == -128).any():  # bitsandbytes rounds rows to [-127, 127]
+        if weight.numel() and weight.min() == -128:  # bitsandbytes rounds rows to [-127, 127]
             index = [int(i) for i in (weight == -128).nonzero()[0]]
             raise layer.error("weight", f"holds -128 at index {index}; int8 rows lie in [-127, 127]")
         scb = layer.require("SCB")
