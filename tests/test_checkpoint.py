@@ -60,9 +60,13 @@ def logits(model: GPTNeoXJapaneseForCausalLM) -> torch.Tensor:
 
 
 def state_of(directory: Path) -> dict[str, torch.Tensor]:
+    return state_of_file(directory / "model.safetensors")
+
+
+def state_of_file(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(directory / "model.safetensors")
+    return load_file(path)
 
 
 def write_bin_shards(state: dict[str, torch.Tensor], directory: Path) -> None:
@@ -328,9 +332,9 @@ def test_config_json_that_is_not_utf8_names_the_file(saved: Path, encoding: str)
 
 def test_shape_mismatch_names_key_and_shapes(saved: Path) -> None:
     state = state_of(saved)
-    state["gpt_neox_japanese.layers.1.mlp.dense_h_to_4h.weight"] = torch.zeros(60, 32)
+    state["gpt_neox_japanese.layers.1.mlp.dense_4h_to_h.weight"] = torch.zeros(32, 60)
     save_file(state, saved / "model.safetensors")
-    message = r"layers\.1\.mlp\.dense_h_to_4h\.weight: checkpoint has \[60, 32\].*expects \[64, 32\]"
+    message = r"layers\.1\.mlp\.dense_4h_to_h\.weight: checkpoint has \[32, 60\].*expects \[32, 64\]"
     with pytest.raises(CheckpointError, match=message):
         GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
 
@@ -413,3 +417,251 @@ def test_device_this_machine_lacks_is_named(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=rf"device={device!r}.*available here: 'auto', 'cpu', -1"):
         GPTNeoXJapaneseForCausalLM.from_pretrained(saved, device=device)
+
+
+# ----- every tensor from one place, and nothing the model does not know --------------------------------
+
+
+def sharded(reference: transformers.GPTNeoXJapaneseForCausalLM, directory: Path) -> tuple[Path, Path]:
+    """``reference`` saved in two or more shards; (first shard, second shard)."""
+    reference.save_pretrained(directory, max_shard_size="20KB")
+    shards = sorted(directory.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    return shards[0], shards[1]
+
+
+def test_a_tensor_outside_the_index_is_refused_not_taken(
+    reference: transformers.GPTNeoXJapaneseForCausalLM, tmp_path: Path
+) -> None:
+    first, second = sharded(reference, tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    key = next(k for k, shard in index.items() if shard == first.name)
+    extra = state_of_file(second)
+    extra[key] = torch.zeros_like(state_of_file(first)[key])  # would override the indexed tensor
+    save_file(extra, second)
+    with pytest.raises(CheckpointError, match=rf"{second}: tensor '{key}' is listed in .*under shard"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
+    extra["gpt_neox_japanese.layers.0.attention.extra"] = torch.zeros(2)
+    del extra[key]
+    save_file(extra, second)
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'gpt_neox_japanese.layers.0.attention.extra' is not in"
+    ):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
+
+
+def test_the_same_tensor_in_two_shards_and_a_tensor_the_index_invents(
+    reference: transformers.GPTNeoXJapaneseForCausalLM, tmp_path: Path
+) -> None:
+    first, second = sharded(reference, tmp_path)
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = next(k for k, shard in index["weight_map"].items() if shard == first.name)
+    both = state_of_file(second)
+    both[key] = state_of_file(first)[key]
+    save_file(both, second)
+    for shard in (first.name, second.name):  # whichever shard the index names, the other one has it too
+        index["weight_map"][key] = shard
+        index_path.write_text(json.dumps(index))
+        other = second if shard == first.name else first
+        with pytest.raises(
+            CheckpointError, match=rf"{other}: tensor '{key}' is listed in .* under shard '{shard}'"
+        ):
+            GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
+    del both[key]
+    save_file(both, second)
+    index["weight_map"][key] = first.name
+    index["weight_map"]["gpt_neox_japanese.layers.0.invented"] = second.name
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError, match=rf"lists tensor 'gpt_neox_japanese.layers.0.invented' in '{second.name}'"
+    ):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path)
+
+
+def test_bin_shards_are_held_to_their_index_too(saved: Path) -> None:
+    state = state_of(saved)
+    (saved / "model.safetensors").unlink()
+    write_bin_shards(state, saved)
+    second = saved / "pytorch_model-00002-of-00002.bin"
+    shard = torch.load(second, weights_only=True)
+    shard["gpt_neox_japanese.embed_in.weight"] = state["gpt_neox_japanese.embed_in.weight"]
+    torch.save(shard, second)
+    with pytest.raises(CheckpointError, match=r"tensor 'gpt_neox_japanese.embed_in.weight'"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+def test_a_key_twice_in_one_header_or_under_two_names_is_refused(saved: Path) -> None:
+    path = saved / "model.safetensors"
+    entry = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    raw = ('{"a": ' + json.dumps(entry) + ', "a": ' + json.dumps(entry) + "}").encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(4))
+    with pytest.raises(CheckpointError, match=rf"{path}: the header names 'a' twice"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+def test_one_weight_under_a_prefixed_and_a_bare_name_is_refused(saved: Path) -> None:
+    state = state_of(saved)
+    state["embed_in.weight"] = torch.zeros_like(state["gpt_neox_japanese.embed_in.weight"])
+    save_file(state, saved / "model.safetensors")
+    name = r"(gpt_neox_japanese\.)?embed_in\.weight"
+    message = (
+        rf"model.safetensors: {name} and {name} are both the model's gpt_neox_japanese\.embed_in\.weight"
+    )
+    with pytest.raises(CheckpointError, match=message):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+UNEXPECTED = "model.safetensors: does not match the model: unexpected keys: "
+
+
+@pytest.mark.parametrize(
+    "key, refusal",
+    [
+        ("gpt_neox_japanese.layers.1.attention.rotary_emb.inv_freq", None),
+        ("gpt_neox_japanese.layers.1.attention.masked_bias", None),
+        ("gpt_neox_japanese.rotary_emb.inv_freq", None),  # transformers 5's buffer, were it ever saved
+        # a layer the model does not have: its number of layers does not fit the config
+        ("gpt_neox_japanese.layers.2.attention.bias", "the checkpoint has layers 0 to 2"),
+        ("gpt_neox_japanese.layers.0.mlp.bias", UNEXPECTED + "gpt_neox_japanese.layers.0.mlp.bias"),
+        (
+            "gpt_neox_japanese.layers.0.attention.dense.rotary_emb.inv_freq",
+            UNEXPECTED + "gpt_neox_japanese.layers.0.attention.dense.rotary_emb.inv_freq",
+        ),
+        ("rotary_emb.inv_freq.extra", UNEXPECTED + "rotary_emb.inv_freq.extra"),
+    ],
+)
+def test_strict_loading_accepts_only_the_known_stale_buffers(
+    saved: Path, key: str, refusal: str | None
+) -> None:
+    state = state_of(saved)
+    state[key] = torch.ones(2)
+    save_file(state, saved / "model.safetensors")
+    if refusal is None:
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+        return
+    with pytest.raises(CheckpointError, match=refusal):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+    GPTNeoXJapaneseForCausalLM.from_pretrained(saved, strict=False)  # ignored when asked to be lenient
+
+
+# ----- the config against the weights, before anything is built ---------------------------------------
+
+
+def write_config(directory: Path, **changes: object) -> None:
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"num_hidden_layers": 3},
+            r"model.safetensors: the checkpoint has layers 0 to 1 \(2 layers\), "
+            r"the config's num_hidden_layers is 3",
+        ),
+        (
+            {"num_hidden_layers": 1},
+            r"the checkpoint has layers 0 to 1 \(2 layers\), the config's num_hidden_layers is 1",
+        ),
+        (
+            {"hidden_size": 48},
+            r"embed_in.weight has shape \[64, 32\], the config's hidden_size=48 needs \[64, 48\]",
+        ),
+        (
+            {"vocab_size": 65},
+            r"embed_in.weight has shape \[64, 32\], the config's vocab_size=65 needs \[65, 32\]",
+        ),
+        (
+            {"intermediate_multiple_size": 3},
+            r"dense_h_to_4h.weight has shape \[64, 32\], the config's intermediate_multiple_size=3",
+        ),
+    ],
+)
+def test_a_config_that_does_not_describe_the_weights_is_named(
+    saved: Path, changes: dict, message: str
+) -> None:
+    write_config(saved, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+def test_more_layers_than_the_weights_load_only_when_not_strict(saved: Path, expected: torch.Tensor) -> None:
+    write_config(saved, num_hidden_layers=3)
+    loose = GPTNeoXJapaneseForCausalLM.from_pretrained(saved, strict=False)
+    assert len(loose.gpt_neox_japanese.layers) == 3  # the third layer initialised
+
+
+def test_absurd_sizes_fail_before_anything_is_built(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import neoxja.network
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a layer was built")
+
+    monkeypatch.setattr(neoxja.network.GPTNeoXJapaneseLayer, "__init__", never)
+    write_config(saved, num_hidden_layers=10**9)
+    with pytest.raises(
+        ValueError, match=r"config.json: num_hidden_layers=1000000000 is beyond the limit of 1024"
+    ):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+    write_config(saved, num_hidden_layers=2, hidden_size=2**62, num_attention_heads=2)
+    with pytest.raises(ValueError, match=r"hidden_size=4611686018427387904 is beyond the limit"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+    write_config(saved, hidden_size=32, num_attention_heads=4)
+    with pytest.raises(ValueError, match=r"num_hidden_layers=1000000000 is beyond the limit"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved, num_hidden_layers=10**9)  # an override too
+    write_config(saved, num_hidden_layers=3)  # sane, but not these weights: refused before building
+    with pytest.raises(CheckpointError, match="num_hidden_layers is 3"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+def test_bin_index_layers_are_checked_before_any_shard_is_read(saved: Path) -> None:
+    state = state_of(saved)
+    (saved / "model.safetensors").unlink()
+    write_bin_shards(state, saved)
+    for shard in saved.glob("pytorch_model-*.bin"):
+        shard.write_bytes(b"not read")
+    write_config(saved, num_hidden_layers=4)
+    with pytest.raises(
+        CheckpointError, match=r"pytorch_model.bin.index.json: the checkpoint has layers 0 to 1"
+    ):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        ('{"weight_map": {"a": 3}}', r"weight_map\['a'\] is 3, not a shard file name"),
+        ('{"weight_map": []}', r"'weight_map' must be an object .*a JSON list"),
+        ('{"metadata": {}}', r"'weight_map' must be an object .*no such key"),
+        ('{"weight_map": ' + "[" * 100 + "]" * 100 + "}", "nested more than 64 levels"),
+    ],
+)
+def test_shard_index_errors_name_the_key(saved: Path, index: str, message: str) -> None:
+    (saved / "model.safetensors").unlink()
+    (saved / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors.index.json.*{message}"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(saved)
+
+
+def test_every_torch_load_in_the_package_is_weights_only() -> None:
+    """A pickle can run code when it loads: each torch.load call of neoxja passes weights_only=True."""
+    import ast
+
+    import neoxja
+
+    calls = 0
+    for path in Path(neoxja.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            func = getattr(node, "func", None)
+            if isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and func.attr == "load":
+                if isinstance(func.value, ast.Name) and func.value.id == "torch":
+                    calls += 1
+                    flags = {k.arg: k.value for k in node.keywords}
+                    safe = (
+                        isinstance(flags.get("weights_only"), ast.Constant)
+                        and flags["weights_only"].value is True
+                    )
+                    assert safe, f"{path}:{node.lineno}: torch.load without weights_only=True"
+    assert calls >= 3  # checkpoint.py (twice) and the trainer state: the scan does see them

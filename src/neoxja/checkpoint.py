@@ -1,4 +1,4 @@
-"""Load and save model weights in the files transformers reads and writes.
+"""Load model weights from the files transformers writes (saving: :mod:`neoxja.saving`).
 
 Loading builds the module on the meta device (no random initialisation, no memory), then takes
 one tensor at a time and assigns it to the module, so the weights exist once. A safetensors file
@@ -6,6 +6,11 @@ already in the wanted dtype, for the CPU, is memory-mapped copy-on-write (no cop
 read on first use). One that must be converted is read tensor by tensor with plain ``readinto``
 (no mapping whose touched pages would count as a second copy), converted, and the read buffer
 freed. ``.bin`` files go through ``torch.load(weights_only=True, mmap=True)``.
+
+Before the model is built, the config's sizes are checked against the shapes in the safetensors
+headers and the layers the shard index lists, so that a config that does not describe the weights
+fails at once, naming the key. Every tensor must come from exactly one file, and for shards from the
+one the index names: a tensor outside the index, or in two files, is refused.
 
 Files looked for, in order: ``model.safetensors``, ``model.safetensors.index.json`` (shards),
 ``pytorch_model.bin``, ``pytorch_model.bin.index.json`` (shards).
@@ -21,6 +26,7 @@ import os
 import pickle
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +36,8 @@ from neoxja.configuration import GPTNeoXJapaneseConfig
 from neoxja.devices import resolve_device
 from neoxja.devices import resolve_dtype as _named_dtype
 from neoxja.hub import HubOptions, file_not_directory, resolve_file
-from neoxja.jsonfile import read_json_object
+from neoxja.jsonfile import loads, read_json_object
+from neoxja.saving import parse_size, save_pretrained  # noqa: F401 - where network.py looks for them
 from neoxja.tuner.lora import adapter_base, is_adapter_dir, merge_adapter
 
 if TYPE_CHECKING:
@@ -42,8 +49,14 @@ BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)
 
-# Buffers that old transformers versions saved with the weights; they are recomputed, never loaded.
-_STALE_KEYS = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$")
+# Buffers that transformers 4 saved with this model's weights (each attention's rotary inv_freq,
+# causal-mask ``bias`` and ``masked_bias``; transformers 5 ignores any ``rotary_emb.inv_freq``):
+# recomputed, never loaded, accepted by name and nothing else.
+_STALE_KEYS = re.compile(
+    r"(gpt_neox_japanese\.)?(layers\.(?P<layer>\d+)\.attention\.(rotary_emb\.inv_freq|bias|masked_bias)"
+    r"|rotary_emb\.inv_freq)"
+)
+_LAYER = re.compile(r"(?:gpt_neox_japanese\.)?layers\.(\d+)\.")
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -101,11 +114,14 @@ def _check_complete(path: Path, raw: bytes, data_start: int, size: int) -> dict[
     """The parsed header without ``__metadata__``, after naming the tensor a truncated file cuts off;
     None for a header too damaged to tell (the library's check then says what is wrong)."""
     try:
-        entries = json.loads(raw)
+        entries = loads(raw, str(path))
         entries.pop("__metadata__", None)
         ends = {name: int(info["data_offsets"][1]) for name, info in entries.items()}
-    except (ValueError, RecursionError, TypeError, KeyError, IndexError, AttributeError):
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
+    duplicate = _duplicate_key(raw)
+    if duplicate is not None:
+        raise CheckpointError(f"{path}: the header names {duplicate!r} twice: refused (which one is meant?)")
     for name, end in ends.items():
         if data_start + end > size:
             raise CheckpointError(
@@ -113,6 +129,20 @@ def _check_complete(path: Path, raw: bytes, data_start: int, size: int) -> dict[
                 f"the file has {size} bytes"
             )
     return entries
+
+
+def _duplicate_key(raw: bytes) -> str | None:
+    """A key that a JSON object of ``raw`` (already known to parse, nesting bounded) holds twice."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        keys = [key for key, _ in items]
+        if len(set(keys)) != len(keys):
+            found.extend(key for i, key in enumerate(keys) if key in keys[:i])
+        return dict(items)
+
+    json.loads(raw, object_pairs_hook=pairs)
+    return found[0] if found else None
 
 
 def _check_with_library(path: Path) -> None:
@@ -197,53 +227,170 @@ def iter_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor.clone()
 
 
-def find_weight_files(name_or_path: str | os.PathLike, options: HubOptions) -> list[Path]:
+@dataclass(frozen=True)
+class WeightFiles:
+    """The weight files of a checkpoint; for shards also the index and its tensor -> file map."""
+
+    files: list[Path]
+    index: Path | None = None
+    weight_map: dict[str, str] | None = None
+
+    @property
+    def where(self) -> Path:
+        """The file that describes the checkpoint: the index, or the one weight file."""
+        return self.index if self.index is not None else self.files[0]
+
+
+def find_weight_files(name_or_path: str | os.PathLike, options: HubOptions) -> WeightFiles:
     """The weight files of a model directory or Hub id (all shards), in the preferred format."""
     for filename in WEIGHT_FILES:
         path = resolve_file(name_or_path, filename, options)
         if path is None:
             continue
         if not filename.endswith(".index.json"):
-            return [path]
+            return WeightFiles([path])
+        weight_map = _read_index(path)
         shards = []
-        for shard in _shard_names(path):
+        for shard in sorted(set(weight_map.values())):
             shard_path = resolve_file(name_or_path, shard, options)
             if shard_path is None:
                 raise OSError(f"{path} lists shard {shard!r}, which is missing from {str(name_or_path)!r}")
             shards.append(shard_path)
-        return shards
+        return WeightFiles(shards, path, weight_map)
     where = Path(name_or_path) / options.subfolder if options.subfolder else name_or_path
     raise OSError(f"no weights found in {str(where)!r}: looked for {', '.join(WEIGHT_FILES)}")
 
 
-def _shard_names(index: Path) -> list[str]:
-    """The shard files a ``*.index.json`` names: plain names inside the model directory, no others."""
+def _read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a ``*.index.json``: tensor names to plain file names inside the model
+    directory, no others."""
     try:
-        weight_map = read_json_object(index, "a shard index object")["weight_map"]
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"{index}: not a shard index (no 'weight_map' object): {err}") from err
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
-    names = sorted(set(weight_map.values()))
-    for name in names:
+        data = read_json_object(index, "a shard index object")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        found = "no such key" if weight_map is None else f"a JSON {type(weight_map).__name__}"
+        raise CheckpointError(
+            f"{index}: 'weight_map' must be an object of tensor names to shard files ({found})"
+        )
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{index}: weight_map[{key!r}] is {name!r}, not a shard file name")
         parts = name.replace("\\", "/").split("/")
         if name in ("", ".", "..") or len(parts) > 1 or Path(name).is_absolute():
             raise CheckpointError(
                 f"{index} names shard {name!r}, which is not a file name inside the model directory: refused"
             )
-    return names
+    return weight_map
+
+
+class _Ledger:
+    """Checks that each tensor of shards comes from the one file the index names (so a tensor in two
+    shards, or outside the index, is refused); :meth:`finish` then checks that every indexed tensor
+    was found."""
+
+    def __init__(self, weights: WeightFiles) -> None:
+        self.weights = weights
+        self.seen: set[str] = set()
+
+    def see(self, path: Path, name: str) -> None:
+        weight_map, index = self.weights.weight_map, self.weights.index
+        if weight_map is not None:
+            listed = weight_map.get(name)
+            if listed is None:
+                raise CheckpointError(f"{path}: tensor {name!r} is not in the index {index}: refused")
+            if listed != path.name:
+                raise CheckpointError(f"{path}: tensor {name!r} is listed in {index} under shard {listed!r}")
+        self.seen.add(name)  # once only: one file per name, and no name twice in a file
+
+    def finish(self) -> None:
+        for name, shard in (self.weights.weight_map or {}).items():
+            if name not in self.seen:
+                raise CheckpointError(
+                    f"{self.weights.index} lists tensor {name!r} in {shard!r}, which lacks it"
+                )
+
+
+def header_shapes(weights: WeightFiles) -> dict[str, tuple[Path, list[int], torch.dtype]]:
+    """``{name: (file, shape, dtype)}`` from the headers of the checkpoint's safetensors files
+    (no data is read), after checking that no tensor is outside the index or in two files."""
+    shapes: dict[str, tuple[Path, list[int], torch.dtype]] = {}
+    files = [path for path in weights.files if path.name.endswith(".safetensors")]
+    ledger = _Ledger(weights)
+    for path in files:
+        header, _ = read_safetensors_header(path)
+        for name, info in header.items():
+            ledger.see(path, name)
+            shapes[name] = (path, info["shape"], _SAFETENSORS_DTYPES[info["dtype"]])
+    if len(files) == len(weights.files):
+        ledger.finish()
+    return shapes
+
+
+def check_config_against_weights(config: GPTNeoXJapaneseConfig, weights: WeightFiles, strict: bool) -> None:
+    """Before any module is built: a :class:`CheckpointError` naming the config key and the file when
+    the config's sizes do not describe the checkpoint's shapes (safetensors headers) or, with
+    ``strict``, its number of layers (headers or shard index). ``.bin`` files without an index
+    show neither before they are read; their tensors are checked one by one as they load."""
+    shapes = header_shapes(weights)
+    hidden, vocab = config.hidden_size, config.vocab_size
+    expected = {
+        "embed_in.weight": ([vocab, hidden], ("vocab_size", "hidden_size")),
+        "embed_out.weight": ([vocab, hidden], ("vocab_size", "hidden_size")),
+        "final_layer_norm.weight": ([hidden], ("hidden_size",)),
+        "mlp.dense_h_to_4h.weight": (
+            [config.intermediate_size, hidden],
+            ("intermediate_multiple_size", "hidden_size"),
+        ),
+    }
+    for name, found in shapes.items():
+        key = _LAYER.sub("", name).removeprefix("gpt_neox_japanese.")
+        if key in expected and found[2].is_floating_point:  # a packed (quantized) weight has its own shape
+            _check_shape(config, found, name, *expected[key])
+    names = set(shapes) | set(weights.weight_map or ())
+    layers = {int(match[1]) for name in names if (match := _LAYER.match(name))}
+    if strict and layers and max(layers) + 1 != config.num_hidden_layers:
+        raise CheckpointError(
+            f"{weights.where}: the checkpoint has layers 0 to {max(layers)} ({max(layers) + 1} layers), "
+            f"the config's num_hidden_layers is {config.num_hidden_layers}"
+        )
+
+
+def _check_shape(
+    config: GPTNeoXJapaneseConfig,
+    found: tuple[Path, list[int], torch.dtype],
+    name: str,
+    shape: list[int],
+    fields: tuple[str, ...],
+) -> None:
+    path, actual, _ = found
+    if list(actual) == shape:
+        return
+    wrong = [field for field, got, want in zip(fields, actual, shape, strict=False) if got != want] or list(
+        fields
+    )
+    settings = ", ".join(f"{field}={getattr(config, field)}" for field in wrong)
+    raise CheckpointError(
+        f"{path}: {name} has shape {list(actual)}, the config's {settings} needs {shape}: "
+        f"the config does not describe these weights"
+    )
 
 
 def iter_checkpoint(
-    files: list[Path], dtype: torch.dtype | None = None, device: torch.device | None = None
+    weights: WeightFiles, dtype: torch.dtype | None = None, device: torch.device | None = None
 ) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """Every ``(file, name, tensor)`` of the given weight files; safetensors already in ``dtype`` are
-    memory-mapped rather than read when they are to stay on the CPU."""
+    """Every ``(file, name, tensor)`` of the checkpoint, each tensor from exactly one file (the one
+    its index names); safetensors already in ``dtype`` are memory-mapped rather than read when they
+    are to stay on the CPU."""
     keep = dtype if device is not None and device.type == "cpu" else None
-    for path in files:
+    ledger = _Ledger(weights)
+    for path in weights.files:
         tensors = iter_safetensors(path, keep) if path.name.endswith(".safetensors") else iter_bin(path)
         for name, tensor in tensors:
+            ledger.see(path, name)
             yield path, name, tensor
+    ledger.finish()
 
 
 # ----- loading into a model -------------------------------------------------------------------------
@@ -314,23 +461,30 @@ def load_state(
     has_prefix = any(key.startswith(prefix) for key in expected)
 
     base_children = {key[len(prefix) :].split(".", 1)[0] for key in expected if key.startswith(prefix)}
+    layers = model.config.num_hidden_layers
     loaded: dict[str, torch.Tensor] = {}
-    taken: set[str] = set()
-    unexpected: list[str] = []
+    origin: dict[str, tuple[Path, str]] = {}  # model key -> (file, checkpoint name) it came from
+    unexpected: dict[str, Path] = {}
+    files: set[Path] = set()
     for path, name, tensor in tensors:
+        files.add(path)
         key = name
         if has_prefix and not key.startswith(prefix) and key.split(".", 1)[0] in base_children:
             key = prefix + key
         elif not has_prefix and key.startswith(prefix):
             key = key[len(prefix) :]
+        if key in origin:  # e.g. both "embed_in.weight" and "gpt_neox_japanese.embed_in.weight"
+            first_path, first = origin[key]
+            where = "" if first_path == path else f" (in {first_path})"
+            raise CheckpointError(f"{path}: {name} and {first}{where} are both the model's {key}: refused")
+        origin[key] = (path, name)
         if take is not None and take(key, path, tensor):
-            taken.add(key)
             continue
         if key not in expected:
             # The LM head is no error for a tied model, nor for the bare model (transformers agrees).
             head = key == "embed_out.weight" and (tied or not has_prefix)
-            if not (head or _STALE_KEYS.search(key)):
-                unexpected.append(name)
+            if not (head or _is_stale_buffer(key, layers)):
+                unexpected[name] = path
             continue
         target = expected[key]
         if tuple(tensor.shape) != tuple(target.shape):
@@ -345,20 +499,36 @@ def load_state(
             )
         loaded[key] = _convert(f"{path}: {name}", tensor, dtype, device)
 
-    missing = sorted(set(expected) - set(loaded) - taken)
+    missing = sorted(set(expected) - set(origin))
     if strict and (missing or unexpected):
         parts = []
         if missing:
-            parts.append(f"missing keys: {', '.join(missing)}")
+            parts.append(f"missing keys: {_some(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {', '.join(sorted(unexpected))}")
-        raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+            parts.append(
+                "unexpected keys: "
+                + _some([f"{name} ({unexpected[name].name})" for name in sorted(unexpected)])
+            )
+        where = min(files) if len(files) == 1 else min(files).parent if files else "the checkpoint"
+        raise CheckpointError(f"{where}: does not match the model: " + "; ".join(parts))
     if missing:  # non-strict: initialise what the checkpoint lacks
         for key in missing:
             loaded[key] = torch.empty_like(expected[key], device=device, dtype=dtype)
     model.load_state_dict(loaded, strict=False, assign=True)
     if missing:
         _init_missing(model, missing)
+
+
+def _is_stale_buffer(key: str, layers: int) -> bool:
+    """Whether ``key`` is a buffer transformers 4 saved for this model (in an existing layer)."""
+    match = _STALE_KEYS.fullmatch(key)
+    return match is not None and (match["layer"] is None or int(match["layer"]) < layers)
+
+
+def _some(names: list[str], limit: int = 20) -> str:
+    """``names`` joined, the first ``limit`` of them and how many there are in all."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
 
 
 def _init_missing(model: GPTNeoXJapanesePreTrainedModel, missing: list[str]) -> None:
@@ -443,8 +613,12 @@ def load_pretrained(
         if not hasattr(config, key):
             raise TypeError(f"from_pretrained() got an unexpected keyword argument {key!r}")
         setattr(config, key, value)
+    if kwargs:
+        config.validate()  # an override must not build what the file could not
 
-    files = find_weight_files(name_or_path, options)
+    weights = find_weight_files(name_or_path, options)
+    check_config_against_weights(config, weights, strict)  # before any module exists
+    files = weights.files
     dtype = resolve_dtype(dtype, config, files)
     device = resolve_device(device, default="cpu")
     with torch.device("meta"):
@@ -459,88 +633,10 @@ def load_pretrained(
             loader = QuantizingLoader(model, plan, prequantized, device, dtype)
     # Quantizing reads (rather than maps) the file, so that each float weight is freed once quantized.
     keep = dtype if loader is None else None
-    tensors = _with_progress(iter_checkpoint(files, keep, device), files, progress)
+    tensors = _with_progress(iter_checkpoint(weights, keep, device), files, progress)
     load_state(model, tensors, dtype, device, strict=strict, take=loader)
     model.tie_weights()
     if loader is not None:
         loader.install(model, dtype)
     model.base_model.rotary_emb.to(device)
     return model.eval()
-
-
-# ----- saving ---------------------------------------------------------------------------------------
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in ``size``: an int, or a string like ``"5GB"`` (10**9), ``"500MiB"`` (2**20), ``"10KB"``."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
-    if not match:
-        raise ValueError(f"max_shard_size={size!r} is not a size like 5GB, 500MB or 2GiB")
-    number, unit = float(match.group(1)), match.group(2)
-    base = 1024 if "I" in unit else 1000
-    return int(number * base ** "BKMGT".index(unit[0]))
-
-
-def save_pretrained(
-    model: GPTNeoXJapanesePreTrainedModel,
-    save_directory: str | os.PathLike,
-    *,
-    safe_serialization: bool = True,
-    max_shard_size: int | str = "50GB",
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Write ``config.json`` and the weights, sharded above ``max_shard_size`` with an index file.
-
-    A tied ``embed_out.weight`` is left out, as transformers does: it is rebuilt from ``embed_in``.
-    ``state_dict`` (tensors under the model's own keys) is written instead of ``model.state_dict()``.
-    Old weight files of the directory are removed first so that shards of two saves never mix.
-    """
-    directory = Path(save_directory)
-    if directory.is_file():
-        raise OSError(f"cannot save the model into {directory}: it is a file, not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    limit = parse_size(max_shard_size)
-
-    state = dict(state_dict) if state_dict is not None else model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", True):
-        state.pop("embed_out.weight", None)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + nbytes > limit:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][key] = tensor.detach().to("cpu").contiguous()
-        shard_bytes += nbytes
-
-    for old in directory.iterdir():
-        if re.fullmatch(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?", old.name):
-            old.unlink()
-
-    model.config.dtype = model.dtype
-    model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(directory)
-
-    stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
-    count = len(shards)
-    names = [f"{stem}-{i:05d}-of-{count:05d}.{ext}" for i in range(1, count + 1)]
-    if count == 1:
-        names = [f"{stem}.{ext}"]
-    for name, shard in zip(names, shards, strict=True):
-        if safe_serialization:
-            from safetensors.torch import save_file
-
-            save_file(shard, directory / name, metadata={"format": "pt"})
-        else:
-            torch.save(shard, directory / name)
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard},
-        }
-        index_name = SAFE_INDEX if safe_serialization else BIN_INDEX
-        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        (directory / index_name).write_text(text, encoding="utf-8")
