@@ -5,6 +5,7 @@ equals itself alone and ``generate(seed=...)``), chunked prefill, cancellation, 
 
 from __future__ import annotations
 
+import math
 import queue
 import random
 import threading
@@ -234,20 +235,26 @@ def test_a_cancelled_request_frees_its_slot_within_a_step(engine: Engine, tiny_l
     assert engine.pool.used == 0 and engine.steps <= steps + 2
 
 
-def test_a_failing_sink_cancels_its_own_request_only(engine: Engine, tiny_loaded: tuple) -> None:
+def test_a_broken_sink_ends_its_own_sequences_only(engine: Engine, tiny_loaded: tuple) -> None:
     _, tokenizer = tiny_loaded
+    calls = []
 
     def broken(event: Event) -> None:
+        calls.append(event)
         raise RuntimeError("the client's queue is gone")
 
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    engine.submit([tokenizer.encode(PROMPTS[0])], params, broken)
+    engine.submit([tokenizer.encode(PROMPTS[0])], params, broken, n=2)
     tokens, _, reason = _run(engine, [(tokenizer.encode(PROMPTS[1]), params)])[0]
     assert reason == "length" and len(tokens) == 20
     deadline = time.monotonic() + 10
     while engine.pool.used and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.pool.used == 0
+    # each sequence: its first token (which failed), then its last event, an error saying why
+    ends = sorted((e.index, e.finish_reason or "") for e in calls)
+    assert ends == [(0, ""), (0, "error"), (1, ""), (1, "error")]
+    assert {e.error for e in calls if e.finish_reason} == {"RuntimeError: the client's queue is gone"}
 
 
 def test_a_full_queue_is_refused(tiny_loaded: tuple) -> None:
@@ -259,10 +266,53 @@ def test_a_full_queue_is_refused(tiny_loaded: tuple) -> None:
     engine.submit([[1, 2], [3, 4]], params, lambda e: None)
     with pytest.raises(QueueFull):
         engine.submit([[5]], params, lambda e: None)
-    with pytest.raises(ValueError, match="prompt 0, position 1: 32000 is not a token id"):
-        engine.submit([[1, 32000]], params, lambda e: None)
-    with pytest.raises(ValueError, match="max_model_len 64"):
-        engine.submit([[1] * 60], SamplingParams(max_tokens=8), lambda e: None)
+
+
+@pytest.mark.parametrize(
+    ("prompts", "fields", "n", "message"),
+    [
+        ([[1, 32000]], {}, 1, "prompt 0, position 1: 32000 is not a token id"),
+        ([[1, 2.0]], {}, 1, "prompt 0, position 1: 2.0 is not a token id"),  # was cast to 2 silently
+        ([[True]], {}, 1, "prompt 0, position 0: True is not a token id"),
+        ([[]], {}, 1, "prompt 0 is empty"),
+        ([[1] * 60], dict(max_tokens=8), 1, "max_model_len 64"),
+        ([[1]], {}, 0, "n must be an integer >= 1"),
+        ([[1]], dict(max_tokens=-1), 1, "max_tokens must be an integer >= 0"),
+        ([[1]], dict(max_tokens=2.0), 1, "max_tokens must be an integer >= 0"),
+        ([[1]], dict(max_tokens=0), 1, "max_tokens must be >= 1"),
+        ([[1]], dict(temperature=math.inf), 1, "temperature must be a finite number >= 0"),
+        ([[1]], dict(temperature=math.nan), 1, "temperature must be a finite number >= 0"),
+        ([[1]], dict(temperature=-0.5), 1, "temperature must be"),
+        ([[1]], dict(top_p=0.0), 1, "top_p must be a number in \\(0, 1\\]"),
+        ([[1]], dict(top_k=-1), 1, "top_k must be an integer >= 0"),
+        ([[1]], dict(min_p=1.5), 1, "min_p must be a number in \\[0, 1\\]"),
+        ([[1]], dict(repetition_penalty=0.0), 1, "repetition_penalty must be a finite number >= 1e-30"),
+        ([[1]], dict(repetition_penalty=math.inf), 1, "repetition_penalty must be a finite number"),
+        ([[1]], dict(presence_penalty=2.5), 1, "presence_penalty must be a number in \\[-2, 2\\]"),
+        ([[1]], dict(frequency_penalty=-3), 1, "frequency_penalty must be a number in \\[-2, 2\\]"),
+        ([[1]], dict(stop=[3]), 1, "stop must be a string or a list of strings"),
+        (
+            [[1]],
+            dict(seed=2**64 - 1),
+            2,
+            "seed must be an integer such that seed \\+ i, for each of the request's 2",
+        ),
+        ([[1]], dict(seed=-(2**63) - 1), 1, "seed must be an integer"),
+        ([[1]], dict(seed=1.0), 1, "seed must be an integer"),
+        ([[1]], dict(logprobs=32001), 1, "logprobs must be None or an integer in \\[0, 32000\\]"),
+        ([[1]], dict(logprobs=-1), 1, "logprobs must be None"),
+        ([[1]], dict(ignore_eos="yes"), 1, "ignore_eos must be True or False"),
+    ],
+)
+def test_submit_refuses_what_it_cannot_compute_naming_it(
+    tiny_loaded: tuple, prompts: list, fields: dict, n: int, message: str
+) -> None:
+    """Python callers reach the engine without the HTTP checks: submit applies the same rules."""
+    model, tokenizer = tiny_loaded
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=4, max_model_len=64)  # not started
+    with pytest.raises(ValueError, match=message):
+        engine.submit(prompts, SamplingParams(**{"max_tokens": 4, **fields}), lambda e: None, n=n)
+    assert engine.queue_depth == 0
 
 
 def test_stop_strings_cut_the_text_and_hold_back_a_possible_start() -> None:
@@ -309,6 +359,10 @@ def test_stop_and_eos_end_a_sequence_with_finish_reason_stop(engine: Engine, tin
     stop = full[3:5]
     _, cut, reason = _run(engine, [(prompt, SamplingParams(max_tokens=12, temperature=0, stop=[stop]))])[0]
     assert reason == "stop" and cut == full[: full.index(stop)]
+    # a bare string is one stop string (one per character would stop at full[3])
+    alone = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=full[3] + "☃")
+    _, text, reason = _run(engine, [(prompt, alone)])[0]
+    assert reason == "length" and text == full
     # EOS: a seeded sampled run, then the same run with its latest new token taken for the eos id.
     sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
     drawn = _run(engine, [(prompt, sampled)])[0][0]

@@ -18,6 +18,13 @@ Results do not depend on the company a request keeps: each sequence is prefilled
 (:class:`~neoxja.serving.slots.FusedSlotStep`, bit for bit; :class:`~neoxja.serving.slots.TorchSlotStep`
 within float rounding); a seeded sequence draws from its own generator.
 
+Failures do not travel either. Whatever is computed for one sequence (its prefill, sampling,
+penalties, log-probabilities, detokenizing, stop check, its sink) fails that sequence only: it ends
+with ``finish_reason="error"`` and the error's text, its slot is freed, and the other rows of the
+step go on. A decoding step that fails fails the sequences that were in it; the engine goes on with
+the next requests. :meth:`Engine.stalled_for` tells a health check how long work has waited
+without a step being finished (``inf`` once the engine's thread has died).
+
 The engine knows nothing of HTTP: ``sink`` is any callable taking :class:`Event` objects (the server
 passes one that hands them to its event loop).
 """
@@ -25,60 +32,37 @@ passes one that hands them to its event loop).
 from __future__ import annotations
 
 import logging
-import random
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from neoxja.sample_utils import PresenceFrequencyProcessor, Sampler, make_sampler
+from neoxja.serving.sequences import (
+    Event,
+    Request,
+    SamplingParams,
+    SequenceState,
+    StopMatcher,
+    check_params,
+    new_sequence,
+)
 from neoxja.serving.slots import SlotPool, choose_step
-from neoxja.tokenizer_utils import StreamingDetokenizer
+
+__all__ = ["Engine", "EngineClosed", "Event", "QueueFull", "Request", "SamplingParams", "StopMatcher"]
 
 logger = logging.getLogger("neoxja.serving")
 
 
-@dataclass
-class SamplingParams:
-    """How one request's sequences are continued and stopped (OpenAI's fields, already checked)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: Sequence[str] = ()
-    seed: int | None = None
-    logprobs: int | None = None  # number of top alternatives per token; None: no logprobs
-    prompt_logprobs: bool = False  # also score the prompt's tokens (``echo`` with ``logprobs``)
-    ignore_eos: bool = False
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
 
 
-@dataclass
-class Event:
-    """What a sequence (``index`` within its request) produced.
-
-    One per generated token (``token`` set; ``text`` the text it completes, possibly "" while a
-    character or a possible stop string is held back), a last one with ``finish_reason``
-    (``"stop"``/``"length"``/``"cancelled"``/``"error"``) and any text still held, and, before the
-    tokens when asked for, one with ``prompt_logprobs``.
-    """
-
-    index: int
-    token: int | None = None
-    text: str = ""
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None
-    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None
-    error: str | None = None
+def _is_token_id(value: Any, vocab: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab
 
 
 class QueueFull(RuntimeError):
@@ -87,73 +71,6 @@ class QueueFull(RuntimeError):
 
 class EngineClosed(RuntimeError):
     """The engine is draining or stopped and takes no new requests."""
-
-
-class StopMatcher:
-    """Cuts generated text at the first stop string and holds back any tail that may start one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """The text now safe to send and whether a stop string was reached (the text before it)."""
-        if not self.stops:
-            return piece, False
-        text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return text[: min(hits)], True
-        # Hold back the longest end of the text that begins a stop string. Only the places where a
-        # stop's first character occurs can start one, so the work per token stays small.
-        start = len(text)
-        for stop in self.stops:
-            at = text.find(stop[0], max(len(text) - len(stop) + 1, 0))
-            while 0 <= at < start:
-                if stop.startswith(text[at:]):
-                    start = at
-                    break
-                at = text.find(stop[0], at + 1)
-        self.pending = text[start:]
-        return text[:start], False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
-
-
-@dataclass(eq=False)
-class _Sequence:
-    request: Request
-    index: int
-    prompt: list[int]
-    sampler: Sampler
-    detokenizer: StreamingDetokenizer
-    stops: StopMatcher
-    tokens: torch.Tensor  # [1, capacity] on the model's device: prompt, then the generated ids
-    slot: int = -1
-    filled: int = 0  # positions of the slot holding keys/values
-    generated: int = 0
-    last: int = 0  # the newest token, fed at the next step
-    hit_stop: bool = False  # ended by a stop string (its text and anything after it are dropped)
-    finished: bool = False
-    scored: list[tuple[float | None, list[tuple[int, float]]]] | None = None  # prompt logprobs so far
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + self.generated
-
-
-@dataclass(eq=False)
-class Request:
-    """A submitted request: its sequences, its sink, and whether its client is gone."""
-
-    params: SamplingParams
-    sink: Callable[[Event], None]
-    sequences: list[_Sequence] = field(default_factory=list)
-    cancelled: bool = False
-    sink_failed: bool = False
 
 
 class Engine:
@@ -198,13 +115,17 @@ class Engine:
         self.step = choose_step(model, self.pool)
         self.device = model.device
         self._incoming: deque[Request] = deque()
-        self._waiting: deque[_Sequence] = deque()
-        self._prefilling: deque[_Sequence] = deque()
-        self._decoding: list[_Sequence] = []
+        self._incoming_sequences = 0  # of the requests in _incoming (read by other threads)
+        self._waiting: deque[SequenceState] = deque()
+        self._prefilling: deque[SequenceState] = deque()
+        self._decoding: list[SequenceState] = []
+        self._holding: dict[int, SequenceState] = {}  # slot -> the sequence holding it
         self._lock = threading.Condition()
         self._closed = False
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._progress = time.monotonic()  # when a step last ended (or work came to an idle engine)
+        self._death: str | None = None  # why the engine's thread ended, if not by shutdown()
         self.steps = 0
 
     # ------------------------------------------------------------------ public, any thread
@@ -221,21 +142,22 @@ class Engine:
         n: int = 1,
     ) -> Request:
         """Queue ``n`` sequences per prompt (index ``prompt * n + i``); raises :class:`QueueFull`,
-        :class:`EngineClosed`, or ValueError when a prompt and ``max_tokens`` exceed ``max_model_len``."""
-        if params.max_tokens < 0 or (params.max_tokens == 0 and not params.prompt_logprobs):
-            raise ValueError(
-                f"max_tokens must be >= 1 (0 only to score an echoed prompt), got {params.max_tokens}"
-            )
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        :class:`EngineClosed`, or ValueError naming what is wrong: a field of ``params`` the engine
+        cannot compute (:func:`~neoxja.serving.sequences.check_params`), a prompt that is empty or
+        holds something other than a token id, or a prompt and ``max_tokens`` beyond ``max_model_len``."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
         vocab = self.model.config.vocab_size
+        check_params(params, vocab, len(prompts) * n)
+        if params.max_tokens == 0 and not params.prompt_logprobs:
+            raise ValueError("max_tokens must be >= 1 (0 only to score an echoed prompt), got 0")
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty")
-            bad = next((j for j, t in enumerate(prompt) if not 0 <= t < vocab), None)
+            bad = next((j for j, t in enumerate(prompt) if not _is_token_id(t, vocab)), None)
             if bad is not None:
                 raise ValueError(
-                    f"prompt {i}, position {bad}: {prompt[bad]} is not a token id in [0, {vocab})"
+                    f"prompt {i}, position {bad}: {prompt[bad]!r} is not a token id in [0, {vocab})"
                 )
             if len(prompt) + params.max_tokens > self.max_model_len:
                 raise ValueError(
@@ -250,13 +172,20 @@ class Engine:
         request = Request(params, sink)
         for p, prompt in enumerate(prompts):
             for i in range(n):
-                request.sequences.append(self._sequence(request, p * n + i, list(prompt)))
+                request.sequences.append(
+                    new_sequence(request, p * n + i, list(prompt), self.tokenizer, self.device)
+                )
         with self._lock:
+            if self._death is not None:
+                raise EngineClosed(f"the engine has stopped: {self._death}")
             if self._closed:
                 raise EngineClosed("the server is shutting down")
             if self.queue_depth + len(request.sequences) > self.max_queue:
                 raise QueueFull(f"{self.queue_depth} sequences are waiting (max_queue {self.max_queue})")
+            if not self._busy:
+                self._progress = time.monotonic()  # an idle engine has not stalled before this
             self._incoming.append(request)
+            self._incoming_sequences += len(request.sequences)
             self._lock.notify()
         return request
 
@@ -269,7 +198,7 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         """Sequences not yet holding a slot."""
-        return len(self._waiting) + sum(len(r.sequences) for r in self._incoming)
+        return len(self._waiting) + self._incoming_sequences
 
     @property
     def running(self) -> int:
@@ -281,6 +210,28 @@ class Engine:
         """Sequences in the running decoding batch."""
         return len(self._decoding)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine's thread runs (False before :meth:`start`, after :meth:`shutdown`, and
+        once the thread has died; :meth:`stalled_for` tells the last apart)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds since the engine last finished a step while sequences wait or run (counted from
+        their arrival when the engine was idle); 0.0 when it has nothing to do; ``math.inf`` when its
+        thread has died (every sequence it held was then ended with an error, and :meth:`submit`
+        raises :class:`EngineClosed`). A health check calls the engine stuck when this exceeds the
+        time one step may take."""
+        if self._death is not None:
+            return math.inf
+        if not self._busy:
+            return 0.0
+        return max(time.monotonic() - self._progress, 0.0)
+
+    @property
+    def _busy(self) -> bool:
+        return bool(self._incoming_sequences or self._waiting or self.pool.used)
+
     def close(self) -> None:
         """Take no new requests (:meth:`submit` raises :class:`EngineClosed`); running ones go on."""
         with self._lock:
@@ -290,7 +241,7 @@ class Engine:
         """Take no new requests; let running ones finish for up to ``timeout`` s, then cancel the rest."""
         self.close()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (self.running or self.queue_depth):
+        while time.monotonic() < deadline and self.alive and (self.running or self.queue_depth):
             time.sleep(0.01)
         with self._lock:
             self._stop = True
@@ -304,58 +255,48 @@ class Engine:
 
     # ------------------------------------------------------------------ the engine thread
 
-    def _sequence(self, request: Request, index: int, prompt: list[int]) -> _Sequence:
-        params = request.params
-        seed = params.seed + index if params.seed is not None else random.SystemRandom().randrange(2**62)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        extra = []
-        if params.presence_penalty or params.frequency_penalty:
-            extra.append(
-                PresenceFrequencyProcessor(params.presence_penalty, params.frequency_penalty, len(prompt))
-            )
-        sampler = make_sampler(
-            do_sample=params.temperature > 0,
-            temperature=params.temperature if params.temperature > 0 else 1.0,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            repetition_penalty=params.repetition_penalty,
-            generator=generator,
-            extra_processors=extra,
-        )
-        tokens = torch.empty(1, len(prompt) + params.max_tokens, dtype=torch.long, device=self.device)
-        tokens[0, : len(prompt)] = torch.tensor(prompt)
-        return _Sequence(
-            request,
-            index,
-            prompt,
-            sampler,
-            StreamingDetokenizer(self.tokenizer, skip_special_tokens=True),
-            StopMatcher(params.stop),
-            tokens,
-        )
-
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._lock:
-                    while not (self._stop or self._incoming or self._waiting or self.pool.used):
-                        self._lock.wait()
-                    if self._stop:
-                        break
-                    while self._incoming:
-                        self._waiting.extend(self._incoming.popleft().sequences)
-                try:
-                    self._iteration()
-                except Exception as err:  # a failed step fails its sequences, not the server
-                    logger.exception("engine step failed")
-                    for seq in [*self._prefilling, *self._decoding]:
-                        self._finish(seq, "error", error=f"{type(err).__name__}: {err}")
-            for seq in [*self._prefilling, *self._decoding, *self._waiting]:
-                self._finish(seq, "cancelled")
-            for request in self._incoming:
-                for seq in request.sequences:
-                    self._finish(seq, "cancelled")
+        death = None
+        try:
+            with torch.inference_mode():
+                while self._take_incoming():
+                    try:
+                        self._iteration()
+                    except Exception as err:  # a bug in the engine's own bookkeeping: fail what runs
+                        logger.exception("engine iteration failed")
+                        for seq in list(self._holding.values()):
+                            self._finish(seq, "error", error=f"the engine failed: {_describe(err)}")
+                    self._progress = time.monotonic()
+        except BaseException as err:  # the thread ends: everything it holds or queues is answered
+            death = _describe(err)
+            logger.critical("the engine's thread died: %s", death, exc_info=True)
+        finally:
+            self._wind_down(death)
+
+    def _take_incoming(self) -> bool:
+        """Wait for work; move new requests' sequences to the queue. False once :meth:`shutdown` says stop."""
+        with self._lock:
+            while not (self._stop or self._incoming or self._waiting or self.pool.used):
+                self._lock.wait()
+            if self._stop:
+                return False
+            while self._incoming:
+                request = self._incoming.popleft()
+                self._waiting.extend(request.sequences)
+                self._incoming_sequences -= len(request.sequences)
+            return True
+
+    def _wind_down(self, death: str | None) -> None:
+        """End every sequence still queued or running: cancelled at shutdown, an error if the thread died."""
+        with self._lock:
+            self._closed = True
+            self._death = death
+            queued = [seq for request in self._incoming for seq in request.sequences]
+            self._incoming.clear()
+            self._incoming_sequences = 0
+        reason, error = ("cancelled", None) if death is None else ("error", f"the engine stopped: {death}")
+        for seq in [*self._holding.values(), *self._waiting, *queued]:
+            self._finish(seq, reason, error=error)
 
     def _iteration(self) -> None:
         for seq in [*self._waiting, *self._prefilling, *self._decoding]:
@@ -364,11 +305,17 @@ class Engine:
         while self._waiting and self.pool.free:
             seq = self._waiting.popleft()
             seq.slot = self.pool.acquire()
+            self._holding[seq.slot] = seq
             self._prefilling.append(seq)
         self._prefill_some()
         if self._decoding:
             self._decode()
         self.steps += 1
+
+    def _fail(self, seq: SequenceState, err: Exception) -> None:
+        """``seq``'s own computation raised ``err``: end that sequence only."""
+        logger.exception("sequence %d of a request failed", seq.index)
+        self._finish(seq, "error", error=_describe(err))
 
     def _prefill_some(self) -> None:
         """Up to ``prefill_chunk`` prompt tokens before the next decoding step: one chunk of the oldest
@@ -380,9 +327,14 @@ class Engine:
             remaining = len(seq.prompt) - seq.filled
             if budget < self.prefill_chunk and remaining > budget:
                 return
-            budget -= self._prefill(seq, min(remaining, budget))
+            size = min(remaining, budget)
+            budget -= size
+            try:
+                self._prefill(seq, size)
+            except Exception as err:  # its forward, prompt scores, first token or sink
+                self._fail(seq, err)
 
-    def _prefill(self, seq: _Sequence, size: int) -> int:
+    def _prefill(self, seq: SequenceState, size: int) -> None:
         """The next ``size`` tokens of ``seq``'s prompt into its slot; after the last, its first token."""
         start = seq.filled
         end = start + size
@@ -397,18 +349,16 @@ class Engine:
         if whole:
             self._prompt_logprobs(seq, start, out.logits[0].float())
         if end < len(seq.prompt):
-            return size
+            return
         self._prefilling.popleft()
         if seq.request.params.max_tokens == 0:
             self._finish(seq, "length")
-            return size
+            return
+        self._decoding.append(seq)
         logits = out.logits[:, -1].float()
         self._emit(seq, logits, int(seq.sampler(seq.tokens[:, :end], logits.clone())[0]))
-        if not seq.finished:
-            self._decoding.append(seq)
-        return size
 
-    def _prompt_logprobs(self, seq: _Sequence, start: int, logits: torch.Tensor) -> None:
+    def _prompt_logprobs(self, seq: SequenceState, start: int, logits: torch.Tensor) -> None:
         """Scores of the prompt tokens start+1..end, from the chunk's logits (sent with the last chunk)."""
         prompt = seq.prompt
         end = start + logits.shape[0]
@@ -425,25 +375,34 @@ class Engine:
         )
         seq.scored = scored
         if end == len(prompt):
-            self._send(seq, Event(seq.index, prompt_logprobs=scored))
+            seq.request.sink(Event(seq.index, prompt_logprobs=scored))
 
     def _decode(self) -> None:
         rows = list(self._decoding)
         device = self.device
-        tokens = torch.tensor([s.last for s in rows], dtype=torch.long, device=device)
-        slots = torch.tensor([s.slot for s in rows], dtype=torch.long, device=device)
-        lengths = torch.tensor([s.filled for s in rows], dtype=torch.long, device=device)
-        logits, argmax = self.step(tokens, slots, lengths)
-        greedy_ids = argmax.tolist()  # one device sync for every plain greedy row
+        try:
+            tokens = torch.tensor([s.last for s in rows], dtype=torch.long, device=device)
+            slots = torch.tensor([s.slot for s in rows], dtype=torch.long, device=device)
+            lengths = torch.tensor([s.filled for s in rows], dtype=torch.long, device=device)
+            logits, argmax = self.step(tokens, slots, lengths)
+            greedy_ids = argmax.tolist()  # one device sync for every plain greedy row
+        except Exception as err:  # the batched forward: every row of it fails, the engine goes on
+            logger.exception("a decoding step of %d sequences failed", len(rows))
+            for seq in rows:
+                self._finish(seq, "error", error=f"the decoding step failed: {_describe(err)}")
+            return
         for b, seq in enumerate(rows):
             seq.filled += 1
-            row = logits[b : b + 1]
-            token = greedy_ids[b]
-            if not seq.sampler.plain_greedy:
-                token = int(seq.sampler(seq.tokens[:, : seq.length], row.clone())[0])
-            self._emit(seq, row, token)
+            try:
+                row = logits[b : b + 1]
+                token = greedy_ids[b]
+                if not seq.sampler.plain_greedy:
+                    token = int(seq.sampler(seq.tokens[:, : seq.length], row.clone())[0])
+                self._emit(seq, row, token)
+            except Exception as err:  # this row's sampling, scores, text, stop check or sink
+                self._fail(seq, err)
 
-    def _emit(self, seq: _Sequence, logits: torch.Tensor, token: int) -> None:
+    def _emit(self, seq: SequenceState, logits: torch.Tensor, token: int) -> None:
         """Record ``seq``'s new token, send it, and finish the sequence if it stops here."""
         params = seq.request.params
         seq.tokens[0, seq.length] = token
@@ -465,37 +424,35 @@ class Engine:
                 reason, seq.hit_stop = "stop", True
         if reason is None and seq.generated >= params.max_tokens:
             reason = "length"
-        self._send(seq, event)
+        seq.request.sink(event)
         if reason is not None:
             self._finish(seq, reason)
 
-    def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: SequenceState, reason: str, error: str | None = None) -> None:
+        """End ``seq``: free its slot, take it off every queue, send its last event. Never raises: what
+        fails here (the held text, the sink) is logged, and the slot is freed before anything else."""
         if seq.finished:
             return
         seq.finished = True
-        if seq.slot >= 0:
-            self.pool.release(seq.slot)
-            seq.slot = -1
-        if seq in self._waiting:
-            self._waiting.remove(seq)
-        if seq in self._prefilling:
-            self._prefilling.remove(seq)
-        if seq in self._decoding:
-            self._decoding.remove(seq)
+        slot, seq.slot = seq.slot, -1
+        if slot >= 0:
+            self._holding.pop(slot, None)
+            try:
+                self.pool.release(slot)
+            except Exception:
+                logger.exception("could not free slot %d", slot)
+        for queue in (self._waiting, self._prefilling, self._decoding):
+            if seq in queue:
+                queue.remove(seq)
         tail = ""
         if reason in ("length", "stop") and not seq.hit_stop:  # what the detokenizer and stop check held
-            tail, seq.hit_stop = seq.stops.feed(seq.detokenizer.finalize())
-            tail += "" if seq.hit_stop else seq.stops.flush()
-        self._send(seq, Event(seq.index, text=tail, finish_reason=reason, error=error))
-
-    @staticmethod
-    def _send(seq: _Sequence, event: Event) -> None:
-        """Hand ``event`` to its request's sink; a sink that fails cancels its own request only."""
-        request = seq.request
-        if request.sink_failed:
-            return
+            try:
+                tail, seq.hit_stop = seq.stops.feed(seq.detokenizer.finalize())
+                tail += "" if seq.hit_stop else seq.stops.flush()
+            except Exception as err:
+                logger.exception("sequence %d of a request failed at its end", seq.index)
+                tail, reason, error = "", "error", _describe(err)
         try:
-            request.sink(event)
-        except Exception:
-            logger.exception("the sink of a request failed; cancelling the request")
-            request.sink_failed = request.cancelled = True
+            seq.request.sink(Event(seq.index, text=tail, finish_reason=reason, error=error))
+        except BaseException:  # whatever a sink raises, the sequences ended after this one still end
+            logger.exception("the sink of a request failed on its last event; its client gets nothing more")
