@@ -15,6 +15,7 @@ import pytest
 
 from neoxja import GPTNeoXJapaneseTokenizer
 from neoxja.tokenizer import clean
+from neoxja.tuner import data, data_files
 from neoxja.tuner.data_cuts import BOX_CHARS, CLEAN_CHARS, CutRule, cut_rule
 
 
@@ -171,3 +172,72 @@ def test_clean_chars_cover_every_character_the_clean_patterns_name() -> None:
 
 def test_only_the_gpt_neox_japanese_tokenizer_is_cut() -> None:
     assert cut_rule(object()) is None
+
+
+# Documents tokenised in pieces by load_dataset.
+
+
+@pytest.fixture(scope="module")
+def corpus(corpus_dir: Path) -> dict[str, str]:
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(corpus_dir.glob("*.txt"))}
+
+
+def recording(tokenizer: GPTNeoXJapaneseTokenizer, seen: list[int]) -> GPTNeoXJapaneseTokenizer:
+    """``tokenizer`` noting the length of every text it is given to encode."""
+    encode_batch = tokenizer.encode_batch
+
+    def noted(texts: list[str], num_workers: int = 1) -> list[list[int]]:
+        seen.extend(map(len, texts))
+        return encode_batch(texts, num_workers)
+
+    tokenizer.encode_batch = noted
+    return tokenizer
+
+
+def test_streamed_corpus_ids_equal_whole_documents(
+    tmp_path: Path, assets_dir: Path, corpus, monkeypatch
+) -> None:
+    # Each corpus file as one single-line document (the case that used to be held whole), read
+    # 4 KiB at a time and encoded in pieces of about 2,000 characters.
+    monkeypatch.setattr(data, "PIECE_CHARS", 2000)
+    monkeypatch.setattr(data_files, "READ_BYTES", 4096)
+    for clean_text in (False, True):
+        seen: list[int] = []
+        tok = recording(GPTNeoXJapaneseTokenizer.from_pretrained(assets_dir, do_clean_text=clean_text), seen)
+        expected, paths = [], []
+        for name, text in corpus.items():
+            document = text.replace("\n", "")
+            paths.append(tmp_path / name)
+            paths[-1].write_text(document, encoding="utf-8")
+            expected += tok.encode(document) + [tok.eos_token_id]
+        packed = data.load_dataset(paths, tok, seq_len=512)
+        assert packed.input_ids.view(-1)[: packed.length].tolist() == expected
+        assert len(seen) > 400 and max(seen) < 2000 + 50  # many pieces, none much over PIECE_CHARS
+
+
+def test_line_documents_with_worker_processes(tmp_path: Path, assets_dir: Path, corpus) -> None:
+    # Lines as documents, CRLF line ends, two processes (batches large enough to fork).
+    tok = GPTNeoXJapaneseTokenizer.from_pretrained(assets_dir)
+    path = tmp_path / "lines.txt"
+    path.write_bytes("".join(corpus.values()).replace("\n", "\r\n").encode())
+    expected = []
+    for line in "".join(corpus.values()).split("\n"):
+        if line.strip():
+            expected += tok.encode(line) + [tok.eos_token_id]
+    one = data.load_dataset([path], tok, seq_len=256, per_line=True)
+    two = data.load_dataset([path], tok, seq_len=256, per_line=True, num_workers=2)
+    assert one.input_ids.view(-1)[: one.length].tolist() == expected
+    assert (two.ids == one.ids).all() and two.length == one.length
+
+
+def test_text_without_a_safe_cut_is_encoded_whole(tmp_path: Path, assets_dir: Path, monkeypatch) -> None:
+    monkeypatch.setattr(data, "PIECE_CHARS", 100)
+    seen: list[int] = []
+    tok = recording(GPTNeoXJapaneseTokenizer.from_pretrained(assets_dir), seen)
+    document = "1" * 5000 + "。吾輩は猫である。" * 100
+    assert not CutRule(tok).safe("1", "1")
+    path = tmp_path / "digits.txt"
+    path.write_text(document, encoding="utf-8")
+    packed = data.load_dataset([path], tok, seq_len=64)
+    assert packed.input_ids.view(-1)[: packed.length].tolist() == tok.encode(document) + [tok.eos_token_id]
+    assert seen[0] >= 5000 and len(seen) > 2  # the digits in one piece, the prose cut after them
