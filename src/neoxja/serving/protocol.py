@@ -5,6 +5,10 @@ OpenAI's JSON shape, and every cap of :class:`Limits` is enforced before anythin
 Fields that OpenAI defines but this server does not implement (``suffix``, ``logit_bias``,
 ``best_of`` above ``n``, tools) are refused by name rather than ignored; ``user`` is accepted and
 not used.
+
+Every sampling value a field's range admits is computed (a temperature of 1e-40 samples the argmax:
+see :class:`~neoxja.sample_utils.TemperatureProcessor`), so the ranges below are the whole rule.
+What one request may cost is bounded by :attr:`Limits.max_work` (see :func:`request_work`).
 """
 
 from __future__ import annotations
@@ -36,9 +40,18 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+DEFAULT_MAX_WORK = 1 << 19
+"""The default of :attr:`Limits.max_work` (524,288 tokens scored): lm-eval's loglikelihood batches
+(``echo`` + ``logprobs=1``, ``max_tokens=1``) of 64 prompts filling a 2048-token context, and
+chat or completion requests of ``n=8`` over a whole 2048-token context with ``logprobs=20``, fit."""
+
+
 @dataclass
 class Limits:
-    """The server's caps on what one request may ask for."""
+    """The server's caps on what one request may ask for.
+
+    ``max_work`` caps a request's *tokens scored* (:func:`request_work`): the positions its sequences
+    may run through the model plus the log-probabilities they may return."""
 
     max_model_len: int
     vocab_size: int
@@ -48,6 +61,13 @@ class Limits:
     max_stop_length: int = 256
     max_logprobs: int = 20
     max_prompts: int = 64
+    max_work: int = DEFAULT_MAX_WORK
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "vocab_size", "max_tokens", "max_n", "max_prompts", "max_work"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -202,6 +222,7 @@ def parse_completion(body: Any, tokenizer: Any, limits: Limits) -> Parsed:
     if params.max_tokens == 0 and not params.prompt_logprobs:
         raise _bad("max_tokens", "must be >= 1 (0 is only allowed with echo and logprobs, to score a prompt)")
     _check_lengths(prompts, params, limits)
+    _check_work(prompts, params, n, limits, "prompt", ("logprobs",))
     return Parsed(prompts, params, n, stream, include_usage, echo)
 
 
@@ -252,7 +273,59 @@ def parse_chat(body: Any, render: Any, tokenizer: Any, limits: Limits, stops: li
     elif body.get("top_logprobs") is not None:
         raise _bad("top_logprobs", "needs logprobs: true")
     _check_lengths([prompt], params, limits)
+    _check_work([prompt], params, n, limits, "messages", ("logprobs", "top_logprobs"))
     return Parsed([prompt], params, n, stream, include_usage)
+
+
+def request_work(prompts: list[list[int]], params: SamplingParams, n: int) -> int:
+    """The tokens scored that a request may cost: for each of its sequences (each prompt ``n``
+    times), its prompt's tokens plus ``max_tokens``, and for every token whose log-probabilities it
+    returns, one more per value returned: the prompt's tokens when echoed with ``logprobs``
+    (``1 + max(logprobs, 1)`` each: the token's own and its top alternatives, at least one), the
+    generated ones with ``logprobs`` (``1 + logprobs`` each).
+
+    The first part is the model's work (positions prefilled or decoded), the second the response's
+    size (each returned value is a token string and a float, in Python and in the JSON)."""
+    k = params.logprobs
+    total = 0
+    for prompt in prompts:
+        total += len(prompt) + params.max_tokens
+        if params.prompt_logprobs:
+            total += len(prompt) * (1 + max(k or 0, 1))
+        if k is not None:
+            total += params.max_tokens * (1 + k)
+    return total * n
+
+
+def _check_work(
+    prompts: list[list[int]],
+    params: SamplingParams,
+    n: int,
+    limits: Limits,
+    prompt_field: str,
+    logprob_fields: tuple[str, ...],
+) -> None:
+    """400 when the request's :func:`request_work` is over ``limits.max_work``, naming the fields
+    that make it up (in this endpoint's terms)."""
+    work = request_work(prompts, params, n)
+    if work <= limits.max_work:
+        return
+    fields = [prompt_field, "n", "max_tokens"]
+    if params.prompt_logprobs:
+        fields.append("echo")
+    if params.logprobs is not None:
+        fields.extend(logprob_fields)
+    named = ", ".join(fields)
+    raise APIError(
+        400,
+        f"{named}: this request may score {work:,} tokens, more than this server allows one request "
+        f"({limits.max_work:,}): {len(prompts)} prompt(s) of {sum(map(len, prompts)):,} tokens x n={n}, "
+        f"plus max_tokens={params.max_tokens} each"
+        + (f", each token's log-probability and {params.logprobs} alternatives" if params.logprobs else "")
+        + (", the prompt's tokens scored too (echo)" if params.prompt_logprobs else "")
+        + "; send fewer or shorter prompts, a smaller n or max_tokens, or fewer logprobs",
+        param=named,
+    )
 
 
 def _check_lengths(prompts: list[list[int]], params: SamplingParams, limits: Limits) -> None:
