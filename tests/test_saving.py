@@ -216,3 +216,22 @@ def test_saving_leaves_the_model_and_its_config_alone(tmp_path: Path) -> None:
     assert m.config.to_dict() == before and m.config.dtype is None
     saved = GPTNeoXJapaneseConfig.from_pretrained(tmp_path / "out")
     assert saved.dtype == torch.bfloat16 and saved.architectures == ["GPTNeoXJapaneseForCausalLM"]
+
+
+def test_a_failed_init_leaves_no_half_written_out(
+    tmp_path: Path, assets_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from neoxja.cli import main
+
+    def fail(tensors: dict, filename: str | os.PathLike, metadata: dict | None = None) -> None:
+        Path(filename).write_bytes(b"\0" * 10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    out = tmp_path / "tiny"
+    assert main(["init", "--tokenizer", str(assets_dir), "--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither --out nor a temporary directory
+    monkeypatch.undo()
+    assert main(["init", "--tokenizer", str(assets_dir), "--out", str(out)]) == 0
+    assert (out / "vocab.txt").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]

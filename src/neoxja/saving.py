@@ -136,12 +136,10 @@ def replace_directory(destination: str | os.PathLike, *, carry_over: bool = True
 
 def _carry_over(old: Path, new: Path) -> None:
     """Hard-link (or copy) into ``new`` every entry of ``old`` that ``new`` lacks, except the old
-    model's files and temporary directories."""
+    model's files (a save in progress of another process inside ``old`` is carried too)."""
     for entry in old.iterdir():
         target = new / entry.name
         if target.exists() or target.is_symlink() or MODEL_FILES.fullmatch(entry.name):
-            continue
-        if _TEMPORARY.fullmatch(entry.name):
             continue
         if entry.is_symlink():
             os.symlink(os.readlink(entry), target)

@@ -79,6 +79,7 @@ def init_model(config: Any, dtype: Any, seed: int) -> Any:
 def run_init(args: argparse.Namespace) -> int:
     """``neoxja init``: build, initialise and save the model and tokenizer into ``--out``."""
     from neoxja.pipelines import load_tokenizer, resolve_dtype
+    from neoxja.saving import replace_directory, write_pretrained
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -86,9 +87,9 @@ def run_init(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     config = build_config(args.size, tokenizer)
     model = init_model(config, resolve_dtype(args.dtype), args.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with replace_directory(out) as staging:  # a failed or killed save leaves no half-written --out
+        write_pretrained(model, staging)
+        tokenizer.save_pretrained(staging)
     count = sum(parameter.numel() for parameter in model.parameters())
     print(f"wrote a random {args.size} model ({count / 1e6:.1f}M parameters, {args.dtype}) to {out}")
     return 0

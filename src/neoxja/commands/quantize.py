@@ -49,6 +49,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from neoxja.auto import AutoModelForCausalLM
     from neoxja.pipelines import load_tokenizer
     from neoxja.quantization.loading import QuantizationPlan, quantized_bytes
+    from neoxja.saving import replace_directory, write_pretrained
 
     check_directories(args)
     out = Path(args.out)
@@ -65,10 +66,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
     except (OSError, ValueError):
         pass  # a model directory without tokenizer files: the weights alone are written
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    with replace_directory(out) as staging:  # a failed or killed save leaves no half-written --out
+        write_pretrained(model, staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
     size = quantized_bytes(model) / 1e6
     print(f"wrote {args.model} with {args.format} linear layers ({size:.1f} MB of weights) to {out}")
     return 0
