@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,72 @@ def test_option_errors_are_one_line(model_dir: Path, tmp_path: Path, capsys) -> 
     assert "--batch-size: must be > 0, got 0" in capsys.readouterr().err
     assert main([*base, "--dtype", "float16", "--device", "cpu"]) == 2
     assert "float16 trains on CUDA GPUs only" in capsys.readouterr().err
+
+
+# ----- --out equal to --model -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_model(model_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny model (with its tokenizer) that a test may train in place."""
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    return copy
+
+
+def in_place(own_model: Path, corpus_dir: Path, *extra: str) -> list[str]:
+    args = common(own_model, corpus_dir, own_model)
+    return ["train", *args, "--steps", "1", "--batch-size", "2", "--no-progress", *extra]
+
+
+def test_out_equal_to_model_replaces_the_model_whole_and_keeps_the_rest(
+    own_model: Path, corpus_dir: Path, capsys
+) -> None:
+    before = weights(own_model)
+    tokenizer_files = sorted(p.name for p in own_model.iterdir() if p.name != "model.safetensors")
+    assert main(in_place(own_model, corpus_dir)) == 0, capsys.readouterr().err
+    after = weights(own_model)
+    assert after.keys() == before.keys()
+    assert any(not torch.equal(after[key], before[key]) for key in before)  # trained
+    names = {p.name for p in own_model.iterdir()}  # the tokenizer's files are written again, and kept
+    assert set(tokenizer_files) | {"metrics.jsonl", "training_args.json", "model.safetensors"} <= names
+    assert sorted(p.name for p in own_model.parent.iterdir()) == ["model"]  # nothing left beside it
+    from neoxja import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(own_model)
+
+
+def test_an_interrupted_final_save_into_the_model_directory_leaves_the_old_model(
+    own_model: Path, corpus_dir: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    original = (own_model / "model.safetensors").read_bytes()
+
+    def half_then_fail(tensors: dict, filename: str | os.PathLike, metadata: dict | None = None) -> None:
+        Path(filename).write_bytes(original[: len(original) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    assert main(in_place(own_model, corpus_dir)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neoxja train: error: ") and "No space left on device" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (own_model / "model.safetensors").read_bytes() == original
+    assert sorted(p.name for p in own_model.parent.iterdir()) == ["model"]
+    monkeypatch.undo()
+    from neoxja import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(own_model)  # loadable, as it was
+
+
+def test_a_lora_adapter_cannot_be_written_over_its_base(own_model: Path, corpus_dir: Path, capsys) -> None:
+    listing = sorted(p.name for p in own_model.iterdir())
+    link = own_model.parent / "same"
+    link.symlink_to(own_model)
+    args = common(own_model, corpus_dir, link)  # the same directory by another name
+    assert main(["train", *args, "--steps", "1", "--lora", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "is the model directory: the LoRA adapter written there would replace the base model" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in own_model.iterdir()) == listing

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +176,111 @@ def test_float16_on_the_cpu_is_refused(tmp_path: Path) -> None:
     data = PackedDataset(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="float16 trains on CUDA GPUs only"):
         train(fresh_model(), data, TrainingArguments(str(tmp_path), dtype="float16", progress=False))
+
+
+# ----- resume states are checked whole before anything trains ----------------------------------------
+
+
+def small_data() -> PackedDataset:
+    ids = torch.randint(3, 100, (8, 8), generator=torch.Generator().manual_seed(0))
+    return PackedDataset(ids, ids.clone())
+
+
+def small_args(out: Path, **changes: object) -> TrainingArguments:
+    return TrainingArguments(str(out), **{"steps": 2, "batch_size": 2, "progress": False, **changes})
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of 2 steps with its checkpoint-2."""
+    out = tmp_path_factory.mktemp("saved-run")
+    train(fresh_model(), small_data(), small_args(out, save_every=2))
+    return out / "checkpoint-2"
+
+
+def rename_first_parameter(state: dict) -> None:
+    group = state["optimizer"]["param_groups"][0]
+    group["params"][0] = "gpt_neox_japanese.not_a_parameter"
+
+
+def reshape_a_moment(state: dict) -> None:
+    moments = state["optimizer"]["state"]["gpt_neox_japanese.final_layer_norm.weight"]
+    moments["exp_avg"] = torch.zeros(3)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.update(step=10**12), "'step' is 1000000000000, beyond this run's 2 steps"),
+        (lambda s: s.update(step=-1), "'step' is -1, below 0"),
+        (lambda s: s.update(step=1), "'step' is 1, but the checkpoint is checkpoint-2"),
+        (lambda s: s.update(step="2"), "'step' is a str, not an int"),
+        (lambda s: s.update(step=2.0), "'step' is a float, not an int"),
+        (lambda s: s.pop("optimizer"), "'optimizer' is missing"),
+        (lambda s: s.update(scheduler=[1]), "'scheduler' is a list, not a dict"),
+        (lambda s: s.update(world_size=0), "'world_size' is 0, not a positive int"),
+        (lambda s: s["rng"].update(cpu=torch.zeros(3)), r"rng\['cpu'\] is not a uint8 random-number state"),
+        (lambda s: s["scheduler"].update(last_epoch=7), r"scheduler\['last_epoch'\] is 7, not the step 2"),
+        (lambda s: s["optimizer"].pop("state"), "'optimizer' lacks its 'state' dict"),
+        (rename_first_parameter, r"optimizer\['param_groups'\]\[0\] names parameters the model lacks"),
+        (reshape_a_moment,
+         r"optimizer\['state'\]\['gpt_neox_japanese.final_layer_norm.weight'\]\['exp_avg'\] has shape \[3\], "
+         r"the parameter \[64\]"),
+    ],
+    ids=[
+        "step-1e12", "negative-step", "step-of-another-folder", "step-str", "step-float", "no-optimizer",
+        "scheduler-list", "world-size-0", "rng", "scheduler-step", "optimizer-no-state", "optimizer-names",
+        "optimizer-shapes",
+    ],
+)  # fmt: skip
+def test_a_bad_resume_state_is_named_before_any_step(
+    saved_run: Path, tmp_path: Path, change, message: str
+) -> None:
+    checkpoint = tmp_path / "edited" / "checkpoint-2"
+    shutil.copytree(saved_run, checkpoint)
+    path = checkpoint / checkpoints.STATE_FILE
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+    out = tmp_path / "resumed"
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        train(fresh_model(), small_data(), small_args(out, resume=str(checkpoint)))
+    assert not (out / "metrics.jsonl").exists()  # not one step ran
+
+
+def test_a_state_that_is_not_a_dict_and_a_step_beyond_steps(saved_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'step' is 2, beyond this run's 1 steps"):
+        train(fresh_model(), small_data(), small_args(tmp_path / "a", steps=1, resume=str(saved_run)))
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(saved_run, checkpoint)
+    torch.save([1, 2], checkpoint / checkpoints.STATE_FILE)
+    with pytest.raises(ValueError, match="trainer_state.pt: expected a dict of training state, found a list"):
+        train(fresh_model(), small_data(), small_args(tmp_path / "b", resume=str(checkpoint)))
+
+
+def test_resuming_weights_of_another_shape_names_file_and_key(saved_run: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = neoxja.GPTNeoXJapaneseConfig.from_preset("tiny", vocab_size=32001)
+    other = neoxja.GPTNeoXJapaneseForCausalLM(config)
+    message = (
+        r"model.safetensors: gpt_neox_japanese.embed_in.weight has shape \[32000, 64\], the model's \[32001"
+    )
+    with pytest.raises(ValueError, match=message):
+        train(other, small_data(), small_args(tmp_path / "out", resume=str(saved_run)))
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_run_removes_what_killed_saves_left_in_its_directory(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    stale, live = out / f".checkpoint-4.partial-{dead_pid()}", out / f".checkpoint-6.partial-{os.getppid()}"
+    for directory in (stale, live):
+        directory.mkdir(parents=True)
+        (directory / "model.safetensors").write_bytes(b"half")
+    train(fresh_model(), small_data(), small_args(out, steps=1))
+    assert not stale.exists() and live.exists()  # another live process may still be writing that one
+    assert (out / "model.safetensors").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -3,9 +3,12 @@
 A checkpoint is a directory ``checkpoint-<step>`` holding the weights (the full model in
 transformers' format, or the LoRA adapter in peft's) and ``trainer_state.pt``: the optimizer,
 the schedule, the random-number states and the step (from which the data position follows). It is
-written under a temporary name and renamed when complete, so an interrupted save leaves the
-previous checkpoints as they were and is never taken for a checkpoint. ``trainer_state.pt`` is
-read with ``torch.load(weights_only=True)``: it holds only tensors and plain values.
+written under a temporary name, ``.checkpoint-<step>.partial-<pid>``, and swapped in when complete
+(:func:`neoxja.saving.replace_directory`), so an interrupted save leaves the previous checkpoints
+as they were and is never taken for a checkpoint; what a killed save leaves is removed by the next
+save or run in that directory once its process is gone. ``trainer_state.pt`` is read with
+``torch.load(weights_only=True)``: it holds only tensors and plain values, and every one of them is
+checked (:func:`check_state`, :func:`check_optimizer_state`) before training resumes.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from neoxja.saving import remove_stale_saves, replace_directory
 
 STATE_FILE = "trainer_state.pt"
 _NAME = re.compile(r"checkpoint-(\d+)")
@@ -42,22 +46,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     output_dir: Path, step: int, write_weights: Callable[[Path], None], state: dict[str, Any]
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically: weights through ``write_weights(dir)``, then ``state``."""
+    """Write ``checkpoint-<step>`` atomically: weights through ``write_weights(dir)``, then ``state``.
+    A checkpoint of the same step from an earlier run is replaced whole."""
     final = output_dir / f"checkpoint-{step}"
-    partial = output_dir / f".checkpoint-{step}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    write_weights(partial)
-    torch.save(state, partial / STATE_FILE)
-    summary = {"step": step, **{k: v for k, v in state.items() if isinstance(v, (int, float, str))}}
-    (partial / "trainer_state.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    if final.exists():  # a checkpoint of the same step from an earlier run: replaced whole
-        stale = output_dir / f".checkpoint-{step}.stale-{os.getpid()}"
-        final.rename(stale)
-        partial.rename(final)
-        shutil.rmtree(stale)
-    else:
-        partial.rename(final)
+    remove_stale_saves(output_dir)
+    with replace_directory(final, carry_over=False) as partial:
+        write_weights(partial)
+        torch.save(state, partial / STATE_FILE)
+        summary = {"step": step, **{k: v for k, v in state.items() if isinstance(v, (int, float, str))}}
+        (partial / "trainer_state.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return final
 
 
@@ -76,10 +73,109 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     return max(found)[1]
 
 
-def load_state(checkpoint: Path) -> dict[str, Any]:
-    """``trainer_state.pt`` of ``checkpoint`` (tensors and plain values only)."""
+def load_state(checkpoint: Path, total_steps: int) -> dict[str, Any]:
+    """``trainer_state.pt`` of ``checkpoint`` (tensors and plain values only), checked by
+    :func:`check_state` against a run of ``total_steps`` steps."""
     path = checkpoint / STATE_FILE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # an unpickling or format error: name the file
         raise ValueError(f"{path}: not a readable neoxja trainer state ({err})") from err
+    check_state(state, path, total_steps)
+    return state
+
+
+def _fail(path: Path, key: str, problem: str) -> ValueError:
+    return ValueError(f"{path}: {key} {problem}: not a state this run can resume from")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_state(state: Any, path: Path, total_steps: int) -> None:
+    """A ``ValueError`` naming ``path`` and the key when ``state`` is not what :meth:`_Run._save_checkpoint`
+    writes, or its step is outside ``0..total_steps``, or not the step of its ``checkpoint-N`` folder."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a dict of training state, found a {type(state).__name__}")
+    kinds = {"step": "an int", "optimizer": "a dict", "scheduler": "a dict", "rng": "a dict"}
+    for key, kind in kinds.items():
+        if key not in state:
+            raise _fail(path, repr(key), "is missing")
+        ok = _is_int(state[key]) if key == "step" else isinstance(state[key], dict)
+        if not ok:
+            raise _fail(path, repr(key), f"is a {type(state[key]).__name__}, not {kind}")
+    step = state["step"]
+    if step < 0:
+        raise _fail(path, "'step'", f"is {step}, below 0")
+    if step > total_steps:
+        raise _fail(path, "'step'", f"is {step}, beyond this run's {total_steps} steps (--steps/--epochs)")
+    folder = _NAME.fullmatch(path.parent.name)
+    if folder is not None and int(folder.group(1)) != step:
+        raise _fail(path, "'step'", f"is {step}, but the checkpoint is {path.parent.name}")
+    for key in ("total_steps", "world_size"):
+        if key in state and not (_is_int(state[key]) and state[key] >= 1):
+            raise _fail(path, repr(key), f"is {state[key]!r}, not a positive int")
+    if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
+        raise _fail(path, "'scaler'", f"is a {type(state['scaler']).__name__}, not a dict")
+    cpu = state["rng"].get("cpu")
+    if not (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8 and cpu.dim() == 1):
+        raise _fail(path, "rng['cpu']", "is not a uint8 random-number state")
+    scheduler = state["scheduler"]
+    if scheduler.get("last_epoch") != step or not _is_int(scheduler.get("last_epoch")):
+        raise _fail(
+            path, "scheduler['last_epoch']", f"is {scheduler.get('last_epoch')!r}, not the step {step}"
+        )
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        raise _fail(path, "'optimizer'", "lacks its 'state' dict or 'param_groups' list")
+
+
+def _same_kind(value: Any, wanted: Any) -> bool:
+    """Whether a saved hyper-parameter has the type of the fresh optimizer's (any real number for one)."""
+    number = (int, float)
+    if isinstance(wanted, number) and not isinstance(wanted, bool):
+        return isinstance(value, number) and not isinstance(value, bool)
+    return type(value) is type(wanted)
+
+
+def check_optimizer_state(
+    saved: Mapping[str, Any], expected: Mapping[str, Any], shapes: Mapping[str, torch.Size], path: Path
+) -> None:
+    """A ``ValueError`` naming ``path`` and the parameter when the optimizer state ``saved`` does not
+    fit the model: other parameter groups or names than ``expected`` (the state dict of the run's own
+    fresh optimizer), or moment tensors whose shapes are not the parameters' (``shapes``)."""
+    groups, wanted = saved["param_groups"], expected["param_groups"]
+    if len(groups) != len(wanted):
+        raise _fail(
+            path,
+            "optimizer['param_groups']",
+            f"has {len(groups)} groups, the model's optimizer {len(wanted)}",
+        )
+    for number, (group, want) in enumerate(zip(groups, wanted, strict=True)):
+        names = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise _fail(path, f"optimizer['param_groups'][{number}]", "has no list of parameter names")
+        extra, lacking = sorted(set(names) - set(want["params"])), sorted(set(want["params"]) - set(names))
+        if extra or lacking:
+            which = f"parameters the model lacks: {extra[:5]}" if extra else f"no state for {lacking[:5]}"
+            raise _fail(
+                path, f"optimizer['param_groups'][{number}]", f"names {which} (another model or LoRA setup?)"
+            )
+        for key, value in group.items():
+            if key != "params" and key in want and not _same_kind(value, want[key]):
+                raise _fail(path, f"optimizer['param_groups'][{number}][{key!r}]", f"is {value!r}")
+    for name, moments in saved["state"].items():
+        if name not in shapes:
+            raise _fail(path, f"optimizer['state'][{name!r}]", "is for a parameter the model lacks")
+        if not isinstance(moments, dict):
+            raise _fail(path, f"optimizer['state'][{name!r}]", f"is a {type(moments).__name__}, not a dict")
+        for key, value in moments.items():
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise _fail(path, f"optimizer['state'][{name!r}][{key!r}]", "is not a floating-point tensor")
+            if value.dim() and value.shape != shapes[name]:
+                raise _fail(
+                    path,
+                    f"optimizer['state'][{name!r}][{key!r}]",
+                    f"has shape {list(value.shape)}, the parameter {list(shapes[name])}",
+                )

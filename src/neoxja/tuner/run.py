@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from neoxja.saving import replace_directory
 from neoxja.tuner.data import PackedDataset, load_dataset
 from neoxja.tuner.distributed import is_main_process
 from neoxja.tuner.lora import LoraArguments
@@ -47,13 +48,24 @@ def train(
 
     ``lora`` (True, a :class:`LoraArguments` or its fields as a dict) trains a LoRA adapter instead of
     every weight; ``merge`` then also writes the base with the adapter merged into
-    ``output_dir/merged``. Other keyword arguments are :class:`TrainingArguments` fields. A model given
+    ``output_dir/merged``. ``output_dir`` may be the model's own directory for full fine-tuning (the
+    result replaces the model in one step, never leaving the directory without one), not with LoRA.
+    Other keyword arguments are :class:`TrainingArguments` fields. A model given
     by name is loaded in float32 on ``device`` (default: a GPU if there is one); ``--dtype`` in the
     arguments is the autocast dtype. ``quantize`` (``"nf4"``, ``"fp4"``, ``"int8"``, ``"bfloat16"``)
     loads that model's linear layers in the format and trains LoRA on them (QLoRA); with ``merge``
     the adapter is then merged into the float32 base, loaded again unquantized.
     """
     source = None
+    if (
+        lora not in (None, False)
+        and isinstance(model, (str, os.PathLike))
+        and same_directory(model, output_dir)
+    ):
+        raise ValueError(
+            f"the output directory {output_dir} is the model directory: the LoRA adapter written there "
+            f"would replace the base model it is applied to; choose another output directory"
+        )
     if quantize is not None and (lora is None or lora is False):
         raise ValueError("quantize= trains a LoRA adapter on frozen quantized weights: pass lora= too")
     if isinstance(model, (str, os.PathLike)):
@@ -97,8 +109,13 @@ def train(
             merged = merge_adapter(base, output_dir)
         else:
             merged = result.model.merge_and_unload()
-        merged.save_pretrained(Path(output_dir) / "merged")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(Path(output_dir) / "merged")
+        with replace_directory(Path(output_dir) / "merged") as staging:
+            merged.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
     return result
 
+
+def same_directory(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one existing directory (through links, ``..``, bind mounts)."""
+    return Path(a).is_dir() and Path(b).is_dir() and os.path.samefile(a, b)

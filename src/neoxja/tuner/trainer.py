@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neoxja.saving import new_file_mode, remove_stale_saves, replace_directory
 from neoxja.tuner import checkpoints
 from neoxja.tuner.data import IGNORE_INDEX, PackedDataset
 from neoxja.tuner.distributed import World, join, no_sync, wrap
@@ -210,7 +212,9 @@ class _Run:
         self.total = total_steps(args, len(data), self.per_step)
         self.rows = _Rows(data, args.seed, self.per_step)
         checkpoint = checkpoints.find_checkpoint(args.resume) if args.resume else None
-        if checkpoint is not None:
+        state = None
+        if checkpoint is not None:  # checked whole before anything is loaded or trained
+            state = checkpoints.load_state(checkpoint, self.total)
             self._load_weights(checkpoint)  # before sharding: every process reads the whole weights
         self.wrapped = wrap(self.model, world, args.fsdp)
         # After wrapping: FSDP replaces the parameters by their shards, which the optimizer must hold.
@@ -220,7 +224,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda") if args.dtype == "float16" else None
         self.step = 0
         if checkpoint is not None:
-            self._resume(checkpoint)
+            self._resume(checkpoint / checkpoints.STATE_FILE, state)
         self.metrics: list[dict[str, Any]] = []
 
     # ----- the loop ---------------------------------------------------------------------------------
@@ -229,6 +233,7 @@ class _Run:
         args, world = self.args, self.world
         if world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_saves(self.out)  # what saves of killed runs left behind
         bar = self._progress()
         loss = eval_loss = None
         while self.step < self.total:
@@ -334,6 +339,9 @@ class _Run:
     def _write_weights(self, directory: Path, state: dict[str, torch.Tensor] | None) -> None:
         """The model (or adapter) and the tokenizer in their usual formats (rank 0)."""
         self.model.save_pretrained(directory, state_dict=state)
+        adapter = directory / "adapter_model.safetensors"
+        if adapter.is_file():  # peft writes it through safetensors, which makes 0600 files
+            os.chmod(adapter, new_file_mode(directory))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
 
@@ -352,45 +360,100 @@ class _Run:
         }
         checkpoints.save_checkpoint(self.out, self.step, lambda d: self._write_weights(d, weights), state)
 
-    def _resume(self, checkpoint: Path) -> None:
-        state = checkpoints.load_state(checkpoint)
+    def _resume(self, path: Path, state: dict[str, Any]) -> None:
+        """Restore optimizer, schedule, scaler and random state from ``state`` (read from ``path``),
+        after checking that the optimizer state fits this model's parameters."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        names = {id(param): name for name, param in self.model.named_parameters()}
+        groups = [
+            {
+                **{k: v for k, v in group.items() if k != "params"},
+                "params": [names[id(p)] for p in group["params"]],
+            }
+            for group in self.optimizer.param_groups
+        ]
+        shapes = {name: param.shape for name, param in self.model.named_parameters()}
+        checkpoints.check_optimizer_state(state["optimizer"], {"param_groups": groups}, shapes, path)
         whole = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=whole)
-        self.scheduler.load_state_dict(state["scheduler"])
+        restore = [
+            (
+                "'optimizer'",
+                lambda: set_optimizer_state_dict(
+                    self.model, self.optimizer, state["optimizer"], options=whole
+                ),
+            ),
+            ("'scheduler'", lambda: self.scheduler.load_state_dict(state["scheduler"])),
+        ]
         if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if state.get("world_size", 1) == self.world.size:
-            checkpoints.set_rng_state(state["rng"])  # another world size draws dropout differently anyway
-        self.step = int(state["step"])
+            restore.append(("'scaler'", lambda: self.scaler.load_state_dict(state["scaler"])))
+        if (
+            state.get("world_size", 1) == self.world.size
+        ):  # another world size draws dropout differently anyway
+            restore.append(("'rng'", lambda: checkpoints.set_rng_state(state["rng"])))
+        for key, apply in restore:
+            try:
+                apply()
+            except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as err:
+                raise ValueError(f"{path}: {key} cannot be restored ({str(err).splitlines()[0]})") from err
+        self.step = state["step"]
 
     def _load_weights(self, checkpoint: Path) -> None:
+        """The weights of ``checkpoint`` into the model, each name and shape checked (file named)."""
         if self.args.lora is not None:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
+            self._load_adapter(checkpoint)
             return
         from neoxja.checkpoint import find_weight_files, iter_checkpoint
         from neoxja.hub import HubOptions
 
         # The reader from_pretrained uses: any layout save_pretrained wrote (shards included), checked.
-        state = {
-            name: tensor for _, name, tensor in iter_checkpoint(find_weight_files(checkpoint, HubOptions()))
-        }
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        expected = self.model.state_dict()
+        state: dict[str, torch.Tensor] = {}
+        for path, name, tensor in iter_checkpoint(find_weight_files(checkpoint, HubOptions())):
+            if name not in expected:
+                raise ValueError(f"{path}: {name} is not a weight of the model being trained")
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{path}: {name} has shape {list(tensor.shape)}, the model's {list(expected[name].shape)}"
+                )
+            state[name] = tensor
         tied = getattr(self.model.config, "tie_word_embeddings", True)
-        if unexpected or [key for key in missing if not (tied and key == "embed_out.weight")]:
+        missing = [key for key in expected if key not in state and not (tied and key == "embed_out.weight")]
+        if missing:
             raise ValueError(
-                f"{checkpoint}: weights do not fit the model (missing {missing}, unexpected {unexpected})"
+                f"{checkpoint}: the checkpoint lacks weights of the model: {', '.join(missing[:10])}"
             )
+        self.model.load_state_dict(state, strict=False)
         self.model.tie_weights()
 
+    def _load_adapter(self, checkpoint: Path) -> None:
+        """The LoRA weights of ``checkpoint`` (peft's ``adapter_model.safetensors``) into the model."""
+        from peft import set_peft_model_state_dict
+
+        from neoxja.checkpoint import iter_safetensors
+
+        path = checkpoint / "adapter_model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{checkpoint}: no adapter_model.safetensors (not a LoRA checkpoint)")
+        try:
+            result = set_peft_model_state_dict(self.model, dict(iter_safetensors(path)))
+        except RuntimeError as err:  # shapes of another rank or target set
+            raise ValueError(f"{path}: does not fit this LoRA setup ({str(err).splitlines()[0]})") from err
+        if result.unexpected_keys:
+            raise ValueError(
+                f"{path}: tensors this LoRA setup lacks: {', '.join(result.unexpected_keys[:10])}"
+            )
+        missing = [key for key in result.missing_keys if "lora_" in key]
+        if missing:
+            raise ValueError(f"{path}: lacks LoRA weights of this setup: {', '.join(missing[:10])}")
+
     def _save_result(self) -> None:
+        """The result replaces ``--out`` in one step (the run's other files carried over), so that an
+        interrupted save never leaves a directory without a model, even when ``--out`` is ``--model``."""
         weights = self._model_state()
         if self.world.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._write_weights(self.out, weights)
-            summary = {"step": self.step, "args": asdict(self.args)}
-            (self.out / "training_args.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            with replace_directory(self.out) as staging:
+                self._write_weights(staging, weights)
+                summary = {"step": self.step, "args": asdict(self.args)}
+                text = json.dumps(summary, indent=2, default=str) + "\n"
+                (staging / "training_args.json").write_text(text, encoding="utf-8")
