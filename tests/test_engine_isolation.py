@@ -133,6 +133,12 @@ PLANTS = {
     "stop check at the 3rd token": (_plant_stops, 3, PLANTED),
     "held text at the end": (_plant_finalize, 0, PLANTED),
     "sink at the 4th event": (_plant_sink, 4, PLANTED),
+    "sink at the prompt's scores (prefill)": (
+        _plant_sink,
+        1,
+        PLANTED,
+        dict(logprobs=0, prompt_logprobs=True),
+    ),
 }
 
 
@@ -141,8 +147,8 @@ def test_a_failure_in_one_sequence_fails_it_alone(
     plant: tuple, engine: Engine, tiny_loaded: tuple, alone: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, tokenizer = tiny_loaded
-    planter, at, message = plant
-    poisoned = SamplingParams(max_tokens=8, temperature=0.7, seed=5, ignore_eos=True)
+    planter, at, message, *extra = plant
+    poisoned = SamplingParams(max_tokens=8, temperature=0.7, seed=5, ignore_eos=True, **(extra or [{}])[0])
     make = engine_module.new_sequence
 
     def new_sequence(request, *args):
