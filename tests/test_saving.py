@@ -235,3 +235,15 @@ def test_a_failed_init_leaves_no_half_written_out(
     monkeypatch.undo()
     assert main(["init", "--tokenizer", str(assets_dir), "--out", str(out)]) == 0
     assert (out / "vocab.txt").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_exchange_swaps_two_directories_or_leaves_both_alone(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "from-a").touch()
+    (tmp_path / "b").mkdir()
+    swapped = saving.exchange(tmp_path / "a", tmp_path / "b")  # False where the system cannot
+    assert (tmp_path / ("b" if swapped else "a") / "from-a").is_file()
+    assert not (tmp_path / ("a" if swapped else "b") / "from-a").exists()
+    if swapped:  # an error of the call itself is raised, not taken for "cannot"
+        with pytest.raises(OSError, match="cannot swap .* No such file"):
+            saving.exchange(tmp_path / "a", tmp_path / "missing")

@@ -120,7 +120,14 @@ def replace_directory(destination: str | os.PathLike, *, carry_over: bool = True
     remove_stale_saves(destination.parent, destination.name)
     staging = temporary_sibling(destination, "partial")
     shutil.rmtree(staging, ignore_errors=True)  # left by a dead process that had this pid
-    os.mkdir(staging)  # mode 0o777 less the umask, unlike tempfile's 0o700
+    try:
+        os.mkdir(staging)  # mode 0o777 less the umask, unlike tempfile's 0o700
+    except PermissionError as err:
+        raise PermissionError(
+            err.errno,
+            f"cannot save into {destination}: the new files are written beside it and swapped in, "
+            f"which needs write permission on {destination.parent}",
+        ) from err
     try:
         yield staging
         _sync_tree(staging)

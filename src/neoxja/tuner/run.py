@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from neoxja.saving import replace_directory
+from neoxja.saving import replace_directory, write_pretrained
 from neoxja.tuner.data import PackedDataset, load_dataset
 from neoxja.tuner.distributed import is_main_process
 from neoxja.tuner.lora import LoraArguments
@@ -110,7 +110,7 @@ def train(
         else:
             merged = result.model.merge_and_unload()
         with replace_directory(Path(output_dir) / "merged") as staging:
-            merged.save_pretrained(staging)
+            write_pretrained(merged, staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
     return result

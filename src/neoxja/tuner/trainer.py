@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neoxja.saving import new_file_mode, remove_stale_saves, replace_directory
+from neoxja.saving import new_file_mode, remove_stale_saves, replace_directory, write_pretrained
 from neoxja.tuner import checkpoints
 from neoxja.tuner.data import IGNORE_INDEX, PackedDataset
 from neoxja.tuner.distributed import World, join, no_sync, wrap
@@ -337,8 +337,14 @@ class _Run:
         return get_optimizer_state_dict(self.model, self.optimizer, options=whole)
 
     def _write_weights(self, directory: Path, state: dict[str, torch.Tensor] | None) -> None:
-        """The model (or adapter) and the tokenizer in their usual formats (rank 0)."""
-        self.model.save_pretrained(directory, state_dict=state)
+        """The model (or adapter) and the tokenizer in their usual formats (rank 0), into the fresh
+        ``directory`` that a checkpoint or the final save swaps in afterwards."""
+        from neoxja.network import GPTNeoXJapanesePreTrainedModel
+
+        if isinstance(self.model, GPTNeoXJapanesePreTrainedModel):
+            write_pretrained(self.model, directory, state_dict=state)
+        else:  # peft's model: the adapter
+            self.model.save_pretrained(directory, state_dict=state)
         adapter = directory / "adapter_model.safetensors"
         if adapter.is_file():  # peft writes it through safetensors, which makes 0600 files
             os.chmod(adapter, new_file_mode(directory))
