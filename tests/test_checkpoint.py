@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from neoxja import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseModel
-from neoxja.checkpoint import CheckpointError, parse_size
+from neoxja.checkpoint import CheckpointError
 from neoxja.hub import HubUnavailableError
+from neoxja.saving import parse_size
 
 transformers = pytest.importorskip("transformers")
 

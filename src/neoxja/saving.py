@@ -103,8 +103,9 @@ def replace_directory(destination: str | os.PathLike, *, carry_over: bool = True
     write and that are not the old model's own files (:data:`MODEL_FILES`).
 
     ``destination`` may be missing (it is created) or an existing directory (a symbolic link to one
-    is followed). An error in the block removes the temporary directory and leaves ``destination``
-    as it was. The new directory keeps the mode of the one it replaces; new files follow the umask.
+    is followed), not a mount point (which no rename can replace). An error in the block removes the
+    temporary directory and leaves ``destination`` as it was. The new directory keeps the mode of the
+    one it replaces; new files follow the umask.
     """
     destination = Path(os.path.abspath(destination))
     if destination.is_symlink():
