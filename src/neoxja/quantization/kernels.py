@@ -104,7 +104,7 @@ def check_4bit(
     _whole(out_features, "out_features", 1)
     _whole(in_features, "in_features", 1)
     weights = out_features * in_features
-    what = f"a 4-bit weight [{out_features}, {in_features}]"
+    what = f"a 4-bit weight of out_features={out_features}, in_features={in_features}"
     _dtype(packed, "packed", torch.uint8)
     _numel(packed, "packed", (weights + 1) // 2, what)
     _dtype(code, "code", torch.float32)
@@ -278,7 +278,7 @@ def dequantize_int8(weight: Tensor, scb: Tensor, rows: tuple[int, int] | None = 
     begin, end = rows if rows is not None else (0, weight.shape[0])
     if not 0 <= begin <= end <= weight.shape[0]:
         raise ValueError(f"rows={rows} is not a range of the weight's {weight.shape[0]} rows")
-    return formats.dequantize_int8(weight[begin:end], scb[begin:end])
+    return formats.dequantize_int8(weight[begin:end], scb[begin:end].float())
 
 
 def _matvec_dense(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor | None:

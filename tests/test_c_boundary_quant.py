@@ -1,0 +1,564 @@
+"""Fuzzing the quantized matrix products and the dropout masks at the C boundary.
+
+Hypothesis draws shapes, dtypes, layouts (contiguous or strided), tables and at most one defect per
+case; every case runs in a child process of a long-lived worker (``fuzz_isolation``), so a crash
+fails the test and names the case. A case without a defect must give the PyTorch reference result
+(the dequantized matrix product, the dropout formula in numpy); a case with one must be refused by a
+ValueError or TypeError that names the argument. Covered: the public custom ops
+(``torch.ops.neoxja.linear_4bit``, ``linear_int8``, ``linear_bf16``), the C functions of
+``neoxja._quant`` and ``neoxja._dropout`` called directly (they are importable), on each of the
+quantized kernels (AVX-512, AVX2, portable C). ``NEOXJA_FUZZ_EXAMPLES=2000`` for a long run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from fuzz_isolation import POOL, VARIANTS, Workers, check_outcome, fuzz
+from hypothesis import given
+from hypothesis import strategies as st
+
+import neoxja.quantization.ops  # noqa: F401 - registers torch.ops.neoxja.*
+from neoxja.quantization import kernels
+
+MODULE = "test_c_boundary_quant"
+
+pytestmark = pytest.mark.skipif(
+    not kernels.extension_available() and os.environ.get("CI", "").lower() != "true",
+    reason="neoxja._quant is not built",
+)
+
+
+@pytest.fixture(scope="module")
+def workers() -> Workers:
+    POOL.start(*VARIANTS)  # every kernel's worker, importing at once
+    return POOL
+
+
+# ----- helpers of the child processes ------------------------------------------------------------
+
+FLOATS = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t`` in a view that is not contiguous (every other element of a larger buffer)."""
+    if t.numel() < 2:
+        return t
+    strides, step = [], 2
+    for size in reversed(t.shape):
+        strides.insert(0, step)
+        step *= size
+    view = torch.zeros(2 * t.numel(), dtype=t.dtype).as_strided(t.shape, strides)
+    return view.copy_(t)
+
+
+def _setup(p: dict) -> torch.Generator:
+    torch.set_num_threads(p["threads"])
+    return torch.Generator().manual_seed(p["seed"])
+
+
+def _weight_4bit(packed, absmax, code, blocksize, out, in_, nested_absmax, nested_code, offset):  # noqa: ANN001, ANN202
+    """The float64 weight a 4-bit format stands for, computed here from its definition."""
+    n = out * in_
+    byte = packed.reshape(-1).long()
+    index = torch.stack([byte >> 4, byte & 15], 1).reshape(-1)[:n]
+    if absmax.dtype == torch.uint8:
+        per_block = nested_absmax.double().repeat_interleave(256)[: absmax.numel()]
+        scales = nested_code.double()[absmax.long()] * per_block + offset
+    else:
+        scales = absmax.double()
+    return (code.double()[index] * scales.repeat_interleave(blocksize)[:n]).view(out, in_)
+
+
+def _assert_product(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """``y`` is ``x @ weight.T`` within float32 accumulation (and ``y``'s own rounding)."""
+    reference = x.double() @ weight.T
+    assert y.shape == reference.shape and y.dtype == x.dtype, (y.shape, y.dtype, reference.shape, x.dtype)
+    bound = x.double().abs() @ weight.abs().T
+    error = (y.double() - reference.to(x.dtype).double()).abs()
+    allowed = 1e-5 * bound + 1e-6 + 2 * torch.finfo(x.dtype).eps * reference.abs()
+    assert bool((error <= allowed).all()), f"error {float((error - allowed).max())} beyond the bound"
+    return f"max error {float(error.max()) if error.numel() else 0.0:.2e}"
+
+
+# ----- torch.ops.neoxja.linear_4bit -------------------------------------------------------------
+
+OP_4BIT_DEFECTS = {
+    "out_features_more": {"out_features", "packed"},
+    "out_features_fewer": {"out_features", "packed"},
+    "x_wider": {"x", "in_features", "packed"},
+    "x_narrower": {"x", "in_features", "packed"},
+    "x_integer": {"x"},
+    "x_scalar": {"x"},
+    "packed_int8": {"packed"},
+    "packed_short": {"packed"},
+    "code_short": {"code"},
+    "code_float64": {"code"},
+    "code_on_meta": {"code"},
+    "absmax_float16": {"absmax"},
+    "absmax_short": {"absmax"},
+    "absmax_long": {"absmax"},
+    "blocksize_zero": {"blocksize"},
+}
+NESTED_DEFECTS = {
+    "nested_absmax_missing": {"nested_absmax", "nested_code"},
+    "nested_code_missing": {"nested_absmax", "nested_code"},
+    "nested_code_short": {"nested_code"},
+    "nested_absmax_short": {"nested_absmax"},
+    "nested_absmax_float16": {"nested_absmax"},
+}
+PLAIN_DEFECTS = {"stray_nested_tables": {"nested_absmax", "nested_code"}}
+TABLES = ("x", "packed", "absmax", "code", "nested_absmax", "nested_code")
+
+
+@st.composite
+def op_4bit_cases(draw: st.DrawFn) -> dict:
+    blocksize = draw(st.sampled_from([2, 16, 32, 64, 128, 256]))
+    nested = draw(st.booleans())
+    defects = {**OP_4BIT_DEFECTS, **(NESTED_DEFECTS if nested else PLAIN_DEFECTS)}
+    return {
+        "seed": draw(st.integers(0, 2**31)),
+        "variant": draw(st.sampled_from(sorted(VARIANTS))),
+        "threads": draw(st.integers(1, 3)),
+        "blocksize": blocksize,
+        "out": draw(st.integers(1, 40)),
+        "in": draw(st.one_of(st.integers(1, 4).map(lambda k: k * blocksize), st.integers(1, 300))),
+        "lead": draw(st.lists(st.integers(0, 5), min_size=1, max_size=3)),
+        "dtype": draw(st.sampled_from(sorted(FLOATS))),
+        "nested": nested,
+        "strided": draw(st.lists(st.sampled_from(TABLES), unique=True, max_size=3)),
+        "defect": draw(st.one_of(st.none(), st.sampled_from(sorted(defects)))),
+    }
+
+
+def run_op_4bit(p: dict) -> str:
+    g = _setup(p)
+    out, in_, blocksize = p["out"], p["in"], p["blocksize"]
+    n = out * in_
+    blocks = -(-n // blocksize)
+    args = {
+        "x": torch.randn(*p["lead"], in_, generator=g).to(FLOATS[p["dtype"]]),
+        "packed": torch.randint(0, 256, ((n + 1) // 2, 1), generator=g, dtype=torch.uint8),
+        "absmax": torch.rand(blocks, generator=g) + 0.1,
+        "code": torch.rand(16, generator=g) * 2 - 1,
+        "nested_absmax": None,
+        "nested_code": None,
+    }
+    offset = 0.0
+    if p["nested"]:
+        args["absmax"] = torch.randint(0, 256, (blocks,), generator=g, dtype=torch.uint8)
+        args["nested_absmax"] = torch.rand(-(-blocks // 256), generator=g)
+        args["nested_code"] = torch.rand(256, generator=g) * 2 - 1
+        offset = float(torch.rand(1, generator=g))
+    weight = _weight_4bit(
+        args["packed"], args["absmax"], args["code"], blocksize, out, in_,
+        args["nested_absmax"], args["nested_code"], offset,
+    )  # fmt: skip
+    for name in p["strided"]:
+        if args[name] is not None:
+            args[name] = _strided(args[name])
+    x = args["x"]
+    defect = p["defect"]
+    wider = torch.ones(*p["lead"], in_ + 1).to(x.dtype)
+    changed = {
+        "out_features_more": {"out": out + 1},
+        "out_features_fewer": {"out": out - 1},
+        "x_wider": {"x": wider},
+        "x_narrower": {"x": x[..., :-1]},
+        "x_integer": {"x": x.to(torch.int64)},
+        "x_scalar": {"x": torch.tensor(1.0)},
+        "packed_int8": {"packed": args["packed"].view(torch.int8)},
+        "packed_short": {"packed": args["packed"].reshape(-1)[:-1]},
+        "code_short": {"code": args["code"][:8]},
+        "code_float64": {"code": args["code"].double()},
+        "code_on_meta": {"code": args["code"].to("meta")},
+        "absmax_float16": {"absmax": args["absmax"].half()},
+        "absmax_short": {"absmax": args["absmax"][:-1]},
+        "absmax_long": {"absmax": torch.cat([args["absmax"], args["absmax"][:1]])},
+        "blocksize_zero": {"blocksize": 0},
+        "nested_absmax_missing": {"nested_absmax": None},
+        "nested_code_missing": {"nested_code": None},
+        "nested_code_short": {"nested_code": torch.zeros(255)},
+        "nested_absmax_short": {"nested_absmax": torch.zeros(-(-blocks // 256) - 1)},
+        "nested_absmax_float16": {"nested_absmax": torch.ones(-(-blocks // 256), dtype=torch.float16)},
+        "stray_nested_tables": {
+            "nested_absmax": torch.ones(-(-blocks // 256)),
+            "nested_code": torch.zeros(256),
+        },
+    }.get(defect, {})
+    args.update(changed)
+    y = torch.ops.neoxja.linear_4bit(
+        args["x"], args["packed"], args["absmax"], args["code"], args["nested_absmax"], args["nested_code"],
+        offset, changed.get("blocksize", blocksize), changed.get("out", out),
+    )  # fmt: skip
+    return _assert_product(y, x, weight)
+
+
+@fuzz(60)
+@given(case=op_4bit_cases())
+def test_linear_4bit_op_refuses_or_multiplies(workers: Workers, case: dict) -> None:
+    result = workers.run(case["variant"], MODULE, "run_op_4bit", case)
+    defects = {**OP_4BIT_DEFECTS, **NESTED_DEFECTS, **PLAIN_DEFECTS}
+    check_outcome(result, defects.get(case["defect"], set()), case)
+
+
+# ----- torch.ops.neoxja.linear_int8 and linear_bf16 ---------------------------------------------
+
+DENSE_DEFECTS = {
+    "weight_dtype": {"weight"},
+    "weight_flat": {"weight"},
+    "weight_3d": {"weight"},
+    "weight_on_meta": {"weight"},
+    "x_wider": {"x"},
+    "x_integer": {"x"},
+}
+INT8_DEFECTS = {"scb_short": {"scb"}, "scb_column": {"scb"}, "scb_integer": {"scb"}}
+
+
+@st.composite
+def op_dense_cases(draw: st.DrawFn) -> dict:
+    kind = draw(st.sampled_from(["int8", "bf16"]))
+    defects = {**DENSE_DEFECTS, **(INT8_DEFECTS if kind == "int8" else {})}
+    return {
+        "seed": draw(st.integers(0, 2**31)),
+        "variant": draw(st.sampled_from(sorted(VARIANTS))),
+        "threads": draw(st.integers(1, 3)),
+        "kind": kind,
+        "out": draw(st.integers(1, 40)),
+        "in": draw(st.integers(1, 200)),
+        "lead": draw(st.lists(st.integers(0, 5), min_size=1, max_size=3)),
+        "dtype": draw(st.sampled_from(sorted(FLOATS))),
+        "scb_dtype": draw(st.sampled_from(["float32", "float16", "float64"])),
+        "strided": draw(st.lists(st.sampled_from(["x", "weight", "scb"]), unique=True, max_size=3)),
+        "defect": draw(st.one_of(st.none(), st.sampled_from(sorted(defects)))),
+    }
+
+
+def run_op_dense(p: dict) -> str:
+    g = _setup(p)
+    out, in_ = p["out"], p["in"]
+    x = torch.randn(*p["lead"], in_, generator=g).to(FLOATS[p["dtype"]])
+    if p["kind"] == "int8":
+        weight = torch.randint(-127, 128, (out, in_), generator=g, dtype=torch.int8)
+        scb = (torch.rand(out, generator=g) + 0.5).to(FLOATS[p["scb_dtype"]])
+        dense = weight.double() * (scb.float() / 127.0).double()[:, None]
+    else:
+        weight = torch.randn(out, in_, generator=g).to(torch.bfloat16)
+        scb, dense = None, weight.double()
+    args = {"x": x, "weight": weight, "scb": scb}
+    for name in p["strided"]:
+        if args[name] is not None:
+            args[name] = _strided(args[name])
+    other = torch.uint8 if p["kind"] == "int8" else torch.float16
+    args.update(
+        {
+            "weight_dtype": {"weight": weight.to(other)},
+            "weight_flat": {"weight": weight.reshape(-1)},
+            "weight_3d": {"weight": weight[None]},
+            "weight_on_meta": {"weight": weight.to("meta")},
+            "x_wider": {"x": torch.ones(*p["lead"], in_ + 1).to(x.dtype)},
+            "x_integer": {"x": x.to(torch.int64)},
+            "scb_short": {"scb": scb[:-1] if scb is not None else None},
+            "scb_column": {"scb": scb[:, None] if scb is not None else None},
+            "scb_integer": {"scb": scb.long() if scb is not None else None},
+        }.get(p["defect"], {})
+    )
+    if p["kind"] == "int8":
+        y = torch.ops.neoxja.linear_int8(args["x"], args["weight"], args["scb"])
+    else:
+        y = torch.ops.neoxja.linear_bf16(args["x"], args["weight"])
+    return _assert_product(y, x, dense)
+
+
+@fuzz(40)
+@given(case=op_dense_cases())
+def test_int8_and_bf16_ops_refuse_or_multiply(workers: Workers, case: dict) -> None:
+    result = workers.run(case["variant"], MODULE, "run_op_dense", case)
+    check_outcome(result, {**DENSE_DEFECTS, **INT8_DEFECTS}.get(case["defect"], set()), case)
+
+
+# ----- neoxja._quant called directly -------------------------------------------------------------
+
+C_FUNCTIONS = ["linear_4bit", "dequantize_4bit", "linear_dense", "linear_dense_bf16"]
+ARRAY_DEFECTS = ["short", "long", "dtype", "strided", "misaligned", "tensor", "none", "readonly"]
+DIM_DEFECTS = {
+    "rows_zero": {"rows"},
+    "rows_nine": {"rows"},
+    "blocksize_odd": {"blocksize"},
+    "in_zero": {"in_features"},
+    "out_zero": {"out_features"},
+    "in_huge": {"in_features", "out_features", "w", "x"},
+    "first_negative": {"rows"},
+    "count_beyond": {"rows"},
+}
+DIM_DEFECTS_OF = {
+    "linear_4bit": {"rows_zero", "rows_nine", "blocksize_odd", "in_zero", "out_zero", "in_huge"},
+    "dequantize_4bit": {"blocksize_odd", "in_zero", "out_zero", "in_huge", "first_negative", "count_beyond"},
+    "linear_dense": {"rows_zero", "rows_nine", "in_zero", "out_zero", "in_huge"},
+}
+DIM_DEFECTS_OF["linear_dense_bf16"] = DIM_DEFECTS_OF["linear_dense"]
+
+
+def _c_arrays(p: dict) -> dict[str, tuple[int, int]]:
+    """(element count, item size) of each array the case's C function takes."""
+    fn, rows, in_, out, blocks = p["fn"], p["rows"], p["in"], p["out"], p["out"] * p["in"] // p["blocksize"]
+    if fn.startswith("linear_dense"):
+        scale = {"scale": (out, 4)} if fn == "linear_dense" else {}
+        return {"x": (rows * in_, 4), "w": (out * in_, 1 if scale else 2), **scale, "y": (rows * out, 4)}
+    tables = {"w": (out * in_ // 2, 1), "code": (16, 4)}
+    if p["nested"]:
+        tables.update(
+            {"qabsmax": (blocks, 1), "nested_absmax": (-(-blocks // 256), 4), "nested_code": (256, 4)}
+        )
+    else:
+        tables["absmax"] = (blocks, 4)
+    if fn == "dequantize_4bit":
+        return {**tables, "y": (p["count"] * in_, 4)}
+    return {"x": (rows * in_, 4), **tables, "y": (rows * out, 4)}
+
+
+@st.composite
+def c_quant_cases(draw: st.DrawFn) -> dict:
+    fn = draw(st.sampled_from(C_FUNCTIONS))
+    blocksize = draw(st.sampled_from([32, 64, 128] if fn == "linear_4bit" else [2, 4, 32, 64]))
+    out = draw(st.integers(1, 24))
+    first = draw(st.integers(0, out - 1))
+    p = {
+        "seed": draw(st.integers(0, 2**31)),
+        "variant": draw(st.sampled_from(sorted(VARIANTS))),
+        "fn": fn,
+        "rows": draw(st.integers(1, 8)),
+        "in": blocksize * draw(st.integers(1, 5)),
+        "out": out,
+        "first": first,
+        "count": draw(st.integers(0, out - first)),
+        "blocksize": blocksize,
+        "nested": not fn.startswith("linear_dense") and draw(st.booleans()),
+        "threads": draw(st.sampled_from([-3, 0, 1, 2, 3, 1000])),
+    }
+    names = sorted(_c_arrays(p))
+    p["defect"] = draw(
+        st.one_of(
+            st.none(),
+            st.tuples(st.sampled_from(names), st.sampled_from(ARRAY_DEFECTS)),
+            st.just(("y", "overlap")),
+            st.tuples(st.just("dims"), st.sampled_from(sorted(DIM_DEFECTS_OF[fn]))),
+        )
+    )
+    return p
+
+
+def c_quant_expected(p: dict) -> set[str]:
+    """The names a refusal of this case must mention (empty: the case is valid)."""
+    if p["defect"] is None:
+        return set()
+    where, kind = p["defect"]
+    if where == "dims":
+        return DIM_DEFECTS[kind]
+    count, itemsize = _c_arrays(p)[where]
+    harmless = (
+        kind == "readonly" and where != "y"  # inputs may be read-only
+        or kind == "strided" and count <= 1  # one element is contiguous whatever its stride
+        or kind == "misaligned" and (itemsize == 1 or count == 0)
+        or kind == "overlap" and count == 0
+    )  # fmt: skip
+    if harmless:
+        return set()
+    if kind == "none" and where in ("absmax", "qabsmax"):
+        return {"absmax", "qabsmax"}
+    if kind == "none" and where == "scale":
+        return {"w"}  # without a scale the weight must be bfloat16, which an int8 one is not
+    return {where}
+
+
+def _defective(array: np.ndarray, kind: str) -> object:
+    flat = array.reshape(-1)
+    if kind == "short":
+        return flat[:-1].copy() if flat.size else np.zeros(1, array.dtype)
+    if kind == "long":
+        return np.concatenate([flat, np.zeros(1, array.dtype)])
+    if kind == "dtype":
+        other = {"float32": np.float64, "uint8": np.int8, "int8": np.uint8, "int16": np.float16}
+        return array.astype(other[array.dtype.name])
+    if kind == "strided":
+        wide = np.zeros(2 * flat.size, array.dtype)
+        wide[::2] = flat
+        return wide[::2]
+    if kind == "misaligned":
+        raw = np.zeros(array.nbytes + 1, np.uint8)
+        moved = raw[1:].view(np.uint8)
+        moved[:] = flat.view(np.uint8)
+        return np.frombuffer(raw, array.dtype, flat.size, offset=1) if array.itemsize > 1 else moved
+    if kind == "tensor":
+        return torch.from_numpy(array)
+    if kind == "none":
+        return None
+    if kind == "readonly":
+        frozen = array.copy()
+        frozen.setflags(write=False)
+        return frozen
+    raise AssertionError(kind)
+
+
+def run_c_quant(p: dict) -> str:
+    from neoxja import _quant
+
+    rng = np.random.default_rng(p["seed"])
+    fn, rows, in_, out, blocksize = p["fn"], p["rows"], p["in"], p["out"], p["blocksize"]
+    first, count = p["first"], p["count"]
+    arrays: dict = {
+        name: None for name in ("x", "absmax", "qabsmax", "nested_absmax", "nested_code", "scale")
+    }
+    for name, (size, _) in _c_arrays(p).items():
+        if name in ("w", "qabsmax"):
+            arrays[name] = rng.integers(0, 256, size, dtype=np.uint8)
+        else:
+            arrays[name] = rng.uniform(0.1 if "absmax" in name else -1, 1, size).astype(np.float32)
+    if fn == "linear_dense":
+        arrays["w"] = rng.integers(-127, 128, out * in_, dtype=np.int8)
+        arrays["scale"] *= 0.01
+    elif fn == "linear_dense_bf16":
+        arrays["w"] = (
+            torch.from_numpy(rng.standard_normal(out * in_, np.float32)).bfloat16().view(torch.int16)
+        )
+        arrays["w"] = arrays["w"].numpy()
+    arrays["y"][:] = 0
+    offset = float(rng.uniform(0, 0.5)) if p["nested"] else 0.0
+    t = {k: None if v is None else torch.from_numpy(v.copy()) for k, v in arrays.items()}
+    if fn == "linear_dense":
+        weight = t["w"].double().view(out, in_) * t["scale"].double()[:, None]
+    elif fn == "linear_dense_bf16":
+        weight = t["w"].view(torch.bfloat16).double().view(out, in_)
+    else:
+        scales = t["qabsmax"] if p["nested"] else t["absmax"]
+        weight = _weight_4bit(t["w"], scales, t["code"], blocksize, out, in_, t["nested_absmax"],
+                              t["nested_code"], offset)  # fmt: skip
+    dims = {"rows": rows, "in": in_, "out": out, "blocksize": blocksize, "first": first, "count": count}
+    where, kind = p["defect"] or (None, None)
+    if where == "dims":
+        dims.update({
+            "rows_zero": {"rows": 0}, "rows_nine": {"rows": 9}, "blocksize_odd": {"blocksize": blocksize + 1},
+            "in_zero": {"in": 0}, "out_zero": {"out": 0}, "in_huge": {"in": 2**62},
+            "first_negative": {"first": -1}, "count_beyond": {"count": out - first + 1},
+        }[kind])  # fmt: skip
+    elif kind == "overlap":  # y over the memory of the first input
+        source = "x" if arrays["x"] is not None else "code"
+        shared = np.zeros(max(arrays[source].size, arrays["y"].size), np.float32)
+        shared[: arrays[source].size] = arrays[source]
+        arrays[source], arrays["y"] = shared[: arrays[source].size], shared[: arrays["y"].size]
+    elif where is not None:
+        arrays[where] = _defective(arrays[where], kind)
+    a, d = arrays, dims
+    if fn == "linear_4bit":
+        tables = (a["absmax"], a["qabsmax"], a["nested_absmax"], a["nested_code"], offset, d["blocksize"])
+        _quant.linear_4bit(
+            a["x"], d["rows"], d["in"], d["out"], a["w"], a["code"], *tables, a["y"], p["threads"]
+        )
+    elif fn == "dequantize_4bit":
+        tables = (a["absmax"], a["qabsmax"], a["nested_absmax"], a["nested_code"], offset, d["blocksize"])
+        rows_of = (d["first"], d["count"], d["out"], d["in"])
+        _quant.dequantize_4bit(*rows_of, a["w"], a["code"], *tables, a["y"], p["threads"])
+        y, expected = torch.from_numpy(np.asarray(a["y"])).double(), weight[first : first + count].reshape(-1)
+        assert torch.allclose(y, expected, rtol=1e-6, atol=1e-6), (
+            "the dequantized rows differ from the format"
+        )
+        return f"{count} rows"
+    else:
+        _quant.linear_dense(a["x"], d["rows"], d["in"], d["out"], a["w"], a["scale"], a["y"], p["threads"])
+    y = torch.from_numpy(np.asarray(a["y"])).view(rows, out)
+    return _assert_product(y, t["x"].view(rows, in_), weight)
+
+
+@fuzz(100)
+@given(case=c_quant_cases())
+def test_quant_c_functions_refuse_or_multiply(workers: Workers, case: dict) -> None:
+    result = workers.run(case["variant"], MODULE, "run_c_quant", case)
+    check_outcome(result, c_quant_expected(case), case)
+
+
+# ----- neoxja._dropout.drop ------------------------------------------------------------------------
+
+DROP_LAYOUT_DEFECTS = ["strided", "readonly", "tensor", "bytes", "misaligned"]
+
+
+@st.composite
+def drop_cases(draw: st.DrawFn) -> dict:
+    key = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([-1, 2**32, 2**64, 2**70]))
+    return {
+        "seed": draw(st.integers(0, 2**31)),
+        "n": draw(st.one_of(st.integers(0, 64), st.integers(60_000, 200_000))),
+        "dtype": draw(st.sampled_from(["float32", "float64", "float16", "int32"])),
+        "layout": draw(st.one_of(st.none(), st.sampled_from(DROP_LAYOUT_DEFECTS))),
+        "k1": draw(key),
+        "k2": draw(key),
+        "threshold": draw(st.one_of(st.integers(0, 2**24), st.sampled_from([-1, 2**24 + 1, 1.5]))),
+        "scale": draw(st.floats(0, 10)),
+        "threads": draw(st.sampled_from([-1, 0, 1, 2, 3, 65, 1000])),
+    }
+
+
+def drop_expected(p: dict) -> set[str]:
+    names = set()
+    if p["dtype"] not in ("float32", "float64") or p["layout"] in ("readonly", "tensor", "bytes"):
+        names.add("x")
+    if p["layout"] == "strided" and p["n"] > 1 or p["layout"] == "misaligned" and p["n"] > 0:
+        names.add("x")
+    for key in ("k1", "k2"):
+        if not 0 <= p[key] < 2**32:
+            names.add(key)
+    if not (isinstance(p["threshold"], int) and 0 <= p["threshold"] <= 2**24):
+        names.add("threshold")
+    return names
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def run_drop(p: dict) -> str:
+    from neoxja import _dropout
+
+    rng = np.random.default_rng(p["seed"])
+    values = rng.standard_normal(p["n"]).astype(p["dtype"])
+    x = values.copy()
+    layout = p["layout"]
+    if layout == "strided":
+        wide = np.zeros(2 * p["n"], values.dtype)
+        wide[::2] = values
+        x = wide[::2]
+    elif layout == "readonly":
+        x.setflags(write=False)
+    elif layout == "tensor":
+        x = torch.from_numpy(x)
+    elif layout == "bytes":
+        x = x.tobytes()
+    elif layout == "misaligned" and p["n"]:
+        raw = np.zeros(values.nbytes + 1, np.uint8)
+        x = np.frombuffer(raw.data, values.dtype, p["n"], offset=1)
+        x = np.lib.stride_tricks.as_strided(x, writeable=True) if x.flags.writeable else x
+    _dropout.drop(x, p["k1"], p["k2"], p["threshold"], p["scale"], p["threads"])
+    index = np.arange(p["n"], dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        keep = (_mix(_mix(index ^ np.uint32(p["k1"])) ^ np.uint32(p["k2"])) >> np.uint32(8)) >= p["threshold"]
+    expected = np.where(keep, values * values.dtype.type(p["scale"]), values.dtype.type(0))
+    assert np.array_equal(np.asarray(x), expected), "the dropout mask or scale differs from the formula"
+    return f"{int(keep.sum())} of {p['n']} kept"
+
+
+@fuzz(40)
+@given(case=drop_cases())
+def test_dropout_c_function_refuses_or_drops(workers: Workers, case: dict) -> None:
+    result = workers.run("native", MODULE, "run_drop", case)
+    check_outcome(result, drop_expected(case), case)
