@@ -321,8 +321,12 @@ def _check_work(
         f"{named}: this request may score {work:,} tokens, more than this server allows one request "
         f"({limits.max_work:,}): {len(prompts)} prompt(s) of {sum(map(len, prompts)):,} tokens x n={n}, "
         f"plus max_tokens={params.max_tokens} each"
-        + (f", each token's log-probability and {params.logprobs} alternatives" if params.logprobs else "")
         + (", the prompt's tokens scored too (echo)" if params.prompt_logprobs else "")
+        + (
+            f", log-probabilities with {params.logprobs} alternatives per token"
+            if params.logprobs is not None
+            else ""
+        )
         + "; send fewer or shorter prompts, a smaller n or max_tokens, or fewer logprobs",
         param=named,
     )
