@@ -583,7 +583,7 @@ static int64_t items(const Py_buffer *v) { return v->len / v->itemsize; }
 /* *out = x * y, or a ValueError naming `what` if it overflows a Py_ssize_t. */
 static int product(const char *fn, const char *what, int64_t x, int64_t y, int64_t *out) {
     if (__builtin_mul_overflow(x, y, out) || *out > PY_SSIZE_T_MAX) {
-        PyErr_Format(PyExc_ValueError, "%s: %s (%lld x %lld) overflows", fn, what, (long long)x, (long long)y);
+        PyErr_Format(PyExc_ValueError, "%s: %s (%lld * %lld) overflows", fn, what, (long long)x, (long long)y);
         return -1;
     }
     return 0;
@@ -698,23 +698,23 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
     if (layers <= 0 || hidden <= 0 || heads <= 0 || hidden % heads || rot < 0 || rot % 2 ||
         rot > hidden / heads || inter <= 0 || batch <= 0 || vocab <= 0 || capacity <= 0 || table_len <= 0 ||
         act < 0 || act > ACT_SILU) {
-        PyErr_SetString(PyExc_ValueError, "new_model: inconsistent dimensions");
+        PyErr_SetString(PyExc_ValueError, "new_model: dims: inconsistent dimensions");
         return NULL;
     }
     if (PyList_GET_SIZE(layer_list) != layers || PyTuple_GET_SIZE(globals) != 6) {
-        PyErr_SetString(PyExc_ValueError, "new_model: expected one tuple of 11 arrays per layer and 6 globals");
+        PyErr_SetString(PyExc_ValueError, "new_model: layers and globals: expected one tuple of 11 arrays per layer and 6 globals");
         return NULL;
     }
     /* Element counts of every array, and of the scratch buffers, checked for overflow. */
     const char *fn = "new_model";
     int64_t hh, qkv, mlp, cache, embed, table, scratch, row_scratch;
-    if (product(fn, "hidden x hidden", hidden, hidden, &hh) || product(fn, "3 hidden x hidden", 3 * (int64_t)hidden, hidden, &qkv) ||
-        product(fn, "intermediate x hidden", inter, hidden, &mlp) ||
-        product(fn, "batch x capacity", batch, capacity, &cache) || product(fn, "cache x hidden", cache, hidden, &cache) ||
-        product(fn, "vocab x hidden", vocab, hidden, &embed) || product(fn, "table x rotary / 2", table_len, rot / 2, &table) ||
-        product(fn, "batch x scratch", batch, 6 * (int64_t)hidden + inter, &scratch) ||
-        product(fn, "threads x batch", MAX_THREADS, batch, &row_scratch) ||
-        product(fn, "threads x (head_dim + capacity)", MAX_THREADS, hidden / heads + capacity, &row_scratch))
+    if (product(fn, "hidden * hidden", hidden, hidden, &hh) || product(fn, "3 hidden * hidden", 3 * (int64_t)hidden, hidden, &qkv) ||
+        product(fn, "intermediate * hidden", inter, hidden, &mlp) ||
+        product(fn, "batch * capacity", batch, capacity, &cache) || product(fn, "cache * hidden", cache, hidden, &cache) ||
+        product(fn, "vocab * hidden", vocab, hidden, &embed) || product(fn, "table * rotary / 2", table_len, rot / 2, &table) ||
+        product(fn, "batch * scratch", batch, 6 * (int64_t)hidden + inter, &scratch) ||
+        product(fn, "threads * batch", MAX_THREADS, batch, &row_scratch) ||
+        product(fn, "threads * (head_dim + capacity)", MAX_THREADS, hidden / heads + capacity, &row_scratch))
         return NULL;
     if (3 * (int64_t)hidden > INT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "new_model: hidden size too large");
@@ -802,10 +802,14 @@ static PyObject *launch(Model *m, const Call *call, int threads) {
 /* The model of a capsule, and the output arrays every step writes: logits (C-contiguous float32,
  * at least rows x vocab) and argmax (None, or int64 1-d of `rows`, any stride). */
 static Model *step_outputs(Args *a, PyObject *capsule, int rows, PyObject *o_logits, PyObject *o_argmax, Call *call) {
+    if (!PyCapsule_IsValid(capsule, "neoxja._decode.Model")) {
+        PyErr_Format(PyExc_TypeError, "%s: model must be a decoder made by new_model, got %.100s", a->fn,
+                     Py_TYPE(capsule)->tp_name);
+        return NULL;
+    }
     Model *m = PyCapsule_GetPointer(capsule, "neoxja._decode.Model");
-    if (!m) return NULL;
     if (rows <= 0 || rows > m->batch) {
-        PyErr_Format(PyExc_ValueError, "%s: %d rows, but the decoder was built for 1..%d", a->fn, rows, m->batch);
+        PyErr_Format(PyExc_ValueError, "%s: rows: %d rows, but the decoder was built for 1..%d", a->fn, rows, m->batch);
         return NULL;
     }
     Py_buffer *logits = arg(a, "logits", o_logits, 'f', 4, 1, 0);
@@ -841,7 +845,7 @@ static PyObject *step(PyObject *self, PyObject *args) {
     Model *m = step_outputs(&a, capsule, rows, o_logits, o_argmax, &call);
     if (!m) goto done;
     if (t < 0 || t >= m->capacity) {
-        PyErr_Format(PyExc_ValueError, "step: cache position %lld outside the cache's capacity %lld", t,
+        PyErr_Format(PyExc_ValueError, "step: t: cache position %lld outside the cache's capacity %lld", t,
                      (long long)m->capacity);
         goto done;
     }
@@ -873,17 +877,17 @@ static PyObject *step(PyObject *self, PyObject *args) {
         at[b] = t;
         pos[b] = t;
         if (token[b] < 0 || token[b] >= m->vocab) {
-            PyErr_Format(PyExc_ValueError, "step: token id %lld in row %d is outside the vocabulary [0, %lld)",
+            PyErr_Format(PyExc_ValueError, "step: tokens: token id %lld in row %d is outside the vocabulary [0, %lld)",
                          (long long)token[b], b, (long long)m->vocab);
             goto done;
         }
         if (positions && __builtin_add_overflow(((const int64_t *)positions->buf)[b * position_stride],
                                                 (int64_t)position_delta, &pos[b])) {
-            PyErr_Format(PyExc_ValueError, "step: positions[%d] + position_delta overflows int64", b);
+            PyErr_Format(PyExc_ValueError, "step: positions: positions[%d] + position_delta overflows int64", b);
             goto done;
         }
         if (pos[b] < 0 || pos[b] >= m->table_len) {
-            PyErr_Format(PyExc_ValueError, "step: position %lld of row %d is outside the RoPE table [0, %lld)",
+            PyErr_Format(PyExc_ValueError, "step: positions: position %lld of row %d is outside the RoPE table [0, %lld)",
                          (long long)pos[b], b, (long long)m->table_len);
             goto done;
         }
@@ -928,23 +932,23 @@ static PyObject *step_slots(PyObject *self, PyObject *args) {
         row[b] = ((const int64_t *)in[1]->buf)[b * strides[1]];
         at[b] = pos[b] = ((const int64_t *)in[2]->buf)[b * strides[2]];
         if (token[b] < 0 || token[b] >= m->vocab) {
-            PyErr_Format(PyExc_ValueError, "step_slots: token id %lld in row %d is outside the vocabulary [0, %lld)",
+            PyErr_Format(PyExc_ValueError, "step_slots: tokens: token id %lld in row %d is outside the vocabulary [0, %lld)",
                          (long long)token[b], b, (long long)m->vocab);
             goto done;
         }
         if (row[b] < 0 || row[b] >= m->batch) {
-            PyErr_Format(PyExc_ValueError, "step_slots: slot %lld of row %d is outside the cache's %d rows",
+            PyErr_Format(PyExc_ValueError, "step_slots: slots: slot %lld of row %d is outside the cache's %d rows",
                          (long long)row[b], b, m->batch);
             goto done;
         }
         for (int c = 0; c < b; c++)
             if (row[c] == row[b]) {
-                PyErr_Format(PyExc_ValueError, "step_slots: rows %d and %d both use slot %lld", c, b,
+                PyErr_Format(PyExc_ValueError, "step_slots: slots: rows %d and %d both use slot %lld", c, b,
                              (long long)row[b]);
                 goto done;
             }
         if (at[b] < 0 || at[b] >= m->capacity || at[b] >= m->table_len) {
-            PyErr_Format(PyExc_ValueError, "step_slots: length %lld of row %d leaves no room in the cache (%lld)",
+            PyErr_Format(PyExc_ValueError, "step_slots: lengths: length %lld of row %d leaves no room in the cache (%lld)",
                          (long long)at[b], b, (long long)m->capacity);
             goto done;
         }

@@ -477,7 +477,7 @@ static int output_apart(Args *a, const char *name) {
 /* *out = x * y, a positive element count that fits a Py_ssize_t, or a ValueError naming `what`. */
 static int product(Args *a, const char *what, int64_t x, int64_t y, int64_t *out) {
     if (__builtin_mul_overflow(x, y, out) || *out > PY_SSIZE_T_MAX) {
-        PyErr_Format(PyExc_ValueError, "%s: %s (%lld x %lld) overflows", a->fn, what, (long long)x, (long long)y);
+        PyErr_Format(PyExc_ValueError, "%s: %s (%lld * %lld) overflows", a->fn, what, (long long)x, (long long)y);
         return -1;
     }
     return 0;
@@ -540,8 +540,8 @@ static PyObject *linear_4bit(PyObject *self, PyObject *args) {
                      blocksize);
         return NULL;
     }
-    if (product(&a, "rows x in_features", rows, in, &x_count) || product(&a, "rows x out_features", rows, out, &y_count) ||
-        product(&a, "out_features x in_features", out, in, &weights))
+    if (product(&a, "rows * in_features", rows, in, &x_count) || product(&a, "rows * out_features", rows, out, &y_count) ||
+        product(&a, "out_features * in_features", out, in, &weights))
         return NULL;
     if (!(q.x = array(&a, o_x, "x", 'f', 4, x_count, 0)) || !(q.w = array(&a, o_w, "w", 'u', 1, weights / 2, 0)) ||
         !(q.code = array(&a, o_code, "code", 'f', 4, 16, 0)) ||
@@ -600,7 +600,7 @@ static PyObject *dequantize_4bit(PyObject *self, PyObject *args) {
                      blocksize);
         return NULL;
     }
-    if (product(&a, "out_features x in_features", out, in, &weights) || product(&a, "count x in_features", count, in, &y_count))
+    if (product(&a, "out_features * in_features", out, in, &weights) || product(&a, "count * in_features", count, in, &y_count))
         return NULL;
     Q4 q = {.in = in, .out = count, .offset = offset, .blocksize = blocksize, .first = first};
     if (!(q.w = array(&a, o_w, "w", 'u', 1, weights / 2, 0)) || !(q.code = array(&a, o_code, "code", 'f', 4, 16, 0)) ||
@@ -632,8 +632,8 @@ static PyObject *linear_dense(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (positive(&a, "in_features", in) || positive(&a, "out_features", out) ||
-        product(&a, "rows x in_features", rows, in, &x_count) || product(&a, "rows x out_features", rows, out, &y_count) ||
-        product(&a, "out_features x in_features", out, in, &weights))
+        product(&a, "rows * in_features", rows, in, &x_count) || product(&a, "rows * out_features", rows, out, &y_count) ||
+        product(&a, "out_features * in_features", out, in, &weights))
         return NULL;
     int int8 = o_scale != Py_None; /* else bfloat16 */
     Dense d = {.rows = rows, .in = in, .out = out};

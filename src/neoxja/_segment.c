@@ -650,6 +650,10 @@ pack(PyObject *module, PyObject *sequences)
                     PyErr_Clear();
                     PyErr_Format(PyExc_ValueError, "pack: item %zd of sequence %zd does not fit in int32", k, i);
                 }
+                else if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                    PyErr_Clear();
+                    PyErr_Format(PyExc_TypeError, "pack: item %zd of sequence %zd is not an int", k, i);
+                }
                 Py_DECREF(row);
                 goto done;
             }
