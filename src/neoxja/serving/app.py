@@ -7,9 +7,12 @@ reads). With an API key set, everything but ``/health`` and ``/metrics`` needs
 ``Authorization: Bearer KEY`` (compared in constant time).
 
 The model loads in a background thread once the app starts: until then, and from the moment a
-shutdown begins, requests get 503 (``/health`` says which). Errors use OpenAI's JSON shape: 400
-(the field is named), 401, 404 (unknown model or path), 413 (body over ``max_body_bytes``), 429
-with ``Retry-After`` (queue full), 503. One log line per request (logger ``neoxja.server``).
+shutdown begins, requests get 503 (``/health`` says which; it also reports an engine that makes no
+progress while work waits, or whose thread died). Errors use OpenAI's JSON shape: 400 (the field is
+named), 401, 404 (unknown model or path), 408 (the body did not come within ``timeout_body``), 413
+(body over ``max_body_bytes``), 429 with ``Retry-After`` (queue full), 503. Bodies are parsed, and
+prompts tokenized, in worker threads, so the event loop (``/health`` included) is never held by one
+request. One log line per request (logger ``neoxja.server``), with what the client sent escaped.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,14 +29,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from neoxja.jsonfile import loads
+from neoxja.serving.answers import generate
 from neoxja.serving.chat import DEFAULT_CHAT_STOPS, DEFAULT_CHAT_TEMPLATE, compile_chat_template
-from neoxja.serving.engine import Engine, EngineClosed, QueueFull
+from neoxja.serving.engine import Engine
 from neoxja.serving.metrics import Metrics
-from neoxja.serving.protocol import APIError, Limits, Parsed, parse_chat, parse_completion
+from neoxja.serving.protocol import DEFAULT_MAX_WORK, APIError, Limits, Parsed, parse_chat, parse_completion
 from neoxja.serving.responses import Collector
 
 logger = logging.getLogger("neoxja.server")
@@ -43,9 +49,9 @@ OPEN_PATHS = ("/health", "/metrics")
 
 @dataclass
 class ServerConfig:
-    """What ``neoxja serve`` sets: names, caps, engine sizes and the chat template. (How long running
-    requests may finish after SIGTERM is uvicorn's ``timeout_graceful_shutdown``; when the app's
-    lifespan ends, what still runs is cancelled.)"""
+    """What ``neoxja serve`` sets: names, caps, engine sizes, the chat template and the app's timeouts.
+    (How long running requests may finish after SIGTERM is the server's: :meth:`Server.wind_down` with
+    ``neoxja serve --drain-timeout``; when the app's lifespan ends, what still runs is cancelled.)"""
 
     served_model_name: str
     api_key: str | None = None
@@ -56,7 +62,41 @@ class ServerConfig:
     prefill_chunk: int = 512
     max_body_bytes: int = 1 << 20
     max_n: int = 8
+    max_work: int = DEFAULT_MAX_WORK  # tokens scored per request (protocol.request_work), else 400
     chat_template: str | None = None  # None: DEFAULT_CHAT_TEMPLATE with DEFAULT_CHAT_STOPS
+    timeout_body: float = 30.0  # seconds from a request's headers to the end of its body (else 408)
+    stall_timeout: float = 60.0  # /health says "stalled" after this long without an engine step
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None:
+            check_api_key(self.api_key, "api_key")
+        for name in ("timeout_body", "stall_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def check_api_key(key: str, name: str) -> None:
+    """Refuse a key no client could send: empty (it would turn authentication off unnoticed), or with
+    a character outside printable ASCII, a space included (an ``Authorization`` header carries none)."""
+    if not key:
+        raise ValueError(f"{name} is empty: give a key, or none at all to serve without authentication")
+    bad = next((i for i, c in enumerate(key) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        what = "a space" if key[bad] == " " else "not printable ASCII"
+        raise ValueError(
+            f"{name}: character {bad + 1} of the key is {what}; a key must be printable ASCII without "
+            "spaces, as an Authorization header carries it"
+        )
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """``text`` from a client, safe in a log line: control characters (newlines, terminal escapes),
+    backslashes and other unprintable characters escaped, and at most ``limit`` characters."""
+    escaped = repr(text)[1:-1] if not text.isprintable() or "\\" in text else text
+    return escaped if len(escaped) <= limit else f"{escaped[:limit]}...({len(escaped) - limit} more)"
+
+
+FINISH_GRACE = 5.0  # seconds for requests cut at the drain timeout to send their endings
 
 
 class Server:
@@ -73,6 +113,7 @@ class Server:
         self.failure: str | None = None
         self.on_failure: Callable[[], None] | None = None  # the CLI stops uvicorn: no model, no server
         self.draining = False
+        self.active: set[Collector] = set()  # generation requests being answered
 
     def start_loading(self) -> None:
         threading.Thread(target=self._load, name="neoxja-load", daemon=True).start()
@@ -97,8 +138,11 @@ class Server:
                 vocab_size=model.config.vocab_size,
                 max_tokens=min(config.max_tokens or engine.max_model_len, engine.max_model_len),
                 max_n=config.max_n,
+                max_work=config.max_work,
             )
             self.tokenizer = tokenizer
+            if self.draining:  # stopped while loading: nothing to serve
+                return
             engine.start()
             self.metrics.watch(engine)
             self.engine = engine
@@ -119,7 +163,12 @@ class Server:
     def ready(self) -> Engine:
         """The engine, or a 503 saying why there is none."""
         if self.draining or (self.engine is not None and self.engine.closed):
-            raise APIError(503, "the server is shutting down", type="service_unavailable")
+            raise APIError(
+                503,
+                "the server is shutting down",
+                type="service_unavailable",
+                headers={"Connection": "close"},
+            )
         if self.engine is None:
             message = f"the model failed to load: {self.failure}" if self.failure else "the model is loading"
             raise APIError(503, message, type="service_unavailable", headers={"Retry-After": "5"})
@@ -132,6 +181,47 @@ class Server:
             with contextlib.suppress(Exception):
                 self.engine.close()
 
+    async def wind_down(self, timeout: float, abort: Callable[[], bool] = lambda: False) -> None:
+        """The shutdown's drain: no new requests (503); the running ones get ``timeout`` seconds to
+        finish, then the rest are cancelled and given :data:`FINISH_GRACE` seconds to send their
+        endings (a stream's error event and ``[DONE]``, a whole answer's 503). ``abort()`` true
+        (a second Ctrl-C) ends the waiting early."""
+        self.drain()
+        engine = self.engine
+        if engine is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def busy() -> bool:
+            return bool(self.active or engine.running or engine.queue_depth)
+
+        while busy() and loop.time() < deadline and not abort():
+            await asyncio.sleep(0.05)
+        if busy():
+            logger.warning("drain timeout (%gs): cancelling %d running request(s)", timeout, len(self.active))
+        await asyncio.to_thread(engine.shutdown, 0.0)  # what still runs ends as "cancelled"
+        deadline = loop.time() + FINISH_GRACE
+        while self.active and loop.time() < deadline and not abort():
+            await asyncio.sleep(0.02)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """``/health``'s status code and body: ok, or why not (loading, failed, draining, an engine
+        whose thread died or that made no step for ``stall_timeout`` seconds while work waits)."""
+        if self.failure:
+            return 503, {"status": "failed", "error": self.failure}
+        if self.draining:
+            return 503, {"status": "draining"}
+        engine = self.engine
+        if engine is None:
+            return 503, {"status": "loading"}
+        stalled = engine.stalled_for()
+        if math.isinf(stalled):
+            return 503, {"status": "dead", "error": "the engine's thread has stopped"}
+        if stalled > self.config.stall_timeout:
+            return 503, {"status": "stalled", "stalled_for": round(stalled, 3)}
+        return 200, {"status": "ok"}
+
     def check_model(self, body: Any) -> None:
         if isinstance(body, dict) and body.get("model") not in (None, self.config.served_model_name):
             raise APIError(
@@ -143,24 +233,34 @@ class Server:
             )
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request's JSON body; 413 past ``limit`` bytes (announced or received), 400 if not JSON."""
+async def read_json(request: Request, limit: int, timeout: float) -> Any:
+    """The request's JSON body: 413 past ``limit`` bytes (announced or received), 408 if it is not
+    complete ``timeout`` seconds after the request's headers, 400 if it is not JSON or nests too deep
+    (parsed in a worker thread)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is {declared} bytes; at most {limit} are accepted")
+    started = request.scope["state"]["log"]["start"]
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"the request body is over {limit} bytes")
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON: {err}") from None
-
-
-def _sse(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+        async with asyncio.timeout(started + timeout - time.monotonic()):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise APIError(413, f"the request body is over {limit} bytes")
+    except TimeoutError:
+        raise APIError(
+            408,
+            f"the request body did not arrive within {timeout:g} s of the headers",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from None
+    except ClientDisconnect:
+        raise APIError(499, "the client closed the connection before the body was complete") from None
+    try:
+        return await asyncio.to_thread(loads, bytes(body), "the request body")
+    except ValueError as err:
+        raise APIError(400, str(err)) from None
 
 
 class _RequestLog:
@@ -174,7 +274,7 @@ class _RequestLog:
             await self.app(scope, receive, send)
             return
         start = time.monotonic()
-        info: dict[str, Any] = {}
+        info: dict[str, Any] = {"start": start}  # the body's deadline runs from here (read_json)
         scope.setdefault("state", {})["log"] = info
         status = [500]
 
@@ -210,7 +310,10 @@ class _RequestLog:
                 f" id={collector.id} prompt_tokens={usage['prompt_tokens']} "
                 f"completion_tokens={usage['completion_tokens']} ttft={ttft} finish={reasons}"
             )
-        logger.info("%s %s %d%s time=%.3fs", scope["method"], path, status, extra, time.monotonic() - start)
+        raw = scope.get("raw_path") or path.encode()
+        target = printable(raw.decode("ascii", "backslashreplace"))  # as sent, percent-escapes and all
+        elapsed = time.monotonic() - start
+        logger.info("%s %s %d%s time=%.3fs", printable(scope["method"]), target, status, extra, elapsed)
 
 
 def create_app(load: Callable[[], tuple[Any, Any]], config: ServerConfig) -> FastAPI:
@@ -239,7 +342,7 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServerConfig) -> Fas
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
-        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        logger.exception("unhandled error in %s %s", printable(request.method), printable(request.url.path))
         body = APIError(500, f"internal error: {type(err).__name__}", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
@@ -258,13 +361,8 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServerConfig) -> Fas
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if server.failure:
-            return JSONResponse({"status": "failed", "error": server.failure}, status_code=503)
-        if server.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        if server.engine is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        status, body = server.health()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -298,44 +396,33 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServerConfig) -> Fas
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
         server.ready()
-        body = await read_json(request, config.max_body_bytes)
+        body = await read_json(request, config.max_body_bytes, config.timeout_body)
         server.check_model(body)
-        if isinstance(body, dict) and isinstance(body.get("prompt"), str):
-            tokens = server.tokenizer.encode(body["prompt"])
-        elif isinstance(body, dict) and isinstance(body.get("messages"), list):
-            tokens = _parse_chat(server, {"messages": body["messages"], "max_tokens": 1}, []).prompts[0]
-        else:
-            raise APIError(400, "prompt: a string is required (or messages, a chat)", param="prompt")
+        tokens = await asyncio.to_thread(_tokenize, server, body)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": server.limits.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
         server.ready()
-        body = await read_json(request, config.max_body_bytes)
+        body = await read_json(request, config.max_body_bytes, config.timeout_body)
         server.check_model(body)
-        tokens = body.get("tokens") if isinstance(body, dict) else None
-        vocab = server.limits.vocab_size
-        if not isinstance(tokens, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens
-        ):
-            raise APIError(400, f"tokens: a list of token ids in [0, {vocab}) is required", param="tokens")
-        return {"prompt": server.tokenizer.decode(tokens)}
+        return {"prompt": await asyncio.to_thread(_detokenize, server, body)}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         engine = server.ready()
-        body = await read_json(request, config.max_body_bytes)
+        body = await read_json(request, config.max_body_bytes, config.timeout_body)
         server.check_model(body)
-        parsed = parse_completion(body, server.tokenizer, server.limits)
-        return await _generate(server, engine, request, parsed, "completion")
+        parsed = await asyncio.to_thread(parse_completion, body, server.tokenizer, server.limits)
+        return await generate(server, engine, request, parsed, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         engine = server.ready()
-        body = await read_json(request, config.max_body_bytes)
+        body = await read_json(request, config.max_body_bytes, config.timeout_body)
         server.check_model(body)
-        parsed = _parse_chat(server, body, server.chat_stops)
-        return await _generate(server, engine, request, parsed, "chat")
+        parsed = await asyncio.to_thread(_parse_chat, server, body, server.chat_stops)
+        return await generate(server, engine, request, parsed, "chat")
 
     endpoints = frozenset(route.path for route in app.routes)  # metrics label; any other path: "other"
     app.add_middleware(_RequestLog, server=server, endpoints=endpoints)
@@ -353,96 +440,21 @@ def _parse_chat(server: Server, body: Any, stops: list[str]) -> Parsed:
         raise APIError(400, f"messages: the chat template failed: {err}", param="messages") from None
 
 
-async def _generate(server: Server, engine: Engine, request: Request, parsed: Parsed, kind: str) -> Response:
-    """Submit ``parsed`` to the engine and answer with the whole result or a stream."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    arrival = time.monotonic()
-
-    def sink(event: Any) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, event)
-
-    try:
-        handle = engine.submit(parsed.prompts, parsed.params, sink, n=parsed.n)
-    except QueueFull as err:
-        raise APIError(
-            429,
-            f"the server is busy: {err}; retry later",
-            type="rate_limit_error",
-            headers={"Retry-After": "1"},
-        ) from None
-    except EngineClosed as err:
-        raise APIError(503, str(err), type="service_unavailable") from None
-    except ValueError as err:
-        raise APIError(400, str(err)) from None
-    server.metrics.prompt_tokens.inc(sum(len(p) for p in parsed.prompts) * parsed.n)
-    collector = Collector(
-        parsed, server.tokenizer, server.config.served_model_name, kind, server.metrics, arrival
-    )
-    request.scope["state"]["log"]["collector"] = collector
-
-    if parsed.stream:
-        return _EventStream(_stream(events, collector), lambda: _abandon(engine, handle, collector))
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        while collector.unfinished:
-            getter = asyncio.ensure_future(events.get())
-            await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-            collector.add(getter.result())
-    finally:
-        gone.cancel()
-        _abandon(engine, handle, collector)
-    errors = [c.error for c in collector.choices if c.error]
-    if errors:
-        raise APIError(500, f"generation failed: {errors[0]}", type="server_error")
-    return JSONResponse(collector.completion() if kind == "completion" else collector.chat())
+def _tokenize(server: Server, body: Any) -> list[int]:
+    """``/tokenize``: the ids of ``prompt``, or of ``messages`` rendered by the chat template."""
+    if isinstance(body, dict) and isinstance(body.get("prompt"), str):
+        return server.tokenizer.encode(body["prompt"])
+    if isinstance(body, dict) and isinstance(body.get("messages"), list):
+        return _parse_chat(server, {"messages": body["messages"], "max_tokens": 1}, []).prompts[0]
+    raise APIError(400, "prompt: a string is required (or messages, a chat)", param="prompt")
 
 
-async def _disconnected(request: Request) -> None:
-    """Returns when the client of ``request`` (whose body was read) closes its connection."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _abandon(engine: Engine, handle: Any, collector: Collector) -> None:
-    """If the request is not finished, its client is gone: cancel it (freed at the engine's next step)."""
-    if collector.unfinished:
-        engine.cancel(handle)
-        collector.cancel()
-
-
-class _EventStream(StreamingResponse):
-    """Server-sent events that call ``on_close`` when the response ends, however it ends (a client
-    that goes away included: Starlette then stops iterating the stream without closing it)."""
-
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream")
-        self.on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
-
-
-async def _stream(events: asyncio.Queue, collector: Collector) -> AsyncIterator[bytes]:
-    """Server-sent events: chunks as tokens come, the usage chunk if asked for, then ``[DONE]``."""
-    if collector.parsed.echo and not collector.parsed.params.prompt_logprobs:
-        for index in range(len(collector.choices)):
-            yield _sse(collector.completion_piece(index, collector.echo_text(index), None, None))
-            collector.started.add(index)
-    while collector.unfinished:
-        event = await events.get()
-        collector.add(event)
-        if event.error:
-            yield _sse(APIError(500, f"generation failed: {event.error}", type="server_error").body())
-            continue
-        for chunk in collector.chunks(event):
-            yield _sse(chunk)
-    if collector.parsed.include_usage:
-        yield _sse(collector.usage_chunk())
-    yield b"data: [DONE]\n\n"
+def _detokenize(server: Server, body: Any) -> str:
+    """``/detokenize``: the text of ``tokens``."""
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    vocab = server.limits.vocab_size
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens
+    ):
+        raise APIError(400, f"tokens: a list of token ids in [0, {vocab}) is required", param="tokens")
+    return server.tokenizer.decode(tokens)

@@ -55,6 +55,7 @@ class Collector:
         self.unfinished = total
         self.started: set[int] = set()  # stream: choices whose first chunk went out
         self.cancelled = False  # the client went away before the end
+        self.cut = False  # the server's shutdown cancelled it (a stream has said so once)
         self._echo: dict[int, str] = {}
 
     def cancel(self) -> None:
