@@ -70,3 +70,67 @@ def test_bad_options_are_one_line_errors(
     assert main(["serve", "--model", str(tiny_checkpoint), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_port_in_use_is_a_one_line_error(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(tiny_checkpoint), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"port {port}: Address already in use" in err
+
+
+@pytest.mark.parametrize(
+    "key, env, message",
+    [
+        ("", None, "--api-key is empty"),
+        (None, "", "$NEOXJA_API_KEY is empty"),
+        ("ключ", None, "--api-key: character 1 of the key is not printable ASCII"),
+        ("open sesame", "ignored", "--api-key: character 5 of the key is a space"),
+    ],
+)
+def test_an_api_key_no_client_could_send_is_refused_at_startup(
+    key: str | None,
+    env: str | None,
+    message: str,
+    tiny_checkpoint: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An empty key used to turn authentication off without a word, a non-ASCII one to lock everyone
+    out: both are one-line errors, exit status 2, before a port is opened."""
+    if env is None:
+        monkeypatch.delenv("NEOXJA_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("NEOXJA_API_KEY", env)
+    argv = ["serve", "--model", str(tiny_checkpoint)] + ([] if key is None else ["--api-key", key])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_the_limits_defaults_are_the_servers_and_help_gives_them(capsys: pytest.CaptureFixture[str]) -> None:
+    from neoxja.cli import build_parser
+    from neoxja.serving.app import ServerConfig
+    from neoxja.serving.connections import ConnectionLimits
+    from neoxja.serving.protocol import DEFAULT_MAX_WORK
+
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    limits, config = ConnectionLimits(), ServerConfig(served_model_name="m")
+    defaults = {
+        "--max-connections": (args.max_connections, limits.max_connections),
+        "--timeout-keep-alive": (args.timeout_keep_alive, limits.timeout_keep_alive),
+        "--timeout-header": (args.timeout_header, limits.timeout_header),
+        "--timeout-body": (args.timeout_body, limits.timeout_body),
+        "--stall-timeout": (args.stall_timeout, config.stall_timeout),
+        "--max-work": (DEFAULT_MAX_WORK, config.max_work),  # None on the command line: the server's
+    }
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, (given, server_default) in defaults.items():
+        assert given == server_default, flag
+        described = text.split(f"{flag} {flag[2:].upper().replace('-', '_')}")[-1].split(" --", 1)[0]
+        assert f"(default: {given:g}" in described, flag

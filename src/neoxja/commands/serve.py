@@ -1,19 +1,25 @@
 """``neoxja serve``: the OpenAI-compatible HTTP server (:mod:`neoxja.serving`), on uvicorn.
 
 Needs the ``server`` extra (``pip install "neoxja[server]"``). The port opens at once and the model
-loads behind it (``/health`` answers 503 until it is ready). SIGTERM or Ctrl-C stops taking
-requests, lets the running ones finish for ``--drain-timeout`` seconds, cancels the rest and exits 0.
+loads behind it (``/health`` answers 503 until it is ready). SIGTERM or Ctrl-C, at any moment from
+the start of the command, stops it with exit status 0: before the server runs, at once; once it
+runs, new requests get 503 while the running ones get ``--drain-timeout`` seconds to finish, then
+the rest are cancelled. Connections are capped and timed out (``--max-connections``,
+``--timeout-*``; :mod:`neoxja.serving.connections`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
 
 from neoxja.commands.generate import add_model_arguments, check_directories, load, positive
+
+logger = logging.getLogger("neoxja.server")
 
 EPILOG = """\
 examples:
@@ -67,6 +73,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-n", type=positive(int), default=8, help="cap on a request's n (default: 8)")
     parser.add_argument(
+        "--max-work",
+        type=positive(int),
+        default=None,
+        help="cap on one request's tokens scored: prompt and generated positions of all its sequences, "
+        "plus the log-probabilities it returns; a 400 past it (default: 524288, 2**19)",
+    )
+    parser.add_argument(
         "--max-body-bytes", type=positive(int), default=1 << 20, help="cap on a request body (default: 1 MiB)"
     )
     parser.add_argument(
@@ -79,18 +92,81 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--drain-timeout",
         type=float,
         default=30.0,
-        help="seconds running requests get to finish after SIGTERM (default: 30)",
+        help="seconds running requests get to finish after SIGTERM; new ones get 503 meanwhile (default: 30)",
+    )
+    limits = parser.add_argument_group("connections")
+    limits.add_argument(
+        "--max-connections",
+        type=positive(int),
+        default=1024,
+        help="open connections served at once; a connection past them gets 503 for its request "
+        "(default: 1024)",
+    )
+    limits.add_argument(
+        "--timeout-keep-alive",
+        type=positive(float),
+        default=5.0,
+        help="seconds an idle connection is kept between requests (default: 5)",
+    )
+    limits.add_argument(
+        "--timeout-header",
+        type=positive(float),
+        default=10.0,
+        help="seconds a request line and its headers may take to arrive, from the connection's opening "
+        "(or a later request's first byte); then the connection is closed (default: 10)",
+    )
+    limits.add_argument(
+        "--timeout-body",
+        type=positive(float),
+        default=30.0,
+        help="seconds a request body may take to arrive after its headers; then 408 and the connection "
+        "is closed (default: 30)",
+    )
+    limits.add_argument(
+        "--stall-timeout",
+        type=positive(float),
+        default=60.0,
+        help='/health answers 503 "stalled" when the engine has made no step for this many seconds '
+        "while work waits (default: 60; above the longest step: one --prefill-chunk of the model)",
     )
     parser.set_defaults(func=run_serve)
 
 
+class _Stopped(BaseException):
+    """SIGTERM or SIGINT came before the server was made: the command ends with 0."""
+
+
+class _Signals:
+    """The handler of SIGTERM and SIGINT from the command's first line: until the server exists,
+    stop starting; from then on, what uvicorn's own handler does (drain and stop)."""
+
+    def __init__(self) -> None:
+        self.server: Any = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.server is None:
+            raise _Stopped
+        self.server.handle_exit(signum, frame)
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    import os
-
+    signals = _Signals()
+    previous = {stop: signal.signal(stop, signals) for stop in (signal.SIGTERM, signal.SIGINT)}
     try:
-        import uvicorn
+        return _serve(args, signals)
+    except _Stopped:
+        return 0
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
-        from neoxja.serving.app import ServerConfig, create_app
+
+def _serve(args: argparse.Namespace, signals: _Signals) -> int:
+    try:
+        from neoxja.serving.app import ServerConfig, check_api_key, create_app
+        from neoxja.serving.connections import ConnectionLimits
+        from neoxja.serving.process import HTTPServer, listen, raise_file_limit
+        from neoxja.serving.protocol import DEFAULT_MAX_WORK
     except ImportError as err:
         raise ValueError(
             f'neoxja serve needs the server extra: pip install "neoxja[server]" ({err})'
@@ -114,9 +190,16 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--chat-template {args.chat_template}: {err}") from None
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    api_key = args.api_key
+    if api_key is not None:
+        check_api_key(api_key, "--api-key")
+    elif "NEOXJA_API_KEY" in os.environ:
+        api_key = os.environ["NEOXJA_API_KEY"]
+        check_api_key(api_key, "$NEOXJA_API_KEY")
+    listeners = listen(args.host, args.port)  # a port in use is an error here, not after the model loads
     config = ServerConfig(
         served_model_name=args.served_model_name or str(args.model),
-        api_key=args.api_key or os.environ.get("NEOXJA_API_KEY") or None,
+        api_key=api_key,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_model_len=args.max_model_len,
@@ -125,40 +208,32 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_n=args.max_n,
         chat_template=template,
+        max_work=DEFAULT_MAX_WORK if args.max_work is None else args.max_work,
+        timeout_body=args.timeout_body,
+        stall_timeout=args.stall_timeout,
+    )
+    limits = ConnectionLimits(
+        max_connections=args.max_connections,
+        timeout_keep_alive=args.timeout_keep_alive,
+        timeout_header=args.timeout_header,
+        timeout_body=args.timeout_body,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(lambda: load(args), config)
-    server = _draining_server()(
-        uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level="warning",
-            timeout_graceful_shutdown=args.drain_timeout,
+    logger.info("starting (pid %d): loading %s", os.getpid(), args.model)
+    needed, files = raise_file_limit(args.max_connections)
+    if files < needed:
+        logger.warning(
+            "the limit on open files is %d, below the %d that --max-connections %d calls for: past it, "
+            "new connections wait unaccepted (raise it with ulimit -n, or lower --max-connections)",
+            files,
+            needed,
+            args.max_connections,
         )
-    )
-    # uvicorn re-raises the signal that stopped it once it has shut down; a handler that ignores it
-    # lets the drained process exit with 0 instead of dying by SIGTERM.
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, lambda *_: None)
+    app = create_app(lambda: load(args), config)
+    server = HTTPServer(app, listeners, limits, args.drain_timeout)
     app.state.server.on_failure = lambda: setattr(server, "should_exit", True)
+    signals.server = server  # uvicorn replaces the handler while it runs, then restores it
     server.run()
     if app.state.server.failure is not None:
         raise ValueError(f"could not load the model: {app.state.server.failure}")
     return 0
-
-
-def _draining_server() -> type:
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        """uvicorn, plus: on SIGTERM/SIGINT the app answers 503 to new requests at once."""
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            state = getattr(self.config.app, "state", None)
-            server = getattr(state, "server", None)
-            if server is not None:
-                server.drain()
-            super().handle_exit(sig, frame)
-
-    return DrainingServer
