@@ -119,7 +119,7 @@ def test_lora_with_merge_and_resume(model_dir: Path, corpus_dir: Path, tmp_path:
     "content, message",
     [
         (b'{"text": "ok"}\n{"prompt": "q"}\n', r"bad\.jsonl:2: a prompt/completion record needs completion"),
-        (b'{"text": "ok"}\nnot json\n', r"bad\.jsonl:2: not a JSON line"),
+        (b'{"text": "ok"}\nnot json\n', r"bad\.jsonl:2: not valid JSON"),
         (b'{"text": "\xff"}\n', r"bad\.jsonl:1: not UTF-8 text"),
     ],
 )
