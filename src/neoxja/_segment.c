@@ -182,6 +182,10 @@ id_arg(PyObject *value, const char *what, int32_t *out)
             PyErr_Clear();
             PyErr_Format(PyExc_ValueError, "%s: id is outside 0..%ld", what, (long)INT32_MAX);
         }
+        else if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: an id must be an int, got %.100s", what, Py_TYPE(value)->tp_name);
+        }
         return -1;
     }
     if (v < 0 || v > INT32_MAX) {
@@ -256,7 +260,7 @@ build_tables(Segmenter *s, PyObject *vocab, PyObject *kigou, PyObject *u2000, Py
         }
     }
     if (max_id == INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "ids must be below 2**31 - 1");
+        PyErr_SetString(PyExc_ValueError, "ids (vocab, kigou_id, u2000_id, byte_ids) must be below 2**31 - 1");
         goto done;
     }
     s->bmp = PyMem_Calloc(0x10000, sizeof(uint32_t));
