@@ -263,6 +263,27 @@ async def read_json(request: Request, limit: int, timeout: float) -> Any:
         raise APIError(400, str(err)) from None
 
 
+class _Authenticate:
+    """ASGI middleware: a 401 for a request without ``Authorization: Bearer KEY`` (compared in constant
+    time), except on :data:`OPEN_PATHS`. (A plain ASGI layer: Starlette's ``BaseHTTPMiddleware``
+    would pass every chunk of every stream through a task and a memory channel.)"""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token, self.key):
+                error = APIError(
+                    401, "a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key"
+                )
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class _RequestLog:
     """ASGI middleware: one log line and one metrics count per request, when its last byte is sent."""
 
@@ -346,19 +367,6 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServerConfig) -> Fas
         body = APIError(500, f"internal error: {type(err).__name__}", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Any) -> Response:
-        key = config.api_key
-        if key is not None and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
-                error = APIError(
-                    401, "a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key"
-                )
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
-
     @app.get("/health")
     async def health() -> JSONResponse:
         status, body = server.health()
@@ -425,6 +433,8 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServerConfig) -> Fas
         return await generate(server, engine, request, parsed, "chat")
 
     endpoints = frozenset(route.path for route in app.routes)  # metrics label; any other path: "other"
+    if config.api_key is not None:
+        app.add_middleware(_Authenticate, key=config.api_key)
     app.add_middleware(_RequestLog, server=server, endpoints=endpoints)
     return app
 
