@@ -180,6 +180,68 @@ def head_matmul_unsupported(model: Any) -> str | None:
     return None
 
 
+def model_arrays(model: Any, cache: KVCache, max_length: int) -> tuple[tuple, list[tuple], tuple]:
+    """``(dims, layers, globals)``: what ``neoxja._decode.new_model`` takes to step ``model`` over
+    ``cache`` up to ``max_length`` positions (the model's and cache's tensors as numpy views).
+
+    The extension holds these views, with their storage, as long as it lives: a model whose
+    parameters are later given other data (``param.data = ...``, ``.to()``) leaves the step
+    computing with the weights it was built on, never reading freed memory. It checks every
+    array's dtype, layout and size against ``dims``.
+    """
+    config, base = model.config, model.gpt_neox_japanese
+
+    def array(tensor: Tensor | None) -> Any:
+        return None if tensor is None else tensor.detach().numpy()
+
+    layers = []
+    for i, layer in enumerate(base.layers):
+        attention, mlp = layer.attention, layer.mlp
+        tensors = (
+            layer.input_layernorm.weight,
+            layer.input_layernorm.bias,
+            attention.query_key_value.weight,
+            attention.dense.weight,
+            attention.dense_bias,  # None except on the last layer
+            layer.post_attention_layernorm.weight,
+            layer.post_attention_layernorm.bias,
+            mlp.dense_h_to_4h.weight,
+            mlp.dense_4h_to_h.weight,
+            cache.keys[i],
+            cache.values[i],
+        )
+        layers.append(tuple(array(t) for t in tensors))
+
+    rotary = base.rotary_emb
+    half = rotary.rotary_ndims // 2
+    positions = torch.arange(max_length).unsqueeze(0)
+    cos, sin = rotary._half_cos_sin(torch.empty(0), positions)  # the tables the PyTorch step uses
+    if half == 0:  # nothing to rotate: the tables are never read
+        cos = sin = torch.zeros(1)
+    globals_ = (
+        array(base.embed_in.weight),
+        array(model.embed_out.weight),
+        array(base.final_layer_norm.weight),
+        array(base.final_layer_norm.bias),
+        array(cos.float().contiguous()),
+        array(sin.float().contiguous()),
+    )
+    dims = (
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        2 * half,
+        base.layers[0].mlp.dense_h_to_4h.weight.shape[0],
+        ACTIVATIONS[config.hidden_act],
+        cache.batch_size,
+        config.vocab_size,
+        cache.capacity,
+        max_length,
+        float(config.layer_norm_eps),
+    )
+    return dims, layers, globals_
+
+
 def _array(tensor: Tensor | None) -> Any:
     """A CPU tensor as the extension takes it (a numpy view sharing its memory), or None."""
     if tensor is None:
@@ -210,61 +272,7 @@ class FusedDecoder:
             raise ValueError(
                 f"the cache must be float32 on the CPU with room for {max_length} positions, got {cache!r}"
             )
-        base = model.gpt_neox_japanese
-
-        # The extension takes numpy views of the tensors (detached) and holds them, with their
-        # storage, as long as it lives: a model whose parameters are later given other data
-        # (``param.data = ...``, ``.to()``) leaves the step computing with the weights it was built
-        # on, never reading freed memory. It checks every size against the dimensions below.
-        def array(tensor: Tensor | None) -> Any:
-            return None if tensor is None else tensor.detach().numpy()
-
-        layers = []
-        for i, layer in enumerate(base.layers):
-            attention, mlp = layer.attention, layer.mlp
-            tensors = (
-                layer.input_layernorm.weight,
-                layer.input_layernorm.bias,
-                attention.query_key_value.weight,
-                attention.dense.weight,
-                attention.dense_bias,  # None except on the last layer
-                layer.post_attention_layernorm.weight,
-                layer.post_attention_layernorm.bias,
-                mlp.dense_h_to_4h.weight,
-                mlp.dense_4h_to_h.weight,
-                cache.keys[i],
-                cache.values[i],
-            )
-            layers.append(tuple(array(t) for t in tensors))
-
-        rotary = base.rotary_emb
-        half = rotary.rotary_ndims // 2
-        positions = torch.arange(max_length).unsqueeze(0)
-        cos, sin = rotary._half_cos_sin(torch.empty(0), positions)  # the tables the PyTorch step uses
-        if half == 0:  # nothing to rotate: the tables are never read, but need an address
-            cos = sin = torch.zeros(1)
-        globals_ = (
-            array(base.embed_in.weight),
-            array(model.embed_out.weight),
-            array(base.final_layer_norm.weight),
-            array(base.final_layer_norm.bias),
-            array(cos.float().contiguous()),
-            array(sin.float().contiguous()),
-        )
-        intermediate = mlp.dense_h_to_4h.weight.shape[0]
-        dims = (
-            config.num_hidden_layers,
-            config.hidden_size,
-            config.num_attention_heads,
-            2 * half,
-            intermediate,
-            ACTIVATIONS[config.hidden_act],
-            cache.batch_size,
-            config.vocab_size,
-            cache.capacity,
-            max_length,
-            float(config.layer_norm_eps),
-        )
+        dims, layers, globals_ = model_arrays(model, cache, max_length)
         extension = _extension()
         self._handle = extension.new_model(dims, layers, globals_)
         self._run_step = extension.step
