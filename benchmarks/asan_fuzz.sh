@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The C-boundary fuzz tests against AddressSanitizer + UndefinedBehaviorSanitizer builds of the C
+# extensions (not run in CI: a sanitized build is a flag of this script, never left in the checkout).
+#
+#   benchmarks/asan_fuzz.sh [EXAMPLES] [pytest arguments...]
+#
+# Copies the working tree (tracked and new files, no builds) to a temporary directory, compiles the
+# four extensions there with -fsanitize=address,undefined, and runs tests/test_c_boundary_*.py (each
+# fuzz test EXAMPLES times, default 2000; every case in a child process, where a sanitizer report
+# aborts the child and fails the test with the report) and the C decoder's own tests, with the
+# sanitizer runtimes preloaded into Python. The temporary tree is removed afterwards unless
+# KEEP_TREE=1.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+examples=${1:-2000}
+shift || true
+tree=$(mktemp -d /tmp/neoxja-asan.XXXXXX)
+[ "${KEEP_TREE:-0}" = 1 ] || trap 'rm -rf "$tree"' EXIT
+
+(cd "$repo" && git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$tree")
+
+include=$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+suffix=$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+flags=(-shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined
+       -fno-sanitize-recover=undefined -I"$include")
+for ext in _segment _decode _dropout _quant; do
+    extra=()
+    [ "$ext" = _quant ] && extra=(-fopenmp -ffp-contract=off)  # as pyproject.toml builds it
+    gcc "${flags[@]}" "${extra[@]}" "$tree/src/neoxja/$ext.c" -o "$tree/src/neoxja/$ext$suffix"
+done
+
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+# Python and torch keep memory until exit (no leak reports); a report aborts the process.
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1
+# System malloc for Python objects, so that the sanitizer sees overruns of them (pymalloc hides them).
+export PYTHONMALLOC=malloc
+export NEOXJA_FUZZ_EXAMPLES=$examples NEOXJA_FUZZ_CASE_TIMEOUT=300
+export PYTHONPATH="$tree/src"
+
+cd "$tree"
+python - <<'EOF'
+import neoxja._decode, neoxja._dropout, neoxja._quant, neoxja._segment
+for module in (neoxja._decode, neoxja._dropout, neoxja._quant, neoxja._segment):
+    print("sanitized build:", module.__file__)
+EOF
+python -m pytest -q -p no:cacheprovider tests/test_c_boundary_quant.py tests/test_c_boundary_text.py \
+    tests/test_c_boundary_decode.py tests/test_cpu_decode.py tests/test_dropout_attention.py "$@"
