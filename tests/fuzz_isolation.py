@@ -104,7 +104,8 @@ def _run_forked(module: str, function: str, params: dict) -> dict:
         os.close(read_fd)
         _, status = os.waitpid(pid, 0)
         stderr.seek(0)
-        tail = stderr.read()[-4000:].decode("utf-8", "replace")
+        text = stderr.read().decode("utf-8", "replace")
+        tail = text if len(text) <= 6000 else text[:3000] + "\n[...]\n" + text[-3000:]
     data = b"".join(chunks)
     if status != 0 or not data:
         how = (
