@@ -37,7 +37,6 @@ from neoxja.devices import resolve_device
 from neoxja.devices import resolve_dtype as _named_dtype
 from neoxja.hub import HubOptions, file_not_directory, resolve_file
 from neoxja.jsonfile import loads, read_json_object
-from neoxja.saving import save_pretrained  # noqa: F401 - network.py imports it from here (for now)
 from neoxja.tuner.lora import adapter_base, is_adapter_dir, merge_adapter
 
 if TYPE_CHECKING:

@@ -336,7 +336,7 @@ class GPTNeoXJapanesePreTrainedModel(nn.Module):
     ) -> None:
         """Write ``config.json`` and the weights (safetensors by default) that transformers can load;
         ``state_dict`` replaces the model's own (e.g. weights gathered from FSDP shards)."""
-        from neoxja.checkpoint import save_pretrained
+        from neoxja.saving import save_pretrained
 
         save_pretrained(
             self,

@@ -247,7 +247,7 @@ class _Run:
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_s": self.per_step * self.data.input_ids.shape[1] / seconds,
+                "tokens_per_s": self.per_step * self.data.seq_len / seconds,
             }
             if self.step % args.log_every == 0 or self.step == self.total:
                 self._log(record)
