@@ -65,7 +65,17 @@ def _setup(p: dict) -> torch.Generator:
     return torch.Generator().manual_seed(p["seed"])
 
 
-def _weight_4bit(packed, absmax, code, blocksize, out, in_, nested_absmax, nested_code, offset):  # noqa: ANN001, ANN202
+def _weight_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    out: int,
+    in_: int,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: float,
+) -> torch.Tensor:
     """The float64 weight a 4-bit format stands for, computed here from its definition."""
     n = out * in_
     byte = packed.reshape(-1).long()
@@ -195,11 +205,24 @@ def run_op_4bit(p: dict) -> str:
         },
     }.get(defect, {})
     args.update(changed)
+    tables = (
+        args["packed"],
+        args["absmax"],
+        args["code"],
+        args["nested_absmax"],
+        args["nested_code"],
+        offset,
+    )
+    x_in = args["x"].detach().requires_grad_(args["x"].is_floating_point())
     y = torch.ops.neoxja.linear_4bit(
-        args["x"], args["packed"], args["absmax"], args["code"], args["nested_absmax"], args["nested_code"],
-        offset, changed.get("blocksize", blocksize), changed.get("out", out),
-    )  # fmt: skip
-    return _assert_product(y, x, weight)
+        x_in, *tables, changed.get("blocksize", blocksize), changed.get("out", out)
+    )
+    detail = _assert_product(y.detach(), x, weight)
+    if x_in.requires_grad and y.numel():  # the backward (QLoRA's) dequantizes through the same checks
+        grad = torch.ones_like(y)
+        y.backward(grad)
+        _assert_product(x_in.grad, grad.to(x.dtype), weight.T.contiguous())
+    return detail
 
 
 @fuzz(60)
@@ -562,3 +585,29 @@ def run_drop(p: dict) -> str:
 def test_dropout_c_function_refuses_or_drops(workers: Workers, case: dict) -> None:
     result = workers.run("native", MODULE, "run_drop", case)
     check_outcome(result, drop_expected(case), case)
+
+
+def test_the_ops_check_shapes_without_data() -> None:
+    """On meta tensors (what torch.compile traces with) the ops' fake implementations refuse what the
+    real ones refuse, naming the argument, before any kernel could run."""
+    x = torch.empty(2, 64, device="meta")
+    packed = torch.empty(32 * 64 // 2, 1, dtype=torch.uint8, device="meta")
+    absmax, code = torch.empty(32, device="meta"), torch.empty(16, device="meta")
+    linear_4bit = torch.ops.neoxja.linear_4bit
+    assert linear_4bit(x, packed, absmax, code, None, None, 0.0, 64, 32).shape == (2, 32)
+    with pytest.raises(ValueError, match=r"packed holds 1024 values; .*out_features=33"):
+        linear_4bit(x, packed, absmax, code, None, None, 0.0, 64, 33)
+    with pytest.raises(ValueError, match="absmax must be float32 or uint8, got float16"):
+        linear_4bit(x, packed, absmax.half(), code, None, None, 0.0, 64, 32)
+    with pytest.raises(ValueError, match="code holds 8 values"):
+        linear_4bit(x, packed, absmax, code[:8], None, None, 0.0, 64, 32)
+    with pytest.raises(ValueError, match="needs nested_absmax and nested_code"):
+        linear_4bit(x, packed, absmax.to(torch.uint8), code, None, None, 0.0, 64, 32)
+    weight = torch.empty(32, 64, dtype=torch.int8, device="meta")
+    assert torch.ops.neoxja.linear_int8(x, weight, torch.empty(32, device="meta")).shape == (2, 32)
+    with pytest.raises(ValueError, match=r"scb has shape \[31\]"):
+        torch.ops.neoxja.linear_int8(x, weight, torch.empty(31, device="meta"))
+    with pytest.raises(ValueError, match="weight must be bfloat16, got float16"):
+        torch.ops.neoxja.linear_bf16(x, weight.half())
+    with pytest.raises(ValueError, match=r"x has shape \[2, 65\]"):
+        torch.ops.neoxja.linear_bf16(torch.empty(2, 65, device="meta"), weight.bfloat16())

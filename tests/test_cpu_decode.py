@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from xml.etree import ElementTree
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -412,3 +413,38 @@ def test_threads_in_parallel_and_after_fork() -> None:
             assert in_child == decoder.step(torch.tensor([8])).tolist()
     finally:
         torch.set_num_threads(previous)
+
+
+@needs_extension
+def test_two_threads_stepping_one_model_get_what_each_gets_alone() -> None:
+    """A step's rows and buffers become the C model's only under its run lock: two Python threads
+    stepping one model at once, each with its own rows, cache slots and output arrays, get what each
+    gets alone (before, one thread's row count could meet the other's smaller logits buffer)."""
+    from neoxja import _decode
+
+    model = _model("threaded-layers-silu-yarn")
+    cache = KVCache(model.config, 3, 16)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]]), past_key_values=cache)
+    handle = _decode.new_model(*cpu_decode.model_arrays(model, cache, 16))
+    work = {"one row": (np.array([5]), np.array([0])), "two rows": (np.array([6, 7]), np.array([2, 1]))}
+
+    def run(name: str, results: dict) -> None:
+        tokens, slots = work[name]
+        lengths = np.full(len(slots), 3)
+        for _ in range(100):  # the same token at the same place each time: the same logits
+            logits = np.full((len(slots), VOCAB), np.nan, np.float32)
+            _decode.step_slots(handle, len(slots), tokens, slots, lengths, logits, None, 2)
+            results.setdefault(name, []).append(logits)
+
+    alone: dict = {}
+    for name in work:
+        run(name, alone)
+    together: dict = {}
+    threads = [threading.Thread(target=run, args=(name, together)) for name in work]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for name in work:
+        assert all(np.array_equal(logits, alone[name][0]) for logits in alone[name] + together[name]), name

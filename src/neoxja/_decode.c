@@ -37,6 +37,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -589,7 +590,26 @@ static int product(const char *fn, const char *what, int64_t x, int64_t y, int64
     return 0;
 }
 
-static int clamp_threads(int threads) { return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads; }
+static int clamp_threads(long long threads) {
+    return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
+}
+
+/* An int argument (anything with __index__) within [lo, hi]; else a TypeError or ValueError naming it. */
+static int whole(const char *fn, const char *name, PyObject *obj, long long lo, long long hi, long long *out) {
+    *out = PyLong_AsLongLong(obj);
+    if (*out == -1 && PyErr_Occurred()) {
+        int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
+        PyErr_Clear();
+        PyErr_Format(overflow ? PyExc_ValueError : PyExc_TypeError, overflow ? "%s: %s is out of range" :
+                     "%s: %s must be an int, got %.100s", fn, name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    if (*out < lo || *out > hi) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must be in [%lld, %lld], got %lld", fn, name, lo, hi, *out);
+        return -1;
+    }
+    return 0;
+}
 
 /* ----- Python interface ------------------------------------------------------------------------ */
 
@@ -611,9 +631,10 @@ static void matmul_task(void *ctx, int ith, int nth) {
 /* matmul(w, x, y, threads): y [vectors, rows] = x [vectors, cols] @ w [rows, cols]^T, C-contiguous
  * float32 arrays, with the step's kernel and threads (for benchmarks and tests of the kernel alone). */
 static PyObject *matmul_py(PyObject *self, PyObject *args) {
-    PyObject *o_w, *o_x, *o_y;
-    int threads;
-    if (!PyArg_ParseTuple(args, "OOOi:matmul", &o_w, &o_x, &o_y, &threads)) return NULL;
+    PyObject *o_w, *o_x, *o_y, *o_threads;
+    long long threads;
+    if (!PyArg_ParseTuple(args, "OOOO:matmul", &o_w, &o_x, &o_y, &o_threads)) return NULL;
+    if (whole("matmul", "threads", o_threads, LLONG_MIN, LLONG_MAX, &threads)) return NULL;
     Args a = {"matmul"};
     Py_buffer *w, *x, *y;
     if (!(w = arg(&a, "w", o_w, 'f', 4, 0, 0)) || !(x = arg(&a, "x", o_x, 'f', 4, 0, 0)) ||
@@ -633,10 +654,9 @@ static PyObject *matmul_py(PyObject *self, PyObject *args) {
         goto fail;
     }
     MatmulTask task = {w->buf, x->buf, y->buf, w->shape[0], w->shape[1], (int)x->shape[0]};
-    threads = clamp_threads(threads);
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&pool.run_lock);
-    run_parallel(matmul_task, &task, threads);
+    run_parallel(matmul_task, &task, clamp_threads(threads));
     pthread_mutex_unlock(&pool.run_lock);
     Py_END_ALLOW_THREADS
     release(&a);
@@ -688,13 +708,31 @@ static float *model_array(Model *m, int layer, const char *name, PyObject *obj, 
 }
 
 static PyObject *new_model(PyObject *self, PyObject *args) {
-    int layers, hidden, heads, rot, inter, act, batch;
-    long long vocab, capacity, table_len;
-    float eps;
-    PyObject *layer_list, *globals;
-    if (!PyArg_ParseTuple(args, "(iiiiiiiLLLf)O!O!:new_model", &layers, &hidden, &heads, &rot, &inter, &act, &batch,
-                          &vocab, &capacity, &table_len, &eps, &PyList_Type, &layer_list, &PyTuple_Type, &globals))
+    PyObject *o_dims, *layer_list, *globals;
+    if (!PyArg_ParseTuple(args, "O!O!O!:new_model", &PyTuple_Type, &o_dims, &PyList_Type, &layer_list, &PyTuple_Type,
+                          &globals))
         return NULL;
+    static const char *const DIM_NAMES[10] = {"layers", "hidden", "heads", "rotary_ndims", "intermediate",
+                                              "activation", "max_batch", "vocab", "cache_capacity",
+                                              "rope_table_length"};
+    if (PyTuple_GET_SIZE(o_dims) != 11) {
+        PyErr_SetString(PyExc_ValueError, "new_model: dims must hold 10 ints and the layer norm's eps");
+        return NULL;
+    }
+    long long dim[10];
+    for (int i = 0; i < 10; i++) /* the first seven are C ints; all are checked against each other below */
+        if (whole("new_model", DIM_NAMES[i], PyTuple_GET_ITEM(o_dims, i), 0, i < 7 ? INT32_MAX : LLONG_MAX, &dim[i]))
+            return NULL;
+    double eps_value = PyFloat_AsDouble(PyTuple_GET_ITEM(o_dims, 10));
+    if (eps_value == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError, "new_model: layer_norm_eps must be a float");
+        return NULL;
+    }
+    int layers = (int)dim[0], hidden = (int)dim[1], heads = (int)dim[2], rot = (int)dim[3], inter = (int)dim[4];
+    int act = (int)dim[5], batch = (int)dim[6];
+    long long vocab = dim[7], capacity = dim[8], table_len = dim[9];
+    float eps = (float)eps_value;
     if (layers <= 0 || hidden <= 0 || heads <= 0 || hidden % heads || rot < 0 || rot % 2 ||
         rot > hidden / heads || inter <= 0 || batch <= 0 || vocab <= 0 || capacity <= 0 || table_len <= 0 ||
         act < 0 || act > ACT_SILU) {
@@ -776,8 +814,8 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
 
 /* Runs the step of `call` on up to `threads` threads, without the GIL; the step's fields are set
  * into the model only once this call holds the run lock. */
-static PyObject *launch(Model *m, const Call *call, int threads) {
-    threads = clamp_threads(threads);
+static PyObject *launch(Model *m, const Call *call, long long nth) {
+    int threads = clamp_threads(nth);
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&pool.run_lock);
     m->rows = call->rows, m->token = call->token, m->row = call->row, m->at = call->at, m->pos = call->pos;
@@ -801,25 +839,28 @@ static PyObject *launch(Model *m, const Call *call, int threads) {
 
 /* The model of a capsule, and the output arrays every step writes: logits (C-contiguous float32,
  * at least rows x vocab) and argmax (None, or int64 1-d of `rows`, any stride). */
-static Model *step_outputs(Args *a, PyObject *capsule, int rows, PyObject *o_logits, PyObject *o_argmax, Call *call) {
+static Model *step_outputs(Args *a, PyObject *capsule, PyObject *o_rows, PyObject *o_logits, PyObject *o_argmax,
+                           Call *call) {
     if (!PyCapsule_IsValid(capsule, "neoxja._decode.Model")) {
         PyErr_Format(PyExc_TypeError, "%s: model must be a decoder made by new_model, got %.100s", a->fn,
                      Py_TYPE(capsule)->tp_name);
         return NULL;
     }
     Model *m = PyCapsule_GetPointer(capsule, "neoxja._decode.Model");
+    long long rows;
+    if (whole(a->fn, "rows", o_rows, LLONG_MIN, LLONG_MAX, &rows)) return NULL;
     if (rows <= 0 || rows > m->batch) {
-        PyErr_Format(PyExc_ValueError, "%s: rows: %d rows, but the decoder was built for 1..%d", a->fn, rows, m->batch);
+        PyErr_Format(PyExc_ValueError, "%s: rows: %lld rows, but the decoder was built for 1..%d", a->fn, rows, m->batch);
         return NULL;
     }
     Py_buffer *logits = arg(a, "logits", o_logits, 'f', 4, 1, 0);
     if (!logits) return NULL;
     if (items(logits) < rows * m->vocab) {
-        PyErr_Format(PyExc_ValueError, "%s: logits holds %lld values, %d rows need %lld", a->fn,
+        PyErr_Format(PyExc_ValueError, "%s: logits holds %lld values, %lld rows need %lld", a->fn,
                      (long long)items(logits), rows, (long long)(rows * m->vocab));
         return NULL;
     }
-    call->rows = rows;
+    call->rows = (int)rows;
     call->logits = logits->buf;
     if (o_argmax != Py_None) {
         Py_buffer *argmax = arg(a, "argmax", o_argmax, 'i', 8, 1, 1);
@@ -831,19 +872,23 @@ static Model *step_outputs(Args *a, PyObject *capsule, int rows, PyObject *o_log
 
 /* step(model, rows, t, tokens, positions, position_delta, mask, logits, argmax, threads). */
 static PyObject *step(PyObject *self, PyObject *args) {
-    PyObject *capsule, *o_tokens, *o_positions, *o_mask, *o_logits, *o_argmax;
-    int rows, threads;
-    long long t, position_delta;
-    if (!PyArg_ParseTuple(args, "OiLOOLOOOi:step", &capsule, &rows, &t, &o_tokens, &o_positions, &position_delta,
-                          &o_mask, &o_logits, &o_argmax, &threads))
+    PyObject *capsule, *o_rows, *o_t, *o_tokens, *o_positions, *o_delta, *o_mask, *o_logits, *o_argmax, *o_threads;
+    long long t, position_delta, threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOO:step", &capsule, &o_rows, &o_t, &o_tokens, &o_positions, &o_delta, &o_mask,
+                          &o_logits, &o_argmax, &o_threads))
+        return NULL;
+    if (whole("step", "t", o_t, LLONG_MIN, LLONG_MAX, &t) ||
+        whole("step", "position_delta", o_delta, LLONG_MIN, LLONG_MAX, &position_delta) ||
+        whole("step", "threads", o_threads, LLONG_MIN, LLONG_MAX, &threads))
         return NULL;
     Args a = {"step"};
     Call call = {0};
     int64_t *copy = NULL, token_stride, position_stride = 0;
     Py_buffer *tokens, *positions = NULL;
     PyObject *result = NULL;
-    Model *m = step_outputs(&a, capsule, rows, o_logits, o_argmax, &call);
+    Model *m = step_outputs(&a, capsule, o_rows, o_logits, o_argmax, &call);
     if (!m) goto done;
+    int rows = call.rows;
     if (t < 0 || t >= m->capacity) {
         PyErr_Format(PyExc_ValueError, "step: t: cache position %lld outside the cache's capacity %lld", t,
                      (long long)m->capacity);
@@ -904,18 +949,20 @@ done:
  * first lengths[b] positions are filled, and its token goes at position lengths[b] (also its RoPE
  * position). Rows are independent: each row's numbers are those of a batch of one. */
 static PyObject *step_slots(PyObject *self, PyObject *args) {
-    PyObject *capsule, *o_tokens, *o_slots, *o_lengths, *o_logits, *o_argmax;
-    int rows, threads;
-    if (!PyArg_ParseTuple(args, "OiOOOOOi:step_slots", &capsule, &rows, &o_tokens, &o_slots, &o_lengths, &o_logits,
-                          &o_argmax, &threads))
+    PyObject *capsule, *o_rows, *o_tokens, *o_slots, *o_lengths, *o_logits, *o_argmax, *o_threads;
+    long long threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO:step_slots", &capsule, &o_rows, &o_tokens, &o_slots, &o_lengths, &o_logits,
+                          &o_argmax, &o_threads))
         return NULL;
+    if (whole("step_slots", "threads", o_threads, LLONG_MIN, LLONG_MAX, &threads)) return NULL;
     Args a = {"step_slots"};
     Call call = {0};
     int64_t *copy = NULL, strides[3];
     Py_buffer *in[3];
     PyObject *result = NULL;
-    Model *m = step_outputs(&a, capsule, rows, o_logits, o_argmax, &call);
+    Model *m = step_outputs(&a, capsule, o_rows, o_logits, o_argmax, &call);
     if (!m) goto done;
+    int rows = call.rows;
     const char *names[3] = {"tokens", "slots", "lengths"};
     PyObject *objs[3] = {o_tokens, o_slots, o_lengths};
     for (int i = 0; i < 3; i++)

@@ -82,14 +82,25 @@ static int bounded(PyObject *obj, const char *name, unsigned long long limit, ui
 /* drop(x, k1, k2, threshold, scale, threads): x is a writable C-contiguous float32 or float64 array
  * (buffer protocol) of at most 2**32 - 1 elements, checked before it is touched. */
 static PyObject *drop(PyObject *self, PyObject *args) {
-    PyObject *o_x, *o_k1, *o_k2, *o_threshold;
+    PyObject *o_x, *o_k1, *o_k2, *o_threshold, *o_scale, *o_threads;
     uint32_t k1, k2, threshold;
-    int threads;
-    double scale;
-    if (!PyArg_ParseTuple(args, "OOOOdi:drop", &o_x, &o_k1, &o_k2, &o_threshold, &scale, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOO:drop", &o_x, &o_k1, &o_k2, &o_threshold, &o_scale, &o_threads)) return NULL;
     if (bounded(o_k1, "k1", UINT32_MAX, &k1) || bounded(o_k2, "k2", UINT32_MAX, &k2) ||
         bounded(o_threshold, "threshold", 1UL << 24, &threshold))
         return NULL;
+    double scale = PyFloat_AsDouble(o_scale);
+    if (scale == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return PyErr_Format(PyExc_TypeError, "drop: scale must be a float, got %.100s", Py_TYPE(o_scale)->tp_name);
+    }
+    long long threads = PyLong_AsLongLong(o_threads);
+    if (threads == -1 && PyErr_Occurred()) {
+        int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
+        PyErr_Clear();
+        return PyErr_Format(overflow ? PyExc_ValueError : PyExc_TypeError,
+                            overflow ? "drop: threads is out of range" : "drop: threads must be an int, got %.100s",
+                            Py_TYPE(o_threads)->tp_name);
+    }
     if (!PyObject_CheckBuffer(o_x))
         return PyErr_Format(PyExc_TypeError, "drop: x must be an array with the buffer protocol, got %.100s",
                             Py_TYPE(o_x)->tp_name);

@@ -489,8 +489,33 @@ static int positive(Args *a, const char *name, long long value) {
     return -1;
 }
 
-static int clamp_threads(int threads) {
-    return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+static int clamp_threads(long long threads) {
+    return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
+}
+
+/* An int argument (anything with __index__); else a TypeError or ValueError naming it. */
+static int whole(Args *a, const char *name, PyObject *obj, long long *out) {
+    *out = PyLong_AsLongLong(obj);
+    if (*out == -1 && PyErr_Occurred()) {
+        int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
+        PyErr_Clear();
+        PyErr_Format(overflow ? PyExc_ValueError : PyExc_TypeError, overflow ? "%s: %s is out of range" :
+                     "%s: %s must be an int, got %.100s", a->fn, name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+/* A float argument (a float, or anything with __float__ or __index__); else a TypeError naming it. */
+static int real(Args *a, const char *name, PyObject *obj, float *out) {
+    double value = PyFloat_AsDouble(obj);
+    if (value == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: %s must be a float, got %.100s", a->fn, name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = (float)value;
+    return 0;
 }
 
 /* The scale tables of a 4-bit weight of `blocks` blocks into q: a float32 absmax, or (double
@@ -520,19 +545,23 @@ static int scale_tables(Args *a, Q4 *q, int64_t blocks, PyObject *absmax, PyObje
  *             blocksize, y, threads): y [rows, out] = x [rows, in] @ W.T; absmax or qabsmax is None. */
 static PyObject *linear_4bit(PyObject *self, PyObject *args) {
     PyObject *o_x, *o_w, *o_code, *o_absmax, *o_qabsmax, *o_nabs, *o_ncode, *o_y;
-    int rows, threads;
-    long long in, out, blocksize;
+    PyObject *o_rows, *o_in, *o_out, *o_offset, *o_blocksize, *o_threads;
+    long long rows, in, out, blocksize, threads;
     float offset;
-    if (!PyArg_ParseTuple(args, "OiLLOOOOOOfLOi:linear_4bit", &o_x, &rows, &in, &out, &o_w, &o_code, &o_absmax,
-                          &o_qabsmax, &o_nabs, &o_ncode, &offset, &blocksize, &o_y, &threads))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOO:linear_4bit", &o_x, &o_rows, &o_in, &o_out, &o_w, &o_code, &o_absmax,
+                          &o_qabsmax, &o_nabs, &o_ncode, &o_offset, &o_blocksize, &o_y, &o_threads))
         return NULL;
     Args a = {"linear_4bit"};
-    Q4 q = {.rows = rows, .in = in, .out = out, .offset = offset, .blocksize = blocksize};
-    int64_t x_count, y_count, weights;
+    if (whole(&a, "rows", o_rows, &rows) || whole(&a, "in_features", o_in, &in) ||
+        whole(&a, "out_features", o_out, &out) || real(&a, "offset", o_offset, &offset) ||
+        whole(&a, "blocksize", o_blocksize, &blocksize) || whole(&a, "threads", o_threads, &threads))
+        return NULL;
     if (rows < 1 || rows > MAX_ROWS) {
-        PyErr_Format(PyExc_ValueError, "linear_4bit: rows must be 1..%d, got %d", MAX_ROWS, rows);
+        PyErr_Format(PyExc_ValueError, "linear_4bit: rows must be 1..%d, got %lld", MAX_ROWS, rows);
         return NULL;
     }
+    Q4 q = {.rows = (int)rows, .in = in, .out = out, .offset = offset, .blocksize = blocksize};
+    int64_t x_count, y_count, weights;
     if (positive(&a, "in_features", in) || positive(&a, "out_features", out)) return NULL;
     if (blocksize < 32 || blocksize % 32 || in % blocksize) {
         PyErr_Format(PyExc_ValueError,
@@ -550,7 +579,7 @@ static PyObject *linear_4bit(PyObject *self, PyObject *args) {
         release(&a);
         return NULL;
     }
-    threads = clamp_threads(threads);
+    int nth = clamp_threads(threads);
     q.wide = kernel == AVX512 && in % 128 == 0;
     float *split = NULL;
     if (kernel >= AVX2) {
@@ -568,7 +597,7 @@ static PyObject *linear_4bit(PyObject *self, PyObject *args) {
         }
         q.x = split;
     }
-    split_rows(out, threads, q4_task, &q);
+    split_rows(out, nth, q4_task, &q);
     Py_END_ALLOW_THREADS
     free(split);
     release(&a);
@@ -580,13 +609,18 @@ static PyObject *linear_4bit(PyObject *self, PyObject *args) {
  * [out, in] into y [count, in]. */
 static PyObject *dequantize_4bit(PyObject *self, PyObject *args) {
     PyObject *o_w, *o_code, *o_absmax, *o_qabsmax, *o_nabs, *o_ncode, *o_y;
-    int threads;
-    long long first, count, out, in, blocksize;
+    PyObject *o_first, *o_count, *o_out, *o_in, *o_offset, *o_blocksize, *o_threads;
+    long long first, count, out, in, blocksize, threads;
     float offset;
-    if (!PyArg_ParseTuple(args, "LLLLOOOOOOfLOi:dequantize_4bit", &first, &count, &out, &in, &o_w, &o_code,
-                          &o_absmax, &o_qabsmax, &o_nabs, &o_ncode, &offset, &blocksize, &o_y, &threads))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOO:dequantize_4bit", &o_first, &o_count, &o_out, &o_in, &o_w, &o_code,
+                          &o_absmax, &o_qabsmax, &o_nabs, &o_ncode, &o_offset, &o_blocksize, &o_y, &o_threads))
         return NULL;
     Args a = {"dequantize_4bit"};
+    if (whole(&a, "first_row", o_first, &first) || whole(&a, "count", o_count, &count) ||
+        whole(&a, "out_features", o_out, &out) || whole(&a, "in_features", o_in, &in) ||
+        real(&a, "offset", o_offset, &offset) || whole(&a, "blocksize", o_blocksize, &blocksize) ||
+        whole(&a, "threads", o_threads, &threads))
+        return NULL;
     int64_t weights, y_count;
     if (positive(&a, "in_features", in) || positive(&a, "out_features", out)) return NULL;
     if (first < 0 || count < 0 || first > out - count) {
@@ -609,9 +643,8 @@ static PyObject *dequantize_4bit(PyObject *self, PyObject *args) {
         release(&a);
         return NULL;
     }
-    threads = clamp_threads(threads);
     Py_BEGIN_ALLOW_THREADS
-    split_rows(count, threads, dequant_task, &q);
+    split_rows(count, clamp_threads(threads), dequant_task, &q);
     Py_END_ALLOW_THREADS
     release(&a);
     Py_RETURN_NONE;
@@ -620,15 +653,18 @@ static PyObject *dequantize_4bit(PyObject *self, PyObject *args) {
 /* linear_dense(x, rows, in, out, w, scale, y, threads): y [rows, out] = x [rows, in] @ W.T for int8
  * rows W times a float32 scale per row, or (scale None) bfloat16 W given as 16-bit integers. */
 static PyObject *linear_dense(PyObject *self, PyObject *args) {
-    PyObject *o_x, *o_w, *o_scale, *o_y;
-    int rows, threads;
-    long long in, out;
-    if (!PyArg_ParseTuple(args, "OiLLOOOi:linear_dense", &o_x, &rows, &in, &out, &o_w, &o_scale, &o_y, &threads))
+    PyObject *o_x, *o_w, *o_scale, *o_y, *o_rows, *o_in, *o_out, *o_threads;
+    long long rows, in, out, threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO:linear_dense", &o_x, &o_rows, &o_in, &o_out, &o_w, &o_scale, &o_y,
+                          &o_threads))
         return NULL;
     Args a = {"linear_dense"};
+    if (whole(&a, "rows", o_rows, &rows) || whole(&a, "in_features", o_in, &in) ||
+        whole(&a, "out_features", o_out, &out) || whole(&a, "threads", o_threads, &threads))
+        return NULL;
     int64_t x_count, y_count, weights;
     if (rows < 1 || rows > MAX_ROWS) {
-        PyErr_Format(PyExc_ValueError, "linear_dense: rows must be 1..%d, got %d", MAX_ROWS, rows);
+        PyErr_Format(PyExc_ValueError, "linear_dense: rows must be 1..%d, got %lld", MAX_ROWS, rows);
         return NULL;
     }
     if (positive(&a, "in_features", in) || positive(&a, "out_features", out) ||
@@ -636,7 +672,7 @@ static PyObject *linear_dense(PyObject *self, PyObject *args) {
         product(&a, "out_features * in_features", out, in, &weights))
         return NULL;
     int int8 = o_scale != Py_None; /* else bfloat16 */
-    Dense d = {.rows = rows, .in = in, .out = out};
+    Dense d = {.rows = (int)rows, .in = in, .out = out};
     if (!(d.x = array(&a, o_x, "x", 'f', 4, x_count, 0)) ||
         !(d.w = int8 ? array(&a, o_w, "w", 'i', 1, weights, 0) : array(&a, o_w, "w", 'x', 2, weights, 0)) ||
         (int8 && !(d.scale = array(&a, o_scale, "scale", 'f', 4, out, 0))) ||
@@ -644,9 +680,8 @@ static PyObject *linear_dense(PyObject *self, PyObject *args) {
         release(&a);
         return NULL;
     }
-    threads = clamp_threads(threads);
     Py_BEGIN_ALLOW_THREADS
-    split_rows(out, threads, dense_task, &d);
+    split_rows(out, clamp_threads(threads), dense_task, &d);
     Py_END_ALLOW_THREADS
     release(&a);
     Py_RETURN_NONE;
