@@ -67,9 +67,12 @@ STEP_DEFECTS = {
     "rows_zero": {"rows"},
     "rows_beyond": {"rows"},
     "model_not_capsule": {"model"},
+    "rows_float": {"rows"},
+    "threads_text": {"threads"},
 }
 POSITIONAL_DEFECTS = {
     "t_negative": {"t"},
+    "t_float": {"t"},
     "t_capacity": {"t"},
     "positions_beyond_table": {"positions"},
     "positions_overflow": {"positions"},
@@ -284,7 +287,7 @@ def run_decode(p: dict) -> str:
     lengths = torch.randint(0, min(capacity - 1, p["max_length"] - 1) + 1, (rows,), generator=g)
     args = {"model": decoder, "rows": rows, "t": t, "tokens": tokens.numpy(), "logits": logits.numpy(),
             "argmax": None if argmax is None else argmax.numpy(), "positions": None, "mask": None,
-            "slots": slots.numpy(), "lengths": lengths.numpy()}  # fmt: skip
+            "slots": slots.numpy(), "lengths": lengths.numpy(), "threads": p["threads"]}  # fmt: skip
     if p["mode"] == "step" and p["positions"]:
         args["positions"] = positions[:rows].numpy()
     if p["mode"] == "step" and p["mask"]:
@@ -305,6 +308,9 @@ def run_decode(p: dict) -> str:
         "rows_zero": {"rows": 0},
         "rows_beyond": {"rows": batch + 1},
         "model_not_capsule": {"model": object()},
+        "rows_float": {"rows": float(rows)},
+        "threads_text": {"threads": "2"},
+        "t_float": {"t": float(t)},
         "t_negative": {"t": -1},
         "t_capacity": {"t": capacity},
         "positions_beyond_table": {"positions": np.full(rows, p["max_length"] + delta)},
@@ -326,7 +332,7 @@ def run_decode(p: dict) -> str:
     a = args
     if p["mode"] == "step":
         where = (a["tokens"], a["positions"], delta, a["mask"])
-        _decode.step(a["model"], a["rows"], a["t"], *where, a["logits"], a["argmax"], p["threads"])
+        _decode.step(a["model"], a["rows"], a["t"], *where, a["logits"], a["argmax"], a["threads"])
         expected = []
         for b in range(rows):
             ids = torch.cat([prefix[b, :t], tokens[b : b + 1]])[None]
@@ -338,7 +344,7 @@ def run_decode(p: dict) -> str:
                 expected.append(model(ids, attention_mask=keep, position_ids=pos[None]).logits[0, -1])
     else:
         where = (a["tokens"], a["slots"], a["lengths"])
-        _decode.step_slots(a["model"], a["rows"], *where, a["logits"], a["argmax"], p["threads"])
+        _decode.step_slots(a["model"], a["rows"], *where, a["logits"], a["argmax"], a["threads"])
         expected = []
         for b in range(rows):
             ids = torch.cat([prefix[slots[b], : lengths[b]], tokens[b : b + 1]])[None]

@@ -321,11 +321,37 @@ DIM_DEFECTS = {
     "in_huge": {"in_features", "out_features", "w", "x"},
     "first_negative": {"rows"},
     "count_beyond": {"rows"},
+    "in_float": {"in_features"},
+    "blocksize_none": {"blocksize"},
+    "threads_huge": {"threads"},
+    "offset_text": {"offset"},
 }
 DIM_DEFECTS_OF = {
-    "linear_4bit": {"rows_zero", "rows_nine", "blocksize_odd", "in_zero", "out_zero", "in_huge"},
-    "dequantize_4bit": {"blocksize_odd", "in_zero", "out_zero", "in_huge", "first_negative", "count_beyond"},
-    "linear_dense": {"rows_zero", "rows_nine", "in_zero", "out_zero", "in_huge"},
+    "linear_4bit": {
+        "rows_zero",
+        "rows_nine",
+        "blocksize_odd",
+        "in_zero",
+        "out_zero",
+        "in_huge",
+        "in_float",
+        "blocksize_none",
+        "threads_huge",
+        "offset_text",
+    },
+    "dequantize_4bit": {
+        "blocksize_odd",
+        "in_zero",
+        "out_zero",
+        "in_huge",
+        "first_negative",
+        "count_beyond",
+        "in_float",
+        "blocksize_none",
+        "threads_huge",
+        "offset_text",
+    },
+    "linear_dense": {"rows_zero", "rows_nine", "in_zero", "out_zero", "in_huge", "in_float", "threads_huge"},
 }
 DIM_DEFECTS_OF["linear_dense_bf16"] = DIM_DEFECTS_OF["linear_dense"]
 
@@ -464,13 +490,16 @@ def run_c_quant(p: dict) -> str:
         scales = t["qabsmax"] if p["nested"] else t["absmax"]
         weight = _weight_4bit(t["w"], scales, t["code"], blocksize, out, in_, t["nested_absmax"],
                               t["nested_code"], offset)  # fmt: skip
-    dims = {"rows": rows, "in": in_, "out": out, "blocksize": blocksize, "first": first, "count": count}
+    dims = {"rows": rows, "in": in_, "out": out, "blocksize": blocksize, "first": first, "count": count,
+            "threads": p["threads"], "offset": offset}  # fmt: skip
     where, kind = p["defect"] or (None, None)
     if where == "dims":
         dims.update({
             "rows_zero": {"rows": 0}, "rows_nine": {"rows": 9}, "blocksize_odd": {"blocksize": blocksize + 1},
             "in_zero": {"in": 0}, "out_zero": {"out": 0}, "in_huge": {"in": 2**62},
             "first_negative": {"first": -1}, "count_beyond": {"count": out - first + 1},
+            "in_float": {"in": float(in_)}, "blocksize_none": {"blocksize": None},
+            "threads_huge": {"threads": 2**70}, "offset_text": {"offset": "0.5"},
         }[kind])  # fmt: skip
     elif kind == "overlap":  # y over the memory of the first input
         source = "x" if arrays["x"] is not None else "code"
@@ -481,21 +510,35 @@ def run_c_quant(p: dict) -> str:
         arrays[where] = _defective(arrays[where], kind)
     a, d = arrays, dims
     if fn == "linear_4bit":
-        tables = (a["absmax"], a["qabsmax"], a["nested_absmax"], a["nested_code"], offset, d["blocksize"])
+        tables = (
+            a["absmax"],
+            a["qabsmax"],
+            a["nested_absmax"],
+            a["nested_code"],
+            d["offset"],
+            d["blocksize"],
+        )
         _quant.linear_4bit(
-            a["x"], d["rows"], d["in"], d["out"], a["w"], a["code"], *tables, a["y"], p["threads"]
+            a["x"], d["rows"], d["in"], d["out"], a["w"], a["code"], *tables, a["y"], d["threads"]
         )
     elif fn == "dequantize_4bit":
-        tables = (a["absmax"], a["qabsmax"], a["nested_absmax"], a["nested_code"], offset, d["blocksize"])
+        tables = (
+            a["absmax"],
+            a["qabsmax"],
+            a["nested_absmax"],
+            a["nested_code"],
+            d["offset"],
+            d["blocksize"],
+        )
         rows_of = (d["first"], d["count"], d["out"], d["in"])
-        _quant.dequantize_4bit(*rows_of, a["w"], a["code"], *tables, a["y"], p["threads"])
+        _quant.dequantize_4bit(*rows_of, a["w"], a["code"], *tables, a["y"], d["threads"])
         y, expected = torch.from_numpy(np.asarray(a["y"])).double(), weight[first : first + count].reshape(-1)
         assert torch.allclose(y, expected, rtol=1e-6, atol=1e-6), (
             "the dequantized rows differ from the format"
         )
         return f"{count} rows"
     else:
-        _quant.linear_dense(a["x"], d["rows"], d["in"], d["out"], a["w"], a["scale"], a["y"], p["threads"])
+        _quant.linear_dense(a["x"], d["rows"], d["in"], d["out"], a["w"], a["scale"], a["y"], d["threads"])
     y = torch.from_numpy(np.asarray(a["y"])).view(rows, out)
     return _assert_product(y, t["x"].view(rows, in_), weight)
 
