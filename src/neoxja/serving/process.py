@@ -35,6 +35,7 @@ logger = logging.getLogger("neoxja.server")
 
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_RETRY = 1.0  # asyncio retries a failed accept after this many seconds
+ACCEPT_BATCH = 64  # connections accepted per turn of the event loop (asyncio's own: the backlog)
 BACKLOG = 2048  # connections the kernel queues before they are accepted (uvicorn's default)
 FINISH_GRACE = 5.0  # seconds for cancelled requests to send their endings, and for 503s in flight
 SPARE_FILES = 64  # descriptors beside the connections: model files, logs, the event loop's own
@@ -49,19 +50,28 @@ class Listener(socket.socket):
         super().__init__(*args, **kwargs)
         self.failed_at = -math.inf  # time.monotonic() of the last failure (asyncio's loop clock)
         self.paused = False  # the server is stopping: accept nothing more
+        self.accepted = 0  # connections accepted in this turn of the event loop
         self.report: Any = None
 
     def accept(self) -> tuple[socket.socket, Any]:
         if self.paused or time.monotonic() < self.failed_at + ACCEPT_RETRY / 2:
             raise BlockingIOError(errno.EAGAIN, "not accepting for now")
+        if self.accepted == ACCEPT_BATCH:  # the rest at the loop's next turn, after the others' events
+            self.accepted = 0
+            raise BlockingIOError(errno.EAGAIN, "the rest at the next turn")
         try:
-            return super().accept()
+            connection = super().accept()
+        except BlockingIOError:
+            self.accepted = 0
+            raise
         except OSError as err:
             if err.errno in OUT_OF_RESOURCES:
                 self.failed_at = time.monotonic()
                 if self.report is not None:
                     self.report(err)
             raise
+        self.accepted += 1
+        return connection
 
 
 def listen(host: str, port: int) -> list[Listener]:
