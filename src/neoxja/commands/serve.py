@@ -11,6 +11,7 @@ the rest are cancelled. Connections are capped and timed out (``--max-connection
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -132,6 +133,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_serve)
 
 
+def _freeze_heap() -> None:
+    """Once the model is loaded: collect, then leave every object alive now (the model, the tokenizer,
+    the modules: some 200,000) out of the garbage collector's later passes. A full pass over them took
+    40 ms on an idle machine and several hundred under load, holding every connection meanwhile
+    (Python's ``gc.freeze``, as long-running servers do)."""
+    gc.collect()
+    gc.freeze()
+
+
 class _Stopped(BaseException):
     """SIGTERM or SIGINT came before the server was made: the command ends with 0."""
 
@@ -232,6 +242,7 @@ def _serve(args: argparse.Namespace, signals: _Signals) -> int:
     app = create_app(lambda: load(args), config)
     server = HTTPServer(app, listeners, limits, args.drain_timeout)
     app.state.server.on_failure = lambda: setattr(server, "should_exit", True)
+    app.state.server.on_ready = _freeze_heap
     signals.server = server  # uvicorn replaces the handler while it runs, then restores it
     server.run()
     if app.state.server.failure is not None:

@@ -112,6 +112,7 @@ class Server:
         self.metrics = Metrics()
         self.failure: str | None = None
         self.on_failure: Callable[[], None] | None = None  # the CLI stops uvicorn: no model, no server
+        self.on_ready: Callable[[], None] | None = None  # called (in the loading thread) once it serves
         self.draining = False
         self.active: set[Collector] = set()  # generation requests being answered
 
@@ -154,6 +155,8 @@ class Server:
                 engine.max_model_len,
                 engine.pool.nbytes / 1e6,
             )
+            if self.on_ready is not None:
+                self.on_ready()
         except Exception as err:  # reported by /health and every request
             self.failure = f"{type(err).__name__}: {err}"
             logger.error("could not load the model: %s", self.failure)
