@@ -35,8 +35,18 @@ stopped at EOS; a stream ends with [DONE]); /metrics back to 0 KV slots used and
 100 requests; the server exits 0 on SIGTERM. The exit status is 1 if a soak check fails (or a neoxja
 server does not exit 0).
 
+Connections (``--connections IDLE,ACTIVE``, instead of the above; the ``tiny`` preset, random weights,
+as the model's speed is not what is measured): one server with ``--max-connections IDLE+ACTIVE+64
+--timeout-header 600 --timeout-keep-alive 600`` (so nothing is timed out meanwhile). First IDLE
+connections that never send a byte: all must be accepted and held (counted in the server's /proc
+fd table) while a client connected before gets 5 completions and /health, asked every 50 ms on its
+own connection, answers within 100 ms; the server's RSS per idle connection is printed. Then ACTIVE
+clients each stream one request at once (``--new`` tokens, greedy, ignore_eos; ``--max-batch 32
+--max-queue 4096``): all must complete, /health again within 100 ms. The exit status is 1 if a check
+fails. The client needs IDLE + ACTIVE descriptors too (``ulimit -n``).
+
     python benchmarks/bench_server.py [--models small,reference] [--new 128] [--levels 1,4,16,32]
-        [--soak/--no-soak] [--soak-requests 2000] [--quick] [--logs DIR]
+        [--soak/--no-soak] [--soak-requests 2000] [--quick] [--logs DIR] [--connections IDLE,ACTIVE]
 """
 
 from __future__ import annotations
@@ -65,7 +75,7 @@ from server_client import (  # noqa: E402
     run_level,
     warm_up,
 )
-from server_soak import soak  # noqa: E402
+from server_soak import hold_active, hold_idle, soak  # noqa: E402
 from train_reference import ASSETS, CORPUS, cache_dir, corpus_files  # noqa: E402
 
 BASELINE_LEVELS = (1, 16)
@@ -74,14 +84,14 @@ BASELINE_LEVELS = (1, 16)
 # ---------------------------------------------------------------------------------------------- models
 
 
-def write_small(path: Path) -> None:
-    """The small preset with random weights (seed 0), float32, and the tokenizer, in ``path``."""
+def write_preset(path: Path, preset: str = "small") -> None:
+    """A preset with random weights (seed 0), float32, and the tokenizer, in ``path``."""
     import torch
 
     import neoxja
 
     torch.manual_seed(0)
-    config = neoxja.GPTNeoXJapaneseConfig.from_preset("small", vocab_size=32000)
+    config = neoxja.GPTNeoXJapaneseConfig.from_preset(preset, vocab_size=32000)
     neoxja.GPTNeoXJapaneseForCausalLM(config).eval().save_pretrained(path)
     neoxja.GPTNeoXJapaneseTokenizer.from_pretrained(ASSETS).save_pretrained(path)
 
@@ -91,7 +101,7 @@ def model_dirs(names: list[str], scratch: Path) -> dict[str, Path]:
     for name in names:
         if name == "small":
             dirs[name] = scratch / "small"
-            write_small(dirs[name])
+            write_preset(dirs[name])
         elif name == "reference":
             path = cache_dir(corpus_files()[0])
             if not path.is_dir():
@@ -226,6 +236,33 @@ def bench_model(
     return code == 0, checks
 
 
+def bench_connections(
+    idle: int, active: int, new: int, prompts: list[str], logs: Path, scratch: Path
+) -> bool:
+    """How many idle and active connections one server holds (see the module); whether all checks pass."""
+    path = scratch / "tiny"
+    write_preset(path, "tiny")
+    flags = (
+        "--max-connections",
+        str(idle + active + 64),
+        "--timeout-header",
+        "600",
+        "--timeout-keep-alive",
+        "600",
+    )
+    with neoxja_server(path, "tiny", logs, flags) as server:
+        server.wait_ready()
+        asyncio.run(warm_up(server.base, "tiny", prompts[-1]))
+        print(f"### connections: neoxja serve {' '.join(flags)} --max-batch {MAX_BATCH} --max-queue 4096\n")
+        checks = asyncio.run(hold_idle(server, "tiny", idle, prompts[0]))
+        checks += asyncio.run(hold_active(server, "tiny", active, prompts, new))
+        code = server.stop()
+    checks.append(("server exits 0 on SIGTERM", code == 0, f"exit status {code}"))
+    print()
+    print_checks(checks)
+    return all(passed for _, passed, _ in checks)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="small,reference", help="comma-separated: small, reference")
@@ -241,6 +278,12 @@ def main() -> None:
         type=Path,
         default=Path(tempfile.gettempdir()) / "bench_server_logs",
         help="where the servers' output goes",
+    )
+    parser.add_argument(
+        "--connections",
+        default=None,
+        metavar="IDLE,ACTIVE",
+        help="instead: how many idle and active connections the server holds (e.g. 8000,1000)",
     )
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--served-model-name", default="model", help=argparse.SUPPRESS)
@@ -261,15 +304,18 @@ def main() -> None:
     ok = True
     started = time.perf_counter()
     try:
-        dirs = model_dirs(args.models.split(","), scratch)
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads (the default, in every "
             f"process), {os.cpu_count()} CPUs; client: httpx + asyncio in one process; "
             f"server logs in {args.logs}\n"
         )
-        for name, path in dirs.items():
-            exited, checks = bench_model(name, path, args, prompts, args.logs, tokenizer, text)
-            ok &= exited and (checks is None or all(passed for _, passed, _ in checks))
+        if args.connections:
+            idle, active = (int(n) for n in args.connections.split(","))
+            ok = bench_connections(idle, active, args.new, prompts, args.logs, scratch)
+        else:
+            for name, path in model_dirs(args.models.split(","), scratch).items():
+                exited, checks = bench_model(name, path, args, prompts, args.logs, tokenizer, text)
+                ok &= exited and (checks is None or all(passed for _, passed, _ in checks))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"total {time.perf_counter() - started:.0f} s")

@@ -91,7 +91,7 @@ class ServerProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def neoxja_server(path: Path, name: str, logs: Path) -> ServerProcess:
+def neoxja_server(path: Path, name: str, logs: Path, extra: tuple[str, ...] = ()) -> ServerProcess:
     port = free_port()
     command = [
         sys.executable,
@@ -112,6 +112,7 @@ def neoxja_server(path: Path, name: str, logs: Path) -> ServerProcess:
         str(MAX_QUEUE),
         "--max-model-len",
         str(MAX_MODEL_LEN),
+        *extra,
     ]
     return ServerProcess(command, port, logs / f"{name}-neoxja.log")
 

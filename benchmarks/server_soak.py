@@ -1,18 +1,21 @@
 """bench_server.py's soak: many clients, random requests, dropped streams and malformed bodies,
-and the checks that the server stayed whole (no 5xx, complete answers, slots freed, RSS flat)."""
+and the checks that the server stayed whole (no 5xx, complete answers, slots freed, RSS flat); and
+how many idle and how many active connections the server holds (``--connections``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import math
+import os
 import random
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
-from server_client import MAX_MODEL_LEN, Answer, ServerProcess, client, stream_request
+from server_client import MAX_MODEL_LEN, Answer, ServerProcess, client, pct, stream_request
 
 SOAK_CLIENTS, SOAK_WARMUP = 32, 100
 MALFORMED = ("temperature", "no-prompt", "max_tokens", "json", "model", "too-long", "empty-prompt")
@@ -250,3 +253,122 @@ async def soak(server: ServerProcess, name: str, count: int, text: str, tokenize
         ),
     ]
     return checks
+
+
+# ----------------------------------------------------------------------------------------- connections
+
+
+def server_sockets(server: ServerProcess) -> int:
+    """The sockets the server process has open (its listener and self-pipe included)."""
+    fds = Path(f"/proc/{server.proc.pid}/fd")
+    return sum(os.readlink(fd).startswith("socket:") for fd in fds.iterdir())
+
+
+async def health_latency(http: httpx.AsyncClient, base: str, stop: asyncio.Event, out: list[float]) -> None:
+    """GET /health every 50 ms on a kept-alive connection until ``stop``: the seconds each took."""
+    while not stop.is_set():
+        start = time.perf_counter()
+        response = await http.get(base + "/health")
+        out.append(time.perf_counter() - start)
+        if response.status_code != 200:
+            raise SystemExit(f"/health answered {response.status_code}: {response.text[:300]}")
+        await asyncio.sleep(0.05)
+
+
+def latency_summary(values: list[float]) -> str:
+    if not values:
+        return "no samples"
+    p50, p99, top = (pct(values, q) * 1e3 for q in (50, 99, 100))
+    return f"{len(values)} samples, p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {top:.1f} ms"
+
+
+async def hold_idle(server: ServerProcess, name: str, count: int, prompt: str) -> list[tuple]:
+    """Open ``count`` connections that never send a byte; check the server accepted and holds them all
+    while a client connected before gets completions and /health answers; (check, passed, detail)."""
+    async with client(2) as http:
+        stop, latencies = asyncio.Event(), []
+        prober = asyncio.create_task(health_latency(http, server.base, stop, latencies))
+        await asyncio.sleep(0.2)  # its connection is open
+        before_rss, before_sockets = server.rss(), server_sockets(server)
+        writers, refused, start = [], 0, time.perf_counter()
+        for first in range(0, count, 256):  # in batches, so that the listen queue does not overflow
+            opened = await asyncio.gather(
+                *(asyncio.open_connection("127.0.0.1", server.port) for _ in range(min(256, count - first))),
+                return_exceptions=True,
+            )
+            writers += [w for r in opened if not isinstance(r, BaseException) for w in r[1:]]
+            refused += sum(isinstance(r, BaseException) for r in opened)
+        opened_in = time.perf_counter() - start
+        deadline = time.perf_counter() + 60
+        while server_sockets(server) - before_sockets < len(writers) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.1)
+        held = server_sockets(server) - before_sockets
+        body = {"model": name, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+        answered = [
+            (await http.post(server.base + "/v1/completions", json=body)).status_code for _ in range(5)
+        ]
+        await asyncio.sleep(1.0)
+        stop.set()
+        await prober
+        rss = server.rss()
+        still = sum(not w.is_closing() for w in writers)
+        for writer in writers:
+            writer.close()
+    per = (rss - before_rss) / max(held, 1)
+    print(
+        f"idle: {count} connections opened in {opened_in:.1f} s ({refused} refused by the kernel), "
+        f"{held} held by the server; RSS {before_rss / 1e6:.0f} MB before, {rss / 1e6:.0f} MB with them "
+        f"({per / 1e3:.1f} kB each); /health meanwhile: {latency_summary(latencies)}; "
+        f"completions on the connection opened before: {answered}"
+    )
+    return [
+        (
+            "every idle connection accepted and held",
+            held >= count and still == len(writers),
+            f"{held} of {count}",
+        ),
+        ("completions answered meanwhile", answered == [200] * 5, str(answered)),
+        (
+            "/health within 100 ms meanwhile",
+            bool(latencies) and max(latencies) < 0.1,
+            latency_summary(latencies),
+        ),
+    ]
+
+
+async def hold_active(
+    server: ServerProcess, name: str, count: int, prompts: list[str], new: int
+) -> list[tuple]:
+    """``count`` clients each stream one request at once (``new`` tokens, greedy, ignore_eos): all must
+    complete while /health answers; (check, passed, detail)."""
+    answers: list[Answer] = []
+    stop, latencies = asyncio.Event(), []
+    rss_peak = [server.rss()]
+
+    async def one(http: httpx.AsyncClient, i: int) -> None:
+        body = {"model": name, "prompt": prompts[i % len(prompts)], "max_tokens": new, "temperature": 0}
+        body.update(ignore_eos=True, stream=True)
+        answers.append((await stream_request(http, server.base + "/v1/completions", body))[0])
+        rss_peak[0] = max(rss_peak[0], server.rss())
+
+    async with client(count) as http, client(2) as probe:
+        prober = asyncio.create_task(health_latency(probe, server.base, stop, latencies))
+        start = time.perf_counter()
+        await asyncio.gather(*(one(http, i) for i in range(count)))
+        seconds = time.perf_counter() - start
+        stop.set()
+        await prober
+    complete = sum(a.status == 200 and a.done and a.tokens == new and not a.error for a in answers)
+    print(
+        f"active: {count} streams of {new} tokens at once: {complete} complete in {seconds:.1f} s "
+        f"({complete * new / seconds:.0f} tok/s); server RSS peak {rss_peak[0] / 1e6:.0f} MB; "
+        f"/health meanwhile: {latency_summary(latencies)}"
+    )
+    return [
+        ("every active stream complete", complete == count, f"{complete} of {count}"),
+        (
+            "/health within 100 ms meanwhile",
+            bool(latencies) and max(latencies) < 0.1,
+            latency_summary(latencies),
+        ),
+    ]
