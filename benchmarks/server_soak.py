@@ -10,6 +10,8 @@ import math
 import os
 import random
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -264,15 +266,33 @@ def server_sockets(server: ServerProcess) -> int:
     return sum(os.readlink(fd).startswith("socket:") for fd in fds.iterdir())
 
 
-async def health_latency(http: httpx.AsyncClient, base: str, stop: asyncio.Event, out: list[float]) -> None:
-    """GET /health every 50 ms on a kept-alive connection until ``stop``: the seconds each took."""
-    while not stop.is_set():
+PROBE = """
+import sys, time, httpx
+with httpx.Client() as http:  # one kept-alive connection
+    while True:
         start = time.perf_counter()
-        response = await http.get(base + "/health")
-        out.append(time.perf_counter() - start)
-        if response.status_code != 200:
-            raise SystemExit(f"/health answered {response.status_code}: {response.text[:300]}")
-        await asyncio.sleep(0.05)
+        status = http.get(sys.argv[1] + "/health", timeout=60).status_code
+        print(status, time.perf_counter() - start, flush=True)
+        time.sleep(0.05)
+"""
+
+
+class HealthProbe:
+    """GET /health every 50 ms from a process of its own (so that this client's own event loop, busy
+    with thousands of connections, does not delay it): the seconds each answer took."""
+
+    def __init__(self, base: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", PROBE, base], stdout=subprocess.PIPE, text=True)
+
+    def ready(self) -> None:
+        self.proc.stdout.readline()  # its connection is open
+
+    def stop(self) -> list[float]:
+        self.proc.terminate()
+        lines = self.proc.communicate()[0].split("\n")
+        if any(line and not line.startswith("200 ") for line in lines):
+            raise SystemExit(f"/health did not answer 200: {[line for line in lines if line][:5]}")
+        return [float(line.split()[1]) for line in lines if line]
 
 
 def latency_summary(values: list[float]) -> str:
@@ -285,10 +305,11 @@ def latency_summary(values: list[float]) -> str:
 async def hold_idle(server: ServerProcess, name: str, count: int, prompt: str) -> list[tuple]:
     """Open ``count`` connections that never send a byte; check the server accepted and holds them all
     while a client connected before gets completions and /health answers; (check, passed, detail)."""
+    body = {"model": name, "prompt": prompt, "max_tokens": 16, "temperature": 0}
     async with client(2) as http:
-        stop, latencies = asyncio.Event(), []
-        prober = asyncio.create_task(health_latency(http, server.base, stop, latencies))
-        await asyncio.sleep(0.2)  # its connection is open
+        await http.post(server.base + "/v1/completions", json=body)  # its connection is open
+        probe = HealthProbe(server.base)
+        probe.ready()
         before_rss, before_sockets = server.rss(), server_sockets(server)
         writers, refused, start = [], 0, time.perf_counter()
         for first in range(0, count, 256):  # in batches, so that the listen queue does not overflow
@@ -303,13 +324,11 @@ async def hold_idle(server: ServerProcess, name: str, count: int, prompt: str) -
         while server_sockets(server) - before_sockets < len(writers) and time.perf_counter() < deadline:
             await asyncio.sleep(0.1)
         held = server_sockets(server) - before_sockets
-        body = {"model": name, "prompt": prompt, "max_tokens": 16, "temperature": 0}
         answered = [
             (await http.post(server.base + "/v1/completions", json=body)).status_code for _ in range(5)
         ]
         await asyncio.sleep(1.0)
-        stop.set()
-        await prober
+        latencies = probe.stop()
         rss = server.rss()
         still = sum(not w.is_closing() for w in writers)
         for writer in writers:
@@ -342,7 +361,6 @@ async def hold_active(
     """``count`` clients each stream one request at once (``new`` tokens, greedy, ignore_eos): all must
     complete while /health answers; (check, passed, detail)."""
     answers: list[Answer] = []
-    stop, latencies = asyncio.Event(), []
     rss_peak = [server.rss()]
 
     async def one(http: httpx.AsyncClient, i: int) -> None:
@@ -351,13 +369,13 @@ async def hold_active(
         answers.append((await stream_request(http, server.base + "/v1/completions", body))[0])
         rss_peak[0] = max(rss_peak[0], server.rss())
 
-    async with client(count) as http, client(2) as probe:
-        prober = asyncio.create_task(health_latency(probe, server.base, stop, latencies))
+    probe = HealthProbe(server.base)
+    probe.ready()
+    async with client(count) as http:
         start = time.perf_counter()
         await asyncio.gather(*(one(http, i) for i in range(count)))
         seconds = time.perf_counter() - start
-        stop.set()
-        await prober
+    latencies = probe.stop()
     complete = sum(a.status == 200 and a.done and a.tokens == new and not a.error for a in answers)
     print(
         f"active: {count} streams of {new} tokens at once: {complete} complete in {seconds:.1f} s "
