@@ -39,8 +39,9 @@ Connections (``--connections IDLE,ACTIVE``, instead of the above; the ``tiny`` p
 as the model's speed is not what is measured): one server with ``--max-connections IDLE+ACTIVE+64
 --timeout-header 600 --timeout-keep-alive 600`` (so nothing is timed out meanwhile). First IDLE
 connections that never send a byte: all must be accepted and held (counted in the server's /proc
-fd table) while a client connected before gets 5 completions and /health, asked every 50 ms on its
-own connection, answers within 100 ms; the server's RSS per idle connection is printed. Then ACTIVE
+fd table) while a client connected before gets 5 completions and /health, asked every 50 ms by a
+process of its own (not to count this client's delays), answers within 100 ms; the server's RSS per
+idle connection is printed. Then ACTIVE
 clients each stream one request at once (``--new`` tokens, greedy, ignore_eos; ``--max-batch 32
 --max-queue 4096``): all must complete, /health again within 100 ms. The exit status is 1 if a check
 fails. The client needs IDLE + ACTIVE descriptors too (``ulimit -n``).
