@@ -546,7 +546,7 @@ static int take(const char *fn, const char *name, PyObject *obj, char kind, Py_s
     }
     const char *problem = NULL;
     if (v->itemsize != itemsize || !format_kind(v, kind)) problem = "has the wrong item type";
-    else if ((uintptr_t)v->buf % (uintptr_t)itemsize) problem = "is not aligned to its items";
+    else if (v->len && (uintptr_t)v->buf % (uintptr_t)itemsize) problem = "is not aligned to its items";
     else if (v->suboffsets != NULL) problem = "is an indirect array";
     else if (strided && v->strides != NULL)
         for (int d = 0; d < v->ndim; d++)

@@ -118,7 +118,7 @@ static PyObject *drop(PyObject *self, PyObject *args) {
         PyBuffer_Release(&view);
         return NULL;
     }
-    if ((uintptr_t)view.buf % (uintptr_t)view.itemsize) {
+    if (view.len && (uintptr_t)view.buf % (uintptr_t)view.itemsize) {
         PyErr_SetString(PyExc_ValueError, "drop: x is not aligned to its items");
         PyBuffer_Release(&view);
         return NULL;

@@ -448,7 +448,7 @@ static void *array(Args *a, PyObject *obj, const char *name, char kind, Py_ssize
                      name, itemsize, kind_name(kind), v->format ? v->format : "B", v->itemsize);
         return NULL;
     }
-    if ((uintptr_t)v->buf % (uintptr_t)itemsize) {
+    if (v->len && (uintptr_t)v->buf % (uintptr_t)itemsize) { /* (an empty array is never read) */
         PyErr_Format(PyExc_ValueError, "%s: %s is not aligned to its %zd-byte items", a->fn, name, itemsize);
         return NULL;
     }
