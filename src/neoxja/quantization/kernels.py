@@ -7,6 +7,11 @@ of output rows at a time (the C kernel again) and multiply each tile through BLA
 so a layer never holds more than one tile of float weights beside its quantized ones. Without the
 extension, or for shapes the C path does not take, the same products run in PyTorch. All of them
 use the values bitsandbytes dequantizes to, in float32.
+
+Every function checks its tensors first (:func:`check_4bit`, :func:`check_dense`, :func:`check_x`:
+dtypes, each size against the others, the tables double quantization needs, the device), with a
+ValueError or TypeError naming the argument, and hands the C kernels contiguous numpy views, which
+the C entry points check once more (they are importable on their own).
 """
 
 from __future__ import annotations
