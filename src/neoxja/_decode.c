@@ -776,12 +776,17 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
     m->attn = m->h + (int64_t)batch * hidden;
     m->qkv = m->attn + (int64_t)batch * hidden;
     m->mid = m->qkv + (int64_t)batch * 3 * hidden;
+    /* The layers as a tuple of their own: nothing run while the arrays are taken can change it. */
+    PyObject *layer_tuple = PyList_AsTuple(layer_list);
+    if (!layer_tuple) {
+        free_model(m);
+        return NULL;
+    }
     for (int l = 0; l < layers; l++) {
-        PyObject *p = PyList_GET_ITEM(layer_list, l);
+        PyObject *p = PyTuple_GET_ITEM(layer_tuple, l);
         if (!PyTuple_Check(p) || PyTuple_GET_SIZE(p) != 11) {
-            free_model(m);
             PyErr_Format(PyExc_ValueError, "new_model: layer %d needs a tuple of 11 arrays", l);
-            return NULL;
+            goto fail;
         }
         Layer *L = &m->layer[l];
         const float **slots[9] = {&L->ln1_w, &L->ln1_b, &L->qkv, &L->dense, &L->dense_bias,
@@ -791,10 +796,7 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
             PyObject *item = PyTuple_GET_ITEM(p, i);
             if (i == 4 && item == Py_None) continue; /* no dense bias */
             float *v = model_array(m, l, LAYER_NAMES[i], item, counts[i], 0, i >= 9);
-            if (!v) {
-                free_model(m);
-                return NULL;
-            }
+            if (!v) goto fail;
             if (i < 9) *slots[i] = v;
             else if (i == 9) L->k = v;
             else L->v = v;
@@ -804,12 +806,16 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
     const int64_t global_counts[6] = {embed, embed, hidden, hidden, table, table};
     for (int i = 0; i < 6; i++) {
         *globals_slots[i] = model_array(m, -1, GLOBAL_NAMES[i], PyTuple_GET_ITEM(globals, i), global_counts[i], i >= 4, 0);
-        if (!*globals_slots[i]) {
-            free_model(m);
-            return NULL;
-        }
+        if (!*globals_slots[i]) goto fail;
     }
-    return PyCapsule_New(m, "neoxja._decode.Model", capsule_destructor);
+    Py_DECREF(layer_tuple);
+    PyObject *capsule = PyCapsule_New(m, "neoxja._decode.Model", capsule_destructor);
+    if (!capsule) free_model(m);
+    return capsule;
+fail:
+    Py_DECREF(layer_tuple);
+    free_model(m);
+    return NULL;
 }
 
 /* Runs the step of `call` on up to `threads` threads, without the GIL; the step's fields are set
