@@ -436,7 +436,7 @@ class _Run:
         """The LoRA weights of ``checkpoint`` (peft's ``adapter_model.safetensors``) into the model."""
         from peft import set_peft_model_state_dict
 
-        from neoxja.checkpoint import iter_safetensors
+        from neoxja.checkpoint_files import iter_safetensors
 
         path = checkpoint / "adapter_model.safetensors"
         if not path.is_file():
