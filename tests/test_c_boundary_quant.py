@@ -441,11 +441,10 @@ def _defective(array: np.ndarray, kind: str) -> object:
         wide = np.zeros(2 * flat.size, array.dtype)
         wide[::2] = flat
         return wide[::2]
-    if kind == "misaligned":
-        raw = np.zeros(array.nbytes + 1, np.uint8)
-        moved = raw[1:].view(np.uint8)
-        moved[:] = flat.view(np.uint8)
-        return np.frombuffer(raw, array.dtype, flat.size, offset=1) if array.itemsize > 1 else moved
+    if kind == "misaligned":  # one byte past an aligned address (still aligned for 1-byte items)
+        moved = np.frombuffer(np.zeros(array.nbytes + 1, np.uint8), array.dtype, flat.size, offset=1)
+        moved[:] = flat
+        return moved
     if kind == "tensor":
         return torch.from_numpy(array)
     if kind == "none":
