@@ -46,4 +46,5 @@ for module in (neoxja._decode, neoxja._dropout, neoxja._quant, neoxja._segment):
     print("sanitized build:", module.__file__)
 EOF
 python -m pytest -q -p no:cacheprovider tests/test_c_boundary_quant.py tests/test_c_boundary_text.py \
-    tests/test_c_boundary_decode.py tests/test_cpu_decode.py tests/test_dropout_attention.py "$@"
+    tests/test_c_boundary_decode.py tests/test_c_boundary_dropout.py tests/test_cpu_decode.py \
+    tests/test_dropout_attention.py "$@"
