@@ -6,6 +6,7 @@ import argparse
 import functools
 import importlib
 import os
+import signal
 import sys
 
 from neoxja import __version__
@@ -49,12 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_0(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``neoxja`` console script; returns the process exit status.
 
     Errors the user can fix are one line on stderr (status 2); Ctrl-C is status 130; a reader that
     closes the pipe early (``neoxja generate ... | head``) ends the command quietly (status 1).
     """
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]:
+        # A server is stopped with SIGTERM at any moment, and stopping it is a success (exit 0),
+        # also while the sub-commands are still being imported; `serve` takes over from here.
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, _exit_0)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
