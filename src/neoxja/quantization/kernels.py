@@ -2,11 +2,18 @@
 
 The one place the quantized layers' CPU arithmetic lives. Decoding (up to :data:`MATVEC_ROWS` rows
 of ``x``) runs neoxja's C kernels (``neoxja._quant``: AVX-512, AVX2 or portable C), which read each
-quantized weight once and multiply by it directly. Prompts dequantize the weight to float32 a tile
-of output rows at a time (the C kernel again) and multiply each tile through BLAS (``torch.mm``),
-so a layer never holds more than one tile of float weights beside its quantized ones. Without the
+quantized weight once and multiply by it directly. Prompts dequantize the weight a tile of output
+rows at a time (the C kernel again) and multiply each tile through PyTorch's matrix product, so a
+layer never holds more than one tile of float weights beside its quantized ones. Without the
 extension, or for shapes the C path does not take, the same products run in PyTorch. All of them
-use the values bitsandbytes dequantizes to, in float32.
+use the values bitsandbytes dequantizes to.
+
+Each product takes an ``arithmetic`` (:mod:`neoxja.quantization.arithmetic`): ``"exact"`` computes
+in float32 throughout; ``"fast"`` multiplies prompts' tiles in bfloat16 (the activation and the
+dequantized tile rounded to bfloat16, oneDNN's product, its result rounded to bfloat16 by PyTorch's
+CPU kernel and returned as float32) where the CPU has AVX512_BF16 or AMX
+(:func:`bfloat16_matmul_feature`), which there runs ~4.6x float32 BLAS; elsewhere, and for decoding
+rows until the integer kernels land, ``"fast"`` computes as ``"exact"`` does.
 
 Every function checks its tensors first (:func:`check_4bit`, :func:`check_dense`, :func:`check_x`:
 dtypes, each size against the others, the tables double quantization needs, the device), with a
@@ -16,6 +23,7 @@ the C entry points check once more (they are importable on their own).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -28,8 +36,9 @@ try:
 except ImportError:  # built without a C compiler: PyTorch only
     _quant = None
 
-TILE_ELEMENTS = 1 << 22  # float32 weights dequantized at once (16 MiB)
+TILE_ELEMENTS = 1 << 22  # weights dequantized at once (16 MiB in float32, 8 MiB in bfloat16)
 MATVEC_ROWS = 8  # rows of x the C kernels take per call (decoding); more go tile by tile through BLAS
+ARITHMETICS = ("fast", "exact")  # the values of every product's ``arithmetic`` (see arithmetic.py)
 
 
 def extension_available() -> bool:
@@ -40,6 +49,55 @@ def extension_available() -> bool:
 def kernel_name() -> str:
     """The implementation decoding runs on: ``avx512``, ``avx2``, ``scalar`` or ``torch``."""
     return _quant.kernel() if _quant is not None else "torch"
+
+
+@functools.cache
+def bfloat16_matmul_feature() -> str | None:
+    """The CPU feature with which oneDNN multiplies bfloat16 natively here (``"AMX"`` or
+    ``"AVX512_BF16"``), or None: then a bfloat16 product is no faster than float32 BLAS, and the
+    ``"fast"`` prompt path keeps float32 tiles. Read from the CPU's features (PyTorch's probes), never
+    from timings, so a result does not depend on the machine's load."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    for feature, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported")):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return feature
+    return None
+
+
+def decode_path(fmt: str, arithmetic: str) -> str:
+    """What multiplies up to :data:`MATVEC_ROWS` rows of a ``fmt`` layer with ``arithmetic``."""
+    check_arithmetic(arithmetic)
+    if _quant is None:
+        return "float32 tiles through PyTorch (neoxja._quant is not built)"
+    text = f"float32 activations on the {kernel_name()} kernel"
+    return text if arithmetic == "exact" else text + " (the fast kernels are not in this build)"
+
+
+def prompt_path(fmt: str, arithmetic: str) -> str:
+    """What multiplies more than :data:`MATVEC_ROWS` rows of a ``fmt`` layer with ``arithmetic``."""
+    check_arithmetic(arithmetic)
+    feature = bfloat16_matmul_feature()
+    if arithmetic == "exact":
+        return "float32 tiles through BLAS"
+    if feature is None:
+        return "float32 tiles through BLAS (the CPU has neither AVX512_BF16 nor AMX)"
+    what = "the bfloat16 weight" if fmt == "bfloat16" else "bfloat16 tiles"
+    return f"{what} through oneDNN ({feature})"
+
+
+def check_arithmetic(value: Any, name: str = "arithmetic") -> str:
+    """``value`` if it is ``"fast"`` or ``"exact"``, else a ValueError naming ``name``."""
+    if not isinstance(value, str) or value not in ARITHMETICS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, ARITHMETICS))}, got {value!r}")
+    return value
+
+
+def _bfloat16_tiles(arithmetic: str) -> bool:
+    """Whether a product of many rows with ``arithmetic`` multiplies bfloat16 tiles (see the module)."""
+    check_arithmetic(arithmetic)
+    return arithmetic == "fast" and bfloat16_matmul_feature() is not None
 
 
 def _threads() -> int:
@@ -177,14 +235,19 @@ def _check_x(x: Tensor, in_features: int) -> Tensor:
     return x.reshape(-1, in_features)
 
 
-def _tiled(x: Tensor, out_features: int, in_features: int, tile_of) -> Tensor:
-    """``x @ W.T`` with ``W`` given a tile of rows at a time by ``tile_of((begin, end))``."""
+def _tiled(
+    x: Tensor, out_features: int, in_features: int, tile_of, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """float32 ``x @ W.T`` with ``W`` given a tile of rows at a time by ``tile_of((begin, end))``, as
+    ``dtype`` (float32, or bfloat16: then ``x`` is rounded to bfloat16 once and each tile's product
+    is oneDNN's bfloat16 one)."""
     rows = _check_x(x, in_features)
     out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+    left = rows.to(dtype)
     step = max(1, TILE_ELEMENTS // max(1, in_features))
     for begin in range(0, out_features, step):
         end = min(out_features, begin + step)
-        out[:, begin:end] = rows @ tile_of((begin, end)).t()
+        out[:, begin:end] = left @ tile_of((begin, end)).t()
     return out.view(*x.shape[:-1], out_features)
 
 
@@ -249,10 +312,13 @@ def linear_4bit(
     nested_absmax: Tensor | None = None,
     nested_code: Tensor | None = None,
     offset: float = 0.0,
+    arithmetic: str = "exact",
 ) -> Tensor:
-    """``x @ W.T`` for a 4-bit weight in bitsandbytes' layout (float32 ``x`` [..., in])."""
+    """``x @ W.T`` for a 4-bit weight in bitsandbytes' layout (float32 ``x`` [..., in]), with
+    ``arithmetic`` ``"exact"`` or ``"fast"`` (see the module)."""
     in_features = x_features(x)
     check_4bit(packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code)
+    tiles = torch.bfloat16 if _bfloat16_tiles(arithmetic) else torch.float32
     _on_cpu(packed=packed, absmax=absmax, code=code, nested_absmax=nested_absmax, nested_code=nested_code)
     rows = _check_x(x, in_features)
     if rows.shape[0] == 0:
@@ -272,9 +338,9 @@ def linear_4bit(
         return dequantize_4bit(
             packed, absmax, code, blocksize, out_features, in_features,
             nested_absmax, nested_code, offset, rows,
-        )  # fmt: skip
+        ).to(tiles)  # fmt: skip
 
-    return _tiled(x, out_features, in_features, tile)
+    return _tiled(x, out_features, in_features, tile, tiles)
 
 
 def dequantize_int8(weight: Tensor, scb: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
@@ -301,21 +367,38 @@ def _matvec_dense(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor | N
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_int8(x: Tensor, weight: Tensor, scb: Tensor) -> Tensor:
-    """``x @ W.T`` for an int8 weight with per-row absmax ``scb``."""
+def linear_int8(x: Tensor, weight: Tensor, scb: Tensor, arithmetic: str = "exact") -> Tensor:
+    """``x @ W.T`` for an int8 weight with per-row absmax ``scb``, with ``arithmetic`` ``"exact"`` or
+    ``"fast"`` (see the module). bfloat16 holds every int8 value exactly, so the fast prompt path
+    multiplies the int8 rows themselves and scales the product's columns afterwards: only the
+    activation and the product are rounded, never the weight."""
     check_dense(weight, scb)
     _on_cpu(weight=weight, scb=scb)
-    y = _matvec_dense(x, weight, scb.float() / 127.0)
+    bfloat16 = _bfloat16_tiles(arithmetic)
+    scale = scb.float() / 127.0
+    y = _matvec_dense(x, weight, scale)
     if y is not None:
         return y
+    if bfloat16:
+
+        def int8_rows(rows: tuple[int, int]) -> Tensor:  # int8 values are exact in bfloat16
+            return weight[rows[0] : rows[1]].to(torch.bfloat16)
+
+        return _tiled(x, weight.shape[0], weight.shape[1], int8_rows, torch.bfloat16).mul_(scale)
     return _tiled(x, weight.shape[0], weight.shape[1], lambda rows: dequantize_int8(weight, scb, rows))
 
 
-def linear_bf16(x: Tensor, weight: Tensor) -> Tensor:
-    """``x @ W.T`` for a bfloat16 weight, in float32."""
+def linear_bf16(x: Tensor, weight: Tensor, arithmetic: str = "exact") -> Tensor:
+    """``x @ W.T`` for a bfloat16 weight, with ``arithmetic`` ``"exact"`` (float32) or ``"fast"`` (see
+    the module: prompts multiply the weight as it is held, with the activation rounded to bfloat16)."""
     check_dense(weight)
     _on_cpu(weight=weight)
+    bfloat16 = _bfloat16_tiles(arithmetic)
     y = _matvec_dense(x, weight, None)
     if y is not None:
         return y
+    if bfloat16:
+        rows = _check_x(x, weight.shape[1])
+        y = torch.nn.functional.linear(rows.to(torch.bfloat16), weight).float()
+        return y.view(*x.shape[:-1], weight.shape[0])
     return _tiled(x, weight.shape[0], weight.shape[1], lambda rows: weight[rows[0] : rows[1]].float())

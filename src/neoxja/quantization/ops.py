@@ -1,8 +1,10 @@
 """The quantized matrix products as PyTorch custom ops (``torch.ops.neoxja.*``), with backward.
 
 Each op computes ``x @ W.T`` for a weight held in one format, dispatched by device: on the CPU
-neoxja's kernels (:mod:`neoxja.quantization.kernels`, float32 arithmetic whatever ``x``'s dtype),
-on CUDA bitsandbytes' kernels when it is installed (else a clear error). The result has ``x``'s
+neoxja's kernels (:mod:`neoxja.quantization.kernels`, whatever ``x``'s dtype, with the op's
+``arithmetic``: ``"exact"``, the default for direct calls, computes in float32; ``"fast"`` as
+:mod:`neoxja.quantization.arithmetic` describes), on CUDA bitsandbytes' kernels when it is
+installed (else a clear error; ``arithmetic`` is then bitsandbytes' own). The result has ``x``'s
 dtype. Being custom ops, they show up as single nodes to ``torch.compile`` and the profiler, and
 their autograd formula gives the gradient with respect to ``x`` (the weights are frozen), which is
 what LoRA on a quantized base (QLoRA) needs: ``grad_x = grad_y @ W``.
@@ -55,7 +57,10 @@ def _check_devices(x: Tensor, **tensors: Tensor | None) -> None:
 # torch.compile, never a read outside a tensor.
 
 
-def _check_4bit(x, packed, absmax, code, nested_absmax, nested_code, blocksize, out_features) -> None:
+def _check_4bit(
+    x, packed, absmax, code, nested_absmax, nested_code, blocksize, out_features, arithmetic
+) -> None:
+    kernels.check_arithmetic(arithmetic)
     in_features = kernels.x_features(x)
     kernels.check_x(x, in_features)
     kernels.check_4bit(packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code)
@@ -64,7 +69,8 @@ def _check_4bit(x, packed, absmax, code, nested_absmax, nested_code, blocksize, 
     )
 
 
-def _check_dense(x: Tensor, weight: Tensor, scb: Tensor | None = None) -> None:
+def _check_dense(x: Tensor, weight: Tensor, scb: Tensor | None, arithmetic: str) -> None:
+    kernels.check_arithmetic(arithmetic)
     kernels.check_dense(weight, scb)
     kernels.check_x(x, weight.shape[1])
     _check_devices(x, weight=weight, scb=scb)
@@ -84,9 +90,10 @@ def linear_4bit(
     offset: float,
     blocksize: int,
     out_features: int,
+    arithmetic: str = "exact",
 ) -> Tensor:
     """``x @ W.T`` for a 4-bit weight ``W`` [out_features, x.shape[-1]] in bitsandbytes' layout."""
-    _check_4bit(x, packed, absmax, code, nested_absmax, nested_code, blocksize, out_features)
+    _check_4bit(x, packed, absmax, code, nested_absmax, nested_code, blocksize, out_features, arithmetic)
     if x.device.type == "cuda":
         bnb = _bitsandbytes()
         state = _quant_state(
@@ -103,18 +110,22 @@ def linear_4bit(
         return bnb.matmul_4bit(x, packed.t(), quant_state=state)
     y = kernels.linear_4bit(
         x.float(), packed, absmax, code, blocksize, out_features,
-        nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
+        nested_absmax=nested_absmax, nested_code=nested_code, offset=offset, arithmetic=arithmetic,
     )  # fmt: skip
     return y.to(x.dtype)
 
 
 @linear_4bit.register_fake
-def _(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, out_features):
-    _check_4bit(x, packed, absmax, code, nested_absmax, nested_code, blocksize, out_features)
+def _(
+    x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, out_features, arithmetic="exact"
+):
+    _check_4bit(x, packed, absmax, code, nested_absmax, nested_code, blocksize, out_features, arithmetic)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _dequantized_4bit(x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, out_features):
+def _dequantized_4bit(
+    x, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, out_features, _
+):
     shape = (out_features, x.shape[-1])
     if x.device.type == "cuda":
         state = _quant_state(
@@ -134,7 +145,7 @@ def _setup_4bit(ctx, inputs, output) -> None:
 def _backward_4bit(ctx, grad: Tensor):
     weight = _dequantized_4bit(*ctx.weight_inputs)
     grad_x = (grad.to(weight.dtype) @ weight).to(grad.dtype)
-    return grad_x, None, None, None, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, None, None, None
 
 
 linear_4bit.register_autograd(_backward_4bit, setup_context=_setup_4bit)
@@ -144,22 +155,22 @@ linear_4bit.register_autograd(_backward_4bit, setup_context=_setup_4bit)
 
 
 @torch.library.custom_op("neoxja::linear_int8", mutates_args=())
-def linear_int8(x: Tensor, weight: Tensor, scb: Tensor) -> Tensor:
+def linear_int8(x: Tensor, weight: Tensor, scb: Tensor, arithmetic: str = "exact") -> Tensor:
     """``x @ W.T`` for an int8 weight with per-row absmax ``scb`` (LLM.int8's weight format)."""
-    _check_dense(x, weight, scb)
+    _check_dense(x, weight, scb, arithmetic)
     if x.device.type == "cuda":
         return (x @ formats.dequantize_int8(weight, scb).to(x.dtype).t()).to(x.dtype)
-    return kernels.linear_int8(x.float(), weight, scb).to(x.dtype)
+    return kernels.linear_int8(x.float(), weight, scb, arithmetic).to(x.dtype)
 
 
 @linear_int8.register_fake
-def _(x, weight, scb):
-    _check_dense(x, weight, scb)
+def _(x, weight, scb, arithmetic="exact"):
+    _check_dense(x, weight, scb, arithmetic)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup_int8(ctx, inputs, output) -> None:
-    ctx.weight_inputs = inputs[1:]
+    ctx.weight_inputs = inputs[1:3]
 
 
 def _backward_int8(ctx, grad: Tensor):
@@ -169,27 +180,28 @@ def _backward_int8(ctx, grad: Tensor):
         if weight.device.type == "cpu"
         else formats.dequantize_int8(weight, scb)
     )
-    return (grad.to(dense.dtype) @ dense).to(grad.dtype), None, None
+    return (grad.to(dense.dtype) @ dense).to(grad.dtype), None, None, None
 
 
 linear_int8.register_autograd(_backward_int8, setup_context=_setup_int8)
 
 
-# ----- bfloat16 weights, float32 arithmetic ------------------------------------------------------
+# ----- bfloat16 weights ---------------------------------------------------------------------------
 
 
 @torch.library.custom_op("neoxja::linear_bf16", mutates_args=())
-def linear_bf16(x: Tensor, weight: Tensor) -> Tensor:
-    """``x @ W.T`` for a bfloat16 weight, computed in float32 on the CPU (bfloat16 on CUDA)."""
-    _check_dense(x, weight)
+def linear_bf16(x: Tensor, weight: Tensor, arithmetic: str = "exact") -> Tensor:
+    """``x @ W.T`` for a bfloat16 weight: on the CPU with ``arithmetic`` (float32 for ``"exact"``),
+    on CUDA in bfloat16."""
+    _check_dense(x, weight, None, arithmetic)
     if x.device.type == "cuda":
         return torch.nn.functional.linear(x.to(weight.dtype), weight).to(x.dtype)
-    return kernels.linear_bf16(x.float(), weight).to(x.dtype)
+    return kernels.linear_bf16(x.float(), weight, arithmetic).to(x.dtype)
 
 
 @linear_bf16.register_fake
-def _(x, weight):
-    _check_dense(x, weight)
+def _(x, weight, arithmetic="exact"):
+    _check_dense(x, weight, None, arithmetic)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -198,7 +210,7 @@ def _setup_bf16(ctx, inputs, output) -> None:
 
 
 def _backward_bf16(ctx, grad: Tensor):
-    return (grad.float() @ ctx.weight.float()).to(grad.dtype), None
+    return (grad.float() @ ctx.weight.float()).to(grad.dtype), None, None
 
 
 linear_bf16.register_autograd(_backward_bf16, setup_context=_setup_bf16)
