@@ -27,7 +27,11 @@ def test_same_dict_as_transformers(settings: dict) -> None:
 
     theirs = transformers.BitsAndBytesConfig(**settings)
     ours = BitsAndBytesConfig(**settings)
-    assert ours.to_dict() == theirs.to_dict()
+    # neoxja's one key of its own; the rest is transformers' dict, key for key
+    assert {
+        key: value for key, value in ours.to_dict().items() if key != "cpu_arithmetic"
+    } == theirs.to_dict()
+    assert ours.to_dict()["cpu_arithmetic"] == "fast"
     assert ours.quantization_method() == theirs.quantization_method()
     assert ours.is_quantizable() == theirs.is_quantizable()
     assert ours.bnb_4bit_compute_dtype == theirs.bnb_4bit_compute_dtype
@@ -46,6 +50,8 @@ def test_same_dict_as_transformers(settings: dict) -> None:
         ({"llm_int8_threshold": float("nan")}, "llm_int8_threshold must be a finite number, got nan"),
         ({"llm_int8_threshold": float("inf")}, "llm_int8_threshold must be a finite number, got inf"),
         ({"llm_int8_skip_modules": "embed_out"}, "llm_int8_skip_modules"),
+        ({"cpu_arithmetic": "quick"}, "cpu_arithmetic must be one of 'fast', 'exact', got 'quick'"),
+        ({"cpu_arithmetic": None}, "cpu_arithmetic must be one of"),
     ],
 )
 def test_bad_settings_name_the_field(settings: dict, field: str) -> None:
@@ -58,3 +64,20 @@ def test_other_methods_and_unknown_keys() -> None:
         BitsAndBytesConfig.from_dict({"quant_method": "gptq", "bits": 4})
     with pytest.warns(UserWarning, match="ignores unknown settings: bnb_4bit_blocksize"):
         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_blocksize=64)
+
+
+@pytest.mark.parametrize("arithmetic", ["fast", "exact"])
+def test_cpu_arithmetic_round_trips_and_transformers_reads_the_rest(arithmetic: str) -> None:
+    import transformers
+
+    ours = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", cpu_arithmetic=arithmetic)
+    saved = ours.to_dict()
+    assert saved["cpu_arithmetic"] == arithmetic
+    assert BitsAndBytesConfig.from_dict(saved) == ours
+    assert BitsAndBytesConfig.from_dict(saved).cpu_arithmetic == arithmetic
+    theirs = transformers.BitsAndBytesConfig.from_dict(saved)  # an unknown key: transformers drops it
+    assert (
+        theirs.to_dict()
+        == transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4").to_dict()
+    )
+    assert BitsAndBytesConfig.from_dict(theirs.to_dict()).cpu_arithmetic == "fast"  # transformers' files

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from neoxja.quantization.kernels import check_arithmetic
+
 QUANT_TYPES = ("fp4", "nf4")
 # dtypes a 4-bit weight's packed bytes may be stored in (transformers' list)
 STORAGE_DTYPES = ("float16", "float32", "int8", "uint8", "float64", "bfloat16")
@@ -36,7 +38,10 @@ def _dtype(
 
 class BitsAndBytesConfig:
     """4-bit (``load_in_4bit``: nf4 or fp4, optionally double-quantized) or 8-bit (``load_in_8bit``)
-    weights, as transformers' class of the same name; arguments and defaults are its own."""
+    weights, as transformers' class of the same name; arguments and defaults are its own, plus
+    neoxja's ``cpu_arithmetic``: ``"fast"`` (default) or ``"exact"``, the arithmetic of the quantized
+    layers on the CPU (:mod:`neoxja.quantization.arithmetic`), kept in ``to_dict`` under that name
+    (transformers warns that it does not use it, and loads the rest)."""
 
     quant_method = "bitsandbytes"
 
@@ -52,6 +57,7 @@ class BitsAndBytesConfig:
         bnb_4bit_quant_type: str = "fp4",
         bnb_4bit_use_double_quant: bool = False,
         bnb_4bit_quant_storage: str | torch.dtype | None = None,
+        cpu_arithmetic: str = "fast",
         **kwargs: Any,
     ) -> None:
         flags = {
@@ -82,6 +88,7 @@ class BitsAndBytesConfig:
             raise ValueError(
                 f"bnb_4bit_quant_type must be one of {', '.join(QUANT_TYPES)}, got {bnb_4bit_quant_type!r}"
             )
+        check_arithmetic(cpu_arithmetic, "cpu_arithmetic")
         unknown = sorted(set(kwargs) - set(_SERIALIZED_ONLY))
         if unknown:
             warnings.warn(f"BitsAndBytesConfig ignores unknown settings: {', '.join(unknown)}", stacklevel=2)
@@ -98,6 +105,7 @@ class BitsAndBytesConfig:
         self.bnb_4bit_quant_storage = _dtype(
             "bnb_4bit_quant_storage", bnb_4bit_quant_storage, torch.uint8, STORAGE_DTYPES
         )
+        self.cpu_arithmetic = cpu_arithmetic
 
     @property
     def load_in_4bit(self) -> bool:

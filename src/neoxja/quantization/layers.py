@@ -9,6 +9,10 @@ serialization of the same layer (``weight``, ``weight.absmax``, ``weight.quant_m
 ``weight_format`` for int8), and :meth:`QuantizedLinear.from_state` builds a layer back from those
 tensors, checking every key and shape. Unlike oneDNN packing, these layers also train: backward
 gives the gradient with respect to the input, for LoRA on a quantized base.
+
+Each layer carries ``arithmetic`` (``"fast"``, the default, or ``"exact"``), set when it is built:
+the CPU arithmetic its products use (:mod:`neoxja.quantization.arithmetic`, whose ``resolve``
+applies the ``NEOXJA_CPU_ARITHMETIC`` override at each call).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 from neoxja import jsonfile
 from neoxja.linear import FORMATS, LinearFormat
 from neoxja.quantization import formats, ops
+from neoxja.quantization.arithmetic import Arithmetic, check_arithmetic, resolve
 from neoxja.quantization.config import STORAGE_DTYPES
 
 # bitsandbytes' QuantState.from_dict accepts these keys in a serialized quant state and no others
@@ -34,6 +39,17 @@ _QUANT_STATE_KEYS = {"quant_type", "blocksize", "dtype", "shape", *_NESTED_STATE
 
 class QuantizedLinear(LinearFormat):
     """A linear layer whose frozen weight is stored quantized (base of the classes below)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: Tensor | None, cpu_arithmetic: str) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.arithmetic: Arithmetic = check_arithmetic(cpu_arithmetic, "cpu_arithmetic")  # type: ignore[assignment]
+
+    def resolved_arithmetic(self) -> Arithmetic:
+        """The arithmetic the next product uses (the environment's override, else ``self.arithmetic``)."""
+        return resolve(self)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, arithmetic={self.arithmetic}"
 
     def check_trainable(self) -> None:
         """Quantized layers train (their weight stays frozen; gradients flow to the input)."""
@@ -82,9 +98,11 @@ class QuantizedLinear(LinearFormat):
         prefix: str,
         bias: Tensor | None,
         files: Mapping[str, str | os.PathLike] | None = None,
+        cpu_arithmetic: str = "fast",
     ) -> QuantizedLinear:
         """A layer from its serialized tensors (keys after ``prefix``, e.g. ``"weight.absmax"``; ``files``:
-        the file each came from, for the errors), every key, shape and value checked."""
+        the file each came from, for the errors), every key, shape and value checked; it computes with
+        ``cpu_arithmetic``."""
         raise NotImplementedError
 
     def nbytes(self) -> int:
@@ -173,10 +191,14 @@ class Linear4bit(QuantizedLinear):
     quant_type: ClassVar[str] = ""
 
     def __init__(
-        self, weight: formats.Quantized4bit, bias: Tensor | None, storage: torch.dtype = torch.uint8
+        self,
+        weight: formats.Quantized4bit,
+        bias: Tensor | None,
+        storage: torch.dtype = torch.uint8,
+        cpu_arithmetic: str = "fast",
     ):
         out_features, in_features = weight.shape
-        super().__init__(in_features, out_features, bias)
+        super().__init__(in_features, out_features, bias, cpu_arithmetic)
         self.blocksize = weight.blocksize
         self.weight_dtype = weight.dtype
         self.offset = weight.offset
@@ -195,9 +217,10 @@ class Linear4bit(QuantizedLinear):
         blocksize: int = 64,
         double_quant: bool = False,
         storage: torch.dtype = torch.uint8,
+        cpu_arithmetic: str = "fast",
     ) -> Linear4bit:
         quantized = formats.quantize_4bit(weight.detach(), blocksize, cls.quant_type, double_quant)
-        return cls(quantized, bias, storage)
+        return cls(quantized, bias, storage, cpu_arithmetic)
 
     def quantized(self) -> formats.Quantized4bit:
         """The weight as a :class:`~neoxja.quantization.formats.Quantized4bit`."""
@@ -210,7 +233,7 @@ class Linear4bit(QuantizedLinear):
     def forward(self, x: Tensor) -> Tensor:
         y = ops.linear_4bit(
             x, self.weight, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset,
-            self.blocksize, self.out_features,
+            self.blocksize, self.out_features, self.resolved_arithmetic(),
         )  # fmt: skip
         return self._add_bias(y)
 
@@ -247,6 +270,7 @@ class Linear4bit(QuantizedLinear):
         prefix: str,
         bias: Tensor | None,
         files: Mapping[str, str | os.PathLike] | None = None,
+        cpu_arithmetic: str = "fast",
     ) -> Linear4bit:
         layer = SerializedLayer(tensors, prefix, files)
         state_key = "weight.quant_state.bitsandbytes__" + cls.quant_type
@@ -297,7 +321,7 @@ class Linear4bit(QuantizedLinear):
             _read_nested(layer, info, state_key, weight)
         else:
             weight.absmax = layer.floats("weight.absmax", absmax, 0.0, largest)
-        return cls(weight, bias, storage)
+        return cls(weight, bias, storage, cpu_arithmetic)
 
     def extra_repr(self) -> str:
         nested = ", double_quant" if self.nested_absmax is not None else ""
@@ -371,18 +395,20 @@ class Linear8bit(QuantizedLinear):
 
     format_name = "int8"
 
-    def __init__(self, weight: Tensor, scb: Tensor, bias: Tensor | None) -> None:
-        super().__init__(weight.shape[1], weight.shape[0], bias)
+    def __init__(
+        self, weight: Tensor, scb: Tensor, bias: Tensor | None, cpu_arithmetic: str = "fast"
+    ) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias, cpu_arithmetic)
         self.register_buffer("weight", weight)
         self.register_buffer("SCB", scb)
 
     @classmethod
-    def from_weight(cls, weight: Tensor, bias: Tensor | None) -> Linear8bit:
+    def from_weight(cls, weight: Tensor, bias: Tensor | None, cpu_arithmetic: str = "fast") -> Linear8bit:
         # transformers + bitsandbytes round the weight to float16 before taking its int8 rows
-        return cls(*formats.quantize_int8(weight.detach().to(torch.float16)), bias)
+        return cls(*formats.quantize_int8(weight.detach().to(torch.float16)), bias, cpu_arithmetic)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._add_bias(ops.linear_int8(x, self.weight, self.SCB))
+        return self._add_bias(ops.linear_int8(x, self.weight, self.SCB, self.resolved_arithmetic()))
 
     def dense_weight(self) -> Tensor:
         return formats.dequantize_int8(self.weight, self.SCB)
@@ -401,6 +427,7 @@ class Linear8bit(QuantizedLinear):
         prefix: str,
         bias: Tensor | None,
         files: Mapping[str, str | os.PathLike] | None = None,
+        cpu_arithmetic: str = "fast",
     ) -> Linear8bit:
         layer = SerializedLayer(tensors, prefix, files)
         layer.check_keys({"weight", "bias", "SCB", "weight_format"})
@@ -423,24 +450,25 @@ class Linear8bit(QuantizedLinear):
                 )
             if int(layout) != 0:
                 raise layer.error("weight_format", f"is {int(layout)}; only 0 (row) is supported")
-        return cls(weight, scb, bias)
+        return cls(weight, scb, bias, cpu_arithmetic)
 
 
 class LinearBFloat16(QuantizedLinear):
-    """bfloat16 weights (half of float32's bytes), multiplied in float32 on the CPU."""
+    """bfloat16 weights (half of float32's bytes); on the CPU the ``"exact"`` arithmetic multiplies them
+    in float32, the ``"fast"`` one by bfloat16-rounded activations."""
 
     format_name = "bfloat16"
 
-    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
-        super().__init__(weight.shape[1], weight.shape[0], bias)
+    def __init__(self, weight: Tensor, bias: Tensor | None, cpu_arithmetic: str = "fast") -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias, cpu_arithmetic)
         self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
 
     @classmethod
-    def from_weight(cls, weight: Tensor, bias: Tensor | None) -> LinearBFloat16:
-        return cls(weight, bias)
+    def from_weight(cls, weight: Tensor, bias: Tensor | None, cpu_arithmetic: str = "fast") -> LinearBFloat16:
+        return cls(weight, bias, cpu_arithmetic)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._add_bias(ops.linear_bf16(x, self.weight))
+        return self._add_bias(ops.linear_bf16(x, self.weight, self.resolved_arithmetic()))
 
     def dense_weight(self) -> Tensor:
         return self.weight
@@ -452,6 +480,7 @@ class LinearBFloat16(QuantizedLinear):
         prefix: str,
         bias: Tensor | None,
         files: Mapping[str, str | os.PathLike] | None = None,
+        cpu_arithmetic: str = "fast",
     ) -> LinearBFloat16:
         layer = SerializedLayer(tensors, prefix, files)
         layer.check_keys({"weight", "bias"})
@@ -460,7 +489,7 @@ class LinearBFloat16(QuantizedLinear):
             raise layer.error(
                 "weight", f"must be a 2-d float tensor, got {weight.dtype} {list(weight.shape)}"
             )
-        return cls(weight, bias)
+        return cls(weight, bias, cpu_arithmetic)
 
 
 QUANTIZED_FORMATS: dict[str, type[QuantizedLinear]] = {

@@ -6,10 +6,14 @@ float model is never resident, so loading peaks near the quantized model plus on
 weight. The checkpoint's tensors are read (not memory-mapped) so that a weight's pages are freed
 once it is quantized. Which layers: every ``nn.Linear`` but ``llm_int8_skip_modules`` (default:
 the output head, as transformers), and never an output head tied to the input embedding.
+
+Every quantized layer is built with the load's CPU arithmetic (``cpu_arithmetic``:
+:mod:`neoxja.quantization.arithmetic`); :func:`set_arithmetic` changes a loaded model's.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from neoxja.quantization.arithmetic import Arithmetic, check_arithmetic
 from neoxja.quantization.config import BitsAndBytesConfig
 from neoxja.quantization.layers import QUANTIZED_FORMATS, QuantizedLinear
 
@@ -30,31 +35,35 @@ WEIGHT_FORMATS = tuple(QUANTIZED_FORMATS)
 
 @dataclass
 class QuantizationPlan:
-    """What to quantize and how: a format class, its options and the modules left dense."""
+    """What to quantize and how: a format class, its options, the modules left dense and the layers'
+    CPU arithmetic."""
 
     fmt: type[QuantizedLinear]
     options: dict[str, Any] = field(default_factory=dict)
     skip: tuple[str, ...] = DEFAULT_SKIP
     config: BitsAndBytesConfig | None = None  # written to config.json when the format is bitsandbytes'
+    arithmetic: Arithmetic = "fast"
 
     @classmethod
     def from_config(cls, config: BitsAndBytesConfig) -> QuantizationPlan:
         """The plan a ``BitsAndBytesConfig`` describes."""
         skip = DEFAULT_SKIP if config.llm_int8_skip_modules is None else tuple(config.llm_int8_skip_modules)
+        arithmetic = config.cpu_arithmetic
         if config.load_in_8bit:
-            return cls(QUANTIZED_FORMATS["int8"], {}, skip, config)
+            return cls(QUANTIZED_FORMATS["int8"], {}, skip, config, arithmetic)
         if not config.load_in_4bit:
             raise ValueError(
                 "quantization_config has neither load_in_4bit nor load_in_8bit set: nothing to quantize"
             )
         options = {"double_quant": config.bnb_4bit_use_double_quant, "storage": config.bnb_4bit_quant_storage}
-        return cls(QUANTIZED_FORMATS[config.bnb_4bit_quant_type], options, skip, config)
+        return cls(QUANTIZED_FORMATS[config.bnb_4bit_quant_type], options, skip, config, arithmetic)
 
     @classmethod
-    def from_format(cls, name: str, **options: Any) -> QuantizationPlan:
+    def from_format(cls, name: str, cpu_arithmetic: str = "fast", **options: Any) -> QuantizationPlan:
         """The plan for neoxja's ``weight_format=`` / ``--quantize`` names."""
         if name not in QUANTIZED_FORMATS:
             raise ValueError(f"weight_format={name!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+        arithmetic: Arithmetic = check_arithmetic(cpu_arithmetic, "cpu_arithmetic")  # type: ignore[assignment]
         fmt = QUANTIZED_FORMATS[name]
         config = None
         if name != "bfloat16":
@@ -62,8 +71,20 @@ class QuantizationPlan:
                 load_in_8bit=name == "int8", load_in_4bit=name != "int8",
                 bnb_4bit_quant_type=name if name != "int8" else "nf4",
                 bnb_4bit_use_double_quant=bool(options.get("double_quant", False)),
+                cpu_arithmetic=arithmetic,
             )  # fmt: skip
-        return cls(fmt, options, DEFAULT_SKIP, config)
+        return cls(fmt, options, DEFAULT_SKIP, config, arithmetic)
+
+    def with_arithmetic(self, cpu_arithmetic: str | None) -> QuantizationPlan:
+        """This plan with its layers computing in ``cpu_arithmetic`` (None: as it is); its config, which
+        config.json receives, says the same. The plan itself is left as it is."""
+        if cpu_arithmetic is None:
+            return self
+        arithmetic: Arithmetic = check_arithmetic(cpu_arithmetic, "cpu_arithmetic")  # type: ignore[assignment]
+        config = copy.deepcopy(self.config)
+        if config is not None:
+            config.cpu_arithmetic = arithmetic
+        return QuantizationPlan(self.fmt, dict(self.options), self.skip, config, arithmetic)
 
     def skips(self, name: str) -> bool:
         """Whether the module called ``name`` stays dense."""
@@ -150,7 +171,9 @@ class QuantizingLoader:
             weight = tensor.to(
                 device=self.device, dtype=self.dtype
             )  # quantized from the load dtype, as bitsandbytes
-            self.pieces[name]["weight"] = self.plan.fmt.from_weight(weight, None, **self.plan.options)
+            self.pieces[name]["weight"] = self.plan.fmt.from_weight(
+                weight, None, cpu_arithmetic=self.plan.arithmetic, **self.plan.options
+            )
             return True
         self.pieces[name][sub] = tensor.to(self.device)
         return True
@@ -165,7 +188,9 @@ class QuantizingLoader:
             if not pieces or (self.prequantized and "weight" not in pieces):
                 raise ValueError(f"quantized checkpoint: {name}.weight is missing")
             if self.prequantized:
-                layer = self.plan.fmt.from_state(pieces, name + ".", bias, self.files[name])
+                layer = self.plan.fmt.from_state(
+                    pieces, name + ".", bias, self.files[name], cpu_arithmetic=self.plan.arithmetic
+                )
                 module = self.targets[name]
                 if (layer.out_features, layer.in_features) != (module.out_features, module.in_features):
                     raise ValueError(
@@ -204,9 +229,20 @@ def release_freed_memory() -> None:
 
 
 def plan_for(
-    config: Any, quantization_config: BitsAndBytesConfig | dict | None, weight_format: str | None
+    config: Any,
+    quantization_config: BitsAndBytesConfig | dict | None,
+    weight_format: str | None,
+    cpu_arithmetic: str | None = None,
 ) -> tuple[QuantizationPlan | None, bool]:
-    """(the plan, whether the checkpoint is pre-quantized) for a load's arguments and config.json."""
+    """(the plan, whether the checkpoint is pre-quantized) for a load's arguments and config.json.
+
+    ``cpu_arithmetic`` (``from_pretrained(..., cpu_arithmetic=)``) sets the layers' CPU arithmetic,
+    over the one ``quantization_config`` gives; a pre-quantized checkpoint otherwise keeps the one
+    its config.json names (``"fast"`` when it names none, as transformers' files). Given for a load
+    that quantizes nothing, it is refused: it would have no effect.
+    """
+    if cpu_arithmetic is not None:
+        check_arithmetic(cpu_arithmetic, "cpu_arithmetic")
     saved = getattr(config, "quantization_config", None)
     if saved is not None:
         stored = _saved_settings(config, saved)
@@ -222,7 +258,10 @@ def plan_for(
                 "quantization_config asks for another format than the checkpoint's own quantization_config "
                 f"({stored.to_dict()}); a pre-quantized checkpoint loads as it was saved"
             )
-        return QuantizationPlan.from_config(stored), True
+        plan = QuantizationPlan.from_config(stored)
+        if asked is not None:
+            plan = plan.with_arithmetic(asked.cpu_arithmetic)
+        return plan.with_arithmetic(cpu_arithmetic), True
     if quantization_config is not None and weight_format is not None:
         raise ValueError("give quantization_config or weight_format, not both")
     if isinstance(quantization_config, dict):
@@ -233,9 +272,14 @@ def plan_for(
                 "quantization_config must be a neoxja.BitsAndBytesConfig, got "
                 f"{type(quantization_config).__name__}"
             )
-        return QuantizationPlan.from_config(quantization_config), False
+        return QuantizationPlan.from_config(quantization_config).with_arithmetic(cpu_arithmetic), False
     if weight_format is not None:
-        return QuantizationPlan.from_format(weight_format), False
+        return QuantizationPlan.from_format(weight_format).with_arithmetic(cpu_arithmetic), False
+    if cpu_arithmetic is not None:
+        raise ValueError(
+            "cpu_arithmetic applies to quantized and bfloat16 layers: give weight_format= or "
+            "quantization_config= too (this checkpoint is not quantized)"
+        )
     return None, False
 
 
@@ -253,17 +297,40 @@ def _saved_settings(config: Any, saved: Any) -> BitsAndBytesConfig:
         raise ValueError(f"{where}: quantization_config: {error}") from None
 
 
-def quantize(model: GPTNeoXJapanesePreTrainedModel, weight_format: str, **options: Any) -> nn.Module:
+def quantize(
+    model: GPTNeoXJapanesePreTrainedModel, weight_format: str, cpu_arithmetic: str = "fast", **options: Any
+) -> nn.Module:
     """Swap ``weight_format``'s layers into ``model`` in place (an explicit conversion, like
-    :func:`neoxja.linear.swap_linear_layers`); ``options`` as the format's (``blocksize``,
-    ``double_quant``). Returns ``model``."""
+    :func:`neoxja.linear.swap_linear_layers`), computing with ``cpu_arithmetic``; ``options`` as the
+    format's (``blocksize``, ``double_quant``). Returns ``model``."""
     from neoxja.linear import swap_linear_layers
 
-    plan = QuantizationPlan.from_format(weight_format, **options)
+    plan = QuantizationPlan.from_format(weight_format, cpu_arithmetic, **options)
     targets = target_layers(model, plan)
-    swap_linear_layers(model, plan.fmt, where=lambda name, _: name in targets, **plan.options)
+    swap_linear_layers(
+        model, plan.fmt, where=lambda name, _: name in targets, cpu_arithmetic=plan.arithmetic, **plan.options
+    )
     if plan.config is not None:
         model.config.quantization_config = plan.config.to_dict()
+    return model
+
+
+def set_arithmetic(model: nn.Module, cpu_arithmetic: str) -> nn.Module:
+    """Make every quantized layer of ``model`` compute with ``cpu_arithmetic`` (``"fast"`` or
+    ``"exact"``). This changes the model in place, as an explicit setter: its layers and the
+    ``cpu_arithmetic`` of its config's ``quantization_config`` (what ``save_pretrained`` writes).
+    Returns ``model``; a model without quantized layers is refused (the call would do nothing)."""
+    arithmetic = check_arithmetic(cpu_arithmetic, "cpu_arithmetic")
+    layers = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no quantized layers whose arithmetic could be set")
+    for layer in layers:
+        layer.arithmetic = arithmetic  # type: ignore[assignment]
+    settings = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(settings, dict):
+        settings["cpu_arithmetic"] = arithmetic
+    elif isinstance(settings, BitsAndBytesConfig):
+        settings.cpu_arithmetic = arithmetic
     return model
 
 
