@@ -89,17 +89,42 @@ elif task == "prequantized":
         model(torch.arange(10, 18).unsqueeze(0))
     result["peak_used"] = peak()
 else:  # decode: out = the format's name
-    fmt, new, prompt, repeats = out, int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+    fmt, new, prompt, repeats, arithmetic, head = out, *map(int, sys.argv[5:8]), *sys.argv[8:10]
+    settings = {} if arithmetic == "default" else {"cpu_arithmetic": arithmetic}
+    if head == "int8":  # the head left out of the skip list: transformers' way to quantize it too
+        settings["llm_int8_skip_modules"] = []
     kwargs = {}
-    if fmt in ("nf4", "fp4"):
-        kwargs = {"quantization_config": Config(**dict(seed, bnb_4bit_quant_type=fmt))}
-    elif fmt not in ("float32", "float32-torch"):
-        kwargs = {"weight_format": fmt}
-    model = Model.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+    if lib == "transformers":
+        kwargs = {"quantization_config": Config(**seed)} if fmt == "nf4" else {"dtype": torch.bfloat16}
+    elif fmt in ("nf4", "fp4"):
+        kwargs = {"quantization_config": Config(**dict(seed, bnb_4bit_quant_type=fmt), **settings)}
+    elif fmt == "int8" and head == "int8":
+        kwargs = {"quantization_config": Config(load_in_8bit=True, **settings)}
+    elif fmt in ("bfloat16", "int8"):
+        kwargs = {"weight_format": fmt, **settings}
+    try:
+        model = Model.from_pretrained(path, **{"dtype": torch.float32, **kwargs}).eval()
+    except TypeError as error:  # an older from_pretrained without cpu_arithmetic=
+        if not settings:
+            raise
+        print(json.dumps({"unavailable": f"{error}"}))
+        sys.exit(0)
+    # a setting the library does not have yet is reported, never assumed
+    marks = {m.arithmetic for m in model.modules() if hasattr(m, "arithmetic")}
+    head_dtype = getattr(model.get_output_embeddings(), "weight", torch.empty(0)).dtype
+    missing = []
+    if arithmetic != "default" and marks != {arithmetic}:
+        missing.append(f"cpu_arithmetic={arithmetic!r}")
+    if head == "int8" and head_dtype != torch.int8:
+        missing.append("the 8-bit head")
+    if missing:
+        print(json.dumps({"unavailable": " and ".join(missing) + " not in this neoxja"}))
+        sys.exit(0)
     if lib == "neoxja":
-        steps = neoxja.explain_decoding(model).split(":")[0]
+        explained = neoxja.explain_decoding(model)
+        steps = explained.split(":")[0]
     else:
-        steps = "transformers"
+        steps = explained = "transformers"
     class Clock:  # a streamer that notes when each token arrives: the prompt, then one per step
         def __init__(self):
             self.times = []
@@ -125,7 +150,9 @@ else:  # decode: out = the format's name
             model(long_ids, logits_to_keep=1)
             prefill = time.perf_counter() - start
     result = {"s_per_token": per_token, "prefill": prefill, "peak": peak(), "held": held(model),
-              "read": read_per_token(model), "steps": steps, "tokens": tokens[0, 8:].tolist()}
+              "read": read_per_token(model), "steps": steps, "explained": explained,
+              "arithmetic": "/".join(sorted(marks)) or "-", "head": str(head_dtype).replace("torch.", ""),
+              "tokens": tokens[0, 8:].tolist()}
 print(json.dumps(result))
 """
 
@@ -167,48 +194,110 @@ def bench_memory(checkpoint: Path, work: Path, weight_bytes: int) -> None:
     print("\n(runtime: RSS of the process before the load, after importing torch and the library)")
 
 
-def kernel_rates(total_bytes: float = 6e8, repeats: int = 3) -> dict[str, tuple[float, float]]:
-    """Per format, (GB/s of the format's bytes, G weights/s) of the C kernels at batch 1 over
-    10240x2560 and 2560x10240 weights whose bytes add up to ``total_bytes`` (beyond any cache);
-    random bytes, since the kernels' speed does not depend on the values."""
+def kernel_rates(total_bytes: float = 6e8, repeats: int = 3) -> dict[tuple[str, str], tuple[float, float]]:
+    """Per (format, arithmetic), (GB/s of the format's bytes, G weights/s) of the C kernels at batch 1
+    over 10240x2560 and 2560x10240 weights whose bytes add up to ``total_bytes`` (beyond any cache);
+    random bytes, since the kernels' speed does not depend on the values. Both arithmetics where the
+    kernels take an ``arithmetic`` argument; only "exact" (the float32 kernels) where they do not."""
+    import inspect
+
     import torch
 
     from neoxja.quantization import formats, kernels
 
     generator = torch.Generator().manual_seed(0)
     code, nested_code = formats.code_4bit("nf4"), formats.dynamic_code()
+    takes = "arithmetic" in inspect.signature(kernels.linear_4bit).parameters
     rates = {}
     for fmt, bytes_per_weight in (("bfloat16", 2.0), ("int8", 1.0), ("nf4", 0.5 + 1 / 64)):
         shapes = [(10240, 2560), (2560, 10240)] * int(total_bytes / (26214400 * bytes_per_weight) / 2 + 1)
-        products = []
-        for out_features, in_features in shapes:
-            x = torch.randn(1, in_features, generator=generator)
-            n = out_features * in_features
-            if fmt == "bfloat16":
-                weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
-                products.append(lambda x=x, w=weight: kernels.linear_bf16(x, w))
-            elif fmt == "int8":
-                weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
-                scb = torch.rand(out_features, generator=generator)
-                products.append(lambda x=x, w=weight, s=scb: kernels.linear_int8(x, w, s))
-            else:
-                packed = torch.randint(0, 256, (n // 2, 1), dtype=torch.uint8, generator=generator)
-                absmax = torch.randint(0, 256, (n // 64,), dtype=torch.uint8, generator=generator)
-                nested = torch.rand(-(-n // 64 // 256), generator=generator)
-                products.append(
-                    lambda x=x, p=packed, a=absmax, m=nested, o=out_features: kernels.linear_4bit(
-                        x, p, a, code, 64, o, nested_absmax=m, nested_code=nested_code, offset=0.01
+        for arithmetic in ("fast", "exact") if takes else ("exact",):
+            extra = {"arithmetic": arithmetic} if takes else {}
+            products = []
+            for out_features, in_features in shapes:
+                x = torch.randn(1, in_features, generator=generator)
+                n = out_features * in_features
+                if fmt == "bfloat16":
+                    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+                    products.append(lambda x=x, w=weight, e=extra: kernels.linear_bf16(x, w, **e))
+                elif fmt == "int8":
+                    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+                    scb = torch.rand(out_features, generator=generator)
+                    products.append(lambda x=x, w=weight, s=scb, e=extra: kernels.linear_int8(x, w, s, **e))
+                else:
+                    packed = torch.randint(0, 256, (n // 2, 1), dtype=torch.uint8, generator=generator)
+                    absmax = torch.randint(0, 256, (n // 64,), dtype=torch.uint8, generator=generator)
+                    nested = torch.rand(-(-n // 64 // 256), generator=generator)
+                    products.append(
+                        lambda x=x, p=packed, a=absmax, m=nested, o=out_features, e=extra: (
+                            kernels.linear_4bit(
+                                x,
+                                p,
+                                a,
+                                code,
+                                64,
+                                o,
+                                nested_absmax=m,
+                                nested_code=nested_code,
+                                offset=0.01,
+                                **e,
+                            )
+                        )
                     )
-                )
-        weights = sum(o * i for o, i in shapes)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for product in products:
-                product()
-            best = min(best, time.perf_counter() - start)
-        rates[fmt] = (weights * bytes_per_weight / best / 1e9, weights / best / 1e9)
+            weights = sum(o * i for o, i in shapes)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for product in products:
+                    product()
+                best = min(best, time.perf_counter() - start)
+            rates[(fmt, arithmetic)] = (weights * bytes_per_weight / best / 1e9, weights / best / 1e9)
     return rates
+
+
+# (library, format, arithmetic, head) of the speed table; "default": the library's own setting
+SPEED_ROWS = [
+    ("neoxja", "float32", "default", "float32"),
+    ("neoxja", "float32-torch", "default", "float32"),
+    *[
+        ("neoxja", fmt, arithmetic, "float32")
+        for fmt in ("bfloat16", "int8", "nf4")
+        for arithmetic in ("fast", "exact")
+    ],
+    ("neoxja", "int8", "fast", "int8"),
+    ("neoxja", "nf4", "fast", "int8"),
+    ("neoxja", "fp4", "fast", "float32"),
+    ("transformers", "nf4", "default", "float32"),
+    ("transformers", "bfloat16", "default", "float32"),
+]
+# batch-1 decoding floors against neoxja float32 (issue 21), each also >= 75% of its bandwidth limit
+DECODE_FLOORS = {"nf4": 5.0, "int8": 3.0, "bfloat16": 1.8}
+LIMIT_FLOOR = 0.75
+
+
+def decode_row(
+    checkpoint: Path, lib: str, fmt: str, arithmetic: str, head: str, new: int, prompt: int, repeats: int
+) -> dict:
+    """One row of the speed table, timed in a fresh process: ``{"unavailable": why}`` when this neoxja
+    lacks the setting asked for. NEOXJA_CPU_ARITHMETIC is left out of the child's environment so that
+    the row's own setting is the one that runs; ``float32-torch`` turns the whole-step decoder off."""
+    env = {k: v for k, v in os.environ.items() if k != "NEOXJA_CPU_ARITHMETIC"}
+    env["NEOXJA_FUSED_DECODE"] = "0" if fmt == "float32-torch" else "1"
+    args = ("decode", lib, str(checkpoint), fmt, str(new), str(prompt), str(repeats), arithmetic, head)
+    return run(*args, env=env)
+
+
+def row_name(lib: str, fmt: str, arithmetic: str, head: str) -> str:
+    """How the tables name a row: library, format, and for neoxja's quantized formats the settings."""
+    if lib != "neoxja" or fmt.startswith("float32"):
+        return f"{lib} {fmt}"
+    return f"{lib} {fmt} {arithmetic}" + (", 8-bit head" if head == "int8" else "")
+
+
+def streaming_rate(matvec: dict[str, float], float32: dict) -> float:
+    """The float32 streaming rate of the run, bytes/s: the fastest of the float32 matrix-vector
+    products and the float32 decoder's own bytes per second (so float32 itself is within its limit)."""
+    return max(max(matvec.values()) * 1e9, float32["read"] / float32["s_per_token"])
 
 
 def bench_speed(checkpoint: Path, new: int, prompt: int, repeats: int) -> None:
@@ -219,53 +308,82 @@ def bench_speed(checkpoint: Path, new: int, prompt: int, repeats: int) -> None:
 
     torch.set_num_threads(2)
     bandwidths = matvec_gbps()
-    gbps = max(bandwidths.values())
+    results = {}
+    for row in SPEED_ROWS:
+        results[row] = decode_row(checkpoint, *row, new=new, prompt=prompt, repeats=repeats)
+    base = results[SPEED_ROWS[0]]
+    rate = streaming_rate(bandwidths, base)
     print(
         f"\ngreedy decoding, batch 1, 2 threads, prompt 8, the median of {repeats} x {new} decoding steps "
         f"(the prefill excluded); a {prompt}-token prompt (one forward); "
         f"neoxja kernels: {kernels.kernel_name()}; float32 matvec "
         + ", ".join(f"{v:.1f} GB/s ({k})" for k, v in bandwidths.items())
-        + f"; the bandwidth limit uses {gbps:.1f} GB/s\n"
+        + f", neoxja float32 decoding {base['read'] / base['s_per_token'] / 1e9:.1f} GB/s; "
+        f"the bandwidth limit uses {rate / 1e9:.1f} GB/s\n"
     )
     print(
-        "| weights | decoding steps | s/token | tok/s | vs neoxja float32 | GB read per token "
-        "| bandwidth limit s/token | % of limit | 512-token prompt s | prompt speed vs float32 "
+        "| weights | arithmetic | head | decoding steps | s/token | tok/s | vs neoxja float32 "
+        "| GB read per token | bandwidth limit s/token | % of limit | prompt s | prompt vs float32 "
         "| model holds GB |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    rows = [("neoxja", f) for f in ("float32", "float32-torch", "bfloat16", "int8", "nf4", "fp4")]
-    rows.append(("transformers", "nf4"))
-    base = base_prefill = None
-    results = {}
-    for lib, fmt in rows:
-        env = dict(os.environ, NEOXJA_FUSED_DECODE="0" if fmt == "float32-torch" else "1")
-        long = "0" if lib != "neoxja" else str(prompt)
-        r = run("decode", lib, str(checkpoint), fmt, str(new), long, str(repeats), env=env)
-        results[(lib, fmt)] = r
-        base = base or r["s_per_token"]
-        base_prefill = base_prefill or r["prefill"]
-        limit = r["read"] / (gbps * 1e9)
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row, r in results.items():
+        if "unavailable" in r:
+            print(f"| {row_name(*row)} | not available: {r['unavailable']} |" + " |" * 11)
+            continue
+        limit = r["read"] / rate
         prefill = "-" if r["prefill"] is None else f"{r['prefill']:.2f}"
-        prefill_ratio = "-" if r["prefill"] is None else f"{base_prefill / r['prefill']:.2f}x"
+        prefill_ratio = "-" if r["prefill"] is None else f"{base['prefill'] / r['prefill']:.2f}x"
         print(
-            f"| {lib} {fmt} | {r['steps']} | {r['s_per_token']:.3f} | {1 / r['s_per_token']:.2f} | "
-            f"{base / r['s_per_token']:.2f}x | {r['read'] / 1e9:.2f} | {limit:.3f} | "
-            f"{100 * limit / r['s_per_token']:.0f}% | {prefill} | {prefill_ratio} | {r['held'] / 1e9:.2f} |"
+            f"| {row_name(*row)} | {r['arithmetic']} | {r['head']} | {r['steps']} | {r['s_per_token']:.3f} | "
+            f"{1 / r['s_per_token']:.2f} | {base['s_per_token'] / r['s_per_token']:.2f}x | "
+            f"{r['read'] / 1e9:.2f} | {limit:.3f} | {100 * limit / r['s_per_token']:.0f}% | {prefill} | "
+            f"{prefill_ratio} | {r['held'] / 1e9:.2f} |"
         )
-    bnb = results[("transformers", "nf4")]["s_per_token"]
-    ours = results[("neoxja", "nf4")]["s_per_token"]
-    whole, per_layer = (results[("neoxja", f)]["s_per_token"] for f in ("float32", "float32-torch"))
-    same = results[("neoxja", "float32")]["tokens"] == results[("neoxja", "float32-torch")]["tokens"]
-    print(f"\nneoxja nf4 vs transformers + bitsandbytes nf4: {bnb / ours:.1f}x")
+    print("\nwhat ran (neoxja.explain_decoding):")
+    for row, r in results.items():
+        if "explained" in r and row[0] == "neoxja":
+            print(f"- {row_name(*row)}: {r['explained']}")
+    print_floors(results, rate)
+    whole, per_layer = results[SPEED_ROWS[0]], results[SPEED_ROWS[1]]
+    same = whole["tokens"] == per_layer["tokens"]
     print(
-        f"float32, whole-step C decoder vs one PyTorch op per layer: {per_layer / whole:.2f}x "
-        f"(same tokens: {'yes' if same else 'NO'})"
+        f"\nfloat32, whole-step C decoder vs one PyTorch op per layer: "
+        f"{per_layer['s_per_token'] / whole['s_per_token']:.2f}x (same tokens: {'yes' if same else 'NO'})"
     )
     print("\nC kernels alone, batch 1, 2.7B layer shapes beyond the cache:\n")
-    print("| format | GB/s of its bytes | G weights/s | % of the float32 matvec GB/s |")
-    print("|---|---:|---:|---:|")
-    for fmt, (rate, weights) in kernel_rates().items():
-        print(f"| {fmt} | {rate:.1f} | {weights:.1f} | {100 * rate / gbps:.0f}% |")
+    print("| format | arithmetic | GB/s of its bytes | G weights/s | % of the float32 streaming rate |")
+    print("|---|---|---:|---:|---:|")
+    for (fmt, arithmetic), (gbps, weights) in kernel_rates().items():
+        print(f"| {fmt} | {arithmetic} | {gbps:.1f} | {weights:.1f} | {100 * gbps * 1e9 / rate:.0f}% |")
+
+
+def print_floors(results: dict, rate: float) -> None:
+    """Issue 21's floors for each format's default (fast, float32 head) row: decoding against neoxja
+    float32 and against its own bandwidth limit; the prompt against neoxja float32 (this CPU has no
+    AMX) and, for the record, against transformers' bfloat16 prompt (the floor on CPUs with AMX)."""
+    base = results[SPEED_ROWS[0]]
+    torch_bf16 = results[("transformers", "bfloat16", "default", "float32")]
+    print("\nfloors (fast path, float32 head):\n")
+    print(
+        "| format | vs float32 | floor | % of limit | floor | prompt vs float32 | floor "
+        "| prompt vs transformers bfloat16 | met |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for fmt, floor in DECODE_FLOORS.items():
+        r = results[("neoxja", fmt, "fast", "float32")]
+        if "unavailable" in r:
+            print(f"| {fmt} | not available: {r['unavailable']} |" + " |" * 7)
+            continue
+        speedup = base["s_per_token"] / r["s_per_token"]
+        of_limit = r["read"] / rate / r["s_per_token"]
+        prompt_ratio = base["prefill"] / r["prefill"]
+        vs_torch = "-" if "unavailable" in torch_bf16 else f"{torch_bf16['prefill'] / r['prefill']:.2f}x"
+        met = speedup >= floor and of_limit >= LIMIT_FLOOR and prompt_ratio >= 1.0
+        print(
+            f"| {fmt} | {speedup:.2f}x | {floor}x | {100 * of_limit:.0f}% | {100 * LIMIT_FLOOR:.0f}% | "
+            f"{prompt_ratio:.2f}x | 1.0x | {vs_torch} | {'yes' if met else 'NO'} |"
+        )
 
 
 def main() -> None:
