@@ -413,6 +413,8 @@ def load_pretrained(
     arguments override config fields. A local LoRA adapter directory (peft's ``adapter_config.json``
     + ``adapter_model.safetensors``, no ``config.json``) loads its ``base_model_name_or_path`` with
     the adapter merged into the weights (:func:`neoxja.tuner.lora.merge_adapter`).
+    ``cpu_arithmetic`` (``"fast"`` or ``"exact"``) sets the quantized layers' CPU arithmetic
+    (:mod:`neoxja.quantization.arithmetic`).
     """
     if Path(name_or_path).is_file():
         raise file_not_directory(name_or_path)
@@ -432,6 +434,7 @@ def load_pretrained(
     options = HubOptions.pop_from(kwargs)
     quantization_config = kwargs.pop("quantization_config", None)
     weight_format = kwargs.pop("weight_format", None)
+    cpu_arithmetic = kwargs.pop("cpu_arithmetic", None)
     if "torch_dtype" in kwargs:
         dtype = kwargs.pop("torch_dtype")
     if "device_map" in kwargs:
@@ -458,10 +461,11 @@ def load_pretrained(
     with torch.device("meta"):
         model = cls(config)
     loader = None
-    if quantization_config is not None or weight_format is not None or hasattr(config, "quantization_config"):
+    quantizing = (quantization_config, weight_format, cpu_arithmetic) != (None, None, None)
+    if quantizing or hasattr(config, "quantization_config"):
         from neoxja.quantization.loading import QuantizingLoader, check_device, plan_for
 
-        plan, prequantized = plan_for(config, quantization_config, weight_format)
+        plan, prequantized = plan_for(config, quantization_config, weight_format, cpu_arithmetic)
         if plan is not None:
             check_device(plan, device)
             loader = QuantizingLoader(model, plan, prequantized, device, dtype)
