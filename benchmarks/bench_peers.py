@@ -1,20 +1,18 @@
 """neoxja beside the engines a user would pick instead for a quantized 2.7B on the CPU: llama.cpp
-(GPT-NeoX GGUF, Q4_0 / Q8_0 / BF16) and CTranslate2 (int8 / int8_float32), on the 2.7B shape with
-the same random weights, batch-1 greedy decoding and a 512-token prompt, 2 threads, each engine
-and format timed in a fresh process of its own, one after the other in the same run.
+(GPT-NeoX GGUF, Q4_0 / Q8_0 / BF16), CTranslate2 (int8 / int8_float32) and OpenVINO (int8 / int4),
+on the 2.7B shape with the same random weights, batch-1 greedy decoding and a 512-token prompt,
+2 threads, each engine and format timed in a fresh process of its own, one after the other in the
+same run.
 
 Optional, never part of CI: it downloads and builds what it needs into a cache directory outside
 the repository (``--cache``, default ``$NEOXJA_PEERS_CACHE`` or ``~/.cache/neoxja-peers``), and says
 so as it does: ``llama-cpp-python`` built from its source package with ``-DGGML_NATIVE=ON``
-(minutes; peers_llama.py, with ``llama_amx_tile.patch`` on CPUs with AMX), and the
-``ctranslate2`` wheel (peers_ct2.py). The models are written there too, once per checkpoint: a
-GPT-NeoX GGUF of the checkpoint's weights quantized by llama.cpp's own quantizer, and a
-CTranslate2 int8 model written through its spec API.
-
-OpenVINO is not measured: its exporter for this architecture is optimum-intel's (it lists
-gpt_neox_japanese), which needs transformers < 5.6 beside this environment's 5.x, nncf, torchvision
-and openvino-tokenizers, and traces the model in float32 (10.4 GB) on a 24 GB machine shared with
-other work; not attempted here.
+(minutes; peers_llama.py, with ``llama_amx_tile.patch`` on CPUs with AMX), the ``ctranslate2``
+wheel (peers_ct2.py), and optimum-intel with OpenVINO in a venv of its own, since optimum-intel
+pins transformers < 5.6 (peers_openvino.py). The models are written there too, once per
+checkpoint: a GPT-NeoX GGUF of the checkpoint's weights quantized by llama.cpp's own quantizer, a
+CTranslate2 int8 model written through its spec API, and optimum-intel's exports with
+``--weight-format int8`` and ``int4`` (nncf's data-free weight compression, its defaults).
 
 neoxja's rows are bench_quant.py's: float32 (whole-step C decoder), bfloat16, int8 and nf4 with
 the fast and the exact arithmetic, int8 and nf4 also with the 8-bit head (llama.cpp quantizes its
@@ -24,10 +22,10 @@ the 8-bit head (as llama.cpp) and with the float32 head.
 
 Decoding: the median time of a step over ``--repeats`` runs of ``--new`` steps after an 8-token
 prompt, the prefill excluded. Prompt: one forward of ``--prompt`` random token ids, the last
-position's logits (CTranslate2: ``generate_batch`` of one token with the prompt forwarded at once,
-less one decoding step).
+position's logits (CTranslate2 and OpenVINO: generating one token after the prompt, less one
+decoding step).
 
-    python benchmarks/bench_peers.py [--checkpoint DIR] [--cache DIR] [--engines llama,ct2,neoxja]
+    python benchmarks/bench_peers.py [--checkpoint DIR] [--cache DIR] [--engines llama,ct2,openvino,neoxja]
                                      [--new 8] [--repeats 3] [--prompt 512] [--prepare-only]
 """
 
@@ -45,12 +43,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import peers_ct2  # noqa: E402
 import peers_llama  # noqa: E402
+import peers_openvino  # noqa: E402
 from bench_quant import decode_row, row_name  # noqa: E402
 
 THREADS = 2
-ENGINES = ("llama", "ct2", "neoxja")
+ENGINES = ("llama", "ct2", "openvino", "neoxja")
 LLAMA_FORMATS = ("Q4_0", "Q8_0", "BF16")
 CT2_TYPES = ("int8", "int8_float32")
+OPENVINO_FORMATS = ("int8", "int4")
 # (format, arithmetic, head) of neoxja's rows
 NEOXJA_ROWS = [("float32", "default", "float32")] + [
     (fmt, arithmetic, head)
@@ -69,11 +69,18 @@ def checkpoint_key(checkpoint: Path) -> str:
     return hashlib.sha256(f"{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
 
 
-def child(script: Path, site: Path, *args: str) -> dict | None:
-    """Run a peers_*.py child with ``site`` on its path; its last stdout line as JSON, if any."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+def child(script: Path, site: Path | None, *args: str, python: Path | None = None) -> dict | None:
+    """Run a peers_*.py child (with ``site`` on its path, by ``python`` if given: another venv's);
+    its last stdout line as JSON, if any."""
+    env = dict(os.environ)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
     out = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, env=env, check=False
+        [str(python or sys.executable), str(script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{script.name} {args[0]} failed:\n{out.stderr[-3000:]}")
@@ -108,6 +115,21 @@ def prepare_ct2(cache: Path, checkpoint: Path) -> tuple[Path, Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         child(HERE / "peers_ct2.py", site, "write", str(checkpoint), "--out", str(path))
     return site, path
+
+
+def prepare_openvino(cache: Path, checkpoint: Path) -> tuple[Path, dict[str, Path]]:
+    """The OpenVINO venv's Python and an export per weight format (written once per checkpoint)."""
+    python = peers_openvino.ensure_installed(cache)
+    paths = {
+        fmt: cache / "models" / f"{checkpoint_key(checkpoint)}-openvino-{fmt}" for fmt in OPENVINO_FORMATS
+    }
+    for fmt, path in paths.items():
+        if not path.is_dir():
+            print(f"exporting with optimum-intel, --weight-format {fmt}: {path}", file=sys.stderr)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            child(HERE / "peers_openvino.py", None, "export", str(checkpoint), "--out", str(path),
+                  "--weight-format", fmt, python=python)  # fmt: skip
+    return python, paths
 
 
 def timing_args(args: argparse.Namespace) -> list[str]:
@@ -180,6 +202,21 @@ def main() -> None:
                 *timing_args(args),
             )
             rows.append(dict(r, engine="CTranslate2", format=compute_type, head="int8", kernel=compute_type))
+    if "openvino" in engines:
+        python, paths = prepare_openvino(args.cache, checkpoint)
+        for fmt in () if args.prepare_only else OPENVINO_FORMATS:
+            types = child(HERE / "peers_openvino.py", None, "types", str(paths[fmt]), python=python)
+            r = child(
+                HERE / "peers_openvino.py",
+                None,
+                "measure",
+                str(paths[fmt]),
+                *timing_args(args),
+                python=python,
+            )
+            rows.append(
+                dict(r, engine="OpenVINO", format=fmt, head=types["head"], kernel=f"weights {types['mlp']}")
+            )
     if "neoxja" in engines and not args.prepare_only:
         for fmt, arithmetic, head in NEOXJA_ROWS:
             r = decode_row(

@@ -104,6 +104,7 @@ def child_write(checkpoint: Path, out: Path) -> None:
     spec.validate()
     spec.optimize(quantization="int8")
     partial = out.with_name(out.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
     spec.save(str(partial))
     partial.rename(out)
 
