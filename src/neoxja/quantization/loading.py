@@ -5,7 +5,16 @@ Dense checkpoints are quantized one weight at a time, as each tensor comes off t
 float model is never resident, so loading peaks near the quantized model plus one layer's float
 weight. The checkpoint's tensors are read (not memory-mapped) so that a weight's pages are freed
 once it is quantized. Which layers: every ``nn.Linear`` but ``llm_int8_skip_modules`` (default:
-the output head, as transformers), and never an output head tied to the input embedding.
+the output head, as transformers).
+
+The output head, when the skip list leaves it out (``llm_int8_skip_modules=[]``), becomes an int8
+layer (:class:`Linear8bit`) in every format: it is a sixth of what a 4-bit model reads per token in
+float32 and its error reaches every logit directly, so it gets int8's precision, not 4 bits. A head
+tied to the input embedding (this model's default) is quantized from the embedding, which stays
+float32 for its row lookups; the two are then separate tensors, so the model's config says
+``tie_word_embeddings=False`` and ``save_pretrained`` writes both (the head as int8 rows with its
+``SCB``). A pre-quantized head is read in the format its tensors are in (int8 with ``SCB``, else the
+checkpoint's own format, as transformers writes an untied 4-bit head).
 
 Every quantized layer is built with the load's CPU arithmetic (``cpu_arithmetic``:
 :mod:`neoxja.quantization.arithmetic`); :func:`set_arithmetic` changes a loaded model's.
@@ -105,14 +114,24 @@ def check_device(plan: QuantizationPlan, device: torch.device) -> None:
 
 
 def target_layers(model: nn.Module, plan: QuantizationPlan) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules of ``model`` to quantize, by name."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = output is not None and getattr(model.config, "tie_word_embeddings", True)
+    """The ``nn.Linear`` modules of ``model`` to quantize, by name (the output head among them unless
+    the plan skips it)."""
     return {
         name: module
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and not plan.skips(name) and not (tied and module is output)
+        if type(module) is nn.Linear and not plan.skips(name)
     }
+
+
+def head_name(model: nn.Module) -> str | None:
+    """The name of ``model``'s output head module (None for a model without one)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, module in model.named_modules() if module is output), None)
+
+
+def is_tied(model: nn.Module) -> bool:
+    """Whether ``model``'s config ties its output head to the input embedding (transformers' default)."""
+    return bool(getattr(model.config, "tie_word_embeddings", True))
 
 
 class QuantizingLoader:
@@ -131,9 +150,14 @@ class QuantizingLoader:
         self.prequantized = prequantized
         self.device = device
         self.targets = target_layers(model, plan)
+        self.head = head_name(model) if head_name(model) in self.targets else None
+        self.tied_head = self.head is not None and is_tied(model)
         self.pieces: dict[str, dict[str, Tensor]] = {name: {} for name in self.targets}
         self.files: dict[str, dict[str, Path]] = {name: {} for name in self.targets}  # for the errors
-        self.layers: dict[str, QuantizedLinear] = {}
+
+    def _format(self, name: str) -> type[QuantizedLinear]:
+        """The layer class of target ``name``: int8 for the output head, the plan's format otherwise."""
+        return QUANTIZED_FORMATS["int8"] if name == self.head else self.plan.fmt
 
     def _layer_of(self, key: str) -> tuple[str, str] | None:
         name, _, rest = key.partition(".weight")
@@ -150,6 +174,8 @@ class QuantizingLoader:
             return False
         name, sub = found
         module = self.targets[name]
+        if name == self.head and self.tied_head:
+            return False  # a tied head is the input embedding's weight: it is quantized from there
         if not self.prequantized and sub not in ("weight", "bias"):
             return False
         if sub in self.pieces[name]:
@@ -171,8 +197,9 @@ class QuantizingLoader:
             weight = tensor.to(
                 device=self.device, dtype=self.dtype
             )  # quantized from the load dtype, as bitsandbytes
-            self.pieces[name]["weight"] = self.plan.fmt.from_weight(
-                weight, None, cpu_arithmetic=self.plan.arithmetic, **self.plan.options
+            options = {} if name == self.head else self.plan.options
+            self.pieces[name]["weight"] = self._format(name).from_weight(
+                weight, None, cpu_arithmetic=self.plan.arithmetic, **options
             )
             return True
         self.pieces[name][sub] = tensor.to(self.device)
@@ -185,10 +212,14 @@ class QuantizingLoader:
             bias = pieces.get("bias")
             if bias is not None:
                 bias = bias.to(dtype)
-            if not pieces or (self.prequantized and "weight" not in pieces):
+            if name == self.head and self.tied_head:
+                layer = self._tied_head(model)
+            elif not pieces or (self.prequantized and "weight" not in pieces):
                 raise ValueError(f"quantized checkpoint: {name}.weight is missing")
-            if self.prequantized:
-                layer = self.plan.fmt.from_state(
+            elif self.prequantized:
+                int8_head = name == self.head and "SCB" in pieces
+                fmt = QUANTIZED_FORMATS["int8"] if int8_head else self.plan.fmt
+                layer = fmt.from_state(
                     pieces, name + ".", bias, self.files[name], cpu_arithmetic=self.plan.arithmetic
                 )
                 module = self.targets[name]
@@ -205,10 +236,19 @@ class QuantizingLoader:
                     layer.bias = nn.Parameter(bias, requires_grad=False)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, layer.eval())
+        if self.tied_head:
+            model.config.tie_word_embeddings = False  # the head is an int8 copy of the embedding now
         if self.plan.config is not None:
             model.config.quantization_config = self.plan.config.to_dict()
         if not self.prequantized:
             release_freed_memory()
+
+    def _tied_head(self, model: nn.Module) -> QuantizedLinear:
+        """The int8 head quantized from the input embedding (loaded by now; it stays as it is)."""
+        embedding = model.get_input_embeddings().weight.detach()
+        return QUANTIZED_FORMATS["int8"].from_weight(
+            embedding.to(self.device), None, cpu_arithmetic=self.plan.arithmetic
+        )
 
 
 def release_freed_memory() -> None:
