@@ -69,8 +69,23 @@ def test_from_pretrained_config_and_saved_files_keep_the_setting(tiny_dir: Path,
     assert fast.config.quantization_config["cpu_arithmetic"] == "fast"
 
 
-def test_the_load_argument_wins_and_is_checked(tiny_dir: Path) -> None:
-    """``plan_for`` is what ``from_pretrained(..., cpu_arithmetic=)`` hands the argument to."""
+def test_the_load_argument_wins_and_is_checked(tiny_dir: Path, tmp_path: Path) -> None:
+    for weight_format in FORMATS:
+        model = GPTNeoXJapaneseForCausalLM.from_pretrained(
+            tiny_dir, weight_format=weight_format, cpu_arithmetic="exact"
+        )
+        assert {layer.arithmetic for layer in quantized_layers(model)} == {"exact"}, weight_format
+    # a pre-quantized file saved fast, loaded exact
+    GPTNeoXJapaneseForCausalLM.from_pretrained(tiny_dir, weight_format="nf4").save_pretrained(
+        tmp_path / "nf4"
+    )
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(tmp_path / "nf4", cpu_arithmetic="exact")
+    assert {layer.arithmetic for layer in quantized_layers(model)} == {"exact"}
+    with pytest.raises(ValueError, match="cpu_arithmetic must be one of 'fast', 'exact', got 'fastest'"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tiny_dir, weight_format="nf4", cpu_arithmetic="fastest")
+    with pytest.raises(ValueError, match="cpu_arithmetic applies to quantized and bfloat16 layers"):
+        GPTNeoXJapaneseForCausalLM.from_pretrained(tiny_dir, cpu_arithmetic="exact")
+    # the plan behind those loads
     config = GPTNeoXJapaneseForCausalLM.from_pretrained(tiny_dir).config
     for weight_format in FORMATS:
         plan, prequantized = plan_for(config, None, weight_format, "exact")
