@@ -246,7 +246,7 @@ def print_table(rows: list[dict], checkpoint: Path, args: argparse.Namespace) ->
     print("| engine | weights | head | what ran | decode tok/s | prompt tok/s |")
     print("|---|---|---|---|---:|---:|")
     for r in rows:
-        name = r.get("name", f"{r['engine']} {r['format']}")
+        name = r.get("name", r["format"])
         if "unavailable" in r:
             print(f"| {r['engine']} | {name} | - | not available: {r['unavailable']} | - | - |")
             continue

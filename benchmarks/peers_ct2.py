@@ -8,6 +8,10 @@ with a sequential residual and no MLP biases, which is this model's cost. The we
 as int8 (``spec.optimize(quantization="int8")``, what ``ct2-transformers-converter --quantization
 int8`` writes); ``compute_type`` then picks the arithmetic at load (``int8``, ``int8_float32``).
 
+On AMD CPUs CTranslate2 leaves MKL (its choice on Intel) and picks the AVX2 ISA and oneDNN
+("DNNL") for its int8 products (``CT2_VERBOSE=1`` says so); forcing MKL (``CT2_USE_MKL=1``) made a
+2.7B decoding step 40x slower on the EPYC this was written on. Its defaults are what is timed.
+
 Run as a script, it is the child process that times one compute type (``measure``) or writes the
 model (``write``); bench_peers.py runs it with the cache's site directory on ``PYTHONPATH``.
 """

@@ -54,7 +54,7 @@ def child_export(checkpoint: Path, out: Path, weight_format: str) -> None:
     partial = out.with_name(out.name + ".partial")
     command = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model"]
     command += [str(checkpoint), "--task", "text-generation-with-past", "--weight-format", weight_format]
-    subprocess.run([*command, str(partial)], check=True)
+    subprocess.run([*command, str(partial)], check=True, stdout=sys.stderr)  # stdout is for JSON
     partial.rename(out)
 
 
