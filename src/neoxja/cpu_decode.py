@@ -1,34 +1,43 @@
-"""Decoding steps on the CPU in float32 as one C call each (the ``neoxja._decode`` extension).
+"""Decoding steps on the CPU as one C call each (the ``neoxja._decode`` extension).
 
 ``generate()`` feeds one token per row per step. Through PyTorch that step is a few dozen ops on
 small vectors, each with microseconds of dispatch, which for small models costs more than the
-arithmetic. A :class:`FusedDecoder` runs the whole step (embedding, every layer, the output head
-and, for greedy decoding, the argmax) in C, on the model's own dense weights and the generation's
-:class:`~neoxja.cache.KVCache`, with its own threads (as many as ``torch.get_num_threads()``).
-The prompt (prefill) still goes through the model's PyTorch forward, which fills the same cache.
+arithmetic, and for quantized models (whose products are fast) a large part of the step. A
+:class:`FusedDecoder` runs the whole step (embedding, every layer, the output head and, for greedy
+decoding, the argmax) in C, on the model's own weights, dense float32 or quantized
+(:mod:`neoxja.quantization.layers`: nf4, fp4, int8, bfloat16, each layer in its own arithmetic,
+``fast`` or ``exact``), and the generation's :class:`~neoxja.cache.KVCache`, with its own threads
+(as many as ``torch.get_num_threads()``). The prompt (prefill) still goes through the model's
+PyTorch forward, which fills the same cache.
 
 ``generate()`` uses it by itself (the ``cpu-fused`` backend of :mod:`neoxja.decoding`) when
 
 * the extension was built (``pip install`` compiles it; without a C compiler it is skipped);
 * the model is a :class:`~neoxja.modeling.GPTNeoXJapaneseForCausalLM` made of neoxja's own modules
-  with their own forwards (not patched or subclassed), in eval mode, with every parameter in
-  float32 on the CPU and contiguous, no forward hooks, weights not packed for oneDNN
+  with their own forwards (not patched or subclassed; quantized layers of
+  :data:`quantized_forwards`, without bias), in eval mode, with every parameter and buffer on the
+  CPU and contiguous, parameters in float32, no forward hooks, weights not packed for oneDNN
   (:func:`~neoxja.linear.optimize_for_cpu_inference`: a model packed on purpose keeps the PyTorch
   path, whose packed kernels it was packed for);
 * its activation is one of :data:`ACTIVATIONS`;
 * the environment variable ``NEOXJA_FUSED_DECODE`` is not ``0`` (the switch to compare paths).
 
-The matrix kernel uses AVX2 and FMA where the CPU has them and portable C elsewhere
-(``NEOXJA_DECODE_KERNEL=scalar`` at import forces the portable one, for tests).
+The kernels (``src/neoxja/csrc/``, shared with :mod:`neoxja.quantization.kernels`) use AVX-512,
+AVX-VNNI, AVX2 or portable C, as the CPU allows (``NEOXJA_DECODE_KERNEL=avx2|avxvnni|scalar`` at
+import caps them, for tests); :func:`describe` says which run for a model.
 
-Results agree with the PyTorch step within float32 rounding (sums run in another order), as two
-BLAS libraries would; greedy decoding picks the same tokens unless two logits tie to within that
-rounding.
+Results agree with the PyTorch step of the same arithmetic: float32 and ``exact`` layers within
+float32 rounding (sums run in another order), as two BLAS libraries would; ``fast`` layers within
+that arithmetic's own rounding (int8 activations, bfloat16), since the step's float32 inputs to a
+product differ from PyTorch's in their last bits. Greedy decoding picks the same tokens unless two
+logits tie to within that. Each row's results are the same, bit for bit, whatever the other rows
+of a batch (the kernels never mix rows).
 """
 
 from __future__ import annotations
 
 import os
+from functools import cache
 from typing import Any
 
 import torch
@@ -76,6 +85,19 @@ ACTIVATIONS = {
     "swish": 3,
 }
 """Activations the C step computes, by ``config.hidden_act`` (code passed to the extension)."""
+
+
+@cache
+def quantized_forwards() -> dict[type, Any]:
+    """The quantized layer classes the C step reads (:mod:`neoxja.quantization.layers`), with the
+    forwards they had when imported: a subclass or a replaced forward falls back to PyTorch."""
+    from neoxja.quantization import layers
+
+    return {cls: cls.forward for cls in layers.QUANTIZED_FORMATS.values()}
+
+
+def _is_quantized(module: Any) -> bool:
+    return quantized_forwards().get(type(module)) is type(module).forward
 
 
 def _extension() -> Any:
@@ -130,12 +152,16 @@ def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
         return reason
     if is_optimized_for_cpu_inference(model):
         return "the weights are packed for oneDNN (optimize_for_cpu_inference)"
-    for module in model.modules():
+    for name, module in model.named_modules():
         kind = GPTNeoXJapaneseLMHeadModel if module is model else type(module)
-        if FUSED_STEP_FORWARDS.get(kind) is not type(module).forward:
+        if FUSED_STEP_FORWARDS.get(kind) is not type(module).forward and not _is_quantized(module):
             return f"{type(module).__name__} is not a module (or forward) that the C step reproduces"
         if module._forward_hooks or module._forward_pre_hooks:
             return "the model has forward hooks, which only the PyTorch forward runs"
+        if _is_quantized(module):
+            reason = _quantized_unsupported(module)
+            if reason is not None:
+                return f"{name}: {reason}"
     if model.training:
         return "the model is in training mode"
     for name, param in model.named_parameters():
@@ -152,23 +178,51 @@ def fused_decoding_unsupported(model: Any, max_length: int) -> str | None:
     return None
 
 
+def _quantized_unsupported(layer: Any) -> str | None:
+    """Why the C step cannot read this quantized layer as it is (None if it can)."""
+    if layer.bias is not None:
+        return "a quantized layer with a bias"
+    for name, buffer in layer.named_buffers():
+        if buffer.device.type != "cpu" or not buffer.is_contiguous():
+            return f"its {name} is not a contiguous tensor on the CPU"
+    if hasattr(layer, "blocksize"):  # 4-bit: blocks within rows, as the C kernels read them
+        blocksize, width = layer.blocksize, layer.in_features
+        if blocksize % 32 or width % blocksize:
+            return f"blocksize {blocksize} is not a multiple of 32 dividing in_features {width}"
+        if _arithmetic(layer) == "fast" and blocksize & (blocksize - 1):
+            return f"blocksize {blocksize} is not a power of two (the fast arithmetic's blocks)"
+    return None
+
+
+def _arithmetic(layer: Any) -> str:
+    """The arithmetic a quantized layer computes with (its setting, or NEOXJA_CPU_ARITHMETIC's)."""
+    from neoxja.quantization.arithmetic import resolve
+
+    return resolve(layer)
+
+
 def head_matmul_unsupported(model: Any) -> str | None:
-    """Why the C matrix kernel (:func:`matmul`) cannot stand in for ``model``'s output head after its
-    PyTorch layers (None if it can): the head and the LM forward must be neoxja's own, unhooked, and
-    the head float32 on the CPU. The layers themselves may be anything (quantized, packed)."""
+    """Why the output head cannot run after ``model``'s PyTorch layers on the C side (None if it can):
+    the head and the LM forward must be neoxja's own, unhooked, on the CPU, and the head either a
+    float32 ``nn.Linear`` (multiplied by the C step's matrix kernel, :func:`matmul`) or a quantized
+    layer (its own forward, on neoxja's kernels). The layers themselves may be anything (quantized,
+    packed)."""
     reason = _c_lm_unsupported(model)
     if reason is not None:
         return reason
     if type(model).forward is not FUSED_STEP_FORWARDS[GPTNeoXJapaneseLMHeadModel]:
         return f"{type(model).__name__}.forward is not neoxja's"
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear or type(head).forward is not FUSED_STEP_FORWARDS[nn.Linear]:
-        return f"the output head is a {type(head).__name__}, not a plain nn.Linear"
+    plain = type(head) is nn.Linear and type(head).forward is FUSED_STEP_FORWARDS[nn.Linear]
+    if not plain and not _is_quantized(head):
+        return f"the output head is a {type(head).__name__}, not a plain nn.Linear or a quantized layer"
     for module in (model, head):
         if module._forward_hooks or module._forward_pre_hooks:
             return "the model or its head has forward hooks, which only the PyTorch forward runs"
     if model.training:
         return "the model is in training mode"
+    if not plain:
+        return None if head.weight.device.type == "cpu" else f"the head is on {head.weight.device}"
     weight = head.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not weight.is_contiguous():
         return f"the head's weight is {weight.dtype} on {weight.device}, not contiguous float32 on the CPU"
@@ -178,6 +232,68 @@ def head_matmul_unsupported(model: Any) -> str | None:
         if param.dtype != torch.float32:
             return f"parameter {name} is {param.dtype}, not float32"
     return None
+
+
+def head_logits(model: Any, hidden: Tensor) -> Tensor:
+    """float32 logits ``[rows, vocab]`` of the last hidden states ``hidden`` [rows, hidden] through
+    ``model``'s head, for a model :func:`head_matmul_unsupported` accepts."""
+    head = model.get_output_embeddings()
+    hidden = hidden.contiguous()
+    if type(head) is nn.Linear:
+        return matmul(head.weight, hidden.float())
+    return head(hidden).float()
+
+
+def _matrix(module: Any) -> Any:
+    """One matrix as ``new_model`` takes it: a float32 array, or a weight tuple of the layer's format
+    and arithmetic (numpy views of its buffers; an int8 layer's scale SCB / 127 computed here, as
+    :mod:`neoxja.quantization.kernels` computes it)."""
+    from neoxja.quantization.layers import Linear4bit, Linear8bit
+
+    if not _is_quantized(module):
+        return module.weight.detach().numpy()
+    arithmetic = _arithmetic(module)
+    if isinstance(module, Linear4bit):
+        nested = module.absmax.dtype == torch.uint8
+        absmax = module.absmax.numpy()
+        return (
+            "4bit", module.weight.numpy(), module.code.numpy(), None if nested else absmax,
+            absmax if nested else None,
+            None if module.nested_absmax is None else module.nested_absmax.numpy(),
+            None if module.nested_code is None else module.nested_code.numpy(),
+            float(module.offset), module.blocksize, arithmetic,
+        )  # fmt: skip
+    if isinstance(module, Linear8bit):
+        return ("int8", module.weight.numpy(), (module.SCB.float() / 127.0).numpy(), arithmetic)
+    return ("bfloat16", module.weight.view(torch.int16).numpy(), arithmetic)
+
+
+def describe(model: Any) -> str:
+    """What the C step runs for ``model``'s matrices, e.g. ``"nf4 with int8 activations
+    (avx512-vnni); head float32 (avx512)"``: each format and arithmetic present in the layers, then
+    the head's."""
+    kernels = _extension().kernels()
+
+    def one(module: Any) -> str:
+        if not _is_quantized(module):
+            return f"float32 ({kernels['float32']})"
+        fmt, arithmetic = module.format_name, _arithmetic(module)
+        if arithmetic == "exact":
+            return f"{fmt} in float32 ({kernels['exact']})"
+        if fmt != "bfloat16":
+            return f"{fmt} with int8 activations ({kernels['int8']})"
+        if kernels["bfloat16"] == "avx512-bf16":
+            return "bfloat16 with bfloat16 activations (avx512-bf16)"
+        return f"bfloat16 in float32 ({kernels['bfloat16']}; no AVX512_BF16)"
+
+    layers = []
+    for layer in model.gpt_neox_japanese.layers:
+        modules = (layer.attention.query_key_value, layer.attention.dense, layer.mlp.dense_h_to_4h)
+        for module in (*modules, layer.mlp.dense_4h_to_h):
+            text = one(module)
+            if text not in layers:
+                layers.append(text)
+    return "; ".join(layers) + "; head " + one(model.get_output_embeddings())
 
 
 def model_arrays(model: Any, cache: KVCache, max_length: int) -> tuple[tuple, list[tuple], tuple]:
@@ -197,20 +313,21 @@ def model_arrays(model: Any, cache: KVCache, max_length: int) -> tuple[tuple, li
     layers = []
     for i, layer in enumerate(base.layers):
         attention, mlp = layer.attention, layer.mlp
-        tensors = (
-            layer.input_layernorm.weight,
-            layer.input_layernorm.bias,
-            attention.query_key_value.weight,
-            attention.dense.weight,
-            attention.dense_bias,  # None except on the last layer
-            layer.post_attention_layernorm.weight,
-            layer.post_attention_layernorm.bias,
-            mlp.dense_h_to_4h.weight,
-            mlp.dense_4h_to_h.weight,
-            cache.keys[i],
-            cache.values[i],
+        layers.append(
+            (
+                array(layer.input_layernorm.weight),
+                array(layer.input_layernorm.bias),
+                _matrix(attention.query_key_value),
+                _matrix(attention.dense),
+                array(attention.dense_bias),  # None except on the last layer
+                array(layer.post_attention_layernorm.weight),
+                array(layer.post_attention_layernorm.bias),
+                _matrix(mlp.dense_h_to_4h),
+                _matrix(mlp.dense_4h_to_h),
+                array(cache.keys[i]),
+                array(cache.values[i]),
+            )
         )
-        layers.append(tuple(array(t) for t in tensors))
 
     rotary = base.rotary_emb
     half = rotary.rotary_ndims // 2
@@ -220,7 +337,7 @@ def model_arrays(model: Any, cache: KVCache, max_length: int) -> tuple[tuple, li
         cos = sin = torch.zeros(1)
     globals_ = (
         array(base.embed_in.weight),
-        array(model.embed_out.weight),
+        _matrix(model.embed_out),
         array(base.final_layer_norm.weight),
         array(base.final_layer_norm.bias),
         array(cos.float().contiguous()),
@@ -231,7 +348,7 @@ def model_arrays(model: Any, cache: KVCache, max_length: int) -> tuple[tuple, li
         config.hidden_size,
         config.num_attention_heads,
         2 * half,
-        base.layers[0].mlp.dense_h_to_4h.weight.shape[0],
+        base.layers[0].mlp.dense_h_to_4h.out_features,
         ACTIVATIONS[config.hidden_act],
         cache.batch_size,
         config.vocab_size,

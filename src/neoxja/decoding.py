@@ -13,9 +13,9 @@ does so itself and writes the ids straight into the output buffer. Backends in t
 
 * :class:`TorchBackend` — the model's PyTorch forward; works for every model, device and dtype;
 * :class:`CpuFusedBackend` — each step one C call over the whole model (:mod:`neoxja.cpu_decode`),
-  for neoxja's own modules in float32 on the CPU;
-* :class:`CpuHeadBackend` — the model's PyTorch layers (quantized ones included), then the float32
-  output head by neoxja's C matrix kernel, on the CPU.
+  for neoxja's own modules on the CPU, float32 or quantized (nf4, fp4, int8, bfloat16);
+* :class:`CpuHeadBackend` — the model's PyTorch layers, then the output head on neoxja's C kernels
+  (a float32 head by the C step's matrix kernel, a quantized one by its own), on the CPU.
 
 :func:`choose_backend` picks the first that applies, in :data:`BACKENDS` order, and says why each
 one before it does not; :func:`explain_decoding` gives that answer to users, and ``generate()``
@@ -32,7 +32,8 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from neoxja.cache import KVCache
-from neoxja.cpu_decode import FusedDecoder, fused_decoding_unsupported, head_matmul_unsupported, matmul
+from neoxja.cpu_decode import FusedDecoder, fused_decoding_unsupported, head_logits, head_matmul_unsupported
+from neoxja.cpu_decode import describe as describe_fused
 from neoxja.sample_utils import Sampler
 
 logger = logging.getLogger("neoxja.decoding")
@@ -43,6 +44,11 @@ class DecodingBackend:
 
     name: ClassVar[str]
     description: ClassVar[str]  # one line for explain_decoding()
+
+    @classmethod
+    def describe(cls, model: Any) -> str:
+        """What this backend runs for ``model`` (explain_decoding()'s line): its description."""
+        return cls.description
 
     def __init__(self, model: Any, cache: KVCache, max_length: int, sampler: Sampler) -> None:
         self.model = model
@@ -71,9 +77,7 @@ class DecodingBackend:
         [batch, len] or None = 0..len-1) into the cache; return the first new id of each row [batch]."""
         return self.sampler(input_ids, self._forward(input_ids, mask, positions))
 
-    def step(
-        self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor
-    ) -> Tensor:
+    def step(self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor) -> Tensor:
         """Feed the last token of each row of ``history`` [batch, length] and return the next ids [batch].
 
         ``positions`` [batch, 1] are the RoPE positions of the fed tokens (None: the cache position);
@@ -89,9 +93,7 @@ class TorchBackend(DecodingBackend):
     name = "torch"
     description = "each step through the model's PyTorch forward"
 
-    def step(
-        self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor
-    ) -> Tensor:
+    def step(self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor) -> Tensor:
         last = history.narrow(1, history.shape[1] - 1, 1)
         return self.sampler(history, self._forward(last, mask, positions))
 
@@ -103,6 +105,11 @@ class CpuFusedBackend(DecodingBackend):
     name = "cpu-fused"
     description = "each step one C call over the whole model (neoxja.cpu_decode)"
 
+    @classmethod
+    def describe(cls, model: Any) -> str:
+        """The description, then each format's arithmetic and kernel (:func:`neoxja.cpu_decode.describe`)."""
+        return f"{cls.description}; {describe_fused(model)}"
+
     def __init__(self, model: Any, cache: KVCache, max_length: int, sampler: Sampler) -> None:
         super().__init__(model, cache, max_length, sampler)
         self.decoder = FusedDecoder(model, cache, max_length)
@@ -112,9 +119,7 @@ class CpuFusedBackend(DecodingBackend):
     def unsupported(cls, model: Any, max_length: int, sampler: Sampler) -> str | None:
         return fused_decoding_unsupported(model, max_length)
 
-    def step(
-        self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor
-    ) -> Tensor:
+    def step(self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor) -> Tensor:
         logits = self.decoder.step(
             history.select(1, history.shape[1] - 1),
             positions=positions,
@@ -125,16 +130,17 @@ class CpuFusedBackend(DecodingBackend):
 
 
 class CpuHeadBackend(TorchBackend):
-    """Each step through the model's PyTorch layers, then the output head by neoxja's C matrix kernel.
+    """Each step through the model's PyTorch layers, then the output head on neoxja's C kernels.
 
-    For models on the CPU that the whole-step C decoder does not take, above all quantized ones: their
-    layers run on their formats' kernels, while the float32 head (the tied 32000-row embedding, which
-    stays dense as in transformers) is read at about twice the speed of PyTorch's own product here
-    (``bench_quant.py``). The logits are those of the LM forward within float32 rounding.
+    For models on the CPU that the whole-step C decoder does not take (packed for oneDNN, another
+    activation, ...): a float32 head (the 32000-row output embedding, which stays dense as in
+    transformers unless the 8-bit head is asked for) is read by the C step's matrix kernel, about
+    twice the speed of PyTorch's own product here (``bench_quant.py``); a quantized head runs its own
+    forward. The logits are those of the LM forward within float32 rounding.
     """
 
     name = "cpu-head"
-    description = "each step through the PyTorch layers, the output head by neoxja's C matrix kernel"
+    description = "each step through the PyTorch layers, the output head on neoxja's C kernels"
 
     @classmethod
     def unsupported(cls, model: Any, max_length: int, sampler: Sampler) -> str | None:
@@ -144,8 +150,7 @@ class CpuHeadBackend(TorchBackend):
         out = self.model.base_model(
             ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
         )
-        hidden = out.last_hidden_state.select(1, -1).contiguous()
-        return matmul(self.model.get_output_embeddings().weight, hidden)
+        return head_logits(self.model, out.last_hidden_state.select(1, -1))
 
 
 BACKENDS: tuple[type[DecodingBackend], ...] = (CpuFusedBackend, CpuHeadBackend, TorchBackend)
@@ -174,15 +179,13 @@ def explain_decoding(model: Any, max_length: int | None = None) -> str:
     """
     length = max_length if max_length is not None else model.config.max_position_embeddings
     backend, reasons = choose_backend(model, length)
-    text = f"{backend.name}: {backend.description}"
+    text = f"{backend.name}: {backend.describe(model)}"
     if reasons:
         text += "; not " + "; not ".join(reasons)
     return text
 
 
-def start_decoding(
-    model: Any, cache: KVCache, max_length: int, sampler: Sampler
-) -> DecodingBackend:
+def start_decoding(model: Any, cache: KVCache, max_length: int, sampler: Sampler) -> DecodingBackend:
     """Build the chosen backend for one generation, logging the choice at debug level."""
     backend, reasons = choose_backend(model, max_length, sampler)
     if logger.isEnabledFor(logging.DEBUG):

@@ -7,12 +7,14 @@ a batch-of-one cache over that row, by the model's own forward (one chunk at a t
 steps take every running sequence at once, each at its own length:
 
 * :class:`FusedSlotStep` — one C call (:meth:`neoxja.cpu_decode.FusedDecoder.step_slots`) for
-  neoxja's float32 models on the CPU. Its kernels never mix rows, so each row's logits are, to the
-  bit, those of ``generate()`` on that sequence alone: batching does not change any result;
+  neoxja's models on the CPU, float32 or quantized. Its kernels never mix rows, so each row's logits
+  are, to the bit, those of ``generate()`` on that sequence alone: batching does not change any
+  result; each weight is read once per step for all rows;
 * :class:`TorchSlotStep` — the model's PyTorch forward over the gathered rows with a padding mask,
-  for every other model (other dtypes, quantized layers, GPUs); on the CPU a float32 head goes
-  through the C matrix kernel, as in ``generate()``'s ``cpu-head`` backend. Its rows agree with a batch of one
-  within floating-point rounding (matrix products of another shape sum in another order).
+  for every other model (other dtypes, GPUs, what the C step does not reproduce); on the CPU the
+  head goes through neoxja's C kernels, as in ``generate()``'s ``cpu-head`` backend. Its rows agree
+  with a batch of one within floating-point rounding (matrix products of another shape sum in
+  another order).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from neoxja.cache import KVCache
-from neoxja.cpu_decode import FusedDecoder, fused_decoding_unsupported, head_matmul_unsupported, matmul
+from neoxja.cpu_decode import FusedDecoder, fused_decoding_unsupported, head_logits, head_matmul_unsupported
 from neoxja.sample_utils import greedy
 
 
@@ -85,7 +87,8 @@ class _SlotView(KVCache):
 
 
 class FusedSlotStep:
-    """Decoding steps of neoxja's float32 CPU models through the C decoder, rows at their own lengths."""
+    """Decoding steps of neoxja's CPU models (float32 or quantized) through the C decoder, rows at their
+    own lengths."""
 
     name = "cpu-fused"
 
@@ -138,8 +141,8 @@ class TorchSlotStep:
     def __init__(self, model: Any, pool: SlotPool) -> None:
         self.model = model
         self.pool = pool
-        # As generate()'s cpu-head backend: a float32 head on the CPU (quantized models keep theirs
-        # dense) is read by neoxja's C matrix kernel, about twice PyTorch's speed here.
+        # As generate()'s cpu-head backend: the head on the CPU runs on neoxja's C kernels (a float32
+        # head by the C step's matrix kernel, about twice PyTorch's speed here).
         self.c_head = head_matmul_unsupported(model) is None
 
     @staticmethod
@@ -157,7 +160,7 @@ class TorchSlotStep:
         )
         if self.c_head:
             hidden = self.model.base_model(tokens[:, None], **inputs).last_hidden_state.select(1, -1)
-            logits = matmul(self.model.get_output_embeddings().weight, hidden.contiguous())
+            logits = head_logits(self.model, hidden)
         else:
             logits = self.model(tokens[:, None], logits_to_keep=1, **inputs).logits.select(1, -1).float()
         return logits, greedy(logits)
