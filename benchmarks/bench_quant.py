@@ -275,6 +275,14 @@ DECODE_FLOORS = {"nf4": 5.0, "int8": 3.0, "bfloat16": 1.8}
 LIMIT_FLOOR = 0.75
 
 
+def c_kernels() -> str:
+    """The C extensions' own account of the kernels each arithmetic runs, where they give one."""
+    from neoxja import _decode, _quant
+
+    names = {**getattr(_quant, "kernels", dict)(), **getattr(_decode, "kernels", dict)()}
+    return "".join(f", {k} {v}" for k, v in names.items())
+
+
 def decode_row(
     checkpoint: Path, lib: str, fmt: str, arithmetic: str, head: str, new: int, prompt: int, repeats: int
 ) -> dict:
@@ -316,7 +324,7 @@ def bench_speed(checkpoint: Path, new: int, prompt: int, repeats: int) -> None:
     print(
         f"\ngreedy decoding, batch 1, 2 threads, prompt 8, the median of {repeats} x {new} decoding steps "
         f"(the prefill excluded); a {prompt}-token prompt (one forward); "
-        f"neoxja kernels: {kernels.kernel_name()}; float32 matvec "
+        f"neoxja kernels: {kernels.kernel_name()}{c_kernels()}; float32 matvec "
         + ", ".join(f"{v:.1f} GB/s ({k})" for k, v in bandwidths.items())
         + f", neoxja float32 decoding {base['read'] / base['s_per_token'] / 1e9:.1f} GB/s; "
         f"the bandwidth limit uses {rate / 1e9:.1f} GB/s\n"
