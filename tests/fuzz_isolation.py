@@ -162,7 +162,8 @@ def check_outcome(result: dict, names: set[str], case: Any) -> None:
 # The environments of the workers: the C extensions pick their kernels at import.
 VARIANTS = {
     "native": {},
-    "avx2": {"NEOXJA_QUANT_KERNEL": "avx2"},
+    "avxvnni": {"NEOXJA_QUANT_KERNEL": "avxvnni", "NEOXJA_DECODE_KERNEL": "avxvnni"},
+    "avx2": {"NEOXJA_QUANT_KERNEL": "avx2", "NEOXJA_DECODE_KERNEL": "avx2"},
     "scalar": {"NEOXJA_QUANT_KERNEL": "scalar", "NEOXJA_DECODE_KERNEL": "scalar"},
 }
 

@@ -1,14 +1,18 @@
 """Fuzzing the C decoding step (``neoxja._decode``) at its boundary, each case in a child process
 (``fuzz_isolation``): a crash or hang fails the test and names the case.
 
-Random small models (layers, heads, rotary share, activation, batch, cache capacity) are built
-with PyTorch, their arrays handed to ``new_model`` with at most one defect (an array short, long,
-float64, strided, read-only where it is written, missing or not an array; dimensions that disagree
-with the arrays), then one ``step`` or ``step_slots`` with at most one defect in its arguments
+Random small models (layers, heads, rotary share, activation, batch, cache capacity; float32 or
+quantized: nf4, fp4, int8, bfloat16 in either arithmetic, sometimes with an int8 output head) are
+built with PyTorch, their arrays handed to ``new_model`` with at most one defect (an array short,
+long, float64, strided, read-only where it is written, missing or not an array; a weight
+descriptor of an unknown kind, of the wrong length, with a bad arithmetic or blocksize;
+dimensions that disagree with the arrays), then one ``step`` or ``step_slots`` with at most one
+defect in its arguments
 (token ids out of the vocabulary, positions beyond the RoPE table or overflowing, masks, logits and
 argmax buffers of the wrong size, type or layout, duplicate or absent cache slots, rows and cache
 positions out of range). A valid case must give the logits of the PyTorch forward on the same
-tokens (and the first maximum of each row); a defective one must be refused naming the argument.
+tokens (of its arithmetic: ``quant_reference``'s model for the fast one) and the first maximum of
+each row; a defective one must be refused naming the argument.
 ``_decode.matmul`` is fuzzed on its own against ``x @ w.T``.
 """
 
@@ -19,14 +23,17 @@ import os
 import numpy as np
 import pytest
 import torch
-from fuzz_isolation import POOL, Workers, check_outcome, fuzz
+from fuzz_isolation import POOL, VARIANTS, Workers, check_outcome, fuzz
 from hypothesis import given
 from hypothesis import strategies as st
+from quant_reference import fast_reference_model
 
 from neoxja import cpu_decode
 from neoxja.cache import KVCache
 from neoxja.configuration import GPTNeoXJapaneseConfig
 from neoxja.modeling import GPTNeoXJapaneseForCausalLM
+from neoxja.quantization.layers import Linear8bit
+from neoxja.quantization.loading import quantize
 
 MODULE = "test_c_boundary_decode"
 LAYER_NAMES = [
@@ -90,6 +97,10 @@ SLOT_DEFECTS = {
     "lengths_short": {"lengths"},
 }
 ACTS = ["gelu", "gelu_new", "relu", "silu"]
+FORMATS = ["float32", "float32", "nf4", "fp4", "int8", "bfloat16"]
+FOUR_BIT = ("nf4", "fp4")
+MATRICES = [2, 3, 7, 8]  # the layer slots that hold weight matrices
+DESCRIPTOR_DEFECTS = ["kind_unknown", "tuple_short", "arithmetic_bad", "arithmetic_int"]
 
 pytestmark = pytest.mark.skipif(
     not cpu_decode.extension_available() and os.environ.get("CI", "").lower() != "true",
@@ -104,8 +115,11 @@ def workers() -> Workers:
 
 @st.composite
 def decode_cases(draw: st.DrawFn) -> dict:
+    fmt = draw(st.sampled_from(FORMATS))
     heads = draw(st.sampled_from([1, 2, 4]))
     head_dim = draw(st.sampled_from([2, 4, 8]))
+    if fmt in FOUR_BIT:  # blocks of 32 within each row of every matrix
+        heads, head_dim = 2, 16
     capacity = draw(st.integers(2, 9))
     mode = draw(st.sampled_from(["step", "step_slots"]))
     step_defects = {**STEP_DEFECTS, **(POSITIONAL_DEFECTS if mode == "step" else SLOT_DEFECTS)}
@@ -122,17 +136,35 @@ def decode_cases(draw: st.DrawFn) -> dict:
             ),
             st.tuples(st.just("global"), st.just(0), st.integers(0, 5), st.sampled_from(ARRAY_DEFECTS)),
             st.tuples(st.just("dims"), st.just(0), st.just(0), st.sampled_from(sorted(DIM_DEFECTS))),
+            *(
+                []
+                if fmt == "float32"
+                else [
+                    st.tuples(
+                        st.just("descriptor"),
+                        st.integers(0, layers - 1),
+                        st.sampled_from(MATRICES),
+                        st.sampled_from(
+                            DESCRIPTOR_DEFECTS + (["blocksize_odd"] if fmt in ("nf4", "fp4") else [])
+                        ),
+                    )
+                ]
+            ),
         )
     )
     return {
         "seed": draw(st.integers(0, 2**31)),
-        "variant": draw(st.sampled_from(["native", "scalar"])),
+        "variant": draw(st.sampled_from(sorted(VARIANTS))),
+        "format": fmt,
+        "arithmetic": draw(st.sampled_from(["exact", "fast"])),
+        "double_quant": draw(st.booleans()),
+        "int8_head": draw(st.booleans()),
         "threads": draw(st.sampled_from([-1, 1, 2, 3, 300])),
         "layers": layers,
         "heads": heads,
         "head_dim": head_dim,
         "rotary_pct": draw(
-            st.sampled_from([pct for pct in (0.25, 0.5, 1.0) if int(head_dim * pct) in (2, 4, 8)])
+            st.sampled_from([pct for pct in (0.25, 0.5, 1.0) if int(head_dim * pct) in (2, 4, 8, 16)])
         ),
         "act": draw(st.sampled_from(ACTS)),
         "vocab": draw(st.integers(4, 64)),
@@ -162,6 +194,8 @@ def _model_defect_names(p: dict) -> set[str]:
     where, _, index, kind = p["model_defect"]
     if where == "dims":
         return DIM_DEFECTS[kind]
+    if where == "descriptor":
+        return {LAYER_NAMES[index]}
     name = LAYER_NAMES[index] if where == "layer" else GLOBAL_NAMES[index]
     if kind == "readonly":  # only the caches are written
         return {name} if where == "layer" and index >= 9 else set()
@@ -197,7 +231,45 @@ def _model(p: dict, g: torch.Generator) -> GPTNeoXJapaneseForCausalLM:
     with torch.no_grad():
         for param in model.parameters():  # the layer norms too, so that their arrays matter
             param.add_(torch.randn(param.shape, generator=g) * 0.1)
+    arithmetic = p["arithmetic"]
+    if p["format"] != "float32":
+        options = (
+            {"blocksize": 32, "double_quant": p["double_quant"]} if p["format"] in ("nf4", "fp4") else {}
+        )
+        quantize(model, p["format"], cpu_arithmetic=arithmetic, **options)
+    if p["int8_head"]:
+        model.embed_out = Linear8bit.from_linear(model.embed_out, cpu_arithmetic=arithmetic).eval()
     return model
+
+
+def _reference(p: dict, model: GPTNeoXJapaneseForCausalLM) -> torch.nn.Module:
+    """What the C step must agree with: the model itself, or for the fast arithmetic the PyTorch
+    model of that arithmetic (quant_reference)."""
+    from neoxja import _decode
+
+    quantized = p["format"] != "float32" or p["int8_head"]
+    if not quantized or p["arithmetic"] == "exact":
+        return model
+    return fast_reference_model(model, _decode.kernels()["bfloat16"] == "avx512-bf16")
+
+
+def _defective_matrix(matrix: object, kind: str) -> object:
+    """A weight descriptor with one defect: an array defect in its weight, or of the tuple itself."""
+    if not isinstance(matrix, tuple):  # float32: an array like the others
+        return _defective(matrix, kind)
+    if kind == "none":
+        return None
+    return (matrix[0], _defective(matrix[1], kind), *matrix[2:])
+
+
+def _defective_descriptor(matrix: tuple, kind: str) -> object:
+    if kind == "kind_unknown":
+        return ("int4", *matrix[1:])
+    if kind == "tuple_short":
+        return matrix[:-1]
+    if kind == "blocksize_odd":  # 4-bit: blocksize is the one before last
+        return (*matrix[:-2], matrix[-2] + 1, matrix[-1])
+    return (*matrix[:-1], "medium" if kind == "arithmetic_bad" else 1)
 
 
 def _defective(array: np.ndarray | None, kind: str) -> object:
@@ -244,14 +316,18 @@ def _build(p: dict, model: GPTNeoXJapaneseForCausalLM, cache: KVCache) -> object
                 dims[change[0]] = change[1]
             else:  # layers_more
                 dims[0] += 1
+        elif where == "descriptor":
+            layers[at][index] = _defective_descriptor(layers[at][index], kind)
         elif where == "layer":
             if kind == "none" and index == 4:
                 layers[at][4] = None
                 model.gpt_neox_japanese.layers[at].attention.dense_bias = None  # the reference: no bias
+            elif index in MATRICES:
+                layers[at][index] = _defective_matrix(layers[at][index], kind)
             else:
                 layers[at][index] = _defective(layers[at][index], kind)
         else:
-            globals_[index] = _defective(globals_[index], kind)
+            globals_[index] = (_defective_matrix if index == 1 else _defective)(globals_[index], kind)
     return _decode.new_model(tuple(dims), [tuple(layer) for layer in layers], tuple(globals_))
 
 
@@ -270,13 +346,14 @@ def run_decode(p: dict) -> str:
     rope = (torch.arange(batch) % 2 + t).clamp(max=p["max_length"] - 1)  # the new tokens' RoPE positions
     positions = rope - delta  # what step() takes: positions + delta
     cache = KVCache(model.config, batch, capacity)
+    reference = _reference(p, model)
     with torch.inference_mode():
         if p["mode"] == "step" and t > 0:
             attention = mask[:, :t] if p["mask"] else None
-            model(prefix[:, :t], attention_mask=attention, position_ids=torch.arange(t).expand(batch, t),
-                  past_key_values=cache)  # fmt: skip
+            reference(prefix[:, :t], attention_mask=attention, position_ids=torch.arange(t).expand(batch, t),
+                      past_key_values=cache)  # fmt: skip
         elif p["mode"] == "step_slots" and capacity > 1:
-            model(prefix[:, : capacity - 1], past_key_values=cache)
+            reference(prefix[:, : capacity - 1], past_key_values=cache)
     decoder = _build(p, model, cache)
     tokens = torch.randint(0, vocab, (rows,), generator=g)
     logits = torch.full((batch, vocab), float("nan"))
@@ -341,7 +418,7 @@ def run_decode(p: dict) -> str:
                 pos[t] = rope[b]
             keep = torch.cat([mask[b, :t], torch.ones(1, dtype=mask.dtype)])[None] if p["mask"] else None
             with torch.inference_mode():
-                expected.append(model(ids, attention_mask=keep, position_ids=pos[None]).logits[0, -1])
+                expected.append(reference(ids, attention_mask=keep, position_ids=pos[None]).logits[0, -1])
     else:
         where = (a["tokens"], a["slots"], a["lengths"])
         _decode.step_slots(a["model"], a["rows"], *where, a["logits"], a["argmax"], a["threads"])
@@ -349,9 +426,12 @@ def run_decode(p: dict) -> str:
         for b in range(rows):
             ids = torch.cat([prefix[slots[b], : lengths[b]], tokens[b : b + 1]])[None]
             with torch.inference_mode():
-                expected.append(model(ids).logits[0, -1])
+                expected.append(reference(ids).logits[0, -1])
     ours = logits[:rows]
-    torch.testing.assert_close(ours, torch.stack(expected), rtol=2e-4, atol=2e-4)
+    fast = reference is not model  # (int8 rounding may fall the other way on float32 differences)
+    torch.testing.assert_close(
+        ours, torch.stack(expected), rtol=2e-3 if fast else 2e-4, atol=2e-3 if fast else 2e-4
+    )
     assert torch.isnan(logits[rows:]).all(), "a step wrote logits beyond its rows"
     if argmax is not None:
         assert torch.equal(argmax, ours.argmax(-1)), "argmax is not the first maximum of the logits"

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 import pytest
+import quant_reference
 import torch
 from fuzz_isolation import POOL, VARIANTS, Workers, check_outcome, fuzz
 from hypothesis import given
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 
 import neoxja.quantization.ops  # noqa: F401 - registers torch.ops.neoxja.*
 from neoxja.quantization import kernels
+from neoxja.quantization.formats import dequantize_blockwise
 
 MODULE = "test_c_boundary_quant"
 
@@ -63,40 +65,6 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
 def _setup(p: dict) -> torch.Generator:
     torch.set_num_threads(p["threads"])
     return torch.Generator().manual_seed(p["seed"])
-
-
-def _weight_4bit(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    blocksize: int,
-    out: int,
-    in_: int,
-    nested_absmax: torch.Tensor | None,
-    nested_code: torch.Tensor | None,
-    offset: float,
-) -> torch.Tensor:
-    """The float64 weight a 4-bit format stands for, computed here from its definition."""
-    n = out * in_
-    byte = packed.reshape(-1).long()
-    index = torch.stack([byte >> 4, byte & 15], 1).reshape(-1)[:n]
-    if absmax.dtype == torch.uint8:
-        per_block = nested_absmax.double().repeat_interleave(256)[: absmax.numel()]
-        scales = nested_code.double()[absmax.long()] * per_block + offset
-    else:
-        scales = absmax.double()
-    return (code.double()[index] * scales.repeat_interleave(blocksize)[:n]).view(out, in_)
-
-
-def _assert_product(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> str:
-    """``y`` is ``x @ weight.T`` within float32 accumulation (and ``y``'s own rounding)."""
-    reference = x.double() @ weight.T
-    assert y.shape == reference.shape and y.dtype == x.dtype, (y.shape, y.dtype, reference.shape, x.dtype)
-    bound = x.double().abs() @ weight.abs().T
-    error = (y.double() - reference.to(x.dtype).double()).abs()
-    allowed = 1e-5 * bound + 1e-6 + 2 * torch.finfo(x.dtype).eps * reference.abs()
-    assert bool((error <= allowed).all()), f"error {float((error - allowed).max())} beyond the bound"
-    return f"max error {float(error.max()) if error.numel() else 0.0:.2e}"
 
 
 # ----- torch.ops.neoxja.linear_4bit -------------------------------------------------------------
@@ -168,7 +136,7 @@ def run_op_4bit(p: dict) -> str:
         args["nested_absmax"] = torch.rand(-(-blocks // 256), generator=g)
         args["nested_code"] = torch.rand(256, generator=g) * 2 - 1
         offset = float(torch.rand(1, generator=g))
-    weight = _weight_4bit(
+    weight = quant_reference.weight_4bit(
         args["packed"], args["absmax"], args["code"], blocksize, out, in_,
         args["nested_absmax"], args["nested_code"], offset,
     )  # fmt: skip
@@ -217,11 +185,11 @@ def run_op_4bit(p: dict) -> str:
     y = torch.ops.neoxja.linear_4bit(
         x_in, *tables, changed.get("blocksize", blocksize), changed.get("out", out)
     )
-    detail = _assert_product(y.detach(), x, weight)
+    detail = quant_reference.assert_product(y.detach(), x, weight)
     if x_in.requires_grad and y.numel():  # the backward (QLoRA's) dequantizes through the same checks
         grad = torch.ones_like(y)
         y.backward(grad)
-        _assert_product(x_in.grad, grad.to(x.dtype), weight.T.contiguous())
+        quant_reference.assert_product(x_in.grad, grad.to(x.dtype), weight.T.contiguous())
     return detail
 
 
@@ -298,7 +266,7 @@ def run_op_dense(p: dict) -> str:
         y = torch.ops.neoxja.linear_int8(args["x"], args["weight"], args["scb"])
     else:
         y = torch.ops.neoxja.linear_bf16(args["x"], args["weight"])
-    return _assert_product(y, x, dense)
+    return quant_reference.assert_product(y, x, dense)
 
 
 @fuzz(40)
@@ -314,7 +282,9 @@ C_FUNCTIONS = ["linear_4bit", "dequantize_4bit", "linear_dense", "linear_dense_b
 ARRAY_DEFECTS = ["short", "long", "dtype", "strided", "misaligned", "tensor", "none", "readonly"]
 DIM_DEFECTS = {
     "rows_zero": {"rows"},
-    "rows_nine": {"rows"},
+    "rows_negative": {"rows"},
+    "arithmetic_unknown": {"arithmetic"},
+    "arithmetic_int": {"arithmetic"},
     "blocksize_odd": {"blocksize"},
     "in_zero": {"in_features"},
     "out_zero": {"out_features"},
@@ -329,7 +299,9 @@ DIM_DEFECTS = {
 DIM_DEFECTS_OF = {
     "linear_4bit": {
         "rows_zero",
-        "rows_nine",
+        "rows_negative",
+        "arithmetic_unknown",
+        "arithmetic_int",
         "blocksize_odd",
         "in_zero",
         "out_zero",
@@ -351,7 +323,17 @@ DIM_DEFECTS_OF = {
         "threads_huge",
         "offset_text",
     },
-    "linear_dense": {"rows_zero", "rows_nine", "in_zero", "out_zero", "in_huge", "in_float", "threads_huge"},
+    "linear_dense": {
+        "rows_zero",
+        "rows_negative",
+        "arithmetic_unknown",
+        "arithmetic_int",
+        "in_zero",
+        "out_zero",
+        "in_huge",
+        "in_float",
+        "threads_huge",
+    },
 }
 DIM_DEFECTS_OF["linear_dense_bf16"] = DIM_DEFECTS_OF["linear_dense"]
 
@@ -377,14 +359,15 @@ def _c_arrays(p: dict) -> dict[str, tuple[int, int]]:
 @st.composite
 def c_quant_cases(draw: st.DrawFn) -> dict:
     fn = draw(st.sampled_from(C_FUNCTIONS))
-    blocksize = draw(st.sampled_from([32, 64, 128] if fn == "linear_4bit" else [2, 4, 32, 64]))
+    blocksize = draw(st.sampled_from([32, 64, 96, 128] if fn == "linear_4bit" else [2, 4, 32, 64]))
     out = draw(st.integers(1, 24))
     first = draw(st.integers(0, out - 1))
     p = {
         "seed": draw(st.integers(0, 2**31)),
         "variant": draw(st.sampled_from(sorted(VARIANTS))),
         "fn": fn,
-        "rows": draw(st.integers(1, 8)),
+        "rows": draw(st.integers(1, 12)),
+        "arithmetic": draw(st.sampled_from(["exact", "fast"])),
         "in": blocksize * draw(st.integers(1, 5)),
         "out": out,
         "first": first,
@@ -405,13 +388,21 @@ def c_quant_cases(draw: st.DrawFn) -> dict:
     return p
 
 
+def _fast_blocksize_refused(p: dict) -> bool:
+    """The fast 4-bit kernels take power-of-two blocks only (as bitsandbytes writes them)."""
+    blocksize = p["blocksize"]
+    return p["fn"] == "linear_4bit" and p["arithmetic"] == "fast" and blocksize & (blocksize - 1) != 0
+
+
 def c_quant_expected(p: dict) -> set[str]:
     """The names a refusal of this case must mention (empty: the case is valid)."""
     if p["defect"] is None:
-        return set()
+        return {"blocksize"} if _fast_blocksize_refused(p) else set()
     where, kind = p["defect"]
     if where == "dims":
         return DIM_DEFECTS[kind]
+    if _fast_blocksize_refused(p):  # checked before the arrays
+        return {"blocksize"}
     count, itemsize = _c_arrays(p)[where]
     harmless = (
         kind == "readonly" and where != "y"  # inputs may be read-only
@@ -487,14 +478,15 @@ def run_c_quant(p: dict) -> str:
         weight = t["w"].view(torch.bfloat16).double().view(out, in_)
     else:
         scales = t["qabsmax"] if p["nested"] else t["absmax"]
-        weight = _weight_4bit(t["w"], scales, t["code"], blocksize, out, in_, t["nested_absmax"],
-                              t["nested_code"], offset)  # fmt: skip
+        nested = (t["nested_absmax"], t["nested_code"], offset)
+        weight = quant_reference.weight_4bit(t["w"], scales, t["code"], blocksize, out, in_, *nested)
     dims = {"rows": rows, "in": in_, "out": out, "blocksize": blocksize, "first": first, "count": count,
-            "threads": p["threads"], "offset": offset}  # fmt: skip
+            "threads": p["threads"], "offset": offset, "arithmetic": p["arithmetic"]}  # fmt: skip
     where, kind = p["defect"] or (None, None)
     if where == "dims":
         dims.update({
-            "rows_zero": {"rows": 0}, "rows_nine": {"rows": 9}, "blocksize_odd": {"blocksize": blocksize + 1},
+            "rows_zero": {"rows": 0}, "rows_negative": {"rows": -1}, "arithmetic_int": {"arithmetic": 1},
+            "arithmetic_unknown": {"arithmetic": "medium"}, "blocksize_odd": {"blocksize": blocksize + 1},
             "in_zero": {"in": 0}, "out_zero": {"out": 0}, "in_huge": {"in": 2**62},
             "first_negative": {"first": -1}, "count_beyond": {"count": out - first + 1},
             "in_float": {"in": float(in_)}, "blocksize_none": {"blocksize": None},
@@ -518,8 +510,9 @@ def run_c_quant(p: dict) -> str:
             d["blocksize"],
         )
         _quant.linear_4bit(
-            a["x"], d["rows"], d["in"], d["out"], a["w"], a["code"], *tables, a["y"], d["threads"]
-        )
+            a["x"], d["rows"], d["in"], d["out"], a["w"], a["code"], *tables, a["y"], d["threads"],
+            d["arithmetic"],
+        )  # fmt: skip
     elif fn == "dequantize_4bit":
         tables = (
             a["absmax"],
@@ -537,9 +530,39 @@ def run_c_quant(p: dict) -> str:
         )
         return f"{count} rows"
     else:
-        _quant.linear_dense(a["x"], d["rows"], d["in"], d["out"], a["w"], a["scale"], a["y"], d["threads"])
+        shape = (d["rows"], d["in"], d["out"])
+        _quant.linear_dense(a["x"], *shape, a["w"], a["scale"], a["y"], d["threads"], d["arithmetic"])
     y = torch.from_numpy(np.asarray(a["y"])).view(rows, out)
-    return _assert_product(y, t["x"].view(rows, in_), weight)
+    x = t["x"].view(rows, in_)
+    if p["arithmetic"] == "fast":
+        return _assert_fast(p, y, x, t, offset)
+    return quant_reference.assert_product(y, x, weight)
+
+
+def _assert_fast(p: dict, y: torch.Tensor, x: torch.Tensor, t: dict, offset: float) -> str:
+    """A valid fast product equals the PyTorch model of its arithmetic within the float fold."""
+    from neoxja import _quant
+
+    fn, in_, out, blocksize = p["fn"], p["in"], p["out"], p["blocksize"]
+    if fn == "linear_4bit":
+        if p["nested"]:
+            absmax = dequantize_blockwise(t["qabsmax"], t["nested_absmax"], t["nested_code"]) + offset
+        else:
+            absmax = t["absmax"]
+        reference = quant_reference.linear_4bit(x, t["w"], t["code"], absmax, blocksize, out)
+        scales = quant_reference.block_scales(absmax, blocksize, out, in_)
+        magnitude = x.abs().double() @ scales.abs().double().T
+    elif fn == "linear_dense":
+        weight = t["w"].view(out, in_)
+        reference = quant_reference.linear_int8(x, weight, t["scale"])
+        magnitude = quant_reference.linear_int8(x.abs(), weight.abs(), t["scale"].abs())
+    else:
+        weight = t["w"].view(torch.bfloat16).view(out, in_)
+        native = _quant.kernels()["bfloat16"] == "avx512-bf16"
+        reference = quant_reference.linear_bf16(x, weight) if native else (x.double() @ weight.double().T)
+        magnitude = x.abs().double() @ weight.abs().double().T
+    quant_reference.assert_fold(y, reference, magnitude, f"{fn} fast")
+    return f"fast, max error {float((y.double() - reference.double()).abs().max()):.2e}"
 
 
 @fuzz(100)

@@ -25,11 +25,13 @@
 typedef struct {
     const Weight *w;
     const Act *act;
-    float *y;
+    float *y;      /* (dequantization to bfloat16: uint16_t) */
     int64_t first; /* dequantization: the first row of the range */
+    int bf16;      /* dequantization to bfloat16 */
+    int failed;    /* out of memory in a thread */
 } Task;
 
-static void split_rows(int64_t out, int threads, void (*fn)(const Task *, int64_t, int64_t), const Task *task) {
+static void split_rows(int64_t out, int threads, void (*fn)(Task *, int64_t, int64_t), Task *task) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int t = 0; t < threads; t++) {
         int64_t o0 = out * t / threads, o1 = out * (t + 1) / threads;
@@ -37,12 +39,20 @@ static void split_rows(int64_t out, int threads, void (*fn)(const Task *, int64_
     }
 }
 
-static void product_task(const Task *t, int64_t o0, int64_t o1) {
+static void product_task(Task *t, int64_t o0, int64_t o1) {
     weight_product(t->w, t->act, t->y, t->w->out, o0, o1);
 }
 
-static void dequantize_task(const Task *t, int64_t o0, int64_t o1) {
-    q4_dequantize(t->w, t->y + o0 * t->w->in, t->first + o0, t->first + o1, weight_isa.f32);
+static void dequantize_task(Task *t, int64_t o0, int64_t o1) {
+    if (!t->bf16) {
+        q4_dequantize(t->w, t->y + o0 * t->w->in, t->first + o0, t->first + o1, weight_isa.f32);
+        return;
+    }
+    float *row = malloc(sizeof(float) * (size_t)t->w->in); /* (one row at a time, then rounded) */
+    if (row) q4_dequantize_bf16(t->w, (uint16_t *)t->y + o0 * t->w->in, row, t->first + o0, t->first + o1,
+                                weight_isa.f32);
+    else t->failed = 1;
+    free(row);
 }
 
 /* y = x @ W.T for a checked weight, on `threads` threads; x is prepared once, on this thread. */
@@ -54,7 +64,7 @@ static PyObject *multiply(Weight *w, const float *x, int rows, float *y, long lo
         return PyErr_NoMemory();
     }
     Act act;
-    Task task = {w, &act, y, 0};
+    Task task = {w, &act, y, 0, 0, 0};
     Py_BEGIN_ALLOW_THREADS
     act_bind(w, rows, x, scratch, &act);
     act_prepare(w, &act, 0, 1);
@@ -130,16 +140,24 @@ static PyObject *linear_4bit(PyObject *self, PyObject *args) {
 }
 
 /* dequantize_4bit(first_row, count, out, in, w, code, absmax, qabsmax, nested_absmax, nested_code,
- *                 offset, blocksize, y, threads): rows [first_row, first_row + count) of a weight
- * [out, in] into y [count, in]. */
+ *                 offset, blocksize, y, threads, dtype="float32"): rows [first_row, first_row + count)
+ * of a weight [out, in] into y [count, in], float32 or ("bfloat16") 2-byte bfloat16 bits. */
 static PyObject *dequantize_4bit(PyObject *self, PyObject *args) {
-    PyObject *o_w, *o_code, *o_absmax, *o_qabsmax, *o_nabs, *o_ncode, *o_y;
+    PyObject *o_w, *o_code, *o_absmax, *o_qabsmax, *o_nabs, *o_ncode, *o_y, *o_dtype = NULL;
     PyObject *o_first, *o_count, *o_out, *o_in, *o_offset, *o_blocksize, *o_threads;
     long long first, count, out, in, blocksize, threads;
     const char *fn = "dequantize_4bit";
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOO:dequantize_4bit", &o_first, &o_count, &o_out, &o_in, &o_w, &o_code,
-                          &o_absmax, &o_qabsmax, &o_nabs, &o_ncode, &o_offset, &o_blocksize, &o_y, &o_threads))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOO|O:dequantize_4bit", &o_first, &o_count, &o_out, &o_in, &o_w, &o_code,
+                          &o_absmax, &o_qabsmax, &o_nabs, &o_ncode, &o_offset, &o_blocksize, &o_y, &o_threads, &o_dtype))
         return NULL;
+    int bf16 = 0;
+    if (o_dtype) {
+        if (PyUnicode_Check(o_dtype) && PyUnicode_CompareWithASCIIString(o_dtype, "bfloat16") == 0) bf16 = 1;
+        else if (!PyUnicode_Check(o_dtype) || PyUnicode_CompareWithASCIIString(o_dtype, "float32") != 0) {
+            PyErr_Format(PyExc_ValueError, "%s: dtype must be 'float32' or 'bfloat16', got %R", fn, o_dtype);
+            return NULL;
+        }
+    }
     Weight w = {.format = W_4BIT};
     if (args_whole(fn, "first_row", o_first, LLONG_MIN, LLONG_MAX, &first) ||
         args_whole(fn, "count", o_count, LLONG_MIN, LLONG_MAX, &count) ||
@@ -163,10 +181,11 @@ static PyObject *dequantize_4bit(PyObject *self, PyObject *args) {
         return NULL;
     w.in = in, w.out = out, w.blocksize = blocksize;
     Args a = {fn};
-    Task task = {&w, NULL, NULL, first};
+    Task task = {&w, NULL, NULL, first, bf16, 0};
     if (!(w.w = args_array(&a, "w", o_w, 'u', 1, weights / 2, 0)) || !(w.code = args_array(&a, "code", o_code, 'f', 4, 16, 0)) ||
         scale_tables(&a, &w, weights / blocksize, o_absmax, o_qabsmax, o_nabs, o_ncode) ||
-        !(task.y = args_array(&a, "y", o_y, 'f', 4, y_count, 1)) || args_output_apart(&a, "y")) {
+        !(task.y = bf16 ? args_array(&a, "y", o_y, 'x', 2, y_count, 1) : args_array(&a, "y", o_y, 'f', 4, y_count, 1)) ||
+        args_output_apart(&a, "y")) {
         args_release(&a);
         return NULL;
     }
@@ -174,6 +193,7 @@ static PyObject *dequantize_4bit(PyObject *self, PyObject *args) {
     split_rows(count, clamp_threads(threads), dequantize_task, &task);
     Py_END_ALLOW_THREADS
     args_release(&a);
+    if (task.failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -233,7 +253,8 @@ static PyMethodDef methods[] = {
      "None). arithmetic 'exact' (float32) or 'fast' (int8 activations in blocks of 64, integer dot products)."},
     {"dequantize_4bit", dequantize_4bit, METH_VARARGS,
      "dequantize_4bit(first_row, count, out, in, w, code, absmax, qabsmax, nested_absmax, nested_code, offset,\n"
-     "                blocksize, y, threads): float32 rows [first_row, first_row + count) of a 4-bit weight."},
+     "                blocksize, y, threads, dtype='float32'): rows [first_row, first_row + count) of a 4-bit\n"
+     "weight, float32 or (dtype 'bfloat16', y of 2-byte items) rounded to bfloat16 as PyTorch rounds."},
     {"linear_dense", linear_dense, METH_VARARGS,
      "linear_dense(x, rows, in, out, w, scale, y, threads, arithmetic='exact'): y = x @ W.T for int8 rows W\n"
      "with a float32 scale per row, or (scale None) bfloat16 W passed as 16-bit integers. arithmetic 'fast':\n"

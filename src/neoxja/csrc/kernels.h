@@ -13,8 +13,10 @@ int q4_exact_wide(const Weight *w, int level); /* the AVX-512 layout of x (in % 
 void q4_exact_layout(const Weight *w, const float *x, float *f, int level);
 void q4_exact(const Weight *w, const Act *a, float *y, int64_t ldy, int64_t o0, int64_t o1, int level);
 void dense_exact(const Weight *w, const Act *a, float *y, int64_t ldy, int64_t o0, int64_t o1, int level);
-/* float32 rows [o0, o1) of a 4-bit weight into y [o1 - o0, in] */
+/* float32 rows [o0, o1) of a 4-bit weight into y [o1 - o0, in]; or as bfloat16 (rounded to nearest
+ * even, as PyTorch converts), through `row` (room for one row of floats) */
 void q4_dequantize(const Weight *w, float *y, int64_t o0, int64_t o1, int level);
+void q4_dequantize_bf16(const Weight *w, uint16_t *y, float *row, int64_t o0, int64_t o1, int level);
 
 /* qact.c: activations for the fast kernels, one row's elements [i0, i1) (multiples of Q4_GROUP or
  * ACT_BLOCK) at a time; and the portable integer kernels. */

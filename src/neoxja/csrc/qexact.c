@@ -352,6 +352,21 @@ __attribute__((target("avx512f"))) static void dequant_row_avx512(const Weight *
 }
 #endif
 
+/* float32 -> bfloat16 bits, rounding to nearest even, NaN -> 0x7FC0: as PyTorch converts. */
+static inline uint16_t to_bfloat16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+void q4_dequantize_bf16(const Weight *w, uint16_t *y, float *row, int64_t o0, int64_t o1, int level) {
+    for (int64_t o = o0; o < o1; o++, y += w->in) {
+        q4_dequantize(w, row, o, o + 1, level);
+        for (int64_t i = 0; i < w->in; i++) y[i] = to_bfloat16(row[i]);
+    }
+}
+
 void q4_dequantize(const Weight *w, float *y, int64_t o0, int64_t o1, int level) {
     const int64_t per_row = w->in / w->blocksize;
     for (int64_t row = o0; row < o1; row++, y += w->in) {
