@@ -238,7 +238,7 @@ def test_generate_and_pipeline_take_quantized_models(tiny_checkpoint: Path) -> N
 
 
 @pytest.mark.parametrize("name", ["nf4", "int8"])
-def test_quantized_models_decode_with_the_c_head(tiny_checkpoint: Path, monkeypatch, name: str) -> None:
+def test_quantized_models_decode_with_the_c_step(tiny_checkpoint: Path, monkeypatch, name: str) -> None:
     from neoxja import cpu_decode, decoding
 
     if not cpu_decode.extension_available():
@@ -246,7 +246,7 @@ def test_quantized_models_decode_with_the_c_head(tiny_checkpoint: Path, monkeypa
             pytest.fail("neoxja._decode was not compiled (required in CI)")
         pytest.skip("neoxja._decode is not compiled: quantized models decode through PyTorch alone")
     model = GPTNeoXJapaneseForCausalLM.from_pretrained(tiny_checkpoint, weight_format=name)
-    assert neoxja.explain_decoding(model).startswith("cpu-head:")
+    assert neoxja.explain_decoding(model).startswith("cpu-fused:")
     prompts = torch.tensor([[10, 20, 30, 40], [0, 0, 7, 9]])
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
     ours = model.generate(prompts, attention_mask=mask, max_new_tokens=8, pad_token_id=0)

@@ -158,7 +158,7 @@ def test_the_pytorch_step_decodes_as_generate(tiny_loaded: tuple, monkeypatch: p
 def test_a_quantized_model_is_served(tiny_checkpoint: Path, tiny_loaded: tuple) -> None:
     model = GPTNeoXJapaneseForCausalLM.from_pretrained(tiny_checkpoint, weight_format="nf4").eval()
     engine = _greedy_as_generate(model, tiny_loaded[1], new=8)
-    assert isinstance(engine.step, TorchSlotStep)
+    assert isinstance(engine.step, FusedSlotStep)
 
 
 def test_chunked_prefill_scores_the_prompt_as_one_forward(tiny_loaded: tuple) -> None:
