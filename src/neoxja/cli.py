@@ -25,6 +25,17 @@ COMMAND_MODULES = (
 )
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every sub-command's help: examples keep their line breaks, and each option that has a value
+    by default says it (``(default: ...)``) unless its help already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``neoxja`` parser with every sub-command whose module is present."""
     parser = argparse.ArgumentParser(
@@ -32,10 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="GPT-NeoX-Japanese: tokenize, generate and inspect from the command line.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    # Sub-commands keep the line breaks of their epilog (the examples).
-    command_parser = functools.partial(
-        argparse.ArgumentParser, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    command_parser = functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter)
     subparsers = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=command_parser
     )

@@ -29,7 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--tokenizer and a matching config.json: for trying the package and for benchmarks."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--size", choices=tuple(PRESETS), default="tiny", help="architecture preset (default: tiny)"

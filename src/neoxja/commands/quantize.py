@@ -28,7 +28,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write a 4-bit, 8-bit or bfloat16 copy of a model",
         description="Quantize a model's linear layers (all but the output head) and save the result.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser, quantize=False)
     parser.add_argument("--format", required=True, choices=FORMATS, help="weight format of the linear layers")
