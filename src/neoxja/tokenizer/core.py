@@ -10,6 +10,7 @@ from typing import Any
 
 from neoxja.jsonfile import read_json_object
 from neoxja.tokenizer.batch import BatchMixin, _to_tensor, _wants_truncation, check_text
+from neoxja.tokenizer.chat import ChatTemplateMixin
 from neoxja.tokenizer.detokenize import CLEAN_UP_SPACES, IdDecoder, normalize
 from neoxja.tokenizer.rewrite import EmojiReplacer, rewrite, rewrite_traced
 from neoxja.tokenizer.segment import PythonSegmenter, compiled_segmenter
@@ -26,7 +27,7 @@ from neoxja.tokenizer.vocab import (
 )
 
 
-class GPTNeoXJapaneseTokenizer(VocabularyMixin, BatchMixin):
+class GPTNeoXJapaneseTokenizer(VocabularyMixin, BatchMixin, ChatTemplateMixin):
     """Tokenizer of abeja/gpt-neox-japanese-2.7b; ids identical to transformers' tokenizer.
 
     Args:
@@ -37,6 +38,8 @@ class GPTNeoXJapaneseTokenizer(VocabularyMixin, BatchMixin):
         model_max_length: length used by ``truncation=True``/``padding="max_length"`` without
             ``max_length``.
         padding_side: ``"right"`` or ``"left"``.
+        chat_template: the Jinja template of :meth:`apply_chat_template` (None: neoxja's default,
+            :data:`neoxja.tokenizer.chat.DEFAULT_CHAT_TEMPLATE`); saved by :meth:`save_pretrained`.
     """
 
     vocab_files_names = VOCAB_FILES
@@ -56,6 +59,7 @@ class GPTNeoXJapaneseTokenizer(VocabularyMixin, BatchMixin):
         model_max_length: int = VERY_LARGE_INTEGER,
         padding_side: str = "right",
         truncation_side: str = "right",
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> None:
         for name, path in (("vocab_file", vocab_file), ("emoji_file", emoji_file)):
@@ -64,6 +68,9 @@ class GPTNeoXJapaneseTokenizer(VocabularyMixin, BatchMixin):
         for side_name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
             if side not in ("left", "right"):
                 raise ValueError(f"{side_name} must be 'left' or 'right', got {side!r}")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TypeError(f"chat_template must be a string (a Jinja template), got {chat_template!r}")
+        self.chat_template = chat_template
         self.vocab_file = str(vocab_file)
         self.emoji_file = str(emoji_file)
         self._lines = load_vocab(vocab_file)
@@ -111,6 +118,9 @@ class GPTNeoXJapaneseTokenizer(VocabularyMixin, BatchMixin):
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> GPTNeoXJapaneseTokenizer:
         """Load from a model directory or a Hub id (``vocab.txt``, ``emoji.json``, optional configs).
 
+        The chat template is ``chat_template.jinja`` if there is one (transformers 5 writes it), else
+        tokenizer_config.json's ``chat_template`` string.
+
         Hub options (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``subfolder``)
         go to :func:`neoxja.hub.resolve_file`; other keyword arguments override the saved config.
         """
@@ -135,15 +145,26 @@ class GPTNeoXJapaneseTokenizer(VocabularyMixin, BatchMixin):
                 value = value.get("content")
             if isinstance(value, str) or (key in config and value is None):
                 init[key] = value
-        for key, kind in (("do_clean_text", bool), ("model_max_length", int), ("padding_side", str)):
+        for key, kind in (
+            ("do_clean_text", bool),
+            ("model_max_length", int),
+            ("padding_side", str),
+            ("chat_template", str),
+        ):
             if isinstance(config.get(key), kind):
                 init[key] = config[key]
+        path = resolve_file(name_or_path, "chat_template.jinja", options)
+        if path is not None:
+            init["chat_template"] = Path(path).read_text(encoding="utf-8")
         init.update(kwargs)
         return cls(files["vocab_file"], files["emoji_file"], **init)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
         """Write vocab.txt, emoji.json, tokenizer_config.json and special_tokens_map.json.
 
+        A chat template that was set is written as tokenizer_config.json's ``chat_template`` (the key
+        every transformers version reads), and into a ``chat_template.jinja`` already there (which
+        would win on loading), so the two never disagree.
         transformers' ``GPTNeoXJapaneseTokenizer.from_pretrained`` loads the result.
         """
         directory = Path(save_directory)
@@ -168,6 +189,12 @@ class GPTNeoXJapaneseTokenizer(VocabularyMixin, BatchMixin):
             "model_max_length": self.model_max_length,
             "padding_side": self.padding_side,
         }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+            path = directory / "chat_template.jinja"
+            if path.exists():
+                path.write_text(self.chat_template, encoding="utf-8")
+                written.append(path)
         for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
             path = directory / name
             path.write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
