@@ -264,7 +264,7 @@ def test_quantize_command_writes_a_checkpoint_that_loads_without_requantizing(
 
     out = tmp_path / "nf4"
     assert main(["quantize", "--model", str(tiny_checkpoint), "--format", "nf4", "--out", str(out)]) == 0
-    assert "nf4 linear layers" in capsys.readouterr().out
+    assert "nf4 linear layers" in capsys.readouterr().err  # a summary: stdout stays for results
     assert (
         json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     )
@@ -282,7 +282,7 @@ def test_quantize_command_writes_a_checkpoint_that_loads_without_requantizing(
     quantized_on_load = ["generate", "--model", str(tiny_checkpoint), "--quantize", "int8", *args[3:]]
     assert main(quantized_on_load) == 0
     assert main(["quantize", "--model", str(tiny_checkpoint), "--format", "int8", "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "is not empty: pass --overwrite" in capsys.readouterr().err
 
 
 KERNEL_CHECK = r"""

@@ -7,15 +7,17 @@ so every loader (``from_pretrained``, ``pipeline``, the CLI) treats it like a re
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import sys
 from typing import Any
 
+from neoxja.commands.quantize import add_output_argument, check_output
 from neoxja.configuration import PRESETS, GPTNeoXJapaneseConfig
 
 EPILOG = """\
-example:
-  neoxja init --size tiny --tokenizer ./abeja-tokenizer --out ./tiny-model
+examples:
+  neoxja init --size tiny --tokenizer ./abeja-tokenizer -o ./tiny-model
   neoxja generate --model ./tiny-model --max-new-tokens 20 "こんにちは"
+  neoxja init --size small --tokenizer ./abeja-tokenizer --dtype bfloat16 --output ./small --overwrite
 """
 
 
@@ -30,21 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog=EPILOG,
     )
-    parser.add_argument(
-        "--size", choices=tuple(PRESETS), default="tiny", help="architecture preset (default: tiny)"
-    )
+    parser.add_argument("--size", choices=tuple(PRESETS), default="tiny", help="architecture preset")
     parser.add_argument(
         "--tokenizer", required=True, help="directory (or Hub id) with vocab.txt and emoji.json"
     )
+    add_output_argument(parser, "the model")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     parser.add_argument(
-        "--out", required=True, help="directory to write (created; must be empty if it exists)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "float16", "bfloat16"),
-        default="float32",
-        help="dtype of the saved weights (default: float32)",
+        "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="the weights' dtype"
     )
     parser.set_defaults(func=run_init)
 
@@ -76,19 +71,20 @@ def init_model(config: Any, dtype: Any, seed: int) -> Any:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    """``neoxja init``: build, initialise and save the model and tokenizer into ``--out``."""
+    """``neoxja init``: build, initialise and save the model and tokenizer into ``--output``."""
     from neoxja.pipelines import load_tokenizer, resolve_dtype
     from neoxja.saving import replace_directory, write_pretrained
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} already exists and is not an empty directory")
+    out = check_output(args)
     tokenizer = load_tokenizer(args.tokenizer)
     config = build_config(args.size, tokenizer)
     model = init_model(config, resolve_dtype(args.dtype), args.seed)
-    with replace_directory(out) as staging:  # a failed or killed save leaves no half-written --out
+    with replace_directory(out) as staging:  # a failed or killed save leaves no half-written --output
         write_pretrained(model, staging)
         tokenizer.save_pretrained(staging)
     count = sum(parameter.numel() for parameter in model.parameters())
-    print(f"wrote a random {args.size} model ({count / 1e6:.1f}M parameters, {args.dtype}) to {out}")
+    print(
+        f"wrote a random {args.size} model ({count / 1e6:.1f}M parameters, {args.dtype}) to {out}",
+        file=sys.stderr,
+    )
     return 0

@@ -276,6 +276,8 @@ def plan_for(
 ) -> tuple[QuantizationPlan | None, bool]:
     """(the plan, whether the checkpoint is pre-quantized) for a load's arguments and config.json.
 
+    A pre-quantized checkpoint loads in its own format: asking for that format (``weight_format=`` or
+    ``quantization_config=``) is fine, asking for another is a ValueError (:func:`check_format`).
     ``cpu_arithmetic`` (``from_pretrained(..., cpu_arithmetic=)``) sets the layers' CPU arithmetic,
     over the one ``quantization_config`` gives; a pre-quantized checkpoint otherwise keeps the one
     its config.json names (``"fast"`` when it names none, as transformers' files). Given for a load
@@ -283,36 +285,29 @@ def plan_for(
     """
     if cpu_arithmetic is not None:
         check_arithmetic(cpu_arithmetic, "cpu_arithmetic")
-    saved = getattr(config, "quantization_config", None)
-    if saved is not None:
-        stored = _saved_settings(config, saved)
-        asked = quantization_config
-        if isinstance(asked, dict):
-            asked = BitsAndBytesConfig.from_dict(asked)
-        if asked is not None and (asked.load_in_4bit, asked.bnb_4bit_quant_type, asked.load_in_8bit) != (
-            stored.load_in_4bit,
-            stored.bnb_4bit_quant_type,
-            stored.load_in_8bit,
-        ):
-            raise ValueError(
-                "quantization_config asks for another format than the checkpoint's own quantization_config "
-                f"({stored.to_dict()}); a pre-quantized checkpoint loads as it was saved"
-            )
-        plan = QuantizationPlan.from_config(stored)
-        if asked is not None:
-            plan = plan.with_arithmetic(asked.cpu_arithmetic)
-        return plan.with_arithmetic(cpu_arithmetic), True
     if quantization_config is not None and weight_format is not None:
         raise ValueError("give quantization_config or weight_format, not both")
     if isinstance(quantization_config, dict):
         quantization_config = BitsAndBytesConfig.from_dict(quantization_config)
-    if quantization_config is not None:
-        if not isinstance(quantization_config, BitsAndBytesConfig):
-            raise TypeError(
-                "quantization_config must be a neoxja.BitsAndBytesConfig, got "
-                f"{type(quantization_config).__name__}"
-            )
-        return QuantizationPlan.from_config(quantization_config).with_arithmetic(cpu_arithmetic), False
+    if quantization_config is not None and not isinstance(quantization_config, BitsAndBytesConfig):
+        raise TypeError(
+            "quantization_config must be a neoxja.BitsAndBytesConfig, got "
+            f"{type(quantization_config).__name__}"
+        )
+    asked = QuantizationPlan.from_config(quantization_config) if quantization_config is not None else None
+    saved = getattr(config, "quantization_config", None)
+    if saved is not None:
+        stored = _saved_settings(config, saved)
+        if asked is not None:
+            check_format(config, stored, format_of(quantization_config), "quantization_config")
+        elif weight_format is not None:
+            check_format(config, stored, weight_format, "weight_format")
+        plan = QuantizationPlan.from_config(stored)
+        if quantization_config is not None:
+            plan = plan.with_arithmetic(quantization_config.cpu_arithmetic)
+        return plan.with_arithmetic(cpu_arithmetic), True
+    if asked is not None:
+        return asked.with_arithmetic(cpu_arithmetic), False
     if weight_format is not None:
         return QuantizationPlan.from_format(weight_format).with_arithmetic(cpu_arithmetic), False
     if cpu_arithmetic is not None:
@@ -321,6 +316,53 @@ def plan_for(
             "quantization_config= too (this checkpoint is not quantized)"
         )
     return None, False
+
+
+def format_of(settings: BitsAndBytesConfig) -> str | None:
+    """neoxja's name (``weight_format=`` / ``--quantize``) of the format ``settings`` quantize to (None:
+    they quantize nothing)."""
+    if settings.load_in_8bit:
+        return "int8"
+    return settings.bnb_4bit_quant_type if settings.load_in_4bit else None
+
+
+def _describe(option: str, requested: str) -> str:
+    """How the user asked for ``requested``: ``weight_format='int8'``, ``--quantize int8``, ..."""
+    if option == "quantization_config":
+        return f"quantization_config ({requested})"
+    return f"{option} {requested}" if option.startswith("--") else f"{option}={requested!r}"
+
+
+def check_format(config: Any, stored: BitsAndBytesConfig, requested: str, option: str) -> None:
+    """A ValueError when the pre-quantized checkpoint of ``config`` (in ``stored``'s format) is asked
+    for another format, ``requested``, through ``option`` (``weight_format``, ``quantization_config``
+    or a CLI flag such as ``--quantize``): its weights cannot be quantized again, and loading it as
+    saved would silently give another format than the one asked for. The same format is fine."""
+    if requested not in QUANTIZED_FORMATS:
+        raise ValueError(f"{_describe(option, requested)} is not one of {', '.join(WEIGHT_FORMATS)}")
+    own = format_of(stored)
+    if own is not None and requested != own:  # (settings that quantize nothing: the load reports them)
+        where = getattr(config, "name_or_path", "") or "the checkpoint"
+        raise ValueError(
+            f"{_describe(option, requested)} asks for {requested}, but {where} is already quantized to "
+            f"{own} (quantization_config in its config.json) and loads only as {own}; for {requested}, "
+            "quantize the float checkpoint it was made from instead"
+        )
+
+
+def check_requested_format(name_or_path: str | Path, requested: str, option: str = "--quantize") -> None:
+    """Before any weight is read: a ValueError (:func:`check_format`) when the model directory or Hub id
+    ``name_or_path`` is a pre-quantized checkpoint in another format than ``requested``. Reads only its
+    config.json; a model without one is left to the load to report."""
+    from neoxja.configuration import GPTNeoXJapaneseConfig
+    from neoxja.hub import resolve_file
+
+    if resolve_file(name_or_path, "config.json") is None:
+        return
+    config = GPTNeoXJapaneseConfig.from_pretrained(name_or_path)
+    saved = getattr(config, "quantization_config", None)
+    if saved is not None:
+        check_format(config, _saved_settings(config, saved), requested, option)
 
 
 def _saved_settings(config: Any, saved: Any) -> BitsAndBytesConfig:
