@@ -54,6 +54,8 @@ def test_sigterm_finishes_the_running_stream_and_exits_0(tiny_checkpoint: Path) 
             process.kill()
     log = process.stderr.read()
     assert "POST /v1/completions 200" in log and "completion_tokens=400" in log  # one line per request
+    # the start-up line says where the API is, before the model loads
+    assert f"serving {tiny_checkpoint} at http://127.0.0.1:{port}/v1 as 'tiny'" in log.splitlines()[0]
 
 
 @pytest.mark.parametrize(
@@ -72,14 +74,22 @@ def test_bad_options_are_one_line_errors(
     assert message in err and "Traceback" not in err
 
 
-def test_a_port_in_use_is_a_one_line_error(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_port_in_use_is_a_one_line_error_before_the_model_loads(
+    tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import neoxja.commands.serve
+
+    def no_load(args: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(neoxja.commands.serve, "load", no_load)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         assert main(["serve", "--model", str(tiny_checkpoint), "--port", str(port)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"port {port}: Address already in use" in err
+    assert err.count("\n") == 1 and f"error: port {port} on 127.0.0.1 is in use" in err
 
 
 @pytest.mark.parametrize(

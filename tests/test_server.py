@@ -206,6 +206,27 @@ def test_models_health_metrics_and_tokenizer_endpoints(
         assert name in metrics, name
 
 
+def test_retrieve_model_by_id_and_404_for_another(tiny_loaded: tuple) -> None:
+    """OpenAI's GET /v1/models/{id}: the card of the served name (which may hold a slash, as Hub ids
+    do), a 404 in OpenAI's error shape for any other id."""
+    name = "abeja/gpt-neox-japanese-2.7b"
+    served = Served(create_app(lambda: tiny_loaded, ServerConfig(served_model_name=name, max_model_len=128)))
+    try:
+        served.wait_ready()
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+        card = client.models.retrieve(name)
+        assert (card.id, card.object, card.owned_by) == (name, "model", "neoxja")
+        assert card.model_dump() == client.models.list().data[0].model_dump()
+        with pytest.raises(openai.NotFoundError) as raised:
+            client.models.retrieve("tiny")
+        assert raised.value.body["code"] == "model_not_found" and "'tiny' does not exist" in str(raised.value)
+        response = httpx.get(served.url + "/v1/models/abeja/other")
+        assert response.status_code == 404
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    finally:
+        served.stop()
+
+
 def test_a_client_that_goes_away_is_cancelled(served: Served, tiny_loaded: tuple) -> None:
     """A stream whose client closes after its first chunk, and a whole answer whose client closes
     while it waits, are cancelled before the engine runs them to their end. The engine is held by a

@@ -11,6 +11,7 @@ the rest are cancelled. Connections are capped and timed out (``--max-connection
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import logging
 import os
@@ -42,20 +43,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback)"
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every IPv4 interface)"
     )
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
     parser.add_argument(
         "--served-model-name", default=None, help="the model's name in the API (default: --model)"
     )
     parser.add_argument(
-        "--max-batch", type=positive(int), default=8, help="KV slots: sequences decoded together (default: 8)"
+        "--max-batch", type=positive(int), default=8, help="KV slots: sequences decoded together"
     )
     parser.add_argument(
         "--max-queue",
         type=positive(int),
         default=256,
-        help="sequences that may wait for a slot (default: 256)",
+        help="sequences that may wait for a slot",
     )
     parser.add_argument(
         "--max-model-len",
@@ -64,15 +65,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="positions per slot, prompt + completion (default: the model's context)",
     )
     parser.add_argument(
-        "--max-tokens", type=positive(int), default=None, help="cap on a request's max_tokens"
+        "--max-tokens",
+        type=positive(int),
+        default=None,
+        help="cap on a request's max_tokens, and what a chat request without one gets at most "
+        "(completions: 16, as OpenAI) (default: --max-model-len)",
     )
     parser.add_argument(
         "--prefill-chunk",
         type=positive(int),
         default=512,
-        help="prompt tokens prefilled per step, between decoding steps (default: 512)",
+        help="prompt tokens prefilled per step, between decoding steps",
     )
-    parser.add_argument("--max-n", type=positive(int), default=8, help="cap on a request's n (default: 8)")
+    parser.add_argument("--max-n", type=positive(int), default=8, help="cap on a request's n")
     parser.add_argument(
         "--max-work",
         type=positive(int),
@@ -88,40 +93,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="require Authorization: Bearer KEY (default: $NEOXJA_API_KEY, else none)",
     )
-    parser.add_argument("--chat-template", type=Path, default=None, help="Jinja chat template file")
+    parser.add_argument(
+        "--chat-template",
+        type=Path,
+        default=None,
+        help="Jinja chat template file (default: neoxja's built-in template, with its stop strings)",
+    )
     parser.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
-        help="seconds running requests get to finish after SIGTERM; new ones get 503 meanwhile (default: 30)",
+        help="seconds running requests get to finish after SIGTERM; new ones get 503 meanwhile",
     )
     limits = parser.add_argument_group("connections")
     limits.add_argument(
         "--max-connections",
         type=positive(int),
         default=1024,
-        help="open connections served at once; a connection past them gets 503 for its request "
-        "(default: 1024)",
+        help="open connections served at once; a connection past them gets 503 for its request",
     )
     limits.add_argument(
         "--timeout-keep-alive",
         type=positive(float),
         default=5.0,
-        help="seconds an idle connection is kept between requests (default: 5)",
+        help="seconds an idle connection is kept between requests",
     )
     limits.add_argument(
         "--timeout-header",
         type=positive(float),
         default=10.0,
         help="seconds a request line and its headers may take to arrive, from the connection's opening "
-        "(or a later request's first byte); then the connection is closed (default: 10)",
+        "(or a later request's first byte); then the connection is closed",
     )
     limits.add_argument(
         "--timeout-body",
         type=positive(float),
         default=30.0,
         help="seconds a request body may take to arrive after its headers; then 408 and the connection "
-        "is closed (default: 30)",
+        "is closed",
     )
     limits.add_argument(
         "--stall-timeout",
@@ -159,6 +168,26 @@ class _Signals:
         self.server.handle_exit(signum, frame)
 
 
+def api_url(host: str, port: int) -> str:
+    """The base URL of the API on ``host``:``port``, as an OpenAI client's ``base_url`` takes it."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+def _listen(host: str, port: int) -> list[Any]:
+    """The listening sockets of :func:`neoxja.serving.process.listen`; a port that another process holds
+    is said in those words (one line), since it is the common case: a second ``serve`` on the port."""
+    from neoxja.serving.process import listen
+
+    try:
+        return listen(host, port)
+    except ValueError as err:
+        if os.strerror(errno.EADDRINUSE) not in str(err):
+            raise
+        raise ValueError(
+            f"port {port} on {host} is in use (another server?): stop it, or choose another with --port"
+        ) from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     signals = _Signals()
     previous = {stop: signal.signal(stop, signals) for stop in (signal.SIGTERM, signal.SIGINT)}
@@ -175,7 +204,7 @@ def _serve(args: argparse.Namespace, signals: _Signals) -> int:
     try:
         from neoxja.serving.app import ServerConfig, check_api_key, create_app
         from neoxja.serving.connections import ConnectionLimits
-        from neoxja.serving.process import HTTPServer, listen, raise_file_limit
+        from neoxja.serving.process import HTTPServer, raise_file_limit
         from neoxja.serving.protocol import DEFAULT_MAX_WORK
     except ImportError as err:
         raise ValueError(
@@ -206,7 +235,7 @@ def _serve(args: argparse.Namespace, signals: _Signals) -> int:
     elif "NEOXJA_API_KEY" in os.environ:
         api_key = os.environ["NEOXJA_API_KEY"]
         check_api_key(api_key, "$NEOXJA_API_KEY")
-    listeners = listen(args.host, args.port)  # a port in use is an error here, not after the model loads
+    listeners = _listen(args.host, args.port)  # a port in use is an error here, before the model loads
     config = ServerConfig(
         served_model_name=args.served_model_name or str(args.model),
         api_key=api_key,
@@ -229,7 +258,13 @@ def _serve(args: argparse.Namespace, signals: _Signals) -> int:
         timeout_body=args.timeout_body,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.info("starting (pid %d): loading %s", os.getpid(), args.model)
+    logger.info(
+        "serving %s at %s as %r (pid %d); loading the model, /health says when it is ready",
+        args.model,
+        api_url(args.host, listeners[0].getsockname()[1]),
+        config.served_model_name,
+        os.getpid(),
+    )
     needed, files = raise_file_limit(args.max_connections)
     if files < needed:
         logger.warning(

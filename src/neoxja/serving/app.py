@@ -1,9 +1,9 @@
 """The HTTP server: OpenAI's API over a :class:`~neoxja.serving.engine.Engine`, on FastAPI.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``, ``GET /metrics`` (Prometheus), and the tokenizer endpoints ``POST /tokenize``,
-``POST /detokenize``, ``GET /tokenizer_info`` (vLLM's shapes, which lm-eval's remote tokenizer
-reads). With an API key set, everything but ``/health`` and ``/metrics`` needs
+``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus), and the tokenizer endpoints
+``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (vLLM's shapes, which lm-eval's
+remote tokenizer reads). With an API key set, everything but ``/health`` and ``/metrics`` needs
 ``Authorization: Bearer KEY`` (compared in constant time).
 
 The model loads in a background thread once the app starts: until then, and from the moment a
@@ -225,13 +225,15 @@ class Server:
             return 503, {"status": "stalled", "stalled_for": round(stalled, 3)}
         return 200, {"status": "ok"}
 
-    def check_model(self, body: Any) -> None:
+    def check_model(self, body: Any, param: str | None = "model") -> None:
+        """A 404 (OpenAI's ``model_not_found``) when ``body`` names a model other than the served one;
+        ``param`` is the error's (None where the name is in the path, as OpenAI's retrieve-model)."""
         if isinstance(body, dict) and body.get("model") not in (None, self.config.served_model_name):
             raise APIError(
                 404,
                 f"the model {body['model']!r} does not exist; "
                 f"this server serves {self.config.served_model_name!r}",
-                param="model",
+                param=param,
                 code="model_not_found",
             )
 
@@ -379,17 +381,25 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServerConfig) -> Fas
     async def metrics() -> Response:
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        engine = server.ready()
-        card = {
+    def model_card() -> dict[str, Any]:
+        return {
             "id": config.served_model_name,
             "object": "model",
             "created": 0,
             "owned_by": "neoxja",
-            "max_model_len": engine.max_model_len,
+            "max_model_len": server.ready().max_model_len,
         }
-        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str) -> dict[str, Any]:
+        """OpenAI's retrieve-model: the served model's card, 404 (model_not_found) for any other id."""
+        card = model_card()
+        server.check_model({"model": model}, param=None)
+        return card
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
