@@ -44,14 +44,11 @@ except ModuleNotFoundError as err:  # pragma: no cover - depends on the environm
 import torch
 from tqdm import tqdm
 
+from neoxja.evaluation.options import DEFAULT_MAX_GEN_TOKS, generation_settings
 from neoxja.hub import DEFAULT_MODEL
 
 __all__ = ["DEFAULT_MAX_GEN_TOKS", "NeoXJaLM"]
 
-DEFAULT_MAX_GEN_TOKS = 256  # HFLM's default number of new tokens for generate_until
-# Aliases lm-eval accepts for the number of new tokens, in its order of priority.
-_MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
-_SAMPLING_ONLY = ("temperature", "top_k", "top_p")
 
 T = TypeVar("T")
 # (cache key or None, context ids, continuation ids): what TemplateLM hands to _loglikelihood_tokens.
@@ -87,6 +84,10 @@ class NeoXJaLM(TemplateLM):
         batch_size: requests per forward pass / per ``generate`` call.
         max_length: context length in tokens (default: the model's ``max_position_embeddings``).
         max_gen_toks: new tokens for ``generate_until`` when the task does not say (default 256).
+        quantize: load ``pretrained``'s linear layers in this format (``"nf4"``, ``"fp4"``, ``"int8"``,
+            ``"bfloat16"``; ``weight_format=`` of ``from_pretrained``); default: as saved.
+        progress: progress bars over the requests: True always (as lm-eval's own models), None only
+            when stderr is a terminal (``neoxja eval``), False never.
     """
 
     def __init__(
@@ -98,6 +99,8 @@ class NeoXJaLM(TemplateLM):
         batch_size: int | str = 1,
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        quantize: str | None = None,
+        progress: bool | None = True,
     ) -> None:
         super().__init__()
         from neoxja.devices import resolve_device
@@ -106,14 +109,30 @@ class NeoXJaLM(TemplateLM):
         self.batch_size = _positive_int("batch_size", batch_size)  # "auto" (HFLM's search) is not offered
         self._max_length = None if max_length is None else _positive_int("max_length", max_length)
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+        self.progress = progress
+        extra = {} if quantize is None else {"weight_format": quantize}
         if isinstance(pretrained, (str, os.PathLike)):
             target = resolve_device(device, default="auto")
             dtype = dtype or ("float32" if target.type == "cpu" else "auto")
         else:
+            if quantize is not None:
+                raise ValueError(
+                    "quantize= applies to a model loaded here: pass pretrained= a directory or Hub id"
+                )
             target = None if device is None else resolve_device(device)
-        model, self.tokenizer = load_model_and_tokenizer(pretrained, tokenizer, dtype=dtype, device=target)
+        model, self.tokenizer = load_model_and_tokenizer(
+            pretrained, tokenizer, dtype=dtype, device=target, **extra
+        )
         self.model = model.eval()
         self._device = self.model.device
+
+    def _bar(self, total: int, description: str, disable_tqdm: bool) -> tqdm:
+        """A bar over ``total`` requests, shown as ``progress`` and lm-eval's ``disable_tqdm`` say."""
+        if disable_tqdm or self.progress is False:
+            disable: bool | None = True
+        else:
+            disable = None if self.progress is None else False  # None: tqdm checks for a terminal
+        return tqdm(total=total, disable=disable, desc=description)
 
     # ------------------------------------------------------------------ what lm-eval asks of a model
 
@@ -163,7 +182,7 @@ class NeoXJaLM(TemplateLM):
             requests, lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])), self.batch_size
         )
         pad = self.tokenizer.pad_token_id or 0
-        with tqdm(total=len(requests), disable=disable_tqdm, desc="neoxja loglikelihood") as bar:
+        with self._bar(len(requests), "neoxja loglikelihood", disable_tqdm) as bar:
             for batch in batches:
                 rows, spans = [], []
                 for i in batch:
@@ -233,7 +252,7 @@ class NeoXJaLM(TemplateLM):
                     break
             else:
                 groups.append((settings, [index]))
-        with tqdm(total=len(requests), disable=disable_tqdm, desc="neoxja generate_until") as bar:
+        with self._bar(len(requests), "neoxja generate_until", disable_tqdm) as bar:
             for settings, members in groups:
                 until, generate_kwargs = self._generation_settings(settings)
                 contexts = [requests[i].args[0] for i in members]
@@ -250,36 +269,14 @@ class NeoXJaLM(TemplateLM):
 
     def _generation_settings(self, settings: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
         """A request's ``gen_kwargs`` -> (stop sequences, ``model.generate`` keyword arguments)."""
-        if not isinstance(settings, dict):
-            raise TypeError(f"generate_until expects a dict of generation settings, got {settings!r}")
-        kwargs = dict(settings)
-        until = kwargs.pop("until", None)
-        if until is None:
-            until = []
-        elif isinstance(until, str):
-            until = [until]
-        elif isinstance(until, (list, tuple)) and all(isinstance(s, str) for s in until):
-            until = list(until)
-        else:
-            raise ValueError(f"'until' must be a string or a list of strings, got {until!r}")
+        until, kwargs = generation_settings(settings, self.max_gen_toks)
         eos = self.tokenizer.decode([self.eot_token_id])
         if eos not in until:
             until.append(eos)
-        lengths = [kwargs.pop(key) for key in _MAX_TOKEN_KEYS if key in kwargs]
-        max_gen_toks = int(lengths[0]) if lengths else self.max_gen_toks
-        if "max_length" in kwargs:  # lm-eval's meaning: prompt + new tokens
-            raise ValueError("give generate_until 'max_gen_toks' (new tokens), not 'max_length'")
-        do_sample = kwargs.get("do_sample")
-        if do_sample is None:
-            do_sample = float(kwargs.get("temperature", 0.0)) > 0.0
-        kwargs["do_sample"] = bool(do_sample)
-        if not do_sample:
-            for name in _SAMPLING_ONLY:
-                kwargs.pop(name, None)
-        kwargs["max_new_tokens"] = max_gen_toks
-        if self.max_length - max_gen_toks <= 0:
+        if self.max_length - kwargs["max_new_tokens"] <= 0:
             raise ValueError(
-                f"max_gen_toks={max_gen_toks} leaves no room for a context in max_length {self.max_length}"
+                f"max_gen_toks={kwargs['max_new_tokens']} leaves no room for a context in max_length "
+                f"{self.max_length}"
             )
         return until, kwargs
 
