@@ -186,6 +186,23 @@ def test_sampling_respects_top_k(models) -> None:
     assert torch.equal(ours.generate(ids, max_new_tokens=20, do_sample=True, top_k=1, seed=0), greedy)
 
 
+def test_sampling_respects_min_p(models) -> None:
+    """min_p=1 keeps only the most likely token (transformers' MinPLogitsWarper): the greedy
+    continuation, at any temperature; a config's min_p round-trips through transformers' JSON."""
+    _, ours = models
+    ids, _ = _prompts([6], pad=1, seed=11)
+    greedy = ours.generate(ids, max_new_tokens=20)
+    sampled = ours.generate(
+        ids, max_new_tokens=20, do_sample=True, temperature=5.0, top_k=0, min_p=1.0, seed=1
+    )
+    assert torch.equal(sampled, greedy)
+    loose = ours.generate(ids, max_new_tokens=20, do_sample=True, temperature=5.0, top_k=0, min_p=0.0, seed=1)
+    assert not torch.equal(loose, greedy)  # the same draw without min_p wanders off
+    assert GenerationConfig.from_dict(transformers.GenerationConfig(min_p=0.05).to_dict()).min_p == 0.05
+    with pytest.raises(ValueError, match="min_p must be a number in"):
+        ours.generate(ids, max_new_tokens=2, do_sample=True, min_p=1.5)
+
+
 def test_generation_config_object_and_model_default(models) -> None:
     reference, ours = models
     ids, _ = _prompts([4], pad=1, seed=10)

@@ -12,6 +12,7 @@ import neoxja
 from neoxja.generation_config import GenerationConfig
 from neoxja.sample_utils import (
     MinLengthProcessor,
+    MinPProcessor,
     NoRepeatNGramProcessor,
     RepetitionPenaltyProcessor,
     Sampler,
@@ -135,6 +136,32 @@ def test_chain_matches_reference_order() -> None:
     )
     scores = _scores(5, vocab=30)
     _same(sampler.process(ids, scores.clone()), chain(ids, scores))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("min_p", [0.0, 0.01, 0.2, 0.5, 1.0])
+def test_min_p_matches_reference(seed: int, min_p: float) -> None:
+    scores, ids = _scores(seed), _ids(seed)
+    ours = MinPProcessor(min_p)(ids, scores.clone())
+    _same(ours, ref.MinPLogitsWarper(min_p)(ids, scores))
+    assert (ours > -math.inf).sum(-1).min() >= 1
+
+
+def test_min_p_comes_last_in_the_chain_like_reference() -> None:
+    """generate()'s min_p acts after temperature, top-k and top-p, as transformers orders its warpers."""
+    ids = _ids(2, length=10)
+    sampler = make_sampler(do_sample=True, temperature=1.8, top_k=20, top_p=0.9, min_p=0.3)
+    chain = ref.LogitsProcessorList(
+        [
+            ref.TemperatureLogitsWarper(1.8),
+            ref.TopKLogitsWarper(20),
+            ref.TopPLogitsWarper(0.9),
+            ref.MinPLogitsWarper(0.3),
+        ]
+    )
+    scores = _scores(6, vocab=40)
+    _same(sampler.process(ids, scores.clone()), chain(ids, scores))
+    assert not make_sampler(do_sample=False, min_p=0.3).processors  # greedy ignores it
 
 
 def test_greedy_chain_skips_sampling_processors() -> None:

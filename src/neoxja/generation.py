@@ -179,6 +179,7 @@ def _sampler(
         temperature=config.temperature,
         top_k=config.top_k,
         top_p=config.top_p,
+        min_p=config.min_p or 0.0,
         repetition_penalty=config.repetition_penalty,
         no_repeat_ngram_size=config.no_repeat_ngram_size,
         min_length=min_length,
@@ -396,7 +397,7 @@ class GenerationMixin:
         """Continue ``input_ids`` [batch, len]; return prompt + continuation, [batch * copies, len'].
 
         Keyword settings are those of :class:`GenerationConfig` (``max_new_tokens``, ``do_sample``,
-        ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``,
+        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``no_repeat_ngram_size``,
         ``min_new_tokens``, ``eos_token_id``, ``pad_token_id``, ``num_return_sequences``,
         ``stop_strings`` (with ``tokenizer=``), ...); they override ``generation_config``, which
         defaults to ``model.generation_config``. Batched prompts must be left-padded with their

@@ -33,8 +33,10 @@ class GenerationConfig:
 
     ``max_length`` counts prompt + new tokens, ``max_new_tokens`` only new ones (it wins when both are
     set). With neither set, 20 new tokens are generated (capped at ``max_position_embeddings``).
-    ``top_k``/``top_p``/``temperature`` only act when ``do_sample=True``. Keys this class does not know
-    (e.g. from a transformers ``generation_config.json``) are kept in ``extra`` and written back.
+    ``top_k``/``top_p``/``min_p``/``temperature`` only act when ``do_sample=True``; ``min_p`` keeps the
+    tokens whose probability is at least ``min_p`` times the most likely one's (after temperature).
+    Keys this class does not know (e.g. from a transformers ``generation_config.json``) are kept in
+    ``extra`` and written back.
     """
 
     max_length: int | None = None
@@ -45,6 +47,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int = 50
     top_p: float = 1.0
+    min_p: float | None = None
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     num_return_sequences: int = 1
@@ -136,7 +139,9 @@ class GenerationConfig:
         if self.do_sample:
             return
         default = GenerationConfig()
-        unused = [n for n in ("temperature", "top_p", "top_k") if getattr(self, n) != getattr(default, n)]
+        unused = [
+            n for n in ("temperature", "top_p", "top_k", "min_p") if getattr(self, n) != getattr(default, n)
+        ]
         if unused:
             warnings.warn(
                 f"do_sample=False, so these sampling settings are ignored: {', '.join(unused)}. "
@@ -189,8 +194,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "past float32's range)",
     ),
     "no_repeat_ngram_size": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 disables it)"),
-    # The serving engine's settings (not generate()'s), here so that every rule is in one table.
     "min_p": (lambda v: _is_number(v) and 0.0 <= v <= 1.0, "a number in [0, 1] (0 disables it)"),
+    # The serving engine's settings (not generate()'s), here so that every rule is in one table.
     "presence_penalty": (lambda v: _is_number(v) and -2.0 <= v <= 2.0, "a number in [-2, 2]"),
     "frequency_penalty": (lambda v: _is_number(v) and -2.0 <= v <= 2.0, "a number in [-2, 2]"),
     "num_return_sequences": (lambda v: _is_int(v) and v > 0, "a positive integer"),
