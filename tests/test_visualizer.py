@@ -223,3 +223,71 @@ def test_importable_from_both_places() -> None:
     from neoxja.utils.attention_visualizer import AttentionMaskVisualizer as direct
 
     assert neoxja.AttentionMaskVisualizer is direct
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels, from the PNG's IHDR chunk."""
+    header = path.read_bytes()[:24]
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_png_labels_are_readable_and_inside_the_image(
+    visualizer: AttentionMaskVisualizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token labels are drawn big enough for kanji (at least 16 px tall by default; they were 10) and
+    the figure is sized so that none is cut off, for a long label and for --dpi/--font-size."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+
+    class Recorded(Figure):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            drawn.append(self)
+
+    monkeypatch.setattr(attention_visualizer, "_figure_class", lambda: Recorded)
+    text = "人とAIが協調するためには、吾輩は猫である。名前はまだ無い。"
+    sizes = {}
+    for name, kwargs in (("default", {}), ("300dpi", {"dpi": 300}), ("big", {"font_size": 16})):
+        path = visualizer.save_png(tmp_path / f"{name}.png", text, **kwargs)
+        figure = drawn[-1]
+        sizes[name] = _png_size(path)
+        dpi = kwargs.get("dpi", attention_visualizer.DEFAULT_DPI)
+        width, height = figure.get_size_inches() * dpi
+        assert sizes[name] == pytest.approx((width, height), abs=1)
+        ax = figure.axes[0]
+        labels = [*ax.get_xticklabels(), *ax.get_yticklabels()]
+        assert len(labels) == 2 * len(visualizer.mask(text)[0][0])
+        figure.dpi = dpi  # measured as the file was drawn
+        renderer = FigureCanvasAgg(figure).get_renderer()
+        for label in labels:
+            box = label.get_window_extent(renderer)
+            assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, label.get_text()
+        tallest = max(label.get_window_extent(renderer).height for label in ax.get_yticklabels())
+        assert tallest >= kwargs.get("font_size", 10) * dpi / 72 * 0.9
+        if not kwargs:
+            assert tallest >= 16
+    assert min(sizes["default"]) >= 600
+    assert sizes["300dpi"][0] == pytest.approx(2 * sizes["default"][0], abs=2)
+    assert sizes["big"][0] > sizes["default"][0]  # bigger labels, a bigger figure to hold them
+    with pytest.raises(ValueError, match="dpi must be a positive number"):
+        visualizer.save_png(tmp_path / "x.png", text, dpi=0)
+
+
+@pytest.mark.parametrize("spelling", ["--output", "-o", "--png"])
+def test_visualize_mask_output_spellings_and_dpi(
+    spelling: str, tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from neoxja.cli import main
+
+    png = tmp_path / "mask.png"
+    assert (
+        main(["visualize-mask", "--model", str(tiny_dir), spelling, str(png), "--dpi", "72", "猫です"]) == 0
+    )
+    out, err = capsys.readouterr()
+    assert "batch row" not in out and f"wrote {png}" in err and f"wrote {png}" not in out
+    assert _png_size(png)[0] == 4 * 72  # the smallest figure, 4 inches, at 72 dpi
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own error: one line, status 2
+        main(["visualize-mask", "--model", str(tiny_dir), "--dpi", "0", "-o", str(png), "猫"])
+    assert exit_info.value.code == 2 and "argument --dpi: must be > 0" in capsys.readouterr().err

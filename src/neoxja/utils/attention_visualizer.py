@@ -8,7 +8,8 @@ its own grid, whose legend says which positions are padding: no real token atten
 each padding query attends only to itself (so its softmax has a key; its output is unused).
 Printing the mask needs only the config and the tokenizer; ``png=...`` with ``layer``/``head`` also
 runs the model to draw its attention weights. The PNG's token labels use a Japanese font:
-matplotlib-fontja's (``pip install 'neoxja[viz]'``), else one installed on the system.
+matplotlib-fontja's (``pip install 'neoxja[viz]'``), else one installed on the system; their size
+(``font_size``, points) and the image's ``dpi`` are the caller's, the figure sized to fit them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ ALLOWED = "■"
 MASKED = "⬚"
 # Characters a font must have to draw the Japanese token labels (kana and a common kanji).
 JAPANESE_SAMPLE = "あア猫"
+# The PNG's defaults: token labels at 10 pt drawn at 150 dpi are 21 px tall, where a kanji's strokes stay
+# apart (matplotlib's 7 pt at 100 dpi gave 10 px, unreadable).
+DEFAULT_DPI = 150
+DEFAULT_FONT_SIZE = 10.0
 
 
 def allowed_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -128,12 +133,14 @@ class AttentionMaskVisualizer:
         png: str | os.PathLike | None = None,
         layer: int | None = None,
         head: int | None = None,
+        dpi: float = DEFAULT_DPI,
+        font_size: float = DEFAULT_FONT_SIZE,
     ) -> None:
         """Print the mask grid(s) for the text(s); with ``png`` also write an image (see :meth:`save_png`)."""
         color = self.color if self.color is not None else _stdout_is_terminal()
         print(self.render(input_sentence, color=color))
         if png is not None:
-            self.save_png(png, input_sentence, layer=layer, head=head)
+            self.save_png(png, input_sentence, layer=layer, head=head, dpi=dpi, font_size=font_size)
 
     def encode(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask of ``texts`` as one left-padded batch ``[B, T]``."""
@@ -209,12 +216,21 @@ class AttentionMaskVisualizer:
         *,
         layer: int | None = None,
         head: int | None = None,
+        dpi: float = DEFAULT_DPI,
+        font_size: float = DEFAULT_FONT_SIZE,
     ) -> Path:
-        """Draw the mask (or ``layer``/``head``'s attention weights) of each batch row into ``path``."""
+        """Draw the mask (or ``layer``/``head``'s attention weights) of each batch row into ``path``.
+
+        The token labels are ``font_size`` points and the image ``dpi`` pixels per inch; the figure is
+        sized to fit them (a cell per token a little over a label's height, room for the longest label).
+        """
         if (layer is None) != (head is None):
             raise ValueError(
                 "give both layer and head to draw attention weights, or neither to draw the mask"
             )
+        for name, value in (("dpi", dpi), ("font_size", font_size)):
+            if not (isinstance(value, (int, float)) and 0 < value < 10_000):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         figure_class = _figure_class()
         from matplotlib import rc_context, rcParams
 
@@ -228,27 +244,29 @@ class AttentionMaskVisualizer:
                 f"attention weights, layer {layer} head {head}",
             )
         batch, length = images.shape[0], images.shape[-1]
-        size = max(4.0, 0.3 * length + 2)
+        labels = [[f"{i}:{token}" for i, token in enumerate(row)] for row in tokens]
+        width, height = _panel_size(labels, font_size)
         path = Path(path)
         # The Japanese font first, the user's fonts as fallback; only for this figure (rcParams restored).
         fonts = {"font.family": [family, *rcParams["font.family"]]} if family else {}
         with rc_context(fonts), warnings.catch_warnings():
             if family is None:  # japanese_font_family() has warned once; not once per missing glyph
                 warnings.filterwarnings("ignore", r"Glyph \d+ .* missing from font", UserWarning)
-            figure = figure_class(figsize=(size * batch, size))
+            figure = figure_class(figsize=(width * batch, height))
             axes = figure.subplots(1, batch, squeeze=False)
             for row in range(batch):
                 ax = axes[0][row]
                 shown = ax.imshow(images[row].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-                labels = [f"{i}:{token}" for i, token in enumerate(tokens[row])]
-                ax.set_xticks(range(length), labels=labels, rotation=90, fontsize=7)
-                ax.set_yticks(range(length), labels=labels, fontsize=7)
-                ax.set_xlabel("key")
-                ax.set_ylabel("query")
-                ax.set_title(f"{what}" + (f", batch row {row}" if batch > 1 else ""), fontsize=9)
-                figure.colorbar(shown, ax=ax, fraction=0.046)
+                ax.set_xticks(range(length), labels=labels[row], rotation=90, fontsize=font_size)
+                ax.set_yticks(range(length), labels=labels[row], fontsize=font_size)
+                ax.set_xlabel("key", fontsize=font_size)
+                ax.set_ylabel("query", fontsize=font_size)
+                title = what + (f", batch row {row}" if batch > 1 else "")
+                ax.set_title(title, fontsize=font_size * 1.2)
+                colorbar = figure.colorbar(shown, ax=ax, fraction=0.046)
+                colorbar.ax.tick_params(labelsize=font_size)
             figure.tight_layout()
-            figure.savefig(path, dpi=100)
+            figure.savefig(path, dpi=dpi)
         return path
 
     def _loaded_model(self) -> torch.nn.Module:
@@ -263,6 +281,18 @@ class AttentionMaskVisualizer:
                 kwargs["device"] = resolve_device(self._device)
             self.model = AutoModelForCausalLM.from_pretrained(self.name, **kwargs).eval()
         return self.model
+
+
+def _panel_size(labels: list[list[str]], font_size: float) -> tuple[float, float]:
+    """(width, height) in inches of one batch row's panel: a cell per token a little over a label's
+    height, the longest label (a CJK character about 1 em wide, others about 0.6) beside and below the
+    grid, room for the axis names, the title and the colour bar; at least 4 inches."""
+    em = font_size / 72
+    cells = max(len(row) for row in labels) * max(0.25, 1.5 * em)
+    label = max(sum(1.0 if _width(c) == 2 else 0.6 for c in text) for row in labels for text in row) * em
+    width = cells + label + 6 * em + 0.8  # y labels, axis name; colour bar and its ticks
+    height = cells + label + 6 * em + 0.3  # x labels, axis name; title
+    return max(4.0, width), max(4.0, height)
 
 
 def _width(text: str) -> int:
