@@ -3,8 +3,11 @@ same weights and the reference tokenizer's ids, and the ``neoxja perplexity`` co
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -336,3 +339,83 @@ def test_cli_errors_are_one_line_naming_the_problem(
     assert captured.err.startswith("neoxja perplexity: error: ")
     assert captured.err.count("\n") == 1
     assert message in captured.err
+
+
+# ---------------------------------------------------------------------------- issue 24: conventions
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, as tqdm asks before showing a bar."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _run(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys, terminal: bool) -> tuple[str, str]:
+    """(stdout, stderr) of ``neoxja perplexity ...``, its stderr a terminal or not."""
+    stderr = _Terminal() if terminal else io.StringIO()
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", stderr)
+        assert main(["perplexity", *argv]) == 0
+    return capsys.readouterr().out, stderr.getvalue()
+
+
+def test_cli_shows_progress_on_a_terminal_on_stderr_only(
+    tiny_checkpoint: Path, files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(tiny_checkpoint)
+    args = ["--model", str(tiny_checkpoint), "--max-length", "32", "--stride", "8", *map(str, files)]
+    output = tmp_path / "out" / "ppl.json"
+    table, progress = _run([*args, "--output", str(output)], monkeypatch, capsys, terminal=True)
+    for path in files:  # a bar per file: its windows done of its total, and the throughput
+        total = len(windows(len(tokenizer.encode(path.read_text(encoding="utf-8"))), 32, 8))
+        assert re.search(rf"{re.escape(str(path))}: 100%.*\b{total}/{total} .*tokens/s", progress), progress
+    assert f"wrote {output}" in progress
+    # --no-progress: nothing on stderr, even on a terminal, and the same results on stdout.
+    assert _run([*args, "--no-progress"], monkeypatch, capsys, terminal=True) == (table, "")
+    # --output holds the --json object of the same numbers.
+    report = json.loads(output.read_text(encoding="utf-8"))
+    rows = [*report["files"], {"file": "total", **report["total"]}]
+    assert [line.split() for line in table.splitlines()[2:]] == [
+        [
+            r["file"],
+            str(r["characters"]),
+            str(r["tokens"]),
+            f"{r['perplexity']:.4f}",
+            f"{r['bits_per_character']:.4f}",
+        ]
+        for r in rows
+    ]
+
+
+@pytest.mark.parametrize(
+    ("option", "load"),
+    [
+        (["--quantize", "bfloat16"], {"weight_format": "bfloat16"}),
+        (["--dtype", "bfloat16"], {"dtype": "bfloat16"}),
+    ],
+)
+def test_cli_loads_the_model_as_quantize_and_dtype_say(
+    tiny_checkpoint: Path, files: list[Path], option: list[str], load: dict, capsys
+) -> None:
+    from neoxja import GPTNeoXJapaneseForCausalLM
+    from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
+
+    assert main(["perplexity", "--model", str(tiny_checkpoint), *option, "--json", str(files[0])]) == 0
+    got = json.loads(capsys.readouterr().out)["total"]
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(tiny_checkpoint, **load).eval()
+    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(tiny_checkpoint)
+    text = files[0].read_text(encoding="utf-8")
+    assert got == pytest.approx(perplexity(model, tokenizer, text).as_dict(), rel=1e-9)
+    float32 = expected_results(tiny_checkpoint, files[:1], MAX_POSITIONS, MAX_POSITIONS)[0]
+    assert got["nll"] != pytest.approx(float32.nll, rel=1e-6)  # the option changed the weights
+
+
+def test_cli_output_errors_come_before_the_model_loads(tmp_path: Path, capsys) -> None:
+    text = tmp_path / "a.txt"
+    text.write_text("吾輩は猫である。", encoding="utf-8")
+    assert main(["perplexity", "--model", "/nonexistent/model", "-o", str(tmp_path), str(text)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"neoxja perplexity: error: --output {tmp_path} is a directory: give a file name\n"

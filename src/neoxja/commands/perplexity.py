@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from neoxja.commands.generate import add_model_arguments, load
+from neoxja.commands.generate import add_model_arguments, check_directories, load
 from neoxja.jsonfile import decode_utf8
 
 EPILOG = """\
@@ -21,10 +22,14 @@ the characters (Unicode code points) of the files as read. Windows of --max-leng
 every --stride tokens; each scores only the tokens after the previous window's end, with the
 tokens before them as context (the first window scores all of its tokens but the first).
 
+On a terminal a progress bar on stderr counts each file's windows and the tokens per second through
+the model (--no-progress hides it); the results go to stdout.
+
 examples:
   neoxja perplexity --model ./gpt-neox-japanese-2.7b neko.txt
   neoxja perplexity --model ./my-model --max-length 1024 --stride 512 --batch-size 4 a.txt b.txt
   neoxja perplexity --model ./my-model --json test.txt > ppl.json
+  neoxja perplexity --model ./my-model --quantize nf4 --output ppl.json test.txt
 """
 
 # The window options, by the names the Python API's messages use.
@@ -51,9 +56,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--stride", type=int, default=None, help="tokens between window starts (default: --max-length)"
     )
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--output", "-o", default=None, metavar="PATH", help="also write the JSON object to PATH"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal)")
     parser.set_defaults(func=run_perplexity)
+
+
+def _check_output(path: str) -> Path:
+    """The ``--output`` file, its directory created now so that a long run cannot fail at its end."""
+    output = Path(path)
+    if output.is_dir():
+        raise ValueError(f"--output {path} is a directory: give a file name")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return output
 
 
 def read_file(path: str) -> str:
@@ -82,6 +100,8 @@ def run_perplexity(args: argparse.Namespace) -> int:
     from neoxja.evaluation.perplexity import combine, perplexity
 
     check_options(args)
+    check_directories(args)
+    output = None if args.output is None else _check_output(args.output)
     texts = [(path, read_file(path)) for path in args.files]  # every file is checked before loading
     model, tokenizer = load(args)
     max_positions = model.config.max_position_embeddings
@@ -91,20 +111,33 @@ def run_perplexity(args: argparse.Namespace) -> int:
     results = []
     for path, text in texts:
         try:
-            result = perplexity(model, tokenizer, text, max_length, stride, args.batch_size, description=path)
+            result = perplexity(
+                model,
+                tokenizer,
+                text,
+                max_length,
+                stride,
+                args.batch_size,
+                progress=False if args.no_progress else None,
+                description=path,
+            )
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
         results.append((path, result))
     total = combine(result for _, result in results)
+    report = {
+        "model": args.model,
+        "max_length": max_length,
+        "stride": stride,
+        "files": [{"file": path, **result.as_dict()} for path, result in results],
+        "total": total.as_dict(),
+    }
+    text = json.dumps(report, ensure_ascii=False, indent=2)
+    if output is not None:
+        output.write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {output}", file=sys.stderr)
     if args.json:
-        report = {
-            "model": args.model,
-            "max_length": max_length,
-            "stride": stride,
-            "files": [{"file": path, **result.as_dict()} for path, result in results],
-            "total": total.as_dict(),
-        }
-        print(json.dumps(report, ensure_ascii=False, indent=2))
+        print(text)
         return 0
     rows = results + ([("total", total)] if len(results) > 1 else [])
     width = max(len("file"), *(len(name) for name, _ in rows))

@@ -29,6 +29,7 @@ ids themselves).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -157,9 +158,10 @@ def perplexity(
     ``max_length`` (default: the model's ``max_position_embeddings``) is the window size and
     ``stride`` (default: ``max_length``) how far each window starts after the previous one; see the
     module's docstring for exactly which tokens are scored. ``batch_size`` windows go through the
-    model per forward pass. ``progress`` shows a tqdm bar over the windows (None: only when stderr
-    is a terminal), labelled ``description``. The model is evaluated in eval mode (its mode is
-    restored afterwards) without gradients.
+    model per forward pass. ``progress`` shows a tqdm bar on stderr over the windows, with the tokens
+    per second through the model (None: only when stderr is a terminal), labelled ``description``;
+    it stays on the screen when done, so its last line is the text's throughput.
+    The model is evaluated in eval mode (its mode is restored afterwards) without gradients.
     """
     max_positions = model.config.max_position_embeddings
     check_settings(max_length, stride, batch_size, max_positions)
@@ -180,13 +182,18 @@ def perplexity(
             total=len(spans),
             desc=description,
             unit=" windows",
-            leave=False,
             disable=None if progress is None else not progress,
         )
+        processed = 0  # tokens through the model (context included): the rate the bar shows
+        start = time.perf_counter()
         with torch.inference_mode(), bar:
             for batch in _batches(spans, batch_size):
                 nll += _batch_nll(model, ids, batch)
                 tokens += sum(end - first for _, first, end in batch)
+                processed += sum(end - begin for begin, _, end in batch)
+                if not bar.disable:
+                    rate = processed / max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{rate:.1f} tokens/s", refresh=False)
                 bar.update(len(batch))
     finally:
         model.train(was_training)
