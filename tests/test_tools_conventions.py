@@ -111,24 +111,39 @@ def test_generate_quantize_on_a_quantized_checkpoint(
     assert main([*args, "--quantize", "nf4", "猫"]) == 0
 
 
+def test_serve_refuses_another_format_of_a_quantized_checkpoint_before_opening_the_port(
+    nf4_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import neoxja.commands.serve
+
+    def no_listen(host: str, port: int) -> None:
+        raise AssertionError("the port was opened")
+
+    monkeypatch.setattr(neoxja.commands.serve, "_listen", no_listen)
+    assert main(["serve", "--model", str(nf4_dir), "--quantize", "fp4", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--quantize fp4 asks for fp4" in err and "quantized to nf4" in err
+
+
 # ----- --output, --overwrite -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spelling", ["--output", "-o", "--out"])
 def test_init_output_spellings_and_non_empty_output_refused_unless_overwrite(
-    spelling: str, tmp_path: Path, assets_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, assets_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "model"
-    base = ["init", "--tokenizer", str(assets_dir), spelling, str(out)]
-    assert main(base) == 0
-    assert "wrote a random tiny model" in capsys.readouterr().err  # a summary: stderr, stdout stays clean
+    base = ["init", "--tokenizer", str(assets_dir)]
+    assert main([*base, "--output", str(out)]) == 0
+    out_text, err = capsys.readouterr()
+    assert "wrote a random tiny model" in err and out_text == ""  # a summary: stderr, stdout stays clean
     (out / "NOTES.md").write_text("mine")
     first = (out / "model.safetensors").read_bytes()
-    assert main([*base, "--seed", "1"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--output {out} is not empty: pass --overwrite" in err
+    for spelling in ("--output", "-o", "--out"):
+        assert main([*base, spelling, str(out), "--seed", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--output {out} is not empty: pass --overwrite" in err
     assert (out / "model.safetensors").read_bytes() == first
-    assert main([*base, "--seed", "1", "--overwrite"]) == 0
+    assert main([*base, "-o", str(out), "--seed", "1", "--overwrite"]) == 0
     assert (out / "model.safetensors").read_bytes() != first  # replaced
     assert (out / "NOTES.md").read_text() == "mine"  # what init does not write stays
 

@@ -215,6 +215,10 @@ def _serve(args: argparse.Namespace, signals: _Signals) -> int:
 
     if resolve_file(args.model, "config.json") is None:  # fail here, before a port is opened
         raise ValueError(f"--model {args.model}: no config.json there")
+    if args.quantize is not None:
+        from neoxja.quantization.loading import check_requested_format
+
+        check_requested_format(args.model, args.quantize, "--quantize")  # a quantized --model's own format
     template = None
     if args.chat_template is not None:
         try:
