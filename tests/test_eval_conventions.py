@@ -8,6 +8,7 @@ The tasks are defined here over local JSONL files (no network); the model is the
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import os
@@ -16,8 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval.tasks
 import pytest
 from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
 
 from neoxja.cli import main
 from neoxja.commands import eval as eval_command
@@ -66,11 +69,13 @@ def lm_eval_style_run(
 ) -> tuple[Path, str]:
     """One run with lm-eval's spellings: comma-separated tasks, --output_path a directory,
     --log_samples, --gen_kwargs, --seed, --num_fewshot, and --dtype/--quantize; (the output
-    directory, stdout)."""
+    directory, stdout). stdout is captured by hand: capsys is per test."""
     out = tmp_path_factory.mktemp("eval-out") / "results"
     capture = tmp_path_factory.mktemp("eval-stdout") / "stdout.txt"
     saved = sys.stdout
-    with capture.open("w", encoding="utf-8") as sys.stdout:  # module-scoped: capsys is per test
+    with pytest.MonkeyPatch.context() as patch, capture.open("w", encoding="utf-8") as sys.stdout:
+        # Every task is in --include-path: lm-eval's own index (seconds to build) is left out.
+        patch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
         try:
             status = _eval(
                 tiny_checkpoint,
