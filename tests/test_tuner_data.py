@@ -110,7 +110,11 @@ def test_a_directory_is_read_in_sorted_order(tmp_path: Path) -> None:
     [
         ("bad.jsonl", '{"text": "ok"}\n{"text": "no end"\n', r"bad\.jsonl:2: not valid JSON"),
         ("bad.jsonl", '{"text": "ok"}\n[1, 2]\n', r"bad\.jsonl:2: expected a JSON object, found a list"),
-        ("bad.jsonl", '{"txt": "typo"}\n', r"bad\.jsonl:1: needs \"text\", or \"prompt\" and \"completion\""),
+        (
+            "bad.jsonl",
+            '{"txt": "typo"}\n',
+            r'bad\.jsonl:1: needs "text", "prompt" and "completion", or "messages"',
+        ),
         ("bad.jsonl", '{"prompt": "q"}\n', r"bad\.jsonl:1: a prompt/completion record needs completion"),
         ("bad.jsonl", '{"text": 5}\n', r"bad\.jsonl:1: 'text' must be a string, found int"),
         ("bad.jsonl", '{"prompt": "q", "completion": ""}\n', r"bad\.jsonl:1: empty 'completion'"),

@@ -1,11 +1,13 @@
 """Training data: text files and JSONL read, checked, tokenised into compact arrays and packed into
 fixed-length blocks, a file at a time and a piece at a time, in memory bounded by the tokens kept.
 
-Three kinds of record, in any mix:
+Four kinds of record, in any mix:
 
 - a ``.txt`` file: one document (or one per line with ``per_line=True``, blank lines skipped);
 - a ``.jsonl`` line ``{"text": ...}``: one document;
-- a ``.jsonl`` line ``{"prompt": ..., "completion": ...}``: the loss covers the completion only.
+- a ``.jsonl`` line ``{"prompt": ..., "completion": ...}``: the loss covers the completion only;
+- a ``.jsonl`` line ``{"messages": [{"role": ..., "content": ...}, ...]}``: a conversation rendered
+  by the tokenizer's chat template, the loss on the assistant's turns (:mod:`neoxja.tuner.chat_data`).
 
 Lines are split on ``"\\n"`` alone (with ``"\\r\\n"`` read as a line end): see
 :mod:`neoxja.tuner.data_files`. Every file is read and checked before anything is tokenised, so bad
@@ -31,8 +33,9 @@ from typing import Any
 import torch
 
 from neoxja.loss import IGNORE_INDEX  # label of a position that carries no loss (as in transformers)
+from neoxja.tuner.chat_data import chat_renderer, chat_texts, check_messages
 from neoxja.tuner.data_cuts import cut_rule
-from neoxja.tuner.data_files import DataError, Text, data_files, read_texts
+from neoxja.tuner.data_files import Chat, DataError, Text, data_files, read_texts
 
 __all__ = [
     "IGNORE_INDEX",
@@ -40,6 +43,7 @@ __all__ = [
     "DataError",
     "PackedDataset",
     "Text",
+    "check_data",
     "id_storage",
     "load_dataset",
     "pack_texts",
@@ -259,6 +263,20 @@ def pack_texts(parts: Iterable[Text], tokenizer: Any, seq_len: int, *, num_worke
     return packer.finish(seq_len, pad)
 
 
+def _chat(tokenizer: Any) -> Chat:
+    render = chat_renderer(tokenizer)
+    return lambda value, where: chat_texts(check_messages(value, where), render, where)
+
+
+def check_data(paths: Sequence[str | os.PathLike], tokenizer: Any, *, per_line: bool = False) -> None:
+    """Read and check every file of ``paths`` (chat records rendered by ``tokenizer``'s template),
+    tokenising nothing: a :class:`DataError` names the file and line of the first problem."""
+    chat = _chat(tokenizer)
+    for path in data_files(paths):
+        for _ in read_texts(path, per_line, chat):
+            pass
+
+
 def load_dataset(
     paths: Sequence[str | os.PathLike],
     tokenizer: Any,
@@ -266,12 +284,13 @@ def load_dataset(
     *,
     per_line: bool = False,
     num_workers: int = 1,
+    checked: bool = False,
 ) -> PackedDataset:
-    """Read and check every file of ``paths``, then tokenise and pack them (see the module's docstring)."""
+    """Read and check every file of ``paths`` (unless ``checked``: :func:`check_data` did), then
+    tokenise and pack them (see the module's docstring)."""
     _check_seq_len(seq_len)
-    files = data_files(paths)
-    for path in files:  # every file checked before any is tokenised
-        for _ in read_texts(path, per_line):
-            pass
-    parts = (part for path in files for part in read_texts(path, per_line))
+    if not checked:  # every file checked before any is tokenised
+        check_data(paths, tokenizer, per_line=per_line)
+    chat = _chat(tokenizer)
+    parts = (part for path in data_files(paths) for part in read_texts(path, per_line, chat))
     return pack_texts(parts, tokenizer, seq_len, num_workers=num_workers)

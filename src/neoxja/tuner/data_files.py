@@ -10,12 +10,14 @@ U+0085, and a ``.txt`` line keeps a lone ``"\\r"`` (the tokenizer reads it as a 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from neoxja import jsonfile
 
+# chat(messages, "file:line"): the Text parts of a {"messages": [...]} record (see tuner.chat_data).
+Chat = Callable[[object, str], Iterator["Text"]]
 READ_BYTES = 1 << 20  # bytes read from a file at a time
 _BOM = b"\xef\xbb\xbf"
 
@@ -59,16 +61,16 @@ def data_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def read_texts(path: Path, per_line: bool = False) -> Iterator[Text]:
+def read_texts(path: Path, per_line: bool = False, chat: Chat | None = None) -> Iterator[Text]:
     """The documents of one file as :class:`Text` parts, checked as they are read.
 
     A ``.txt`` file is one document, or with ``per_line`` one per non-blank line; a ``.jsonl``
-    line is ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}`` (blank lines skipped).
-    Raises :class:`DataError` naming the file and line of a problem, or the file when it holds no
-    document.
+    line is ``{"text": ...}``, ``{"prompt": ..., "completion": ...}`` or ``{"messages": [...]}``
+    (rendered by ``chat``; blank lines skipped). Raises :class:`DataError` naming the file and
+    line of a problem, or the file when it holds no document.
     """
     if path.suffix == ".jsonl":
-        parts = _jsonl_texts(path)
+        parts = _jsonl_texts(path, chat)
     elif per_line:
         parts = _line_texts(path)
     else:
@@ -177,7 +179,7 @@ def _line_texts(path: Path) -> Iterator[Text]:
             started = False
 
 
-def _jsonl_texts(path: Path) -> Iterator[Text]:
+def _jsonl_texts(path: Path, chat: Chat | None) -> Iterator[Text]:
     """A ``.jsonl`` file: a record per non-blank line (a line is held whole to parse it)."""
     pieces: list[str] = []
     for number, text, ends in _lines(path):
@@ -187,10 +189,10 @@ def _jsonl_texts(path: Path) -> Iterator[Text]:
         line = "".join(pieces)
         pieces.clear()
         if line.strip():
-            yield from _jsonl_record(path, number, line)
+            yield from _jsonl_record(path, number, line, chat)
 
 
-def _jsonl_record(path: Path, number: int, line: str) -> Iterator[Text]:
+def _jsonl_record(path: Path, number: int, line: str, chat: Chat | None) -> Iterator[Text]:
     where = f"{path}:{number}"
     try:
         item = jsonfile.loads(line, where)
@@ -205,9 +207,16 @@ def _jsonl_record(path: Path, number: int, line: str) -> Iterator[Text]:
         if missing:
             raise DataError(f"{where}: a prompt/completion record needs {' and '.join(missing)}")
         fields = {"prompt": item["prompt"], "completion": item["completion"]}
+    elif "messages" in item:
+        if chat is None:
+            raise DataError(f"{where}: a chat record needs a tokenizer's chat template to be read")
+        yield from chat(item["messages"], where)
+        return
     else:
         keys = ", ".join(map(repr, item)) or "none"
-        raise DataError(f'{where}: needs "text", or "prompt" and "completion" (keys found: {keys})')
+        raise DataError(
+            f'{where}: needs "text", "prompt" and "completion", or "messages" (keys found: {keys})'
+        )
     for key, value in fields.items():
         if not isinstance(value, str):
             raise DataError(f"{where}: {key!r} must be a string, found {type(value).__name__}")
