@@ -260,7 +260,8 @@ def test_python_m_neoxja_evaluation_is_lm_evals_cli_with_the_neoxja_model(
 ) -> None:
     output = tmp_path / "run.json"
     command = [sys.executable, "-m", "neoxja.evaluation", "--model", "neoxja"]
-    command += ["--model_args", f"pretrained={tiny_checkpoint},progress=False", "--device", "cpu"]
+    # No --device: lm-eval's default (cuda:0) would fail on a machine without a GPU; here it is "auto".
+    command += ["--model_args", f"pretrained={tiny_checkpoint},progress=False"]
     command += ["--tasks", "conv_mc", "--include_path", str(task_dir), "--output_path", str(output)]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
