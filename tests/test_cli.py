@@ -182,7 +182,7 @@ def test_a_file_given_for_a_directory_says_to_pass_the_directory(
 def test_generate_ctrl_c_ends_the_line_and_exits_130(
     tiny_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def interrupted(model, tokenizer, input_ids, kwargs, shown):
+    def interrupted(model, tokenizer, input_ids, kwargs, output):
         print("途中", end="")
         raise KeyboardInterrupt
 
@@ -195,7 +195,7 @@ def test_chat_continues_each_line_until_an_empty_one(
     tiny_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{PROMPT}\n\nnot read\n"))
-    args = ["chat", "--model", str(tiny_dir), "--max-new-tokens", "10", "--temperature", "0"]
+    args = ["chat", "--model", str(tiny_dir), "--max-new-tokens", "10", "--temperature", "0", "--raw"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out == "> " + reference_continuation(tiny_dir, PROMPT, 10) + "\n> "
@@ -207,9 +207,9 @@ def test_chat_keeps_the_conversation_and_quits_on_eof(
     seen: list[list[int]] = []
     real_stream = generate_command.stream
 
-    def recording_stream(model, tokenizer, input_ids, kwargs, shown):
+    def recording_stream(model, tokenizer, input_ids, kwargs, output):
         seen.append(input_ids[0].tolist())
-        real_stream(model, tokenizer, input_ids, kwargs, shown)
+        return real_stream(model, tokenizer, input_ids, kwargs, output)
 
     monkeypatch.setattr(generate_command, "stream", recording_stream)
     monkeypatch.setattr("sys.stdin", io.StringIO("吾輩は\n猫である\n"))  # then EOF
@@ -224,16 +224,17 @@ def test_chat_ctrl_c_stops_the_generation_not_the_program(
     seen: list[list[int]] = []
     real_stream = generate_command.stream
 
-    def interrupted_once(model, tokenizer, input_ids, kwargs, shown):
+    def interrupted_once(model, tokenizer, input_ids, kwargs, output):
         seen.append(input_ids[0].tolist())
         if len(seen) == 1:
-            shown.append("途中")  # printed before Ctrl-C
+            output.shown.append("途中")  # printed before Ctrl-C
             raise KeyboardInterrupt
-        real_stream(model, tokenizer, input_ids, kwargs, shown)
+        return real_stream(model, tokenizer, input_ids, kwargs, output)
 
     monkeypatch.setattr(generate_command, "stream", interrupted_once)
     monkeypatch.setattr("sys.stdin", io.StringIO("一行目\n二行目\n"))
-    assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    args = ["chat", "--model", str(tiny_dir), "--max-new-tokens", "3", "--temperature", "0", "--raw"]
+    assert main(args) == 0
     assert len(seen) == 2 and "[stopped]" in capsys.readouterr().err
     tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(tiny_dir)
     assert seen[1] == tokenizer.encode("一行目途中二行目")  # the interrupted turn's shown text is kept
@@ -249,7 +250,7 @@ def test_init_tiny_writes_a_checkpoint_transformers_loads(
         main(["init", "--size", "tiny", "--tokenizer", str(assets_dir), "--out", str(out), "--seed", "3"])
         == 0
     )
-    assert "tiny" in capsys.readouterr().out
+    assert "tiny" in capsys.readouterr().err  # a summary: stderr (convention 9 of issue 24)
     config = json.loads((out / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (64, 2, 4)
     assert config["vocab_size"] == 32000

@@ -21,6 +21,13 @@ from neoxja.jsonfile import read_json_object
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
+TEXT_GENERATION_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
+"""What a person asking for text gets unless they say otherwise: transformers' text-generation
+pipeline's defaults, used by ``pipeline()`` and by ``neoxja generate``/``neoxja chat`` (whose
+``--temperature 0`` is greedy decoding). Settings not named here come from the model's
+``generation_config`` as in ``generate()`` (top_k 50, top_p 1.0, no min_p, no repetition penalty
+unless the checkpoint's generation_config.json says otherwise)."""
+
 MIN_REPETITION_PENALTY = 1e-30
 """The smallest repetition penalty: a positive score divided by it stays finite in float32 up to
 3.4e8 (float32's maximum times the penalty), far beyond any model's logits. Penalties above 1 can

@@ -22,15 +22,26 @@ GENERATE_EPILOG = """\
 examples:
   neoxja generate "人とAIが協調するためには、"
   neoxja generate --model ./my-model --max-new-tokens 64 --temperature 0 "吾輩は猫である。"
-  echo "今日はいい天気ですね。" | neoxja generate --seed 0 -
+  neoxja generate --min-p 0.05 --stop "。" --num-return-sequences 3 --seed 0 "昔々あるところに"
+  echo "今日はいい天気ですね。" | neoxja generate --seed 0 --quiet -
+
+The continuation goes to stdout; on a terminal a summary follows on stderr (prompt and generated
+tokens with tokens/s, peak memory): --verbose always prints it, --quiet never. Sampling defaults are
+those of pipeline("text-generation"); --temperature 0 decodes greedily.
 """
 
 CHAT_EPILOG = """\
-Type text and press Enter: the model continues it. Ctrl-C stops the current generation (not the
-program); an empty line or Ctrl-D quits. By default the conversation so far is kept as context.
+Type a message and press Enter: the model answers it. The conversation is kept as messages and
+rendered by the chat template the server uses (the tokenizer's chat_template, else neoxja's plain
+"ユーザー: ... / アシスタント: ..." transcript, whose replies end before the next "ユーザー:"), so the
+same conversation gives the same prompt here, in tokenizer.apply_chat_template and in neoxja serve.
+--raw continues the typed text itself instead (the old behaviour). Ctrl-C stops the current reply
+(not the program; what was shown stays in the conversation); an empty line or Ctrl-D quits.
 
-example:
-  neoxja chat --model ./my-model --max-new-tokens 100
+examples:
+  neoxja chat --model ./my-model --system "あなたは親切なアシスタントです。"
+  neoxja chat --model ./my-model --chat-template my-template.jinja --max-new-tokens 100
+  neoxja chat --model ./my-model --raw --fresh
 """
 
 
@@ -102,43 +113,110 @@ def read_text(text: str) -> str:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Length and sampling options passed to ``model.generate`` (checked by :func:`generation_settings`)."""
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
+    """Length, sampling and stop options passed to ``model.generate`` (checked by
+    :func:`generation_settings`); defaults from :data:`TEXT_GENERATION_DEFAULTS`, as ``pipeline()``."""
+    from neoxja.generation_config import TEXT_GENERATION_DEFAULTS as DEFAULTS
+
+    parser.add_argument(
+        "--max-new-tokens",
+        "--max-tokens",
+        dest="max_new_tokens",
+        type=int,
+        metavar="N",
+        default=DEFAULTS["max_new_tokens"],
+        help="most tokens to generate (--max-tokens: mlx-lm's spelling)",
+    )
     parser.add_argument(
         "--temperature",
         type=float,
-        default=0.7,
-        help="sampling temperature; 0 means greedy decoding (default: 0.7)",
+        default=DEFAULTS["temperature"],
+        help="sampling temperature; 0 means greedy decoding",
     )
-    parser.add_argument("--top-k", type=int, default=None, help="keep the K most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
-    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
+    model_default = "default: the model's generation_config.json, else {}"
+    parser.add_argument(
+        "--top-k", type=int, default=None, help=f"keep the K most likely tokens ({model_default.format(50)})"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=None, help=f"nucleus sampling, in (0, 1] ({model_default.format(1.0)})"
+    )
+    parser.add_argument(
+        "--min-p",
+        type=float,
+        metavar="P",
+        default=None,
+        help="keep tokens at least P times as likely as the most likely one, in [0, 1] "
+        f"({model_default.format('off')})",
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help=f"> 1 discourages repeats ({model_default.format('1.0, off')})",
+    )
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="STR",
+        help="end the text where STR first appears, STR left out (repeatable)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    summary = parser.add_mutually_exclusive_group()
+    summary.add_argument(
+        "--verbose",
+        dest="summary",
+        action="store_const",
+        const=True,
+        help="print a summary on stderr after each generation: tokens, tokens/s, peak memory "
+        "(default: generate prints it when stderr is a terminal, chat does not)",
+    )
+    summary.add_argument(
+        "--quiet", dest="summary", action="store_const", const=False, help="never print the summary"
+    )
 
 
 # The options of add_sampling_arguments that are GenerationConfig settings of the same name.
-SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+SETTINGS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "num_return_sequences",
+)
+# The settings that only act when sampling; left out of a greedy run.
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "num_return_sequences")
 
 
 def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ``generate`` settings of the options, checked by ``GenerationConfig.validate`` and
     ``check_seed`` (the Python API's rules) before any model is loaded; errors name the option."""
     from neoxja.generation_config import GenerationConfig, check_seed
-    from neoxja.pipelines import SAMPLING_ARGS
 
-    settings = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
+    settings = {name: getattr(args, name) for name in SETTINGS if getattr(args, name, None) is not None}
     settings["do_sample"] = args.temperature > 0
+    if args.stop:
+        if "" in args.stop:
+            raise ValueError("--stop must be a non-empty string, got ''")
+        settings["stop_strings"] = list(args.stop)
+    if not settings["do_sample"] and settings.get("num_return_sequences", 1) > 1:
+        raise ValueError(
+            f"--num-return-sequences {args.num_return_sequences} needs sampling (--temperature > 0): "
+            "greedy decoding gives the same text each time"
+        )
     try:
         GenerationConfig(**settings).validate()
         if args.seed is not None:
             check_seed(args.seed)
     except ValueError as err:
         name, _, rest = str(err).partition(" ")
-        if name in (*SETTINGS, "seed"):
-            raise ValueError(f"--{name.replace('_', '-')} {rest}") from err
+        option = {"stop_strings": "stop"}.get(name, name)
+        if name in (*SETTINGS, "stop_strings", "seed"):
+            raise ValueError(f"--{option.replace('_', '-')} {rest}") from err
         raise
     if not settings["do_sample"]:
-        settings = {name: value for name, value in settings.items() if name not in SAMPLING_ARGS}
+        settings = {name: value for name, value in settings.items() if name not in SAMPLING_ONLY}
     return settings
 
 
@@ -153,18 +231,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("prompt", metavar="PROMPT", help="text to continue, or - to read it from stdin")
     add_model_arguments(generate)
     add_sampling_arguments(generate)
+    generate.add_argument(
+        "--num-return-sequences",
+        type=int,
+        default=1,
+        metavar="N",
+        help="sample N continuations in one batch, each printed after a line '--- i/N ---'",
+    )
     generate.set_defaults(func=run_generate)
 
     chat = subparsers.add_parser(
         "chat",
-        help="interactive loop: type text, the model continues it",
-        description="Interactive text continuation with a loaded model.",
+        help="interactive chat with the model, using the server's chat template",
+        description="Chat with a loaded model: each message and reply is kept and the conversation is "
+        "rendered by the chat template (--raw: continue the typed text instead).",
         epilog=CHAT_EPILOG,
     )
     add_model_arguments(chat)
     add_sampling_arguments(chat)
     chat.add_argument(
-        "--fresh", action="store_true", help="continue each line on its own instead of the whole conversation"
+        "--system", metavar="TEXT", default=None, help="a system message that opens the conversation"
+    )
+    chat.add_argument(
+        "--chat-template",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template file, as for neoxja serve (default: the tokenizer's chat_template, "
+        "else neoxja's transcript)",
+    )
+    chat.add_argument(
+        "--raw", action="store_true", help="continue the typed text itself: no template, no roles"
+    )
+    chat.add_argument(
+        "--fresh", action="store_true", help="answer (or continue) each line on its own, without the history"
     )
     chat.set_defaults(func=run_chat)
 
@@ -204,22 +304,16 @@ def generate_kwargs(settings: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     return {**settings, "pad_token_id": tokenizer.pad_token_id}
 
 
-def stream(model: Any, tokenizer: Any, input_ids: Any, kwargs: dict[str, Any], shown: list[str]) -> None:
-    """Generate from ``input_ids`` (1 x T), writing the new text to stdout as it comes.
-
-    Each piece is also appended to ``shown``, so after a Ctrl-C the caller knows what was printed.
-    """
-    from neoxja.generation import stream_generate
-
-    for piece in stream_generate(model, tokenizer, input_ids.to(model.device), **kwargs):
-        shown.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+def show_summary(args: argparse.Namespace, default: bool) -> bool:
+    """``--verbose``/``--quiet``, else ``default``."""
+    return default if args.summary is None else args.summary
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """``neoxja generate``: print the continuation of PROMPT (after a Ctrl-C, end the line; 130)."""
+    """``neoxja generate``: print the continuation(s) of PROMPT (after a Ctrl-C, end the line; 130)."""
     import torch
+
+    from neoxja.commands import textgen
 
     prompt = read_text(args.prompt)
     if not prompt.strip():
@@ -230,31 +324,103 @@ def run_generate(args: argparse.Namespace) -> int:
     kwargs = generate_kwargs(settings, tokenizer)
     if args.seed is not None:
         kwargs["seed"] = args.seed
+    stops = list(args.stop or ())
     try:
-        stream(model, tokenizer, input_ids, kwargs, [])
+        if args.num_return_sequences > 1:
+            texts, timing = textgen.generate_several(model, tokenizer, input_ids, kwargs, stops)
+            for number, text in enumerate(texts, 1):
+                print(f"--- {number}/{len(texts)} ---")
+                print(text)
+        else:
+            output = textgen.StreamedText(tokenizer, stops, textgen.write_stdout)
+            timing = stream(model, tokenizer, input_ids, kwargs, output)
+            print()
     except KeyboardInterrupt:
         print()
         return 130
-    print()
+    if show_summary(args, sys.stderr.isatty()):
+        print(timing.summary(model.device), file=sys.stderr)
     return 0
 
 
+def read_chat_template(args: argparse.Namespace) -> str | None:
+    """``--chat-template FILE``'s text, compiled once here so that a bad file fails before the model loads."""
+    if args.chat_template is None:
+        return None
+    try:
+        template = args.chat_template.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"--chat-template {args.chat_template}: {err.strerror}") from None
+    check_template(template, f"--chat-template {args.chat_template}")
+    return template
+
+
+def check_template(template: str, source: str) -> None:
+    """Compile ``template``; a syntax error, or jinja2 missing, is a ValueError naming ``source``."""
+    from neoxja.tokenizer.chat import compile_template
+
+    try:
+        compile_template(template)
+    except ImportError as err:
+        raise ValueError(f"{source}: {err}") from None
+    except Exception as err:  # jinja2's TemplateSyntaxError, whose class needs jinja2 to name
+        raise ValueError(f"{source}: {err}") from None
+
+
+def chat_prompt(
+    tokenizer: Any, template: str, messages: list[dict[str, str]], room: int
+) -> tuple[list[int], list[dict[str, str]]]:
+    """The ids of ``messages`` rendered for a reply and the messages kept: the oldest turns after the
+    system message are dropped until the prompt fits in ``room`` tokens (ValueError if even the last
+    message alone does not)."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    while True:
+        kept = system + turns
+        ids = tokenizer.apply_chat_template(kept, chat_template=template, add_generation_prompt=True)
+        if len(ids) <= room:
+            return ids, kept
+        if len(turns) == 1:
+            raise ValueError(
+                f"this message makes a prompt of {len(ids)} tokens; the context leaves room for {room} "
+                "(lower --max-new-tokens or write less)"
+            )
+        turns = turns[1:]
+
+
 def run_chat(args: argparse.Namespace) -> int:
-    """``neoxja chat``: read a line, continue it (and the conversation so far), repeat."""
+    """``neoxja chat``: read a message, answer it (the conversation so far as context), repeat."""
     import torch
 
+    from neoxja.commands import textgen
+    from neoxja.tokenizer.chat import chat_stops
+
     settings = generation_settings(args)
+    template = None if args.raw else read_chat_template(args)
+    if args.raw and (args.system is not None or args.chat_template is not None):
+        raise ValueError("--raw continues plain text: --system and --chat-template need the chat template")
     model, tokenizer = load(args)
+    if not args.raw:
+        template = template or tokenizer.get_chat_template()
+        check_template(template, "the tokenizer's chat_template")
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
     if args.seed is not None:
         torch.manual_seed(args.seed)
     kwargs = generate_kwargs(settings, tokenizer)
-    max_positions = model.config.max_position_embeddings
-    keep = max_positions - args.max_new_tokens
-    if keep <= 0:
+    stops = list(args.stop or ()) + ([] if template is None else chat_stops(template))
+    kwargs["stop_strings"] = stops or None
+    room = model.config.max_position_embeddings - args.max_new_tokens
+    if room <= 0:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context")
-    print("Type text to continue; Ctrl-C stops a generation, an empty line or Ctrl-D quits.", file=sys.stderr)
+    print(
+        "Type a message; Ctrl-C stops a reply, an empty line or Ctrl-D quits."
+        if template is not None
+        else "Type text to continue; Ctrl-C stops a generation, an empty line or Ctrl-D quits.",
+        file=sys.stderr,
+    )
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    messages = list(system)
     history = ""
     while True:
         try:
@@ -267,16 +433,38 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         if not line.strip():
             return 0
-        history = line if args.fresh else history + line
-        ids = tokenizer.encode(history)
-        if len(ids) > keep:
-            print(f"[context: keeping the last {keep} of {len(ids)} tokens]", file=sys.stderr)
-            ids = ids[-keep:]
-        shown: list[str] = []
+        if template is None:
+            history = line if args.fresh else history + line
+            ids = tokenizer.encode(history)
+            if len(ids) > room:
+                print(f"[context: keeping the last {room} of {len(ids)} tokens]", file=sys.stderr)
+                ids = ids[-room:]
+        else:
+            asked = (system if args.fresh else messages) + [{"role": "user", "content": line}]
+            try:
+                ids, messages = chat_prompt(tokenizer, template, asked, room)
+            except ValueError as err:
+                print(f"[{err}]", file=sys.stderr)
+                continue
+        output = textgen.StreamedText(tokenizer, stops, textgen.write_stdout)
         try:
-            stream(model, tokenizer, torch.tensor([ids], dtype=torch.long), kwargs, shown)
+            stream(model, tokenizer, torch.tensor([ids], dtype=torch.long), kwargs, output)
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
         else:
             print()
-        history += "".join(shown)  # what was printed stays in the context, even if interrupted
+            if show_summary(args, False) and output.timing is not None:
+                print(output.timing.summary(model.device), file=sys.stderr)
+        reply = "".join(output.shown)  # what was printed stays in the context, even if interrupted
+        if template is None:
+            history += reply
+        else:
+            messages.append({"role": "assistant", "content": reply})
+
+
+def stream(model: Any, tokenizer: Any, input_ids: Any, kwargs: dict[str, Any], output: Any) -> Any:
+    """Generate from ``input_ids`` (1 x T) into ``output`` (a :class:`textgen.StreamedText`, which
+    writes the text); returns the run's :class:`textgen.Timing`."""
+    from neoxja.commands import textgen
+
+    return textgen.stream_one(model, tokenizer, input_ids, kwargs, output)
