@@ -4,6 +4,7 @@ entry point (the README's table)."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import re
 import warnings
@@ -275,3 +276,15 @@ def test_the_server_defaults_are_openais(loaded) -> None:
     chat = parse_chat({"messages": [{"role": "user", "content": "x"}]}, lambda m: "x", tokenizer, limits, [])
     assert (chat.params.temperature, chat.params.top_p) == (1.0, 1.0)
     assert chat.params.max_tokens == 2048 - len(tokenizer.encode("x"))  # what the context leaves
+
+
+def test_every_command_with_the_shared_model_options_takes_tokenizer() -> None:
+    """add_model_arguments gives --tokenizer (and --model's Hub default) to each command that uses it."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    using = {name: sub for name, sub in commands.items() if "--quantize" in sub._option_string_actions}
+    assert {"generate", "chat"} <= set(using)
+    for name, sub in using.items():
+        options = sub._option_string_actions
+        assert "--tokenizer" in options, name
+        assert options["--model"].default == "abeja/gpt-neox-japanese-2.7b", name
