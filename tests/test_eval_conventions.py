@@ -232,6 +232,38 @@ def test_option_errors_are_one_line_before_lm_eval_or_the_model_loads(
     assert captured.err.startswith("neoxja eval: error: ") and message in captured.err
 
 
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        ("needs_mc", "task needs_mc needs neoxja_no_such_module: pip install neoxja_no_such_module"),
+        ("needs_group", "task needs_group needs neoxja-no-such-package: pip install neoxja-no-such-package"),
+    ],
+)
+def test_a_tasks_missing_package_is_named_before_the_model_loads(
+    task: str, message: str, task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    (tmp_path / "helper.py").write_text("import neoxja_no_such_module\n\ndef docs(d):\n    return d\n")
+    (tmp_path / "requirements.txt").write_text("neoxja-no-such-package>=1.0  # for the group\n")
+    mc = (task_dir / "mc.yaml").read_text().replace("task: conv_mc", "task: needs_mc")
+    (tmp_path / "needs.yaml").write_text(mc + "process_docs: !function helper.docs\n")
+    (tmp_path / "group.yaml").write_text("group: needs_group\ntask:\n  - needs_mc\n")
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
+    argv = ["eval", "--model", "/nonexistent/model", "--include-path", str(tmp_path), "--tasks", task]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"neoxja eval: error: {message}\n"
+
+
+def test_a_task_folder_with_an_lm_eval_extra_is_installed_by_that_extra() -> None:
+    from neoxja.evaluation.options import install_hint
+
+    extras = importlib.metadata.metadata("lm_eval").get_all("Provides-Extra")
+    assert (
+        install_hint("japanese_leaderboard", ["emoji"], extras)
+        == "pip install 'lm-eval[japanese-leaderboard]'"
+    )
+    assert install_hint("my_tasks", ["emoji", "fugashi"], extras) == "pip install emoji fugashi"
+
+
 def test_the_japanese_extra_named_in_help_is_one_lm_eval_provides() -> None:
     named = re.findall(r"lm-eval\[([^\]]+)\]", eval_command.EPILOG)
     assert named == ["japanese-leaderboard"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,6 +161,49 @@ def _task_names(args: argparse.Namespace, task_manager: Any) -> list[str]:
     return task_manager.match_tasks(args.tasks)
 
 
+def _missing_requirements(task_manager: Any, names: list[str]) -> None:
+    """ValueError naming a package that a task needs and that is not installed, with the pip command.
+
+    A task's Python helpers (``!function module.fn`` in its YAML) are imported now, as lm-eval will
+    import them, so that a missing package (lm-eval's japanese_leaderboard needs fugashi, emoji, ...
+    for some tasks) is reported before the model loads rather than after; a group stands for its
+    folder, whose ``requirements.txt`` (if any) lists what its tasks need.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    from neoxja.evaluation.options import install_hint
+
+    for name in names:
+        entry = task_manager.task_index.get(name)
+        path = getattr(entry, "yaml_path", None)
+        if path is None:
+            continue
+        folder, missing = Path(path).parent, []
+        requirements = folder / "requirements.txt"
+        if getattr(entry.kind, "name", "") == "GROUP" and requirements.is_file():
+            for line in requirements.read_text(encoding="utf-8").splitlines():
+                package = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line.split("#")[0])
+                if package is None:
+                    continue
+                try:
+                    importlib.metadata.distribution(package.group(1))
+                except importlib.metadata.PackageNotFoundError:
+                    missing.append(package.group(1))
+        for module in re.findall(r"!function\s+([A-Za-z_]\w*)\.", Path(path).read_text(encoding="utf-8")):
+            spec = importlib.util.spec_from_file_location(module, folder / f"{module}.py")
+            if spec is None or spec.loader is None or not (folder / f"{module}.py").is_file():
+                continue
+            try:
+                spec.loader.exec_module(importlib.util.module_from_spec(spec))
+            except ModuleNotFoundError as err:
+                missing.append(err.name or getattr(err.__cause__, "name", None) or str(err))
+        if missing:
+            extras = importlib.metadata.metadata("lm_eval").get_all("Provides-Extra") or []
+            hint = install_hint(folder.name, missing, extras)
+            raise ValueError(f"task {name} needs {', '.join(dict.fromkeys(missing))}: {hint}")
+
+
 def _check_options(args: argparse.Namespace) -> tuple[ResultsPaths | None, dict | None, tuple]:
     """Everything about the options that can be wrong, checked before lm-eval and the model load:
     (where to write, the --gen-kwargs settings, the four seeds)."""
@@ -223,6 +267,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     task_manager = TaskManager(include_path=args.include_path)
     tasks = _task_names(args, task_manager)
+    _missing_requirements(task_manager, tasks)
     model, tokenizer = load(args)
     progress = False if args.no_progress else None
     lm = NeoXJaLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, progress=progress)

@@ -8,6 +8,7 @@ request's generation settings into ``generate`` arguments with the same rules.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ __all__ = [
     "ResultsPaths",
     "check_gen_kwargs",
     "generation_settings",
+    "install_hint",
     "parse_gen_kwargs",
     "parse_seed",
     "results_paths",
@@ -178,6 +180,20 @@ def check_gen_kwargs(gen_kwargs: dict[str, Any]) -> None:
         GenerationConfig(**kwargs).validate()
     except (TypeError, ValueError) as err:
         raise ValueError(f"--gen-kwargs: {err}") from None
+
+
+def install_hint(folder: str, missing: list[str], extras: list[str]) -> str:
+    """How to install what a task folder of lm-eval needs: lm-eval's extra of the same name where it
+    has one (spelled as pip matches it on every version: lower case, ``-`` for ``_``), else the
+    packages themselves."""
+
+    def normalized(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    extra = normalized(folder)
+    if extra in map(normalized, extras):
+        return f"pip install 'lm-eval[{extra}]'"
+    return "pip install " + " ".join(missing)
 
 
 @dataclass(frozen=True)
