@@ -181,6 +181,27 @@ def test_a_custom_chat_template_and_its_refusals(tiny_loaded: tuple, tmp_path: P
         served.stop()
 
 
+def test_the_tokenizers_own_chat_template_is_served(tiny_loaded: tuple) -> None:
+    # A tokenizer with its own template (tokenizer_config.json's chat_template): the server renders
+    # chat prompts with it, as `neoxja chat` and apply_chat_template do, and adds no default stops.
+    import copy
+
+    model, tokenizer = tiny_loaded
+    own = copy.copy(tokenizer)
+    own.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    served = Served(create_app(lambda: (model, own), ServerConfig(served_model_name=NAME, max_model_len=128)))
+    try:
+        served.wait_ready()
+        user = [{"role": "user", "content": "こんにちは"}]
+        tokens = httpx.post(served.url + "/tokenize", json={"messages": user}).json()["tokens"]
+        assert tokens == own.apply_chat_template(user, add_generation_prompt=True)
+        assert tokens == tokenizer.encode("<user>こんにちは<assistant>")
+        assert httpx.get(served.url + "/tokenizer_info").json()["chat_template"] == own.chat_template
+        assert served.app_server.chat_stops == []
+    finally:
+        served.stop()
+
+
 def test_models_health_metrics_and_tokenizer_endpoints(
     client: openai.OpenAI, served: Served, tiny_loaded: tuple
 ) -> None:

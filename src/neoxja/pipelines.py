@@ -14,13 +14,14 @@ from typing import Any
 import torch
 
 from neoxja.devices import resolve_device, resolve_dtype
+from neoxja.generation_config import TEXT_GENERATION_DEFAULTS
 from neoxja.hub import DEFAULT_MODEL
 
 SUPPORTED_TASKS = ("text-generation",)
 
 # What the pipeline passes to ``generate`` unless the call sets it (transformers' pipeline uses the
 # same defaults for free-form text generation); sampling-only values are dropped when not sampling.
-PIPELINE_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
+PIPELINE_DEFAULTS: dict[str, Any] = dict(TEXT_GENERATION_DEFAULTS)
 SAMPLING_ARGS = ("temperature", "top_k", "top_p")
 
 

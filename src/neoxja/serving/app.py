@@ -36,11 +36,12 @@ from starlette.requests import ClientDisconnect
 
 from neoxja.jsonfile import loads
 from neoxja.serving.answers import generate
-from neoxja.serving.chat import DEFAULT_CHAT_STOPS, DEFAULT_CHAT_TEMPLATE, compile_chat_template
+from neoxja.serving.chat import compile_chat_template
 from neoxja.serving.engine import Engine
 from neoxja.serving.metrics import Metrics
 from neoxja.serving.protocol import DEFAULT_MAX_WORK, APIError, Limits, Parsed, parse_chat, parse_completion
 from neoxja.serving.responses import Collector
+from neoxja.tokenizer.chat import chat_stops
 
 logger = logging.getLogger("neoxja.server")
 
@@ -63,7 +64,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     max_n: int = 8
     max_work: int = DEFAULT_MAX_WORK  # tokens scored per request (protocol.request_work), else 400
-    chat_template: str | None = None  # None: DEFAULT_CHAT_TEMPLATE with DEFAULT_CHAT_STOPS
+    chat_template: str | None = None  # None: the tokenizer's own template, else neoxja's default
     timeout_body: float = 30.0  # seconds from a request's headers to the end of its body (else 408)
     stall_timeout: float = 60.0  # /health says "stalled" after this long without an engine step
 
@@ -108,7 +109,7 @@ class Server:
         self.tokenizer: Any = None
         self.limits: Limits | None = None
         self.render: Callable[[list[dict[str, str]]], str] | None = None
-        self.chat_stops = [] if config.chat_template is not None else DEFAULT_CHAT_STOPS
+        self.chat_stops: list[str] = []  # set once the tokenizer (and its own template) is loaded
         self.metrics = Metrics()
         self.failure: str | None = None
         self.on_failure: Callable[[], None] | None = None  # the CLI stops uvicorn: no model, no server
@@ -131,9 +132,11 @@ class Server:
                 max_model_len=config.max_model_len,
                 prefill_chunk=config.prefill_chunk,
             )
-            self.render = compile_chat_template(
-                config.chat_template or DEFAULT_CHAT_TEMPLATE, tokenizer.bos_token, tokenizer.eos_token
-            )
+            # --chat-template, else the tokenizer's own (tokenizer_config.json), else neoxja's default:
+            # the template `neoxja chat` and apply_chat_template render with.
+            template = config.chat_template or tokenizer.get_chat_template()
+            self.render = compile_chat_template(template, tokenizer.bos_token, tokenizer.eos_token)
+            self.chat_stops = chat_stops(template)
             self.limits = Limits(
                 max_model_len=engine.max_model_len,
                 vocab_size=model.config.vocab_size,
@@ -409,7 +412,7 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServerConfig) -> Fas
             "eos_token": tokenizer.eos_token,
             "bos_token": tokenizer.bos_token,
             "pad_token": tokenizer.pad_token,
-            "chat_template": config.chat_template or DEFAULT_CHAT_TEMPLATE,
+            "chat_template": config.chat_template or tokenizer.get_chat_template(),
             "max_model_len": server.limits.max_model_len,
             "model": config.served_model_name,
         }
