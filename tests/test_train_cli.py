@@ -74,7 +74,8 @@ def test_ddp_and_fsdp_processes_equal_one_process_and_checkpoints_cross_world_si
     for name, (extra, processes) in runs.items():
         done = run_cli([*common(model_dir, corpus_dir, tmp_path / name), *extra], torchrun=processes)
         assert done.returncode == 0, (name, done.stderr[-3000:])
-        assert done.stdout.count("trained 4 steps") == 1, name  # rank 0 alone reports, logs and saves
+        assert done.stderr.count("trained 4 steps") == 1, name  # rank 0 alone reports, logs and saves
+        assert "trained" not in done.stdout  # the summary is on stderr: stdout stays for results
     expected = weights(tmp_path / "one")
     for name in ("ddp", "fsdp", "back"):
         got = weights(tmp_path / name)
@@ -95,7 +96,7 @@ def test_lora_with_merge_and_resume(model_dir: Path, corpus_dir: Path, tmp_path:
     lora = ["--steps", "4", "--batch-size", "2", "--lora", "--lora-r", "4", "--no-progress", "--lr", "1e-2"]
     args = [*common(model_dir, corpus_dir, out), *lora]
     assert main(["train", *args, "--save-every", "2", "--merge"]) == 0
-    assert "trained 4 steps; adapter written to" in capsys.readouterr().out
+    assert "trained 4 steps; adapter written to" in capsys.readouterr().err
     assert (out / "adapter_config.json").is_file() and (
         out / "checkpoint-2" / "adapter_model.safetensors"
     ).is_file()
@@ -148,8 +149,8 @@ def test_option_errors_are_one_line(model_dir: Path, tmp_path: Path, capsys) -> 
     with pytest.raises(SystemExit):
         main([*base, "--batch-size", "0"])
     assert "--batch-size: must be > 0, got 0" in capsys.readouterr().err
-    assert main([*base, "--dtype", "float16", "--device", "cpu"]) == 2
-    assert "float16 trains on CUDA GPUs only" in capsys.readouterr().err
+    assert main([*base, "--mixed-precision", "fp16", "--device", "cpu"]) == 2
+    assert "mixed precision fp16 needs a CUDA GPU" in capsys.readouterr().err
 
 
 # ----- --out equal to --model -------------------------------------------------------------------------
@@ -165,7 +166,7 @@ def own_model(model_dir: Path, tmp_path: Path) -> Path:
 
 def in_place(own_model: Path, corpus_dir: Path, *extra: str) -> list[str]:
     args = common(own_model, corpus_dir, own_model)
-    return ["train", *args, "--steps", "1", "--batch-size", "2", "--no-progress", *extra]
+    return ["train", *args, "--steps", "1", "--batch-size", "2", "--no-progress", "--overwrite", *extra]
 
 
 def test_out_equal_to_model_replaces_the_model_whole_and_keeps_the_rest(

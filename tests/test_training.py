@@ -161,7 +161,7 @@ def test_training_leaves_the_callers_random_state_alone(tmp_path: Path) -> None:
         ("batch_size", 0, "batch_size must be a positive int"),
         ("steps", -1, "steps must be a positive int"),
         ("schedule", "cyclic", "schedule must be one of cosine, linear, constant"),
-        ("dtype", "int8", "dtype must be one of float32, bfloat16, float16"),
+        ("mixed_precision", "fp8", "mixed_precision must be one of no, bf16, fp16"),
         ("lr", 0, "lr must be > 0"),
         ("max_grad_norm", -1.0, "max_grad_norm must be > 0"),
     ],
@@ -174,8 +174,8 @@ def test_bad_arguments_are_named(tmp_path: Path, field: str, value: object, mess
 
 def test_float16_on_the_cpu_is_refused(tmp_path: Path) -> None:
     data = PackedDataset(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="float16 trains on CUDA GPUs only"):
-        train(fresh_model(), data, TrainingArguments(str(tmp_path), dtype="float16", progress=False))
+    with pytest.raises(ValueError, match="mixed precision fp16 needs a CUDA GPU"):
+        train(fresh_model(), data, TrainingArguments(str(tmp_path), mixed_precision="fp16", progress=False))
 
 
 # ----- resume states are checked whole before anything trains ----------------------------------------
@@ -281,6 +281,6 @@ def test_a_run_removes_what_killed_saves_left_in_its_directory(tmp_path: Path) -
     for directory in (stale, live):
         directory.mkdir(parents=True)
         (directory / "model.safetensors").write_bytes(b"half")
-    train(fresh_model(), small_data(), small_args(out, steps=1))
+    train(fresh_model(), small_data(), small_args(out, steps=1, overwrite_output_dir=True))
     assert not stale.exists() and live.exists()  # another live process may still be writing that one
     assert (out / "model.safetensors").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]

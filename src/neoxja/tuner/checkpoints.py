@@ -9,6 +9,8 @@ as they were and is never taken for a checkpoint; what a killed save leaves is r
 save or run in that directory once its process is gone. ``trainer_state.pt`` is read with
 ``torch.load(weights_only=True)``: it holds only tensors and plain values, and every one of them is
 checked (:func:`check_state`, :func:`check_optimizer_state`) before training resumes.
+``--save-total-limit N`` keeps the N newest (:func:`prune_checkpoints`), removing older ones only once
+the new one is in place.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from neoxja.saving import remove_stale_saves, replace_directory
+from neoxja.saving import remove_stale_saves, replace_directory, temporary_sibling
 
 STATE_FILE = "trainer_state.pt"
 _NAME = re.compile(r"checkpoint-(\d+)")
@@ -56,6 +59,23 @@ def save_checkpoint(
         summary = {"step": step, **{k: v for k, v in state.items() if isinstance(v, (int, float, str))}}
         (partial / "trainer_state.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return final
+
+
+def prune_checkpoints(output_dir: Path, limit: int, latest: Path) -> list[Path]:
+    """Remove the ``checkpoint-N`` folders of ``output_dir`` beyond the ``limit`` newest, oldest (lowest
+    step) first; ``latest``, the one just written, always stays. Each is renamed to a temporary name
+    before it is deleted, so an interrupted removal leaves no half checkpoint for ``--resume`` to find."""
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := _NAME.fullmatch(p.name)) and p.is_dir() and not p.is_symlink() and p != latest
+    )
+    removed = [p for _, p in found[: max(0, len(found) - (limit - 1))]]
+    for path in removed:
+        aside = temporary_sibling(path, "partial")
+        os.rename(path, aside)
+        shutil.rmtree(aside)
+    return removed
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:

@@ -10,6 +10,7 @@ gives the model peft's logits and keeps decoding on neoxja's fast paths (plain `
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -52,11 +53,25 @@ class LoraArguments:
             raise ValueError(f"lora target {unknown or 'empty'} is not among {', '.join(TARGETS)}")
 
 
+PEFT_MISSING = "LoRA training needs peft: pip install 'neoxja[train]'"
+
+
+def check_peft() -> None:
+    """An ``ImportError`` saying what to install when peft is missing, found without importing it
+    (peft brings transformers along: seconds), so that a run stops before loading model or data."""
+    try:
+        found = importlib.util.find_spec("peft") is not None
+    except (ImportError, ValueError):  # a parent package or a module set to None in sys.modules
+        found = False
+    if not found:
+        raise ImportError(PEFT_MISSING, name="peft")
+
+
 def _peft() -> Any:
     try:
         import peft
     except ImportError as err:
-        raise ImportError("LoRA training needs peft: pip install 'neoxja[train]'") from err
+        raise ImportError(PEFT_MISSING, name="peft") from err
     return peft
 
 

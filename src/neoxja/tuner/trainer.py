@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,8 +32,14 @@ from neoxja.tuner.data import IGNORE_INDEX, PackedDataset
 from neoxja.tuner.distributed import World, join, no_sync, wrap
 from neoxja.tuner.lora import LoraArguments, apply_lora
 from neoxja.tuner.optim import SCHEDULES, make_optimizer, make_scheduler
+from neoxja.tuner.output import check_output_dir, clear_earlier_run, same_directory
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --mixed-precision (accelerate's and TRL's values): the dtype the forward autocasts to.
+MIXED_PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# TrainingArguments(dtype=...), the name of mixed_precision before issue 24, and its values.
+_OLD_DTYPES = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+# Held-out loss this many times a run when eval data is given without eval_every.
+EVALS_PER_RUN = 10
 
 
 @dataclass
@@ -48,17 +56,36 @@ class TrainingArguments:
     schedule: str = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    dtype: str = "float32"  # autocast dtype: bfloat16, or float16 (GPU, with a gradient scaler)
+    mixed_precision: str = "no"  # autocast to bf16, or fp16 (GPU, with a gradient scaler); weights stay
     grad_checkpointing: bool = False
-    eval_every: int | None = None
+    eval_every: int | None = None  # default: EVALS_PER_RUN times a run when there is eval data
     eval_batch_size: int | None = None
     save_every: int | None = None
+    save_total_limit: int | None = None  # keep the N newest checkpoints (default: all)
+    overwrite_output_dir: bool = False  # start over in a directory that holds an earlier run
     log_every: int = 1
     seed: int = 0
     resume: str | None = None
     lora: LoraArguments | None = None
     fsdp: bool = False
     progress: bool = True
+    dtype: str | None = None  # the old name of mixed_precision: float32, bfloat16, float16
+
+    def __post_init__(self) -> None:
+        if self.dtype is None:
+            return
+        if self.dtype not in _OLD_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_OLD_DTYPES)}, got {self.dtype!r}")
+        meant = _OLD_DTYPES[self.dtype]
+        if self.mixed_precision not in ("no", meant):
+            raise ValueError(
+                f"dtype={self.dtype!r} (the old name of mixed_precision) contradicts "
+                f"mixed_precision={self.mixed_precision!r}: pass mixed_precision alone"
+            )
+        warnings.warn(
+            f"TrainingArguments(dtype=...) is now mixed_precision={meant!r}", DeprecationWarning, stacklevel=3
+        )
+        self.mixed_precision, self.dtype = meant, None
 
     def validate(self) -> None:
         """A ``ValueError`` naming the first argument that cannot be used."""
@@ -66,7 +93,7 @@ class TrainingArguments:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("steps", "eval_every", "save_every", "eval_batch_size"):
+        for name in ("steps", "eval_every", "save_every", "eval_batch_size", "save_total_limit"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -82,8 +109,10 @@ class TrainingArguments:
             raise ValueError(f"max_grad_norm must be > 0 (or None), got {self.max_grad_norm!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
         if self.lora is not None:
             self.lora.validate()
 
@@ -139,12 +168,25 @@ def total_steps(args: TrainingArguments, blocks: int, per_step: int) -> int:
 
 
 def _autocast(args: TrainingArguments, device: torch.device) -> AbstractContextManager:
-    dtype = DTYPES[args.dtype]
+    dtype = MIXED_PRECISION[args.mixed_precision]
     if dtype == torch.float32:
         return nullcontext()
     if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError("dtype float16 trains on CUDA GPUs only (it needs a gradient scaler); use bfloat16")
+        raise ValueError("mixed precision fp16 needs a CUDA GPU (and its gradient scaler): use bf16")
     return torch.autocast(device.type, dtype=dtype)
+
+
+FLOAT16_WEIGHTS = (
+    "float16 weights cannot be trained (their updates underflow): load them in float32 or bfloat16 "
+    "and use mixed precision fp16, or train a LoRA adapter on them"
+)
+
+
+def check_trainable(model: nn.Module) -> None:
+    """A ``ValueError`` when weights to train are float16: without float32 master weights their small
+    updates vanish (and the gradient scaler refuses them); bfloat16 and float32 weights train."""
+    if any(p.requires_grad and p.dtype == torch.float16 for p in model.parameters()):
+        raise ValueError(FLOAT16_WEIGHTS)
 
 
 def evaluate(model: nn.Module, data: PackedDataset, batch_size: int, world: World, autocast: Any) -> float:
@@ -173,8 +215,12 @@ def train(
     tokenizer: Any = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` as ``args`` say; write checkpoints, the metrics log
-    (``metrics.jsonl``) and the result (model or adapter, and ``tokenizer``) into ``args.output_dir``."""
+    (``metrics.jsonl``) and the result (model or adapter, and ``tokenizer``) into ``args.output_dir``.
+
+    An output directory that holds anything is refused unless ``args.resume`` continues the run
+    there or ``args.overwrite_output_dir`` starts over (see :mod:`neoxja.tuner.output`)."""
     args.validate()
+    check_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite_output_dir)
     device = next(model.parameters()).device
     world = join(device)
     devices = [world.device.index or 0] if world.device.type == "cuda" else []
@@ -203,14 +249,20 @@ class _Run:
             world,
         )
         self.out = Path(args.output_dir)
+        self.source = getattr(getattr(model, "config", None), "name_or_path", None)  # where it was read
         model.to(world.device)
         if args.grad_checkpointing:
             model.gradient_checkpointing_enable()
         self.model = apply_lora(model, args.lora) if args.lora is not None else model
+        check_trainable(self.model)
         self.model.train()
         self.per_step = args.batch_size * args.grad_accum * world.size
         self.total = total_steps(args, len(data), self.per_step)
         self.rows = _Rows(data, args.seed, self.per_step)
+        self.eval_every = args.eval_every
+        if eval_data is not None and self.eval_every is None:
+            self.eval_every = max(1, math.ceil(self.total / EVALS_PER_RUN))
+        self.bar: Any = None
         checkpoint = checkpoints.find_checkpoint(args.resume) if args.resume else None
         state = None
         if checkpoint is not None:  # checked whole before anything is loaded or trained
@@ -221,7 +273,7 @@ class _Run:
         self.optimizer = make_optimizer(self.model, args.lr, args.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, args.schedule, args.warmup, self.total)
         self.autocast = _autocast(args, world.device)
-        self.scaler = torch.amp.GradScaler("cuda") if args.dtype == "float16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if args.mixed_precision == "fp16" else None
         self.step = 0
         if checkpoint is not None:
             self._resume(checkpoint / checkpoints.STATE_FILE, state)
@@ -232,9 +284,12 @@ class _Run:
     def loop(self) -> TrainResult:
         args, world = self.args, self.world
         if world.is_main:
+            if args.overwrite_output_dir:  # after every check: nothing is removed for a refused run
+                in_place = bool(self.source) and same_directory(self.source, self.out)
+                clear_earlier_run(self.out, keep_adapter=in_place)
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_saves(self.out)  # what saves of killed runs left behind
-        bar = self._progress()
+        self.bar = bar = self._progress()
         loss = eval_loss = None
         while self.step < self.total:
             started = time.perf_counter()
@@ -251,7 +306,7 @@ class _Run:
             }
             if self.step % args.log_every == 0 or self.step == self.total:
                 self._log(record)
-            if self.eval_data is not None and args.eval_every and self.step % args.eval_every == 0:
+            if self.eval_data is not None and self.step % self.eval_every == 0:
                 eval_loss = self._evaluate()
             if args.save_every and self.step % args.save_every == 0:
                 self._save_checkpoint()
@@ -262,7 +317,7 @@ class _Run:
                 )
         if bar is not None:
             bar.close()
-        if self.eval_data is not None and (not args.eval_every or self.step % args.eval_every):
+        if self.eval_data is not None and self.step % self.eval_every:
             eval_loss = self._evaluate()
         self._save_result()
         return TrainResult(self.model, self.step, loss, eval_loss, self.metrics)
@@ -299,7 +354,14 @@ class _Run:
     def _evaluate(self) -> float:
         batch = self.args.eval_batch_size or self.args.batch_size
         loss = evaluate(self.wrapped, self.eval_data, batch, self.world, self.autocast)
-        self._log({"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))})
+        perplexity = math.exp(min(loss, 700))
+        self._log({"step": self.step, "eval_loss": loss, "eval_perplexity": perplexity})
+        if self.world.is_main:  # as it goes, on stderr (above the progress bar when there is one)
+            line = f"step {self.step}/{self.total}: held-out loss {loss:.4f}, perplexity {perplexity:.2f}"
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
         return loss
 
     # ----- logging, saving, resuming ---------------------------------------------------------------
@@ -309,7 +371,8 @@ class _Run:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.total, initial=self.step, desc="training", unit=" steps")
+        # disable=None: a bar on a terminal only, so that logs and pipes get the held-out lines alone
+        return tqdm(total=self.total, initial=self.step, desc="training", unit=" steps", disable=None)
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.append(record)
@@ -364,7 +427,11 @@ class _Run:
             "total_steps": self.total,
             "world_size": self.world.size,
         }
-        checkpoints.save_checkpoint(self.out, self.step, lambda d: self._write_weights(d, weights), state)
+        saved = checkpoints.save_checkpoint(
+            self.out, self.step, lambda d: self._write_weights(d, weights), state
+        )
+        if self.args.save_total_limit is not None:
+            checkpoints.prune_checkpoints(self.out, self.args.save_total_limit, saved)
 
     def _resume(self, path: Path, state: dict[str, Any]) -> None:
         """Restore optimizer, schedule, scaler and random state from ``state`` (read from ``path``),
@@ -403,6 +470,13 @@ class _Run:
             except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as err:
                 raise ValueError(f"{path}: {key} cannot be restored ({str(err).splitlines()[0]})") from err
         self.step = state["step"]
+        # The schedule of this run's steps, at the resumed step: with a larger --steps than the run
+        # that saved it, the rest follows the longer schedule (no step at the old end's lr, no jump
+        # after it); with the same steps this is the lr that the saved scheduler set.
+        for group, base, factor in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(self.step)
 
     def _load_weights(self, checkpoint: Path) -> None:
         """The weights of ``checkpoint`` into the model, each name and shape checked (file named)."""
