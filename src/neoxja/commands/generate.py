@@ -286,6 +286,10 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
     device, dtype = device_and_dtype(args)
     try:
         quantize = {"weight_format": args.quantize} if getattr(args, "quantize", None) else {}
+        if quantize:
+            from neoxja.quantization.loading import check_requested_format
+
+            check_requested_format(args.model, args.quantize, "--quantize")  # worded for the CLI user
         model, tokenizer = load_model_and_tokenizer(
             args.model, args.tokenizer, dtype=dtype, device=device, **quantize
         )
