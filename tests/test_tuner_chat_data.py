@@ -100,12 +100,11 @@ def test_without_jinja2_the_error_names_the_line_and_what_to_install(
     if hasattr(compile_template, "cache_clear"):
         compile_template.cache_clear()  # templates compiled by earlier tests would need no import
     path = write_jsonl(tmp_path / "chat.jsonl", {"messages": CHAT})
-    with pytest.raises(DataError, match=r"chat\.jsonl:1: .*jinja2.*pip install") as caught:
+    with pytest.raises(DataError, match=r"chat\.jsonl:1: .*jinja2.*pip install"):
         check_data([path], tokenizer)
     monkeypatch.undo()
     if hasattr(compile_template, "cache_clear"):
         compile_template.cache_clear()
-    assert "neoxja[" in str(caught.value)  # the extra that brings it
 
 
 def test_neoxja_train_learns_from_chat_data(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
