@@ -146,6 +146,8 @@ def test_option_errors_are_one_line(model_dir: Path, tmp_path: Path, capsys) -> 
     base = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "o")]
     assert main([*base, "--merge"]) == 2
     assert "--merge merges a LoRA adapter: add --lora" in capsys.readouterr().err
+    assert main([*base, "--eval-every", "5"]) == 2  # not silently ignored
+    assert "--eval-every sets how often the held-out loss is computed" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--batch-size", "0"])
     assert "--batch-size: must be > 0, got 0" in capsys.readouterr().err

@@ -186,6 +186,8 @@ def run_train(args: argparse.Namespace) -> int:
     check_directories(args)
     if args.merge and not args.lora:
         raise ValueError("--merge merges a LoRA adapter: add --lora")
+    if args.eval_every is not None and args.eval_data is None:
+        raise ValueError("--eval-every sets how often the held-out loss is computed: add --eval-data")
     if args.quantize is not None and not args.lora:
         raise ValueError("--quantize trains a LoRA adapter on frozen quantized weights (QLoRA): add --lora")
     check_weight_dtype(args.dtype, args.mixed_precision is not None)
