@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,19 +18,19 @@ import pytest
 from neoxja.cli import main
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_finishes_the_running_stream_and_exits_0(tiny_checkpoint: Path) -> None:
-    port = _free_port()
-    command = [sys.executable, "-m", "neoxja", "serve", "--model", str(tiny_checkpoint), "--port", str(port)]
+    # --port 0: any free port, which the start-up line names (before the model loads)
+    command = [sys.executable, "-m", "neoxja", "serve", "--model", str(tiny_checkpoint), "--port", "0"]
     command += ["--max-model-len", "512", "--served-model-name", "tiny", "--drain-timeout", "60"]
     process = subprocess.Popen(
         command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
+    first = process.stderr.readline()
+    prefix = re.escape(f"serving {tiny_checkpoint} at http://127.0.0.1:")
+    match = re.search(prefix + r"(\d+)/v1 as 'tiny'", first)
+    assert match, first
+    port = int(match.group(1))
+    assert port != 0
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -54,8 +55,6 @@ def test_sigterm_finishes_the_running_stream_and_exits_0(tiny_checkpoint: Path) 
             process.kill()
     log = process.stderr.read()
     assert "POST /v1/completions 200" in log and "completion_tokens=400" in log  # one line per request
-    # the start-up line says where the API is, before the model loads
-    assert f"serving {tiny_checkpoint} at http://127.0.0.1:{port}/v1 as 'tiny'" in log.splitlines()[0]
 
 
 @pytest.mark.parametrize(

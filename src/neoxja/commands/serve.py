@@ -97,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--chat-template",
         type=Path,
         default=None,
-        help="Jinja chat template file (default: neoxja's built-in template, with its stop strings)",
+        help="Jinja chat template file (default: the tokenizer's own chat_template, else neoxja's "
+        "built-in template with its stop strings)",
     )
     parser.add_argument(
         "--drain-timeout",
@@ -231,8 +232,8 @@ def _serve(args: argparse.Namespace, signals: _Signals) -> int:
             compile_chat_template(template)
         except Exception as err:
             raise ValueError(f"--chat-template {args.chat_template}: {err}") from None
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535] (0: any free port), got {args.port}")
     api_key = args.api_key
     if api_key is not None:
         check_api_key(api_key, "--api-key")
