@@ -66,7 +66,9 @@ class NeoXJaVllmTokenizer(GPTNeoXJapaneseTokenizer):
         if args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no extra positional arguments: {args!r}")
         kwargs.pop("config", None)  # the model's config, which vLLM hands to transformers' loaders
-        tokenizer = super().from_pretrained(path_or_repo_id, revision=revision, cache_dir=download_dir, **kwargs)
+        tokenizer = super().from_pretrained(
+            path_or_repo_id, revision=revision, cache_dir=download_dir, **kwargs
+        )
         tokenizer.name_or_path = str(path_or_repo_id)
         return tokenizer  # type: ignore[return-value]
 
