@@ -1,0 +1,157 @@
+"""vLLM runs neoxja's model plugin as neoxja runs the model: same greedy tokens, same log-probabilities.
+
+Each random checkpoint (untied and tied head, float32) is served once by vLLM in this process and
+once with ``tensor_parallel_size=2`` (a worker process per core); every check reads what those four
+engines produced. The prompts go in as neoxja's token ids, so only the model is compared here (the
+tokenizer has its own tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROMPTS, neoxja_greedy
+
+MAX_NEW_TOKENS = 24
+TOP = 5  # prompt log-probabilities compared per position: the prompt's own token and the top 5
+
+
+@contextmanager
+def engine(checkpoint: Path, tensor_parallel_size: int = 1) -> Iterator[object]:
+    """A vLLM engine on ``checkpoint`` (float32, eager), shut down on exit so the next can use the cores.
+
+    One process means one: the engine and its worker run inside this one (a start of seconds, not
+    the ~20 s of spawning both). Tensor parallelism runs vLLM's own way, a worker process per rank,
+    each bound to a core."""
+    from vllm import LLM
+
+    with pytest.MonkeyPatch.context() as patch:
+        if tensor_parallel_size == 1:
+            patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            options = {"distributed_executor_backend": "uni"}
+        else:
+            patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, range(tensor_parallel_size))))
+            options = {"tensor_parallel_size": tensor_parallel_size}
+        llm = LLM(
+            model=str(checkpoint), dtype="float32", enforce_eager=True, max_model_len=256, seed=0, **options
+        )
+        try:
+            yield llm
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+
+
+def greedy(llm: object, prompts: list[list[int]]) -> list[list[int]]:
+    """vLLM's greedy continuation ids of ``prompts`` (one batch)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
+@dataclass
+class Served:
+    """What one vLLM engine produced for a checkpoint."""
+
+    checkpoint: Path
+    prompt_ids: list[list[int]]
+    batched: list[list[int]]  # all prompts in one generate() call
+    one_by_one: list[list[int]]  # one generate() call per prompt
+    prompt_logprobs: list[list[dict | None]] | None  # per prompt position: {token id: Logprob}
+
+
+def prompt_ids(checkpoint: Path) -> list[list[int]]:
+    from neoxja import GPTNeoXJapaneseTokenizer
+
+    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(checkpoint)
+    return [tokenizer.encode(prompt) for prompt in PROMPTS]
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def served_checkpoint(request: pytest.FixtureRequest) -> Path:
+    """Each checkpoint in turn; every engine fixture of the module serves the same one."""
+    return request.getfixturevalue(f"{request.param}_checkpoint")
+
+
+@pytest.fixture(scope="module")
+def one_process(served_checkpoint: Path) -> Served:
+    """The checkpoint served by one vLLM process: greedy tokens in two batch sizes, prompt logprobs."""
+    from vllm import SamplingParams
+
+    checkpoint = served_checkpoint
+    ids = prompt_ids(checkpoint)
+    with engine(checkpoint) as llm:
+        batched = greedy(llm, ids)
+        one_by_one = [greedy(llm, [prompt])[0] for prompt in ids]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=TOP)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+    return Served(checkpoint, ids, batched, one_by_one, [out.prompt_logprobs for out in outputs])
+
+
+@pytest.fixture(scope="module")
+def two_processes(served_checkpoint: Path) -> Served:
+    """The checkpoint served with tensor_parallel_size=2 on the CPU build, one worker bound per core."""
+    ids = prompt_ids(served_checkpoint)
+    with engine(served_checkpoint, tensor_parallel_size=2) as llm:
+        batched = greedy(llm, ids)
+    return Served(served_checkpoint, ids, batched, [], None)
+
+
+def test_greedy_tokens_equal_neoxja_generate(one_process: Served) -> None:
+    """Batched and one prompt at a time, vLLM's greedy tokens are neoxja's generate()'s."""
+    want = neoxja_greedy(one_process.checkpoint, PROMPTS, MAX_NEW_TOKENS)
+    assert all(len(tokens) > 1 for tokens in want)
+    assert one_process.batched == want
+    assert one_process.one_by_one == want
+
+
+def test_prompt_logprobs_equal_neoxja_log_softmax(one_process: Served) -> None:
+    """vLLM's prompt_logprobs (each prompt token and the top 5 at each position) are neoxja's
+    log-softmax of the same positions within 1e-4, and its top 5 are neoxja's."""
+    from neoxja import GPTNeoXJapaneseForCausalLM
+
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(one_process.checkpoint, dtype=torch.float32).eval()
+    compared = 0
+    for ids, positions in zip(one_process.prompt_ids, one_process.prompt_logprobs, strict=True):
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        assert positions[0] is None and len(positions) == len(ids)  # nothing predicts the first token
+        for index, entries in enumerate(positions[1:]):
+            want = logprobs[index]  # the distribution that predicts token index + 1
+            assert ids[index + 1] in entries
+            for token, entry in entries.items():
+                assert abs(entry.logprob - want[token].item()) <= 1e-4, (index, token)
+                compared += 1
+            top = {token for token, entry in entries.items() if entry.rank <= TOP}
+            assert top == set(want.topk(TOP).indices.tolist())
+    assert compared >= TOP * sum(len(ids) - 1 for ids in one_process.prompt_ids)
+
+
+def test_tensor_parallel_equals_one_process(one_process: Served, two_processes: Served) -> None:
+    """Split over two workers (heads, MLP columns, vocabulary), the greedy tokens do not change."""
+    assert two_processes.checkpoint == one_process.checkpoint
+    assert two_processes.batched == one_process.batched
+
+
+def test_vllm_finds_the_model_through_the_entry_point() -> None:
+    """The installed entry point registers the architecture lazily, as neoxja's class (the tokens
+    above then come from it: vLLM's transformers fallback cannot run this architecture)."""
+    from importlib.metadata import entry_points
+
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    (plugin,) = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "neoxja"]
+    assert plugin.value == "neoxja.vllm_plugin:register"
+    load_general_plugins()
+    registered = ModelRegistry.models["GPTNeoXJapaneseForCausalLM"]
+    assert (registered.module_name, registered.class_name) == (
+        "neoxja.vllm_plugin.model",
+        "GPTNeoXJapaneseForCausalLM",
+    )
