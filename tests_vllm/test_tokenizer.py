@@ -32,19 +32,25 @@ def tokenizers(untied_checkpoint: Path):
 
 @pytest.fixture(scope="module")
 def llm(untied_checkpoint: Path):
-    """vLLM with the plugin's model and neoxja's tokenizer (one start for this module)."""
+    """vLLM with the plugin's model and neoxja's tokenizer, engine and worker in this process (a
+    start of seconds instead of the ~20 s of spawning both)."""
     from vllm import LLM
 
-    engine = LLM(
-        model=str(untied_checkpoint),
-        tokenizer_mode="neoxja",
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=512,
-        seed=0,
-    )
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        engine = LLM(
+            model=str(untied_checkpoint),
+            tokenizer_mode="neoxja",
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=512,
+            seed=0,
+            distributed_executor_backend="uni",
+        )
+        try:
+            yield engine
+        finally:
+            engine.llm_engine.engine_core.shutdown()
 
 
 def incremental_text(tokenizer, prompt_ids: list[int], output_ids: list[int]) -> str:
