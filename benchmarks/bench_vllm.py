@@ -8,7 +8,8 @@ attention takes; the 2.7B's 80 it takes too), random weights, float32, written b
 with the real tokenizer. Each server runs alone in a subprocess, one after the other, on the same
 directory: vLLM as ``python -m vllm.entrypoints.openai.api_server --enforce-eager --dtype float32
 --tokenizer-mode neoxja --max-model-len 512`` (with ``VLLM_CPU_NUM_OF_RESERVED_CPU`` from
-``--vllm-reserved``: 0 gives its worker every core, vLLM's default keeps one for its front end),
+``--vllm-reserved``: 0 gives its worker every core, ``default`` leaves it unset: vLLM then keeps one
+for its front end),
 neoxja as ``python -m neoxja serve --dtype float32 --max-model-len 512 --max-batch 16``.
 
 At each concurrency C of ``--streams``, C clients (httpx + asyncio, one connection each) send
@@ -119,7 +120,10 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--new", type=int, default=128, help="tokens per request")
     parser.add_argument(
-        "--vllm-reserved", nargs="+", default=["0"], help="VLLM_CPU_NUM_OF_RESERVED_CPU values to run"
+        "--vllm-reserved",
+        nargs="+",
+        default=["0"],
+        help="VLLM_CPU_NUM_OF_RESERVED_CPU values to run ('default': unset)",
     )
     parser.add_argument(
         "--assets",
@@ -166,11 +170,8 @@ def main() -> None:
                 f"vLLM {_vllm_version()} (VLLM_CPU_NUM_OF_RESERVED_CPU={reserved})",
                 [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common, "--host", "127.0.0.1"]
                 + ["--enforce-eager", "--tokenizer-mode", "neoxja", "--disable-log-stats"],
-                {
-                    "VLLM_HOST_IP": "127.0.0.1",
-                    "VLLM_CPU_NUM_OF_RESERVED_CPU": reserved,
-                    "VLLM_CPU_KVCACHE_SPACE": "2",
-                },
+                {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "2"}
+                | ({} if reserved == "default" else {"VLLM_CPU_NUM_OF_RESERVED_CPU": reserved}),
             )
             for reserved in args.vllm_reserved
         ]
@@ -182,8 +183,9 @@ def main() -> None:
             )
         )
         rows = []
-        for label, command, extra_env in runs:
-            proc, url = start(command, {**os.environ, **extra_env}, Path(tmp) / f"{len(rows)}.log")
+        for number, (label, command, extra_env) in enumerate(runs):
+            env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_NUM_OF_RESERVED_CPU"}
+            proc, url = start(command, env | extra_env, Path(tmp) / f"server-{number}.log")
             try:
                 asyncio.run(one_request_warm(url))
                 for streams in args.streams:
