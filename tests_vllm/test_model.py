@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, neoxja_greedy
+from conftest import PROMPTS, neoxja_greedy, write_checkpoint
 
 MAX_NEW_TOKENS = 24
 TOP = 5  # prompt log-probabilities compared per position: the prompt's own token and the top 5
@@ -79,12 +79,10 @@ def served_checkpoint(request: pytest.FixtureRequest) -> Path:
     return request.getfixturevalue(f"{request.param}_checkpoint")
 
 
-@pytest.fixture(scope="module")
-def one_process(served_checkpoint: Path) -> Served:
-    """The checkpoint served by one vLLM process: greedy tokens in two batch sizes, prompt logprobs."""
+def serve(checkpoint: Path) -> Served:
+    """``checkpoint`` served by one vLLM process: greedy tokens in two batch sizes, prompt logprobs."""
     from vllm import SamplingParams
 
-    checkpoint = served_checkpoint
     ids = prompt_ids(checkpoint)
     with engine(checkpoint) as llm:
         batched = greedy(llm, ids)
@@ -92,6 +90,34 @@ def one_process(served_checkpoint: Path) -> Served:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=TOP)
         outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
     return Served(checkpoint, ids, batched, one_by_one, [out.prompt_logprobs for out in outputs])
+
+
+def check_prompt_logprobs(served: Served) -> None:
+    """vLLM's prompt_logprobs (each prompt token and the top 5 at each position) are neoxja's
+    log-softmax of the same positions within 1e-4, and its top 5 are neoxja's."""
+    from neoxja import GPTNeoXJapaneseForCausalLM
+
+    model = GPTNeoXJapaneseForCausalLM.from_pretrained(served.checkpoint, dtype=torch.float32).eval()
+    compared = 0
+    for ids, positions in zip(served.prompt_ids, served.prompt_logprobs, strict=True):
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        assert positions[0] is None and len(positions) == len(ids)  # nothing predicts the first token
+        for index, entries in enumerate(positions[1:]):
+            want = logprobs[index]  # the distribution that predicts token index + 1
+            assert ids[index + 1] in entries
+            for token, entry in entries.items():
+                assert abs(entry.logprob - want[token].item()) <= 1e-4, (index, token)
+                compared += 1
+            top = {token for token, entry in entries.items() if entry.rank <= TOP}
+            assert top == set(want.topk(TOP).indices.tolist())
+    assert compared >= TOP * sum(len(ids) - 1 for ids in served.prompt_ids)
+
+
+@pytest.fixture(scope="module")
+def one_process(served_checkpoint: Path) -> Served:
+    """The checkpoint served by one vLLM process."""
+    return serve(served_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -112,31 +138,41 @@ def test_greedy_tokens_equal_neoxja_generate(one_process: Served) -> None:
 
 
 def test_prompt_logprobs_equal_neoxja_log_softmax(one_process: Served) -> None:
-    """vLLM's prompt_logprobs (each prompt token and the top 5 at each position) are neoxja's
-    log-softmax of the same positions within 1e-4, and its top 5 are neoxja's."""
-    from neoxja import GPTNeoXJapaneseForCausalLM
-
-    model = GPTNeoXJapaneseForCausalLM.from_pretrained(one_process.checkpoint, dtype=torch.float32).eval()
-    compared = 0
-    for ids, positions in zip(one_process.prompt_ids, one_process.prompt_logprobs, strict=True):
-        with torch.no_grad():
-            logprobs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-        assert positions[0] is None and len(positions) == len(ids)  # nothing predicts the first token
-        for index, entries in enumerate(positions[1:]):
-            want = logprobs[index]  # the distribution that predicts token index + 1
-            assert ids[index + 1] in entries
-            for token, entry in entries.items():
-                assert abs(entry.logprob - want[token].item()) <= 1e-4, (index, token)
-                compared += 1
-            top = {token for token, entry in entries.items() if entry.rank <= TOP}
-            assert top == set(want.topk(TOP).indices.tolist())
-    assert compared >= TOP * sum(len(ids) - 1 for ids in one_process.prompt_ids)
+    check_prompt_logprobs(one_process)
 
 
 def test_tensor_parallel_equals_one_process(one_process: Served, two_processes: Served) -> None:
     """Split over two workers (heads, MLP columns, vocabulary), the greedy tokens do not change."""
     assert two_processes.checkpoint == one_process.checkpoint
     assert two_processes.batched == one_process.batched
+
+
+def test_partial_scaled_rope_and_another_activation(tmp_path: Path, assets_dir: Path) -> None:
+    """The config's RoPE settings reach vLLM's rotary embedding (a quarter of each head rotated, another
+    base, linear scaling) and hidden_act its MLP: tokens and logprobs still equal neoxja's."""
+    checkpoint = write_checkpoint(
+        tmp_path / "variant",
+        assets_dir,
+        tied=False,
+        seed=2,
+        rotary_pct=0.25,
+        rotary_emb_base=500.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        hidden_act="gelu_new",
+    )
+    served = serve(checkpoint)
+    assert served.batched == neoxja_greedy(checkpoint, PROMPTS, MAX_NEW_TOKENS)
+    check_prompt_logprobs(served)
+
+
+def test_dynamic_rope_is_refused_by_name(tmp_path: Path, assets_dir: Path) -> None:
+    """vLLM's "dynamic" NTK scaling differs from transformers' at every length: refused at load, not
+    served with other numbers."""
+    checkpoint = write_checkpoint(
+        tmp_path / "dynamic", assets_dir, tied=True, rope_scaling={"rope_type": "dynamic", "factor": 2.0}
+    )
+    with pytest.raises(ValueError, match="rope_type 'dynamic' is not supported"):
+        serve(checkpoint)
 
 
 def test_vllm_finds_the_model_through_the_entry_point() -> None:
