@@ -57,7 +57,7 @@ def rope_parameters(config: Any) -> dict[str, Any]:
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     rope.setdefault("rope_theta", getattr(config, "rotary_emb_base", 10000))
     rope.setdefault("partial_rotary_factor", getattr(config, "rotary_pct", 1.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_type = rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type", "default")  # 4.x: "type"
     if rope_type == "dynamic":
         raise ValueError(
             "config.json: rope_type 'dynamic' is not supported by neoxja's vLLM model (vLLM's dynamic NTK "
@@ -231,7 +231,7 @@ class GPTNeoXJapaneseForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor | None,
         positions: torch.Tensor,
-        intermediate_tensors: Any = None,
+        intermediate_tensors: Any = None,  # pipeline stages' hand-over: always None (no pipeline parallelism)
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.gpt_neox_japanese(input_ids, positions, inputs_embeds)
