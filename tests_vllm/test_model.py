@@ -147,14 +147,19 @@ def test_tensor_parallel_equals_one_process(one_process: Served, two_processes: 
     assert two_processes.batched == one_process.batched
 
 
-def test_partial_scaled_rope_and_another_activation(tmp_path: Path, assets_dir: Path) -> None:
-    """The config's RoPE settings reach vLLM's rotary embedding (a quarter of each head rotated, another
-    base, linear scaling) and hidden_act its MLP: tokens and logprobs still equal neoxja's."""
+def test_the_real_models_head_size_partial_scaled_rope_and_another_activation(
+    tmp_path: Path, assets_dir: Path
+) -> None:
+    """Heads of 80 (the 2.7B's), the config's RoPE settings (a quarter of each head rotated, another
+    base, linear scaling) reaching vLLM's rotary embedding and hidden_act its MLP: tokens and
+    logprobs still equal neoxja's."""
     checkpoint = write_checkpoint(
         tmp_path / "variant",
         assets_dir,
         tied=False,
         seed=2,
+        hidden_size=160,
+        num_attention_heads=2,
         rotary_pct=0.25,
         rotary_emb_base=500.0,
         rope_scaling={"rope_type": "linear", "factor": 2.0},
