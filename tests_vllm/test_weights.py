@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, neoxja_greedy
+from conftest import PROMPTS, TINY_VLLM, neoxja_greedy
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -102,6 +102,37 @@ def test_transformers4_buffers_and_a_tied_heads_copy_are_skipped(
     finally:
         llm.llm_engine.engine_core.shutdown()
     assert [list(out.outputs[0].token_ids) for out in outputs] == neoxja_greedy(tied_checkpoint, prompts, 12)
+
+
+def test_a_checkpoint_neoxja_saved_loads(
+    tmp_path: Path, assets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """neoxja's own save_pretrained (its config.json in transformers-5 form, a tied head) serves with
+    the same greedy tokens as neoxja's generate()."""
+    from vllm import SamplingParams
+
+    from neoxja import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseTokenizer
+
+    torch.manual_seed(3)
+    model = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(**TINY_VLLM, tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        for param in model.parameters():  # biases and norms off their initial zeros and ones
+            param.add_(torch.randn_like(param) * 0.05)
+    saved = tmp_path / "neoxja-saved"
+    model.save_pretrained(saved)
+    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(assets_dir)
+    tokenizer.save_pretrained(saved)
+    prompts = PROMPTS[:2]
+    llm = load_in_vllm(saved, monkeypatch)
+    try:
+        outputs = llm.generate(
+            [{"prompt_token_ids": tokenizer.encode(p)} for p in prompts],
+            SamplingParams(max_tokens=12, temperature=0.0),
+            use_tqdm=False,
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    assert [list(out.outputs[0].token_ids) for out in outputs] == neoxja_greedy(saved, prompts, 12)
 
 
 def _drop(key: str) -> Callable[[dict[str, torch.Tensor]], None]:
