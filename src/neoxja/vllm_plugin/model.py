@@ -13,18 +13,20 @@ are vLLM's tensor-parallel ones (``QKVParallelLinear`` split by head, ``RowParal
 ``ColumnParallelLinear``, ``VocabParallelEmbedding``/``ParallelLMHead``), its rotary embedding
 (``get_rope``, neox style, ``rotary_pct`` of each head) and its paged ``Attention``, so tensor
 parallelism, torch.compile/CUDA graphs and vLLM's quantization methods apply as for its built-in
-models. The checkpoint is read by :meth:`GPTNeoXJapaneseForCausalLM.load_weights` (rules in
-:mod:`neoxja.vllm_plugin.weights`). This module imports vLLM: only vLLM's model loader imports it.
+models; pipeline parallelism splits the layers into stages. The checkpoint is read by
+:meth:`GPTNeoXJapaneseForCausalLM.load_weights` (rules in :mod:`neoxja.vllm_plugin.weights`).
+This module imports vLLM: only vLLM's model loader imports it.
 """
 
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
@@ -33,7 +35,16 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    extract_layer_index,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
+from vllm.sequence import IntermediateTensors
 
 from neoxja.configuration import get_activation
 from neoxja.vllm_plugin.weights import (
@@ -170,24 +181,41 @@ class GPTNeoXJapaneseLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "intermediate_tensors": 0, "inputs_embeds": 0}
+)
 class GPTNeoXJapaneseModel(nn.Module):
-    """Embeddings, layers and the final layer norm: hidden states for vLLM's flattened token batch."""
+    """Embeddings, layers and the final layer norm: hidden states for vLLM's flattened token batch.
+
+    Under pipeline parallelism each stage holds its own run of layers (the others are placeholders);
+    the first also the embedding, the last the final norm (and the embedding too when the head is
+    tied to it), and stages hand each other the hidden states."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
-        self.embed_in = VocabParallelEmbedding(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=vllm_config.quant_config,
-            prefix=f"{prefix}.embed_in",
+        stage = get_pp_group()
+        if stage.is_first_rank or (config.tie_word_embeddings and stage.is_last_rank):
+            self.embed_in = VocabParallelEmbedding(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=vllm_config.quant_config,
+                prefix=f"{prefix}.embed_in",
+            )
+        else:
+            self.embed_in = PPMissingLayer()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: GPTNeoXJapaneseLayer(vllm_config, extract_layer_index(prefix), prefix=prefix),
+            prefix=f"{prefix}.layers",
         )
-        self.layers = nn.ModuleList(
-            GPTNeoXJapaneseLayer(vllm_config, index, prefix=f"{prefix}.layers.{index}")
-            for index in range(config.num_hidden_layers)
+        if stage.is_last_rank:
+            self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        else:
+            self.final_layer_norm = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states"], config.hidden_size
         )
-        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_in(input_ids)
@@ -196,15 +224,22 @@ class GPTNeoXJapaneseModel(nn.Module):
         self,
         input_ids: torch.Tensor | None,
         positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = self.embed_in(input_ids) if inputs_embeds is None else inputs_embeds
-        for layer in self.layers:
+    ) -> torch.Tensor | IntermediateTensors:
+        stage = get_pp_group()
+        if not stage.is_first_rank:
+            x = intermediate_tensors["hidden_states"]
+        else:
+            x = self.embed_in(input_ids) if inputs_embeds is None else inputs_embeds
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
             x = layer(positions, x)
+        if not stage.is_last_rank:
+            return IntermediateTensors({"hidden_states": x})
         return self.final_layer_norm(x)
 
 
-class GPTNeoXJapaneseForCausalLM(nn.Module):
+class GPTNeoXJapaneseForCausalLM(nn.Module, SupportsPP):
     """vLLM's text-generation model for checkpoints of architecture ``GPTNeoXJapaneseForCausalLM``."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -214,15 +249,19 @@ class GPTNeoXJapaneseForCausalLM(nn.Module):
         self.gpt_neox_japanese = GPTNeoXJapaneseModel(
             vllm_config=vllm_config, prefix=maybe_prefix(prefix, "gpt_neox_japanese")
         )
-        self.embed_out = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=vllm_config.quant_config,
-            prefix=maybe_prefix(prefix, "embed_out"),
-        )
-        if config.tie_word_embeddings:
-            self.embed_out = self.embed_out.tie_weights(self.gpt_neox_japanese.embed_in)
+        if get_pp_group().is_last_rank:
+            self.embed_out = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=vllm_config.quant_config,
+                prefix=maybe_prefix(prefix, "embed_out"),
+            )
+            if config.tie_word_embeddings:
+                self.embed_out = self.embed_out.tie_weights(self.gpt_neox_japanese.embed_in)
+        else:
+            self.embed_out = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.gpt_neox_japanese.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.gpt_neox_japanese.embed_input_ids(input_ids)
@@ -231,10 +270,10 @@ class GPTNeoXJapaneseForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor | None,
         positions: torch.Tensor,
-        intermediate_tensors: Any = None,  # pipeline stages' hand-over: always None (no pipeline parallelism)
+        intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.gpt_neox_japanese(input_ids, positions, inputs_embeds)
+    ) -> torch.Tensor | IntermediateTensors:
+        return self.gpt_neox_japanese(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.embed_out, hidden_states)
@@ -255,6 +294,8 @@ class GPTNeoXJapaneseForCausalLM(nn.Module):
             if key == HEAD and tied:  # the head is embed_in's weight; transformers ignores this copy too
                 continue
             name = parameter_name(key)
+            if is_pp_missing_parameter(name, self):  # another pipeline stage's
+                continue
             param = params[name]
             if key.endswith(".query_key_value.weight"):
                 for shard, part in zip("qkv", split_qkv(tensor, config.num_attention_heads), strict=True):
@@ -263,6 +304,7 @@ class GPTNeoXJapaneseForCausalLM(nn.Module):
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
         required = {parameter_name(key) for key in expected if not (key == HEAD and tied)}
+        required = {name for name in required if not is_pp_missing_parameter(name, self)}
         if required - loaded:
             keys = missing_keys(required - loaded)
             raise CheckpointKeyError(
