@@ -18,7 +18,7 @@ models; pipeline parallelism splits the layers into stages. The checkpoint is re
 This module imports vLLM: only vLLM's model loader imports it.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
 
@@ -77,7 +77,7 @@ def rope_parameters(config: Any) -> dict[str, Any]:
     return rope
 
 
-def activation(name: str) -> nn.Module | Any:
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """vLLM's activation module of that name (its fused kernels), else neoxja's (same as transformers')."""
     try:
         return get_act_fn(name)
