@@ -183,87 +183,34 @@ T512 static void nested_scales(const Weight *w, int64_t b0, int64_t b1, float *s
     else nested_scales_gather(w, b0, b1, s);
 }
 
-/* The codes of one group's 64 packed bytes: the high nibbles (even elements) and the low ones (odd
- * elements), each looked up as round(127 * code) + 128. */
-T512_INLINE void q4_lookup(__m512i v, __m512i lut, __m512i *hi, __m512i *lo) {
+/* One group g (128 weights) of output row o into the accumulators of R rows. */
+T512_INLINE void q4_group(const uint8_t *bytes, int64_t g, int64_t left, __m512 wscale, __m512i lut, const int8_t **q,
+                          const int32_t **corr, const float **qs, __m512 *acc, const int R) {
     const __m512i nibble = _mm512_set1_epi8(15);
-    *lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, nibble));
-    *hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
-}
-
-/* One group g (128 weights, codes hi/lo, block scales per lane ws) into R rows' accumulators. */
-T512_INLINE void q4_group(int64_t g, __m512i hi, __m512i lo, __m512 ws, const int8_t **q, const int32_t **corr,
-                          const float **qs, __m512 *acc, const int R) {
+    __m512i v = left >= Q4_GROUP ? _mm512_loadu_si512(bytes + g * 64)
+                                 : _mm512_maskz_loadu_epi8((1ULL << (left / 2)) - 1, bytes + g * 64);
+    __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, nibble));
+    __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
     for (int r = 0; r < R; r++) {
         __m512i s = _mm512_loadu_si512(corr[r] + g * 16);
         s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(q[r] + g * Q4_GROUP));
         s = _mm512_dpbusd_epi32(s, lo, _mm512_loadu_si512(q[r] + g * Q4_GROUP + 64));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws, _mm512_loadu_ps(qs[r] + g * 16)), acc[r]);
+        __m512 scale = _mm512_mul_ps(wscale, _mm512_loadu_ps(qs[r] + g * 16));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
     }
 }
 
-/* Output rows [o0, o1) (a multiple of OT rows), OT at a time: each with its own accumulators, the
- * activation's values loaded once for them. Work goes by items, OT rows by a chunk of CHUNK_GROUPS
- * groups (whole rows when they fit); the block scales come straight from absmax, or with double
- * quantization from a table decoded one item ahead (so a table is never read right after it is
- * written), an item's rows one after the other (contiguous blocks when it holds whole rows). */
-#define SECTION (CHUNK_GROUPS * Q4_GROUP / 32 + 64) /* floats of a table per row of an item */
-
-T512_INLINE void item_scales(const Weight *w, int64_t o, int64_t c0, int64_t c1, int64_t groups, int shift,
-                             const int OT, float *table) {
-    const int64_t in = w->in;
-    if (c0 == 0 && c1 == groups) {
-        nested_scales(w, (o * in) >> shift, ((o + OT) * in) >> shift, table);
-        return;
-    }
-    const int64_t end = c1 * Q4_GROUP < in ? c1 * Q4_GROUP : in;
-    for (int t = 0; t < OT; t++)
-        nested_scales(w, ((o + t) * in + c0 * Q4_GROUP) >> shift, (((o + t) * in + end - 1) >> shift) + 1,
-                      table + t * SECTION);
-}
-
-/* Where the block scales of one output row come from during an item: block b's is source[b - base]
- * (absmax itself, base 0; or a decoded table), of which `limit` blocks from base exist. */
-typedef struct {
-    const float *source;
-    int64_t base, limit;
-    const uint8_t *bytes; /* the row's packed weights */
-} RowScales;
-
-T512_INLINE RowScales row_scales(const Weight *w, int64_t row, int t, int64_t c0, int whole, int64_t o,
-                                 const float *table, int shift) {
-    const int64_t in = w->in;
-    RowScales s = {w->absmax, 0, (w->out * in) >> shift, (const uint8_t *)w->w + row * in / 2};
-    if (w->qabsmax) {
-        s.source = whole ? table : table + t * SECTION;
-        s.base = whole ? (o * in) >> shift : (row * in + c0 * Q4_GROUP) >> shift;
-        s.limit = INT64_MAX;
-    }
-    return s;
-}
-
-/* Group g of an output row into the accumulators acc (of R rows of x). */
-T512_INLINE void q4_row_group(const RowScales *s, int64_t row_first_element, int64_t g, int64_t left, int shift,
-                              __m512i lut, __m512i spread, const int8_t **q, const int32_t **corr, const float **qs,
-                              __m512 *acc, const int R) {
-    const int64_t b = ((row_first_element + g * Q4_GROUP) >> shift) - s->base; /* the group's first block */
-    __m512 ws = s->limit - b >= 16 ? _mm512_loadu_ps(s->source + b)
-                                   : _mm512_maskz_loadu_ps((__mmask16)((1u << (s->limit - b)) - 1), s->source + b);
-    const uint8_t *bytes = s->bytes + g * 64;
-    __m512i hi, lo;
-    q4_lookup(left >= Q4_GROUP ? _mm512_loadu_si512(bytes) : _mm512_maskz_loadu_epi8((1ULL << (left / 2)) - 1, bytes),
-              lut, &hi, &lo);
-    q4_group(g, hi, lo, _mm512_permutexvar_ps(spread, ws), q, corr, qs, acc, R);
-}
-
+/* Output rows [o0, o1) chunk by chunk (CHUNK_GROUPS groups of a row). The block scales are read
+ * straight from absmax; with double quantization, each chunk's are decoded into one of two tables
+ * one chunk ahead, so a table is never read right after it is written. */
 T512_INLINE void q4_rows(const Weight *w, const Act *a, int r0, float *y, int64_t ldy, int64_t o0, int64_t o1,
-                         const int R, const int OT) {
+                         const int R) {
     const int64_t in = w->in, groups = (in + Q4_GROUP - 1) / Q4_GROUP;
     const int shift = __builtin_ctzll((unsigned long long)w->blocksize); /* a power of two (weight_check) */
-    const int nested = w->qabsmax != NULL;
-    uint8_t codes[16];
-    for (int k = 0; k < 16; k++) codes[k] = (uint8_t)(w->lut[k] + 128);
-    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)codes));
+    const int64_t total = (w->out * in) >> shift; /* blocks of the weight */
+    uint8_t table[16];
+    for (int k = 0; k < 16; k++) table[k] = (uint8_t)(w->lut[k] + 128);
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)table));
     int32_t lanes[16];
     for (int k = 0; k < 16; k++) lanes[k] = w->blocksize < Q4_GROUP ? (int32_t)((8 * k) >> shift) : 0;
     const __m512i spread = _mm512_loadu_si512(lanes);
@@ -275,30 +222,37 @@ T512_INLINE void q4_rows(const Weight *w, const Act *a, int r0, float *y, int64_
         corr[r] = a->corr + (r0 + r) * (a->ld / 8);
         qs[r] = a->qscale + (r0 + r) * (a->ld / 8);
     }
-    float tables[2][2 * SECTION];
-    __m512 first[ROWS], second[ROWS]; /* the accumulators of output rows o and o + 1 */
-    int64_t o = o0, c0 = 0, c1 = groups < CHUNK_GROUPS ? groups : CHUNK_GROUPS;
-    if (nested && o < o1) item_scales(w, o, c0, c1, groups, shift, OT, tables[0]);
-    for (int64_t item = 0; o < o1; item++) {
-        const int64_t next_o = c1 < groups ? o : o + OT, next_c0 = c1 < groups ? c1 : 0;
-        const int64_t next_c1 = next_c0 + CHUNK_GROUPS < groups ? next_c0 + CHUNK_GROUPS : groups;
-        if (nested && next_o < o1) item_scales(w, next_o, next_c0, next_c1, groups, shift, OT, tables[(item + 1) & 1]);
-        const int whole = c0 == 0 && c1 == groups;
-        const RowScales s0 = row_scales(w, o, 0, c0, whole, o, tables[item & 1], shift);
-        const RowScales s1 = row_scales(w, o + (OT - 1), OT - 1, c0, whole, o, tables[item & 1], shift);
-        if (c0 == 0)
-            for (int r = 0; r < R; r++) first[r] = second[r] = _mm512_setzero_ps();
-        for (int64_t g = c0; g < c1; g++) {
-            const int64_t left = in - g * Q4_GROUP;
-            q4_row_group(&s0, o * in, g, left, shift, lut, spread, q, corr, qs, first, R);
-            if (OT == 2) q4_row_group(&s1, (o + 1) * in, g, left, shift, lut, spread, q, corr, qs, second, R);
+    float tables[2][CHUNK_GROUPS * Q4_GROUP / 32 + 64];
+    const int nested = w->qabsmax != NULL;
+    __m512 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    int64_t o = o0, c0 = 0, chunk = 0;
+    if (nested && o < o1)
+        nested_scales(w, (o * in) >> shift, ((o * in + (groups < CHUNK_GROUPS ? in : CHUNK_GROUPS * Q4_GROUP) - 1) >> shift) + 1,
+                      tables[0]);
+    while (o < o1) {
+        const int64_t c1 = c0 + CHUNK_GROUPS < groups ? c0 + CHUNK_GROUPS : groups;
+        const int64_t next_o = c1 < groups ? o : o + 1, next_c0 = c1 < groups ? c1 : 0;
+        if (nested && next_o < o1) {
+            int64_t end = next_c0 + CHUNK_GROUPS < groups ? (next_c0 + CHUNK_GROUPS) * Q4_GROUP : in;
+            nested_scales(w, (next_o * in + next_c0 * Q4_GROUP) >> shift, ((next_o * in + end - 1) >> shift) + 1,
+                          tables[(chunk + 1) & 1]);
         }
-        if (c1 == groups)
+        const float *source = nested ? tables[chunk & 1] : w->absmax;
+        const int64_t base = nested ? (o * in + c0 * Q4_GROUP) >> shift : 0, limit = nested ? INT64_MAX : total;
+        const uint8_t *bytes = (const uint8_t *)w->w + o * in / 2;
+        for (int64_t g = c0; g < c1; g++) {
+            int64_t b = ((o * in + g * Q4_GROUP) >> shift) - base; /* the group's first block */
+            __m512 ws = limit - b >= 16 ? _mm512_loadu_ps(source + b)
+                                        : _mm512_maskz_loadu_ps((__mmask16)((1u << (limit - b)) - 1), source + b);
+            q4_group(bytes, g, in - g * Q4_GROUP, _mm512_permutexvar_ps(spread, ws), lut, q, corr, qs, acc, R);
+        }
+        if (next_o != o)
             for (int r = 0; r < R; r++) {
-                y[(r0 + r) * ldy + o] = _mm512_reduce_add_ps(first[r]);
-                if (OT == 2) y[(r0 + r) * ldy + o + 1] = _mm512_reduce_add_ps(second[r]);
+                y[(r0 + r) * ldy + o] = _mm512_reduce_add_ps(acc[r]);
+                acc[r] = _mm512_setzero_ps();
             }
-        o = next_o, c0 = next_c0, c1 = next_c1;
+        o = next_o, c0 = next_c0, chunk++;
     }
 }
 
@@ -314,23 +268,12 @@ T512_INLINE void q4_rows(const Weight *w, const Act *a, int r0, float *y, int64_
     default: call(8); break;                                                                                \
     }
 
-/* Pairs of output rows for up to 4 rows of x (more: one output row at a time, the accumulators of
- * 8 rows of x in registers); each (output row, row of x) value is computed the same way either way. */
 T512 void q4_fast_avx512(const Weight *w, const Act *a, float *y, int64_t ldy, int64_t o0, int64_t o1) {
     for (int r0 = 0; r0 < a->rows; r0 += ROWS) {
         int R = a->rows - r0 < ROWS ? a->rows - r0 : ROWS;
-        int64_t pairs = R <= 4 ? o0 + (o1 - o0) / 2 * 2 : o0;
-#define Q4_PAIRS(n) q4_rows(w, a, r0, y, ldy, o0, pairs, n, 2)
-#define Q4_SINGLE(n) q4_rows(w, a, r0, y, ldy, pairs, o1, n, 1)
-        if (pairs > o0) switch (R) {
-            case 1: Q4_PAIRS(1); break;
-            case 2: Q4_PAIRS(2); break;
-            case 3: Q4_PAIRS(3); break;
-            default: Q4_PAIRS(4); break;
-            }
-        if (o1 > pairs) SWITCH_R(Q4_SINGLE, R)
-#undef Q4_PAIRS
-#undef Q4_SINGLE
+#define Q4_CALL(n) q4_rows(w, a, r0, y, ldy, o0, o1, n)
+        SWITCH_R(Q4_CALL, R)
+#undef Q4_CALL
     }
 }
 
@@ -347,71 +290,38 @@ T512_INLINE void i8_block(const Act *a, int r0, int64_t k, __m512i wv, __m512 *a
     }
 }
 
-/* Output row o's block k (ACT_BLOCK weights, the last maybe partial) into even or odd accumulators. */
-T512_INLINE void i8_row_block(const Weight *w, const Act *a, int r0, int64_t o, int64_t k, __m512 *even, __m512 *odd,
-                              const int R) {
-    const int8_t *v = (const int8_t *)w->w + o * w->in + k * ACT_BLOCK;
-    const int64_t left = w->in - k * ACT_BLOCK;
-    __m512i wv = left >= ACT_BLOCK ? _mm512_loadu_si512(v) : _mm512_maskz_loadu_epi8((1ULL << left) - 1, v);
-    wv = _mm512_xor_si512(wv, _mm512_set1_epi8((char)0x80));
-    if (k & 1) i8_block(a, r0, k, wv, odd, R);
-    else i8_block(a, r0, k, wv, even, R);
-}
-
-/* OT output rows at a time (their weights stream together), two accumulators per row of x and
- * output row (even and odd blocks, two independent chains); the same operations per (output row,
- * row of x) whatever OT and R. */
+/* Two accumulators per row (even and odd blocks), for two independent chains. */
 T512_INLINE void i8_rows(const Weight *w, const Act *a, int r0, float *y, int64_t ldy, int64_t o0, int64_t o1,
-                         const int R, const int OT) {
-    const int64_t blocks = (w->in + ACT_BLOCK - 1) / ACT_BLOCK;
-    for (int64_t o = o0; o < o1; o += OT) {
-        __m512 e0[ROWS], d0[ROWS], e1[ROWS], d1[ROWS], e2[ROWS], d2[ROWS], e3[ROWS], d3[ROWS];
+                         const int R) {
+    const int64_t in = w->in, blocks = (in + ACT_BLOCK - 1) / ACT_BLOCK;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t o = o0; o < o1; o++) {
+        const int8_t *v = (const int8_t *)w->w + o * in;
+        __m512 even[ROWS], odd[ROWS];
+        for (int r = 0; r < R; r++) even[r] = odd[r] = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 2 <= in / ACT_BLOCK; k += 2) {
+            i8_block(a, r0, k, _mm512_xor_si512(_mm512_loadu_si512(v + k * ACT_BLOCK), flip), even, R);
+            i8_block(a, r0, k + 1, _mm512_xor_si512(_mm512_loadu_si512(v + (k + 1) * ACT_BLOCK), flip), odd, R);
+        }
+        for (; k < blocks; k++) { /* a last whole block (even), then a partial one */
+            int64_t left = in - k * ACT_BLOCK;
+            __m512i wv = left >= ACT_BLOCK ? _mm512_loadu_si512(v + k * ACT_BLOCK)
+                                           : _mm512_maskz_loadu_epi8((1ULL << left) - 1, v + k * ACT_BLOCK);
+            wv = _mm512_xor_si512(wv, flip);
+            if (k & 1) i8_block(a, r0, k, wv, odd, R);
+            else i8_block(a, r0, k, wv, even, R);
+        }
         for (int r = 0; r < R; r++)
-            e0[r] = d0[r] = e1[r] = d1[r] = e2[r] = d2[r] = e3[r] = d3[r] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < blocks; k++) {
-            i8_row_block(w, a, r0, o, k, e0, d0, R);
-            if (OT > 1) i8_row_block(w, a, r0, o + 1, k, e1, d1, R);
-            if (OT > 2) i8_row_block(w, a, r0, o + 2, k, e2, d2, R);
-            if (OT > 3) i8_row_block(w, a, r0, o + 3, k, e3, d3, R);
-        }
-        for (int r = 0; r < R; r++) {
-            float *out = y + (r0 + r) * ldy + o;
-            out[0] = _mm512_reduce_add_ps(_mm512_add_ps(e0[r], d0[r])) * w->scale[o];
-            if (OT > 1) out[1] = _mm512_reduce_add_ps(_mm512_add_ps(e1[r], d1[r])) * w->scale[o + 1];
-            if (OT > 2) out[2] = _mm512_reduce_add_ps(_mm512_add_ps(e2[r], d2[r])) * w->scale[o + 2];
-            if (OT > 3) out[3] = _mm512_reduce_add_ps(_mm512_add_ps(e3[r], d3[r])) * w->scale[o + 3];
-        }
+            y[(r0 + r) * ldy + o] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r])) * w->scale[o];
     }
 }
-
-/* Tiles of 4 output rows for one row of x, 2 for two, else 1; the rest one at a time. */
-#define TILED(body, R, o0, o1)                                                                              \
-    do {                                                                                                    \
-        const int tile_ = (R) == 1 ? 4 : (R) == 2 ? 2 : 1;                                                  \
-        const int64_t cut_ = (o0) + ((o1) - (o0)) / tile_ * tile_;                                          \
-        if ((R) == 1) {                                                                                     \
-            body(1, 4, o0, cut_);                                                                           \
-            body(1, 1, cut_, o1);                                                                           \
-        } else if ((R) == 2) {                                                                              \
-            body(2, 2, o0, cut_);                                                                           \
-            body(2, 1, cut_, o1);                                                                           \
-        } else {                                                                                            \
-            switch (R) {                                                                                    \
-            case 3: body(3, 1, o0, o1); break;                                                              \
-            case 4: body(4, 1, o0, o1); break;                                                              \
-            case 5: body(5, 1, o0, o1); break;                                                              \
-            case 6: body(6, 1, o0, o1); break;                                                              \
-            case 7: body(7, 1, o0, o1); break;                                                              \
-            default: body(8, 1, o0, o1); break;                                                             \
-            }                                                                                               \
-        }                                                                                                   \
-    } while (0)
 
 T512 void i8_fast_avx512(const Weight *w, const Act *a, float *y, int64_t ldy, int64_t o0, int64_t o1) {
     for (int r0 = 0; r0 < a->rows; r0 += ROWS) {
         int R = a->rows - r0 < ROWS ? a->rows - r0 : ROWS;
-#define I8_CALL(n, t, first, last) i8_rows(w, a, r0, y, ldy, first, last, n, t)
-        TILED(I8_CALL, R, o0, o1);
+#define I8_CALL(n) i8_rows(w, a, r0, y, ldy, o0, o1, n)
+        SWITCH_R(I8_CALL, R)
 #undef I8_CALL
     }
 }
@@ -440,46 +350,35 @@ TBF16_INLINE void bf16_step(const Act *a, int r0, int64_t k, __m512i wv, __m512 
     }
 }
 
-/* Output row o's step k (32 weights, the last maybe partial) into even or odd accumulators. */
-TBF16_INLINE void bf16_row_step(const Weight *w, const Act *a, int r0, int64_t o, int64_t k, __m512 *even, __m512 *odd,
-                                const int R) {
-    const uint16_t *v = (const uint16_t *)w->w + o * w->in + 32 * k;
-    const int64_t left = w->in - 32 * k;
-    __m512i wv = left >= 32 ? _mm512_loadu_si512(v) : _mm512_maskz_loadu_epi16((__mmask32)((1ULL << left) - 1), v);
-    if (k & 1) bf16_step(a, r0, k, wv, odd, R);
-    else bf16_step(a, r0, k, wv, even, R);
-}
-
-/* As i8_rows: OT output rows at a time, two accumulators per pair (alternate 32-element steps);
- * x's bfloat16 rows are zero-padded. */
+/* Per row two accumulators (alternate 32-element steps); x's bfloat16 row is zero-padded. */
 TBF16_INLINE void bf16_rows(const Weight *w, const Act *a, int r0, float *y, int64_t ldy, int64_t o0, int64_t o1,
-                            const int R, const int OT) {
-    const int64_t steps = (w->in + 31) / 32;
-    for (int64_t o = o0; o < o1; o += OT) {
-        __m512 e0[ROWS], d0[ROWS], e1[ROWS], d1[ROWS], e2[ROWS], d2[ROWS], e3[ROWS], d3[ROWS];
-        for (int r = 0; r < R; r++)
-            e0[r] = d0[r] = e1[r] = d1[r] = e2[r] = d2[r] = e3[r] = d3[r] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < steps; k++) {
-            bf16_row_step(w, a, r0, o, k, e0, d0, R);
-            if (OT > 1) bf16_row_step(w, a, r0, o + 1, k, e1, d1, R);
-            if (OT > 2) bf16_row_step(w, a, r0, o + 2, k, e2, d2, R);
-            if (OT > 3) bf16_row_step(w, a, r0, o + 3, k, e3, d3, R);
+                            const int R) {
+    const int64_t in = w->in, steps = (in + 31) / 32;
+    for (int64_t o = o0; o < o1; o++) {
+        const uint16_t *v = (const uint16_t *)w->w + o * in;
+        __m512 even[ROWS], odd[ROWS];
+        for (int r = 0; r < R; r++) even[r] = odd[r] = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 2 <= in / 32; k += 2) {
+            bf16_step(a, r0, k, _mm512_loadu_si512(v + 32 * k), even, R);
+            bf16_step(a, r0, k + 1, _mm512_loadu_si512(v + 32 * (k + 1)), odd, R);
         }
-        for (int r = 0; r < R; r++) {
-            float *out = y + (r0 + r) * ldy + o;
-            out[0] = _mm512_reduce_add_ps(_mm512_add_ps(e0[r], d0[r]));
-            if (OT > 1) out[1] = _mm512_reduce_add_ps(_mm512_add_ps(e1[r], d1[r]));
-            if (OT > 2) out[2] = _mm512_reduce_add_ps(_mm512_add_ps(e2[r], d2[r]));
-            if (OT > 3) out[3] = _mm512_reduce_add_ps(_mm512_add_ps(e3[r], d3[r]));
+        for (; k < steps; k++) { /* a last whole step (even), then a partial one */
+            int64_t left = in - 32 * k;
+            __m512i wv = left >= 32 ? _mm512_loadu_si512(v + 32 * k)
+                                    : _mm512_maskz_loadu_epi16((__mmask32)((1ULL << left) - 1), v + 32 * k);
+            if (k & 1) bf16_step(a, r0, k, wv, odd, R);
+            else bf16_step(a, r0, k, wv, even, R);
         }
+        for (int r = 0; r < R; r++) y[(r0 + r) * ldy + o] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
     }
 }
 
 TBF16 void bf16_fast_avx512(const Weight *w, const Act *a, float *y, int64_t ldy, int64_t o0, int64_t o1) {
     for (int r0 = 0; r0 < a->rows; r0 += ROWS) {
         int R = a->rows - r0 < ROWS ? a->rows - r0 : ROWS;
-#define BF16_CALL(n, t, first, last) bf16_rows(w, a, r0, y, ldy, first, last, n, t)
-        TILED(BF16_CALL, R, o0, o1);
+#define BF16_CALL(n) bf16_rows(w, a, r0, y, ldy, o0, o1, n)
+        SWITCH_R(BF16_CALL, R)
 #undef BF16_CALL
     }
 }
