@@ -38,7 +38,8 @@ def assets_dir() -> Path:
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
     """Japanese text (Aozora Bunko novels, UD GSD sentences) for tests."""
-    return _shared_dir("NEOXJA_CORPUS", REPO.parent / "shared" / "corpus", ("neko.txt", "gsd-test.txt", "gsd-dev.txt"))
+    needed = ("neko.txt", "gsd-test.txt", "gsd-dev.txt")
+    return _shared_dir("NEOXJA_CORPUS", REPO.parent / "shared" / "corpus", needed)
 
 
 # Tiny checkpoints and transformers/neoxja pairs, shared by every test file. transformers is the
