@@ -6,25 +6,13 @@ missing directory skips the tests that need it, with the reason; inside CI (``CI
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from shared_dirs import REPO
+from shared_dirs import shared_dir as _shared_dir
 
 from neoxja.configuration import PRESETS
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _shared_dir(env: str, default: Path, must_have: tuple[str, ...]) -> Path:
-    path = Path(os.environ.get(env, default))
-    missing = [name for name in must_have if not (path / name).is_file()]
-    if missing:
-        reason = f"{env}={path} lacks {', '.join(missing)}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason} (required in CI)")
-        pytest.skip(reason)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ transformers and fastapi below the main environment's versions.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # tests/shared_dirs.py: where the tokenizer files and corpus live
+from shared_dirs import shared_dir as _shared_dir  # noqa: E402
 
 # Head size 64 (128 / 2): one of those vLLM's CPU attention takes (32, 64, 80, 96, 112, 128; the
 # 2.7B's is 80). abeja's full vocabulary, so that the real tokenizer goes with the checkpoint.
@@ -47,17 +50,6 @@ PROMPTS = [
     "東京",
     "むかしむかし、あるところに𠮷野さんが",
 ]
-
-
-def _shared_dir(env: str, default: Path, must_have: tuple[str, ...]) -> Path:
-    path = Path(os.environ.get(env, default))
-    missing = [name for name in must_have if not (path / name).is_file()]
-    if missing:
-        reason = f"{env}={path} lacks {', '.join(missing)}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason} (required in CI)")
-        pytest.skip(reason)
-    return path
 
 
 @pytest.fixture(scope="session")
