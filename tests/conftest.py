@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from shared_dirs import REPO
-from shared_dirs import shared_dir as _shared_dir
+from shared_dirs import corpus, tokenizer_assets
 
 from neoxja.configuration import PRESETS
 
@@ -18,16 +17,13 @@ from neoxja.configuration import PRESETS
 @pytest.fixture(scope="session")
 def assets_dir() -> Path:
     """The real vocab.txt + emoji.json of abeja/gpt-neox-japanese-2.7b."""
-    return _shared_dir(
-        "NEOXJA_ASSETS", REPO.parent / "shared" / "assets" / "abeja-tokenizer", ("vocab.txt", "emoji.json")
-    )
+    return tokenizer_assets()
 
 
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
     """Japanese text (Aozora Bunko novels, UD GSD sentences) for tests."""
-    needed = ("neko.txt", "gsd-test.txt", "gsd-dev.txt")
-    return _shared_dir("NEOXJA_CORPUS", REPO.parent / "shared" / "corpus", needed)
+    return corpus("neko.txt", "gsd-test.txt", "gsd-dev.txt")
 
 
 # Tiny checkpoints and transformers/neoxja pairs, shared by every test file. transformers is the

@@ -23,3 +23,15 @@ def shared_dir(env: str, default: Path, must_have: tuple[str, ...]) -> Path:
             pytest.fail(f"{reason} (required in CI)")
         pytest.skip(reason)
     return path
+
+
+def tokenizer_assets() -> Path:
+    """``$NEOXJA_ASSETS`` (default ``../shared/assets/abeja-tokenizer``): the real vocab.txt and
+    emoji.json of abeja/gpt-neox-japanese-2.7b."""
+    default = REPO.parent / "shared" / "assets" / "abeja-tokenizer"
+    return shared_dir("NEOXJA_ASSETS", default, ("vocab.txt", "emoji.json"))
+
+
+def corpus(*needed: str) -> Path:
+    """``$NEOXJA_CORPUS`` (default ``../shared/corpus``): Japanese text holding the files ``needed``."""
+    return shared_dir("NEOXJA_CORPUS", REPO.parent / "shared" / "corpus", needed)

@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # tests/shared_dirs.py: where the tokenizer files and corpus live
-from shared_dirs import shared_dir as _shared_dir  # noqa: E402
+from shared_dirs import corpus, tokenizer_assets  # noqa: E402
 
 # Head size 64 (128 / 2): one of those vLLM's CPU attention takes (32, 64, 80, 96, 112, 128; the
 # 2.7B's is 80). abeja's full vocabulary, so that the real tokenizer goes with the checkpoint.
@@ -55,15 +55,13 @@ PROMPTS = [
 @pytest.fixture(scope="session")
 def assets_dir() -> Path:
     """The real vocab.txt + emoji.json of abeja/gpt-neox-japanese-2.7b (from ../shared)."""
-    return _shared_dir(
-        "NEOXJA_ASSETS", REPO.parent / "shared" / "assets" / "abeja-tokenizer", ("vocab.txt", "emoji.json")
-    )
+    return tokenizer_assets()
 
 
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
     """Japanese text (Aozora Bunko novels, UD GSD sentences), from ../shared."""
-    return _shared_dir("NEOXJA_CORPUS", REPO.parent / "shared" / "corpus", ("neko.txt",))
+    return corpus("neko.txt")
 
 
 def write_checkpoint(

@@ -37,6 +37,28 @@ def load_in_vllm(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
     )
 
 
+def vllm_greedy(
+    checkpoint: Path, prompts: list[str], new: int, monkeypatch: pytest.MonkeyPatch
+) -> list[list[int]]:
+    """The greedy continuations (ids) of ``prompts`` by an in-process vLLM engine on ``checkpoint``,
+    prompted with neoxja's ids of the checkpoint's tokenizer."""
+    from vllm import SamplingParams
+
+    from neoxja import GPTNeoXJapaneseTokenizer
+
+    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(checkpoint)
+    llm = load_in_vllm(checkpoint, monkeypatch)
+    try:
+        outputs = llm.generate(
+            [{"prompt_token_ids": tokenizer.encode(p)} for p in prompts],
+            SamplingParams(max_tokens=new, temperature=0.0),
+            use_tqdm=False,
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
 def edited(source: Path, target: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
     """A copy of checkpoint ``source`` in ``target`` whose tensors went through ``edit``."""
     shutil.copytree(source, target)
@@ -77,7 +99,6 @@ def test_transformers4_buffers_and_a_tied_heads_copy_are_skipped(
 ) -> None:
     """transformers 4 saved each attention's rotary inv_freq, causal-mask bias and masked_bias, and
     some writers a tied head's copy: such a checkpoint loads and generates as the clean one."""
-    from vllm import SamplingParams
 
     def add_old_tensors(tensors: dict[str, torch.Tensor]) -> None:
         for layer in range(2):
@@ -88,20 +109,8 @@ def test_transformers4_buffers_and_a_tied_heads_copy_are_skipped(
         tensors[HEAD] = tensors["gpt_neox_japanese.embed_in.weight"].clone()
 
     old = edited(tied_checkpoint, tmp_path / "old", add_old_tensors)
-    from neoxja import GPTNeoXJapaneseTokenizer
-
-    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(old)
     prompts = PROMPTS[:2]
-    llm = load_in_vllm(old, monkeypatch)
-    try:
-        outputs = llm.generate(
-            [{"prompt_token_ids": tokenizer.encode(p)} for p in prompts],
-            SamplingParams(max_tokens=12, temperature=0.0),
-            use_tqdm=False,
-        )
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    assert [list(out.outputs[0].token_ids) for out in outputs] == neoxja_greedy(tied_checkpoint, prompts, 12)
+    assert vllm_greedy(old, prompts, 12, monkeypatch) == neoxja_greedy(tied_checkpoint, prompts, 12)
 
 
 def test_a_checkpoint_neoxja_saved_loads(
@@ -109,8 +118,6 @@ def test_a_checkpoint_neoxja_saved_loads(
 ) -> None:
     """neoxja's own save_pretrained (its config.json in transformers-5 form, a tied head) serves with
     the same greedy tokens as neoxja's generate()."""
-    from vllm import SamplingParams
-
     from neoxja import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseTokenizer
 
     torch.manual_seed(3)
@@ -120,19 +127,9 @@ def test_a_checkpoint_neoxja_saved_loads(
             param.add_(torch.randn_like(param) * 0.05)
     saved = tmp_path / "neoxja-saved"
     model.save_pretrained(saved)
-    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(assets_dir)
-    tokenizer.save_pretrained(saved)
+    GPTNeoXJapaneseTokenizer.from_pretrained(assets_dir).save_pretrained(saved)
     prompts = PROMPTS[:2]
-    llm = load_in_vllm(saved, monkeypatch)
-    try:
-        outputs = llm.generate(
-            [{"prompt_token_ids": tokenizer.encode(p)} for p in prompts],
-            SamplingParams(max_tokens=12, temperature=0.0),
-            use_tqdm=False,
-        )
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    assert [list(out.outputs[0].token_ids) for out in outputs] == neoxja_greedy(saved, prompts, 12)
+    assert vllm_greedy(saved, prompts, 12, monkeypatch) == neoxja_greedy(saved, prompts, 12)
 
 
 def _drop(key: str) -> Callable[[dict[str, torch.Tensor]], None]:
