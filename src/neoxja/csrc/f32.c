@@ -25,12 +25,6 @@ static void matmul_scalar(const float *W, int64_t ldw, int64_t in, const float *
 }
 
 #if HAVE_X86
-__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* An NR-rows x NB-vectors tile: NR * NB accumulators, each weight load feeds NB FMAs. */
 #define DEFINE_TILE(NR, NB)                                                                               \

@@ -48,12 +48,6 @@ static void q4_rows_scalar(const Rows *p, int R, int64_t o0, int64_t o1) {
 }
 
 #if HAVE_X86
-__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* The SIMD bodies take the row count R as a constant (the wrappers switch on it), so their per-row
  * accumulators live in registers; even and odd elements accumulate separately, two independent FMA
@@ -101,7 +95,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void q4_body_av
             }
             for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_add_ps(even[r], odd[r]), scale, acc[r]);
         }
-        for (int r = 0; r < R; r++) p->y[r * p->ldy + o] = hsum256(acc[r]);
+        for (int r = 0; r < R; r++) p->y[r * p->ldy + o] = hsum8(acc[r]);
     }
 }
 
@@ -253,7 +247,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void dense_body
             for (int r = 0; r < R; r++) a[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p->x + r * in + i), a[r]);
         }
         float scale = w->format == W_INT8 ? w->scale[o] : 1.0f;
-        for (int r = 0; r < R; r++) p->y[r * p->ldy + o] = hsum256(_mm256_add_ps(a[r], c[r])) * scale;
+        for (int r = 0; r < R; r++) p->y[r * p->ldy + o] = hsum8(_mm256_add_ps(a[r], c[r])) * scale;
     }
 }
 
