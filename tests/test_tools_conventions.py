@@ -115,12 +115,12 @@ def test_generate_quantize_on_a_quantized_checkpoint(
 def test_serve_refuses_another_format_of_a_quantized_checkpoint_before_opening_the_port(
     nf4_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import neoxja.commands.serve
+    import neoxja.serving.process
 
     def no_listen(host: str, port: int) -> None:
         raise AssertionError("the port was opened")
 
-    monkeypatch.setattr(neoxja.commands.serve, "_listen", no_listen)
+    monkeypatch.setattr(neoxja.serving.process, "listen", no_listen)
     assert main(["serve", "--model", str(nf4_dir), "--quantize", "fp4", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--quantize fp4 asks for fp4" in err and "quantized to nf4" in err

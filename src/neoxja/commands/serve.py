@@ -11,7 +11,6 @@ the rest are cancelled. Connections are capped and timed out (``--max-connection
 from __future__ import annotations
 
 import argparse
-import errno
 import gc
 import logging
 import os
@@ -174,21 +173,6 @@ def api_url(host: str, port: int) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
-def _listen(host: str, port: int) -> list[Any]:
-    """The listening sockets of :func:`neoxja.serving.process.listen`; a port that another process holds
-    is said in those words (one line), since it is the common case: a second ``serve`` on the port."""
-    from neoxja.serving.process import listen
-
-    try:
-        return listen(host, port)
-    except ValueError as err:
-        if os.strerror(errno.EADDRINUSE) not in str(err):
-            raise
-        raise ValueError(
-            f"port {port} on {host} is in use (another server?): stop it, or choose another with --port"
-        ) from None
-
-
 def run_serve(args: argparse.Namespace) -> int:
     signals = _Signals()
     previous = {stop: signal.signal(stop, signals) for stop in (signal.SIGTERM, signal.SIGINT)}
@@ -240,7 +224,9 @@ def _serve(args: argparse.Namespace, signals: _Signals) -> int:
     elif "NEOXJA_API_KEY" in os.environ:
         api_key = os.environ["NEOXJA_API_KEY"]
         check_api_key(api_key, "$NEOXJA_API_KEY")
-    listeners = _listen(args.host, args.port)  # a port in use is an error here, before the model loads
+    from neoxja.serving.process import listen
+
+    listeners = listen(args.host, args.port)  # a port in use is an error here, before the model loads
     config = ServerConfig(
         served_model_name=args.served_model_name or str(args.model),
         api_key=api_key,

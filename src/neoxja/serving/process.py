@@ -95,6 +95,10 @@ def listen(host: str, port: int) -> list[Listener]:
     except OSError as err:
         for sock in listeners:
             sock.close()
+        if err.errno == errno.EADDRINUSE:  # the common case: a second server on the port
+            raise ValueError(
+                f"port {port} on {host} is in use (another server?): stop it, or choose another with --port"
+            ) from None
         raise ValueError(f"cannot listen on {host} port {port}: {err.strerror}") from None
     return listeners
 
