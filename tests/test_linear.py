@@ -62,8 +62,9 @@ def test_swap_round_trip_saves_in_transformers_format(tmp_path: Path) -> None:
     assert optimize_for_cpu_inference(model) is model
     assert is_optimized_for_cpu_inference(model)
     assert isinstance(model.gpt_neox_japanese.layers[0].mlp.dense_h_to_4h, PackedLinear)
-    assert not any(torch.isnan(p.to_dense() if p.layout == torch._mkldnn else p).any()
-                   for p in model.parameters())
+    assert not any(
+        torch.isnan(p.to_dense() if p.layout == torch._mkldnn else p).any() for p in model.parameters()
+    )
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
     state = model.state_dict()

@@ -31,7 +31,9 @@ CONFIGS = {
         rotary_pct=0.25, hidden_act="silu", rope_scaling={"rope_type": "linear", "factor": 2.0}
     ),
     "dynamic-relu": dict(
-        rotary_pct=0.5, hidden_act="relu", max_position_embeddings=8,
+        rotary_pct=0.5,
+        hidden_act="relu",
+        max_position_embeddings=8,
         rope_scaling={"rope_type": "dynamic", "factor": 2.0},
     ),
     "yarn": dict(
@@ -52,7 +54,10 @@ CONFIGS = {
         rotary_pct=0.5,
         hidden_act="gelu_pytorch_tanh",
         rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8,
         },
     ),

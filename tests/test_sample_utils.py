@@ -14,6 +14,7 @@ from neoxja.sample_utils import (
     MinLengthProcessor,
     MinPProcessor,
     NoRepeatNGramProcessor,
+    PresenceFrequencyProcessor,
     RepetitionPenaltyProcessor,
     Sampler,
     TemperatureProcessor,
@@ -337,3 +338,27 @@ def test_the_smallest_repetition_penalty_keeps_scores_finite() -> None:
     scores = torch.tensor([[0.0, 3.4e8, -3.4e8, 1.0, 9.0]])
     out = RepetitionPenaltyProcessor(1e-30)(ids, scores.clone())
     assert torch.isfinite(out).all() and out.argmax() == 1
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: RepetitionPenaltyProcessor(1.5, prompt_ignore_length=2),
+        lambda: NoRepeatNGramProcessor(2),
+        lambda: PresenceFrequencyProcessor(0.5, 0.7, prompt_length=3),
+    ],
+    ids=["repetition", "no-repeat-ngram", "presence-frequency"],
+)
+def test_forget_after_reordered_or_shortened_rows_equals_a_fresh_processor(build) -> None:
+    """Beam search reorders the rows, assisted decoding drops rejected tokens: after
+    Sampler.forget() the stateful processors give what a new one gives on the new input_ids."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 12, (3, 9))
+    sampler = Sampler([build()])
+    for length in range(4, 9):
+        sampler.process(ids[:, :length], torch.randn(3, 12))
+    for changed in (ids[[2, 0, 0]], ids[:, :6]):
+        sampler.forget()
+        scores = torch.randn(3, 12)
+        expected = build()(changed, scores.clone())
+        assert torch.equal(sampler.process(changed, scores.clone()), expected)

@@ -5,7 +5,12 @@
 * :meth:`~DecodingBackend.prefill` runs the prompt into the generation's
   :class:`~neoxja.cache.KVCache` and returns the first new token of each row;
 * :meth:`~DecodingBackend.step` feeds one token per row (with its RoPE position and the padding
-  mask over past + current keys) and returns the next token of each row.
+  mask over past + current keys) and returns the next token of each row;
+* :meth:`~DecodingBackend.prefill_logits` and :meth:`~DecodingBackend.step_logits` are the same
+  steps returning the float32 logits instead of picking (beam search, recorded scores);
+* :meth:`~DecodingBackend.verify_logits` feeds several tokens per row at once and returns the logits
+  after each (assisted decoding verifies its drafts so); the caller rolls the cache back
+  (:meth:`~neoxja.cache.KVCache.crop`) past the tokens it rejects.
 
 Each backend computes the logits its own way and hands them to the generation's
 :class:`~neoxja.sample_utils.Sampler`; a backend that can also pick (the C step's greedy argmax)
@@ -72,19 +77,37 @@ class DecodingBackend:
         )
         return out.logits.select(1, -1).float()
 
-    def prefill(self, input_ids: Tensor, mask: Tensor | None, positions: Tensor | None) -> Tensor:
+    def prefill_logits(self, input_ids: Tensor, mask: Tensor | None, positions: Tensor | None) -> Tensor:
         """Run the prompt ``input_ids`` [batch, len] (``mask`` [batch, len] or None, ``positions``
-        [batch, len] or None = 0..len-1) into the cache; return the first new id of each row [batch]."""
-        return self.sampler(input_ids, self._forward(input_ids, mask, positions))
+        [batch, len] or None = 0..len-1) into the cache; return the float32 logits [batch, vocab] of
+        its last position."""
+        return self._forward(input_ids, mask, positions)
 
-    def step(self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor) -> Tensor:
-        """Feed the last token of each row of ``history`` [batch, length] and return the next ids [batch].
+    def prefill(self, input_ids: Tensor, mask: Tensor | None, positions: Tensor | None) -> Tensor:
+        """:meth:`prefill_logits`, then the first new id of each row [batch] by the sampler."""
+        return self.sampler(input_ids, self.prefill_logits(input_ids, mask, positions))
+
+    def step_logits(self, history: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
+        """Feed the last token of each row of ``history`` [batch, length]; return the float32 logits
+        [batch, vocab] after it (a buffer the next call may overwrite).
 
         ``positions`` [batch, 1] are the RoPE positions of the fed tokens (None: the cache position);
-        ``mask`` [batch, length] marks the keys each row may see (None: no padding). ``out`` [batch]
-        is where the caller stores the result: a backend may write it there and return ``out``.
+        ``mask`` [batch, length] marks the keys each row may see (None: no padding).
         """
-        raise NotImplementedError
+        last = history.narrow(1, history.shape[1] - 1, 1)
+        return self._forward(last, mask, positions)
+
+    def step(self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor) -> Tensor:
+        """:meth:`step_logits`, then the next ids [batch] by the sampler. ``out`` [batch] is where the
+        caller stores the result: a backend may write it there and return ``out``."""
+        return self.sampler(history, self.step_logits(history, positions, mask))
+
+    def verify_logits(self, new_ids: Tensor) -> Tensor:
+        """Feed ``new_ids`` [batch, count] after the cache's filled positions (rows without padding) in
+        one forward; return the float32 logits [batch, count, vocab] after each of them. The cache
+        advances by ``count``; crop it to drop the positions of rejected tokens."""
+        out = self.model(new_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=new_ids.shape[1])
+        return out.logits.float()
 
 
 class TorchBackend(DecodingBackend):
@@ -92,10 +115,6 @@ class TorchBackend(DecodingBackend):
 
     name = "torch"
     description = "each step through the model's PyTorch forward"
-
-    def step(self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor) -> Tensor:
-        last = history.narrow(1, history.shape[1] - 1, 1)
-        return self.sampler(history, self._forward(last, mask, positions))
 
 
 class CpuFusedBackend(DecodingBackend):
@@ -119,14 +138,15 @@ class CpuFusedBackend(DecodingBackend):
     def unsupported(cls, model: Any, max_length: int, sampler: Sampler) -> str | None:
         return fused_decoding_unsupported(model, max_length)
 
+    def step_logits(self, history: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
+        return self.decoder.step(history.select(1, history.shape[1] - 1), positions=positions, mask=mask)
+
     def step(self, history: Tensor, positions: Tensor | None, mask: Tensor | None, out: Tensor) -> Tensor:
-        logits = self.decoder.step(
-            history.select(1, history.shape[1] - 1),
-            positions=positions,
-            mask=mask,
-            argmax_out=out if self.picks_greedy else None,
-        )
-        return out if self.picks_greedy else self.sampler(history, logits)
+        if not self.picks_greedy:
+            return self.sampler(history, self.step_logits(history, positions, mask))
+        last = history.select(1, history.shape[1] - 1)
+        self.decoder.step(last, positions=positions, mask=mask, argmax_out=out)
+        return out
 
 
 class CpuHeadBackend(TorchBackend):

@@ -1,9 +1,12 @@
 """Text generation: ``model.generate(input_ids, ...)`` with transformers' arguments and defaults.
 
-A call goes through named steps: the settings are merged and validated (:class:`GenerationConfig`),
-the prompt is checked (:func:`_prompt_ids`), the total length resolved (:func:`_total_length`), the
-padding mask worked out (:func:`_padding_mask`), the processors and picker built
-(:func:`_sampler`); then :func:`_decode_steps` runs the loop. The loop is built for speed on small
+A call merges its settings (:class:`GenerationConfig`), plans the generation once
+(:func:`~neoxja.generation_plan.plan_generation`: settings and arguments checked, prompt, length,
+padding, processors), then runs one of three loops: beam search (``num_beams > 1``,
+:mod:`neoxja.beam_search`), assisted decoding (``prompt_lookup_num_tokens`` or ``assistant_model``,
+:mod:`neoxja.assisted`), or greedy decoding and sampling (:func:`_decode_steps`). Asked for
+(``return_dict_in_generate``), the result is one of transformers' output classes with the per-step
+scores (:mod:`neoxja.generation_outputs`). The greedy/sampling loop is built for speed on small
 batches:
 
 * the prompt goes through the model once (prefill) into a preallocated :class:`~neoxja.cache.KVCache`
@@ -20,256 +23,39 @@ batches:
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from neoxja.assisted import assisted_steps
+from neoxja.beam_search import beam_search
 from neoxja.cache import KVCache
 from neoxja.decoding import start_decoding
-from neoxja.generation_config import GENERATION_CONFIG_NAME, GenerationConfig, check_seed
-from neoxja.network import check_token_ids
-from neoxja.sample_utils import Processor, Sampler, make_sampler
+from neoxja.generation_config import GENERATION_CONFIG_NAME, GenerationConfig
+from neoxja.generation_outputs import (
+    GenerateBeamDecoderOnlyOutput,
+    GenerateDecoderOnlyOutput,
+    RecordingSampler,
+    StepRecord,
+    compute_transition_scores,
+)
+from neoxja.generation_plan import Plan, plan_generation
+from neoxja.sample_utils import Processor
 from neoxja.streamers import make_detokenizer
 
-__all__ = ["GENERATION_CONFIG_NAME", "GenerationConfig", "GenerationMixin", "stream_generate"]
-
-DEFAULT_MAX_NEW_TOKENS = 20  # what transformers generates when neither max_length nor max_new_tokens is set
-
-
-@dataclass
-class _Plan:
-    """Everything the decoding loop needs, checked and resolved once per call."""
-
-    input_ids: torch.Tensor  # [batch, prompt_len], already repeated for num_return_sequences
-    attention_mask: torch.Tensor | None  # None when no row is padded
-    max_length: int  # total length of the output buffer
-    sampler: Sampler
-    eos_ids: list[int]
-    pad_token_id: int
-    stop_strings: _StopStrings | None
-
-
-def _prompt_ids(model: Any, input_ids: Any, config: GenerationConfig) -> torch.Tensor:
-    """The prompt as int64 [batch, len] on the model's device, every id inside the vocabulary."""
-    device = model.device
-    if input_ids is None:
-        if config.bos_token_id is None:
-            raise ValueError("input_ids is required (the model config has no bos_token_id to start from)")
-        return torch.tensor([[config.bos_token_id]], dtype=torch.long, device=device)
-    input_ids = torch.as_tensor(input_ids, device=device)
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
-    if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    input_ids = input_ids.long()
-    if input_ids.numel() == 0:
-        raise ValueError(
-            f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one prompt token"
-        )
-    check_token_ids(input_ids, model.config.vocab_size)
-    context = model.config.max_position_embeddings
-    if input_ids.shape[1] > context:
-        raise ValueError(
-            f"input_ids has {input_ids.shape[1]} tokens, more than the model's max_position_embeddings "
-            f"({context})"
-        )
-    return input_ids
-
-
-def _total_length(config: GenerationConfig, prompt_len: int, context: int) -> int:
-    """Prompt + new tokens, as transformers resolves ``max_new_tokens`` / ``max_length``."""
-    if config.max_new_tokens is not None:
-        if config.max_length is not None:
-            warnings.warn(
-                "both max_new_tokens and max_length are set; max_new_tokens wins", UserWarning, stacklevel=4
-            )
-        if prompt_len + config.max_new_tokens > context:
-            raise ValueError(
-                f"max_new_tokens={config.max_new_tokens} with a prompt of {prompt_len} tokens exceeds "
-                f"the model's max_position_embeddings ({context}); at most {context - prompt_len} fit"
-            )
-        return prompt_len + config.max_new_tokens
-    if config.max_length is not None:
-        if config.max_length > context:
-            raise ValueError(
-                f"max_length={config.max_length} exceeds the model's max_position_embeddings ({context})"
-            )
-        if prompt_len >= config.max_length:
-            raise ValueError(
-                f"input_ids has {prompt_len} tokens but max_length is {config.max_length}: nothing left "
-                "to generate; raise max_length or set max_new_tokens"
-            )
-        return config.max_length
-    max_length = min(prompt_len + DEFAULT_MAX_NEW_TOKENS, context)
-    warnings.warn(
-        f"neither max_new_tokens nor max_length is set: generating at most {DEFAULT_MAX_NEW_TOKENS} "
-        f"new tokens (max_length={max_length}). Set max_new_tokens to choose the length.",
-        UserWarning,
-        stacklevel=4,
-    )
-    if prompt_len >= max_length:
-        raise ValueError(
-            f"input_ids has {prompt_len} tokens, the whole context ({context}): no room for new tokens"
-        )
-    return max_length
-
-
-def _padding_mask(
-    input_ids: torch.Tensor, attention_mask: Any, config: GenerationConfig, eos_ids: list[int]
-) -> torch.Tensor | None:
-    """The left-padding mask as int64 [batch, len], or None when no position is padding."""
-    pad = config.pad_token_id
-    if attention_mask is None and pad is not None and pad not in eos_ids:
-        # Like transformers: a pad id that is not also eos marks padding when no mask is given.
-        if bool((input_ids == pad).any()):
-            attention_mask = (input_ids != pad).long()
-    if attention_mask is None:
-        return None
-    attention_mask = torch.as_tensor(attention_mask, device=input_ids.device)
-    if attention_mask.dim() == 1:
-        attention_mask = attention_mask.unsqueeze(0)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
-            f"{tuple(input_ids.shape)}: they must match"
-        )
-    attention_mask = attention_mask.long()
-    empty = (attention_mask == 0).all(dim=1)
-    if bool(empty.any()):
-        raise ValueError(
-            f"row {int(empty.nonzero()[0])} of the batch is all padding (its attention_mask is all 0): "
-            "give every row at least one prompt token"
-        )
-    if bool((attention_mask[:, -1] == 0).any()):
-        raise ValueError(
-            "attention_mask has padding at the end of a row: decoder-only generation needs left padding "
-            "(tokenizer padding_side='left')"
-        )
-    return None if bool(attention_mask.all()) else attention_mask
-
-
-def _sampler(
-    config: GenerationConfig,
-    prompt_len: int,
-    attention_mask: torch.Tensor | None,
-    eos_ids: list[int],
-    device: torch.device,
-    generator: torch.Generator | None,
-    seed: int | None,
-    logits_processor: Sequence[Processor],
-) -> Sampler:
-    """The processors and picker of these settings (seeded when ``seed`` or ``generator`` is given)."""
-    if seed is not None:
-        if generator is not None:
-            raise ValueError("pass either seed or generator, not both")
-        generator = torch.Generator(device=device).manual_seed(check_seed(seed))
-    min_length = config.min_length or 0
-    if config.min_new_tokens is not None:
-        min_length = prompt_len + config.min_new_tokens
-    prompt_padding = None
-    if attention_mask is not None and config.repetition_penalty != 1.0:
-        prompt_padding = (attention_mask != 0).int().argmax(dim=1)
-    return make_sampler(
-        do_sample=config.do_sample,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        min_p=config.min_p or 0.0,
-        repetition_penalty=config.repetition_penalty,
-        no_repeat_ngram_size=config.no_repeat_ngram_size,
-        min_length=min_length,
-        eos_token_id=torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None,
-        prompt_padding=prompt_padding,
-        generator=generator,
-        extra_processors=logits_processor,
-    )
-
-
-def _plan(
-    model: Any,
-    input_ids: Any,
-    attention_mask: Any,
-    config: GenerationConfig,
-    *,
-    tokenizer: Any = None,
-    generator: torch.Generator | None = None,
-    seed: int | None = None,
-    logits_processor: Sequence[Processor] = (),
-) -> _Plan:
-    """Check and resolve everything one generation needs, in the named steps above."""
-    config.validate()
-    config.warn_unused_sampling_flags(stacklevel=4)
-    input_ids = _prompt_ids(model, input_ids, config)
-    prompt_len = input_ids.shape[1]
-    max_length = _total_length(config, prompt_len, model.config.max_position_embeddings)
-    eos_ids = config.eos_ids()
-    pad_token_id = config.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = eos_ids[0] if eos_ids else 0
-    attention_mask = _padding_mask(input_ids, attention_mask, config, eos_ids)
-    copies = config.num_return_sequences
-    if copies > 1:
-        input_ids = input_ids.repeat_interleave(copies, dim=0)
-        if attention_mask is not None:
-            attention_mask = attention_mask.repeat_interleave(copies, dim=0)
-    sampler = _sampler(
-        config, prompt_len, attention_mask, eos_ids, input_ids.device, generator, seed, logits_processor
-    )
-    stop_strings = None
-    if config.stop_strings:
-        if tokenizer is None:
-            raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer)")
-        stops = [config.stop_strings] if isinstance(config.stop_strings, str) else list(config.stop_strings)
-        stop_strings = _StopStrings(tokenizer, stops, input_ids, attention_mask)
-    return _Plan(input_ids, attention_mask, max_length, sampler, eos_ids, pad_token_id, stop_strings)
-
-
-class _StopStrings:
-    """Per-row check that the text so far ends with (overlaps the newest token with) a stop string.
-
-    Each row decodes its tokens through the tokenizer's streaming detokenizer and keeps only the last
-    ``len(longest stop) - 1`` characters, so the check costs the same at every step. The prompt is
-    decoded first, so a stop string may begin in the prompt and end in the new text (as in
-    transformers); only a match that ends in a new token counts.
-    """
-
-    def __init__(
-        self, tokenizer: Any, stops: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> None:
-        if not all(isinstance(s, str) and s for s in stops):
-            raise ValueError(f"stop_strings must be non-empty strings, got {stops!r}")
-
-        self.stops = stops
-        self.keep = max(len(s) for s in stops) - 1
-        self.detokenizers = [make_detokenizer(tokenizer) for _ in range(input_ids.shape[0])]
-        self.tails = []
-        for row, detokenizer in enumerate(self.detokenizers):
-            prompt = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row] != 0]
-            text = "".join(detokenizer.add(token) for token in prompt.tolist())
-            self.tails.append(text[-self.keep :] if self.keep else "")
-
-    def __call__(self, next_tokens: list[int]) -> list[bool]:
-        """Feed one token per row; True where a stop string now ends inside the new text."""
-        hit = []
-        for row, token in enumerate(next_tokens):
-            piece = self.detokenizers[row].add(token)
-            tail = self.tails[row]
-            window = tail + piece
-            # Only matches that end inside the new piece count; older ones were checked before.
-            hit.append(
-                bool(piece) and any(window.find(s, max(len(tail) - len(s) + 1, 0)) >= 0 for s in self.stops)
-            )
-            self.tails[row] = window[-self.keep :] if self.keep else ""
-        return hit
+__all__ = [
+    "GENERATION_CONFIG_NAME",
+    "GenerateBeamDecoderOnlyOutput",
+    "GenerateDecoderOnlyOutput",
+    "GenerationConfig",
+    "GenerationMixin",
+    "stream_generate",
+]
 
 
 @torch.inference_mode()
-def _decode_steps(model: Any, plan: _Plan, tokens: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+def _decode_steps(model: Any, plan: Plan, tokens: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """Run prefill + decode, writing into ``tokens`` [batch, max_length]; yield (length, next ids) per step.
 
     Stops when every row has produced an eos (or hit a stop string) or the buffer is full. Rows that
@@ -392,25 +178,32 @@ class GenerationMixin:
         generator: torch.Generator | None = None,
         seed: int | None = None,
         logits_processor: Sequence[Processor] = (),
+        assistant_model: Any = None,
         **kwargs: Any,
-    ) -> torch.LongTensor:
+    ) -> torch.LongTensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
         """Continue ``input_ids`` [batch, len]; return prompt + continuation, [batch * copies, len'].
 
         Keyword settings are those of :class:`GenerationConfig` (``max_new_tokens``, ``do_sample``,
         ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``no_repeat_ngram_size``,
         ``min_new_tokens``, ``eos_token_id``, ``pad_token_id``, ``num_return_sequences``,
-        ``stop_strings`` (with ``tokenizer=``), ...); they override ``generation_config``, which
-        defaults to ``model.generation_config``. Batched prompts must be left-padded with their
+        ``stop_strings`` (with ``tokenizer=``), ``num_beams``, ``length_penalty``, ``early_stopping``,
+        ``prompt_lookup_num_tokens``, ``return_dict_in_generate``, ``output_scores``,
+        ``output_logits``, ...); they override ``generation_config``, which defaults to
+        ``model.generation_config``. Batched prompts must be left-padded with their
         ``attention_mask``. Rows that end early are filled with ``pad_token_id`` (eos if unset).
-        ``num_return_sequences`` gives the number of copies per prompt (sampling only).
-        ``streamer`` (batch 1) receives the prompt, then each new token, then ``end()``. ``seed`` or
-        ``generator`` make sampling reproducible; without them torch's global RNG is used.
+        ``num_return_sequences`` gives the number of copies per prompt (sampling, or the best beams).
+        ``assistant_model`` (a model of the same vocabulary) drafts tokens that this model verifies
+        several at a time. ``streamer`` (batch 1) receives the prompt, then each new token, then
+        ``end()``. ``seed`` or ``generator`` make sampling reproducible; without them torch's global RNG
+        is used. With ``return_dict_in_generate=True`` the result is a
+        :class:`~neoxja.generation_outputs.GenerateDecoderOnlyOutput` (beam search:
+        :class:`~neoxja.generation_outputs.GenerateBeamDecoderOnlyOutput`).
         """
         if inputs is not None and input_ids is not None:
             raise ValueError("pass the prompt once: either positionally (inputs) or as input_ids")
         config = _resolve_config(self, generation_config, kwargs)
         with torch.no_grad():
-            plan = _plan(
+            plan = plan_generation(
                 self,
                 inputs if inputs is not None else input_ids,
                 attention_mask,
@@ -419,22 +212,64 @@ class GenerationMixin:
                 generator=generator,
                 seed=seed,
                 logits_processor=logits_processor,
+                streaming=streamer is not None,
+                assistant_model=assistant_model,
             )
         if streamer is not None and plan.input_ids.shape[0] != 1:
             raise ValueError(f"streamer supports a single sequence, got a batch of {plan.input_ids.shape[0]}")
+        record = StepRecord(
+            scores=config.return_dict_in_generate and config.output_scores,
+            logits=config.return_dict_in_generate and bool(config.output_logits),
+        )
+        if config.is_beam_search:
+            result = beam_search(self, plan, config, record)
+            if not config.output_scores:
+                result.sequences_scores = None
+            return result if config.return_dict_in_generate else result.sequences
         tokens = torch.empty(plan.input_ids.shape[0], plan.max_length, dtype=torch.long, device=self.device)
         if streamer is not None:
             streamer.put(plan.input_ids.cpu())
         length = plan.input_ids.shape[1]
         try:
-            for step_length, next_tokens in _decode_steps(self, plan, tokens):
+            for step_length, next_tokens in _steps(self, plan, config, tokens, record, assistant_model):
                 length = step_length
                 if streamer is not None:
                     streamer.put(next_tokens.cpu())
         finally:
             if streamer is not None:
                 streamer.end()
-        return tokens[:, :length].clone()
+        sequences = tokens[:, :length].clone()
+        if not config.return_dict_in_generate:
+            return sequences
+        scores, logits = record.as_tuples()
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits)
+
+    def compute_transition_scores(
+        self,
+        sequences: torch.Tensor,
+        scores: tuple[torch.Tensor, ...],
+        beam_indices: torch.Tensor | None = None,
+        normalize_logits: bool = False,
+    ) -> torch.Tensor:
+        """Each generated token's score at the step that chose it, [rows, steps]: see
+        :func:`neoxja.generation_outputs.compute_transition_scores`."""
+        return compute_transition_scores(sequences, scores, beam_indices, normalize_logits)
+
+
+def _steps(
+    model: Any,
+    plan: Plan,
+    config: GenerationConfig,
+    tokens: torch.Tensor,
+    record: StepRecord,
+    assistant_model: Any,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The token-by-token loop of these settings: assisted decoding, or greedy decoding/sampling."""
+    if config.prompt_lookup_num_tokens is not None or assistant_model is not None:
+        return assisted_steps(model, plan, config, tokens, record, assistant_model)
+    if record.active:
+        plan.sampler = RecordingSampler(plan.sampler, record)
+    return _decode_steps(model, plan, tokens)
 
 
 def stream_generate(
@@ -447,12 +282,16 @@ def stream_generate(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     logits_processor: Sequence[Processor] = (),
+    assistant_model: Any = None,
     **kwargs: Any,
 ) -> Iterator[str]:
     """Yield the continuation of ``prompt`` (text or ids) as text pieces, as soon as each is complete.
 
     Pieces never split a character (byte-fallback tokens are held until their character is whole);
-    joined they equal ``tokenizer.decode(new_ids, skip_special_tokens=...)``. Settings as in ``generate``.
+    joined they equal ``tokenizer.decode(new_ids, skip_special_tokens=...)``. Settings as in
+    ``generate``; assisted decoding streams the tokens of each verified draft as they are accepted.
+    Beam search does not stream (the best beam is known only at the end): ``num_beams > 1`` is
+    refused, as transformers refuses a streamer with beams.
     """
     if isinstance(prompt, str):
         if not prompt:
@@ -463,7 +302,7 @@ def stream_generate(
     config = _resolve_config(model, generation_config, kwargs)
     detokenizer = make_detokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
     with torch.no_grad():
-        plan = _plan(
+        plan = plan_generation(
             model,
             input_ids,
             None,
@@ -472,13 +311,16 @@ def stream_generate(
             generator=generator,
             seed=seed,
             logits_processor=logits_processor,
+            streaming=True,
+            assistant_model=assistant_model,
         )
     if plan.input_ids.shape[0] != 1:
         raise ValueError(
             f"stream_generate continues a single prompt, got a batch of {plan.input_ids.shape[0]}"
         )
     tokens = torch.empty(1, plan.max_length, dtype=torch.long, device=model.device)
-    for _, next_tokens in _decode_steps(model, plan, tokens):
+    record = StepRecord(scores=False, logits=False)
+    for _, next_tokens in _steps(model, plan, config, tokens, record, assistant_model):
         piece = detokenizer.add(int(next_tokens[0]))
         if piece:
             yield piece

@@ -42,6 +42,11 @@ class GenerationConfig:
     set). With neither set, 20 new tokens are generated (capped at ``max_position_embeddings``).
     ``top_k``/``top_p``/``min_p``/``temperature`` only act when ``do_sample=True``; ``min_p`` keeps the
     tokens whose probability is at least ``min_p`` times the most likely one's (after temperature).
+    ``num_beams > 1`` is beam search (``length_penalty``, ``early_stopping``); ``prompt_lookup_num_tokens``
+    (with ``max_matching_ngram_size``) or an ``assistant_model`` passed to ``generate`` is assisted
+    decoding (``num_assistant_tokens``, ``num_assistant_tokens_schedule``,
+    ``assistant_confidence_threshold`` shape the assistant's drafts). ``return_dict_in_generate`` with
+    ``output_scores``/``output_logits`` returns transformers' output classes with the per-step scores.
     Keys this class does not know (e.g. from a transformers ``generation_config.json``) are kept in
     ``extra`` and written back.
     """
@@ -63,6 +68,17 @@ class GenerationConfig:
     pad_token_id: int | None = None
     stop_strings: str | list[str] | None = None
     use_cache: bool = True
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    return_dict_in_generate: bool = False
+    output_scores: bool = False
+    output_logits: bool | None = None
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
+    num_assistant_tokens: int = 20
+    num_assistant_tokens_schedule: str = "constant"
+    assistant_confidence_threshold: float = 0.4
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -123,18 +139,20 @@ class GenerationConfig:
                 setattr(self, key, value)
         return {k: v for k, v in kwargs.items() if k not in known}
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first setting whose value cannot work."""
+    def validate(self, request: DecodingRequest | None = None) -> None:
+        """Raise ValueError naming the first setting whose value cannot work, alone or with the others
+        and the call's arguments (``request``)."""
         for setting in fields(self):
             value = getattr(self, setting.name)
             if setting.name in _RULES and not (value is None and setting.default is None):
                 check_setting(setting.name, value)
         check_temperature(self.temperature, do_sample=self.do_sample)
-        if self.num_return_sequences > 1 and not self.do_sample:
-            raise ValueError(
-                f"num_return_sequences={self.num_return_sequences} needs do_sample=True: "
-                "greedy decoding would return the same sequence each time"
-            )
+        check_combination(self, request)
+
+    @property
+    def is_beam_search(self) -> bool:
+        """Beam search (or beam sampling with ``do_sample``): ``num_beams > 1``."""
+        return self.num_beams > 1
 
     def eos_ids(self) -> list[int]:
         """``eos_token_id`` as a list (empty when unset)."""
@@ -142,20 +160,24 @@ class GenerationConfig:
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     def warn_unused_sampling_flags(self, stacklevel: int = 4) -> None:
-        """Warn when sampling settings are set but ``do_sample=False`` makes them do nothing."""
-        if self.do_sample:
-            return
+        """Warn when settings are set but others make them do nothing (as transformers warns)."""
         default = GenerationConfig()
-        unused = [
-            n for n in ("temperature", "top_p", "top_k", "min_p") if getattr(self, n) != getattr(default, n)
-        ]
-        if unused:
-            warnings.warn(
-                f"do_sample=False, so these sampling settings are ignored: {', '.join(unused)}. "
-                "Set do_sample=True to sample.",
-                UserWarning,
-                stacklevel=stacklevel,
-            )
+        changed = [n for n in self.field_names() if getattr(self, n) != getattr(default, n)]
+        unused = {}
+        if not self.do_sample:
+            unused["do_sample=False"] = ("temperature", "top_p", "top_k", "min_p")
+        if self.num_beams == 1:
+            unused["num_beams=1"] = ("length_penalty", "early_stopping")
+        if not self.return_dict_in_generate:
+            unused["return_dict_in_generate=False"] = ("output_scores", "output_logits")
+        for cause, names in unused.items():
+            ignored = [n for n in names if n in changed]
+            if ignored:
+                warnings.warn(
+                    f"{cause}, so these settings are ignored: {', '.join(ignored)}",
+                    UserWarning,
+                    stacklevel=stacklevel,
+                )
 
 
 def _is_int(value: Any) -> bool:
@@ -210,7 +232,128 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eos_token_id": (_one_or_list(_is_token_id), "a token id (an integer >= 0), a list of them, or None"),
     "pad_token_id": (_is_token_id, "a token id (an integer >= 0) or None"),
     "stop_strings": (_one_or_list(_is_non_empty_text), "a non-empty string or a list of them"),
+    "use_cache": (lambda v: isinstance(v, bool), "True or False"),
+    "num_beams": (lambda v: _is_int(v) and v > 0, "a positive integer (1: no beam search)"),
+    "length_penalty": (_is_finite, "a finite number (> 0 favours longer sequences, < 0 shorter)"),
+    "early_stopping": (lambda v: isinstance(v, bool) or v == "never", 'True, False or "never"'),
+    "return_dict_in_generate": (lambda v: isinstance(v, bool), "True or False"),
+    "output_scores": (lambda v: isinstance(v, bool), "True or False"),
+    "output_logits": (lambda v: isinstance(v, bool), "True, False or None"),
+    "prompt_lookup_num_tokens": (lambda v: _is_int(v) and v > 0, "a positive integer or None"),
+    "max_matching_ngram_size": (lambda v: _is_int(v) and v > 0, "a positive integer or None"),
+    "num_assistant_tokens": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "num_assistant_tokens_schedule": (
+        lambda v: v in ("constant", "heuristic", "heuristic_transient"),
+        '"constant", "heuristic" or "heuristic_transient"',
+    ),
+    "assistant_confidence_threshold": (
+        lambda v: _is_number(v) and 0.0 <= v < 1.0,
+        "a number in [0, 1) (0 disables it)",
+    ),
 }
+
+
+@dataclass(frozen=True)
+class DecodingRequest:
+    """What a call asks for beyond its settings, for the rules between settings and arguments:
+    ``streaming`` (a ``streamer`` or ``stream_generate``), the ``assistant_model`` (or None), the
+    number of prompts, and the model's vocabulary size."""
+
+    streaming: bool = False
+    assistant_model: Any = None
+    batch_size: int = 1
+    vocab_size: int | None = None
+
+
+# Rules between settings (and the call's arguments): (breaks the rule?, message). The first one broken
+# is raised as a ValueError naming the arguments involved.
+_COMBINATIONS: list[tuple[Callable[[GenerationConfig, DecodingRequest], bool], Callable[..., str]]] = [
+    (
+        lambda c, r: c.num_beams == 1 and c.num_return_sequences > 1 and not c.do_sample,
+        lambda c, r: (
+            f"num_return_sequences={c.num_return_sequences} needs do_sample=True or num_beams >= "
+            f"{c.num_return_sequences}: greedy decoding would return the same sequence each time"
+        ),
+    ),
+    (
+        lambda c, r: c.num_beams > 1 and c.num_return_sequences > c.num_beams,
+        lambda c, r: (
+            f"num_return_sequences={c.num_return_sequences} is more than num_beams={c.num_beams}: "
+            "beam search returns at most num_beams sequences per prompt"
+        ),
+    ),
+    (
+        lambda c, r: c.num_beams > 1 and r.streaming,
+        lambda c, r: (
+            f"num_beams={c.num_beams} cannot stream (a streamer or stream_generate): the best "
+            "beam is only known at the end, as in transformers; generate without streaming"
+        ),
+    ),
+    (
+        lambda c, r: c.num_beams > 1 and c.stop_strings is not None,
+        lambda c, r: (
+            f"stop_strings with num_beams={c.num_beams} is not supported: stop beams with "
+            "eos_token_id, or use greedy decoding or sampling"
+        ),
+    ),
+    (
+        lambda c, r: c.prompt_lookup_num_tokens is not None and r.assistant_model is not None,
+        lambda c, r: (
+            "pass either prompt_lookup_num_tokens or assistant_model, not both: each drafts the "
+            "tokens that assisted decoding verifies"
+        ),
+    ),
+    (
+        lambda c, r: c.num_beams > 1 and _assisted(c, r),
+        lambda c, r: (
+            f"num_beams={c.num_beams} with {_assisted_name(c, r)}: assisted "
+            "decoding works with greedy decoding and sampling only (num_beams=1)"
+        ),
+    ),
+    (
+        lambda c, r: _assisted(c, r) and r.batch_size > 1,
+        lambda c, r: (
+            f"{_assisted_name(c, r)} decodes one prompt at a time, got a batch of {r.batch_size} "
+            "(as in transformers): call generate once per prompt"
+        ),
+    ),
+    (
+        lambda c, r: _assisted(c, r) and c.num_return_sequences > 1,
+        lambda c, r: (
+            f"{_assisted_name(c, r)} with num_return_sequences={c.num_return_sequences}: assisted "
+            "decoding returns one sequence per call"
+        ),
+    ),
+    (
+        lambda c, r: (
+            r.assistant_model is not None and r.vocab_size is not None and _assistant_vocab(r) != r.vocab_size
+        ),
+        lambda c, r: (
+            f"assistant_model has another vocabulary (vocab_size {_assistant_vocab(r)}, the "
+            f"model's {r.vocab_size}): the assistant must share the model's tokenizer"
+        ),
+    ),
+]
+
+
+def _assisted(config: GenerationConfig, request: DecodingRequest) -> bool:
+    return config.prompt_lookup_num_tokens is not None or request.assistant_model is not None
+
+
+def _assisted_name(config: GenerationConfig, request: DecodingRequest) -> str:
+    return "assistant_model" if request.assistant_model is not None else "prompt_lookup_num_tokens"
+
+
+def _assistant_vocab(request: DecodingRequest) -> Any:
+    return getattr(getattr(request.assistant_model, "config", None), "vocab_size", None)
+
+
+def check_combination(config: GenerationConfig, request: DecodingRequest | None = None) -> None:
+    """Raise ValueError for the first rule between settings (and the call's arguments) that is broken."""
+    request = request if request is not None else DecodingRequest()
+    for broken, message in _COMBINATIONS:
+        if broken(config, request):
+            raise ValueError(message(config, request))
 
 
 def check_setting(name: str, value: Any) -> Any:

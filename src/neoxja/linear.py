@@ -68,8 +68,9 @@ class LinearFormat(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with this layer's weight and bias."""
         weight = self.dense_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device="meta", dtype=weight.dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=weight.dtype
+        )
         linear.weight = nn.Parameter(weight)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone())

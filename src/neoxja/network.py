@@ -322,7 +322,12 @@ class GPTNeoXJapanesePreTrainedModel(nn.Module):
         from neoxja.checkpoint import load_pretrained
 
         return load_pretrained(
-            cls, pretrained_model_name_or_path, config=config, dtype=dtype, device=device, strict=strict,
+            cls,
+            pretrained_model_name_or_path,
+            config=config,
+            dtype=dtype,
+            device=device,
+            strict=strict,
             **kwargs,
         )
 

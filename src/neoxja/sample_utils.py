@@ -6,7 +6,9 @@ of the next position. Processors may modify ``scores`` in place and return it. T
 numbers as the reference's processors of the same name, but the stateful ones (repetition penalty,
 no-repeat-ngram) only look at the tokens appended since their last call, so one decoding step costs
 the same at position 10 and at position 2000. An instance therefore belongs to one generation: call
-it with the same, growing ``input_ids``.
+it with the same, growing ``input_ids``, or call its ``reset()`` (:meth:`Sampler.forget`) when the
+rows were reordered (beam search) or shortened (assisted decoding's rejected drafts): the next call
+then rebuilds the state from the whole ``input_ids``.
 
 A :class:`Sampler` is a list of processors plus a pick function (argmax or multinomial). Everything
 per request lives in the sampler, so a server can build one per request and swap it freely.
@@ -129,6 +131,11 @@ class RepetitionPenaltyProcessor:
         self._consumed = cur_len
         return self._seen[:, :vocab_size]
 
+    def reset(self) -> None:
+        """Forget the tokens seen: the next call reads its whole ``input_ids``."""
+        self._seen = None
+        self._consumed = 0
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         seen = self._observe(input_ids, scores.shape[-1])
         penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
@@ -144,8 +151,14 @@ class PresenceFrequencyProcessor:
     def __init__(self, presence_penalty: float, frequency_penalty: float, prompt_length: int) -> None:
         self.presence = float(check_setting("presence_penalty", presence_penalty))
         self.frequency = float(check_setting("frequency_penalty", frequency_penalty))
+        self.prompt_length = prompt_length
         self._counts: torch.Tensor | None = None
         self._consumed = prompt_length
+
+    def reset(self) -> None:
+        """Forget the counts: the next call counts every generated token of its ``input_ids``."""
+        self._counts = None
+        self._consumed = self.prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self._counts is None:
@@ -180,6 +193,11 @@ class NoRepeatNGramProcessor:
     def __init__(self, ngram_size: int) -> None:
         self.n = _check_switched_on("no_repeat_ngram_size", ngram_size, "NoRepeatNGramProcessor")
         self._tables: list[dict[tuple[int, ...], set[int]]] = []
+        self._consumed = 0
+
+    def reset(self) -> None:
+        """Forget the n-grams seen: the next call reads its whole ``input_ids``."""
+        self._tables = []
         self._consumed = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -268,6 +286,14 @@ class Sampler:
     def plain_greedy(self) -> bool:
         """Argmax of the raw logits (no processors): a backend that computes the argmax may pick."""
         return self.pick is greedy and not self.processors
+
+    def forget(self) -> None:
+        """Reset every processor that keeps state between calls (see the module docstring): after
+        the rows of ``input_ids`` were reordered or shortened."""
+        for processor in self.processors:
+            reset = getattr(processor, "reset", None)
+            if callable(reset):
+                reset()
 
     def process(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Apply every processor to ``scores`` (float32 [batch, vocab], may be modified in place)."""
