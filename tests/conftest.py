@@ -6,6 +6,7 @@ missing directory skips the tests that need it, with the reason; inside CI (``CI
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,30 @@ NO_DROPOUT = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+
+
+def force_backend(monkeypatch: pytest.MonkeyPatch, name: str) -> list[str]:
+    """Make ``name`` (a backend of neoxja.decoding) the first choice of generate() for this test and
+    return the list of backends it then starts (to assert that it used the one asked for)."""
+    import neoxja
+    from neoxja import decoding
+
+    chosen = next(b for b in decoding.BACKENDS if b.name == name)
+    if chosen.name == "cpu-fused" and not neoxja.cpu_decode.extension_available():
+        pytest.fail("the C extension neoxja._decode is not built")
+    monkeypatch.setattr(decoding, "BACKENDS", (chosen, decoding.TorchBackend))
+    used: list[str] = []
+    start = decoding.start_decoding
+
+    def recording_start(*args, **kwargs):
+        backend = start(*args, **kwargs)
+        used.append(backend.name)
+        return backend
+
+    for module in ("neoxja.generation", "neoxja.beam_search", "neoxja.assisted"):
+        if hasattr(sys.modules.get(module), "start_decoding"):
+            monkeypatch.setattr(sys.modules[module], "start_decoding", recording_start)
+    return used
 
 
 def build_tiny_checkpoint(out: Path, assets_dir: Path, seed: int = 0, with_tokenizer: bool = True) -> Path:

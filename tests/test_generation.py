@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import transformers
+from conftest import force_backend
 
 import neoxja
 from neoxja import decoding
@@ -51,19 +52,7 @@ def backend(request, monkeypatch) -> str:
     if request.param == "default":
         yield request.param
         return
-    chosen = next(b for b in decoding.BACKENDS if b.name == request.param)
-    if chosen.name == "cpu-fused" and not neoxja.cpu_decode.extension_available():
-        pytest.fail("the C extension neoxja._decode is not built")
-    monkeypatch.setattr(decoding, "BACKENDS", (chosen, decoding.TorchBackend))
-    used = []
-    start = decoding.start_decoding
-
-    def recording_start(*args, **kwargs):
-        backend = start(*args, **kwargs)
-        used.append(backend.name)
-        return backend
-
-    monkeypatch.setattr(neoxja.generation, "start_decoding", recording_start)
+    used = force_backend(monkeypatch, request.param)
     yield request.param
     assert set(used) <= {request.param}, f"generate() decoded with {used}, not {request.param}"
 
