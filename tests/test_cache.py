@@ -131,3 +131,44 @@ def test_select_rows_then_continue(model: GPTNeoXJapaneseForCausalLM) -> None:
 def test_model_rejects_other_cache_types(model: GPTNeoXJapaneseForCausalLM) -> None:
     with pytest.raises(TypeError, match="neoxja.KVCache"):
         model(torch.ones(1, 2, dtype=torch.long), past_key_values=((torch.zeros(1),),))
+
+
+def test_reorder_gathers_rows_in_place_like_index_select() -> None:
+    """Beam search's reorder: the rows of index_select over the filled positions, written into the same
+    buffers (a decoder holding their pointers keeps working), rows beyond the filled length untouched."""
+    cache = KVCache(CONFIG, batch_size=4, max_length=10)
+    k, v = kv(4, 10, 3)
+    for layer in range(2):
+        cache.update(layer, k, v)
+    cache.advance(6)
+    buffers = list(cache.keys) + list(cache.values)
+    pointers = [t.data_ptr() for t in buffers]
+    before = [t.clone() for t in buffers]
+    order = [2, 2, 0, 3]  # row 2 continues twice and is overwritten itself, row 3 keeps its place
+    cache.reorder(torch.tensor(order))
+    assert all(a is b for a, b in zip(cache.keys + cache.values, buffers, strict=True))
+    assert [t.data_ptr() for t in cache.keys + cache.values] == pointers
+    for old, new in zip(before, cache.keys + cache.values, strict=True):
+        assert torch.equal(new[:, :, :6], old.index_select(0, torch.tensor(order))[:, :, :6])
+        assert torch.equal(new[:, :, 6:], old[:, :, 6:])  # past the filled length nothing is moved
+    assert cache.batch_size == 4 and cache.get_seq_length() == 6
+
+
+def test_reorder_rejects_another_batch_size_or_rows_out_of_range() -> None:
+    cache = KVCache(CONFIG, batch_size=3, max_length=4)
+    with pytest.raises(ValueError, match=r"3 integers.*use select\(\)"):
+        cache.reorder([0, 1])
+    with pytest.raises(IndexError, match="out of range"):
+        cache.reorder([0, 1, 3])
+
+
+@torch.no_grad()
+def test_reorder_then_continue_equals_the_reordered_prompts(model: GPTNeoXJapaneseForCausalLM) -> None:
+    ids = torch.randint(3, 50, (3, 7), generator=torch.Generator().manual_seed(5))
+    cache = KVCache(CONFIG, batch_size=3, max_length=9)
+    model(ids[:, :6], past_key_values=cache, use_cache=True)
+    order = [1, 1, 0]
+    cache.reorder(order)
+    stepped = model(ids[order, 6:], past_key_values=cache, use_cache=True).logits
+    full = model(ids[order]).logits[:, 6:]
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)

@@ -152,11 +152,39 @@ class KVCache:
         self.batch_size = indices.numel()
 
     def reorder(self, beam_idx: torch.Tensor | list[int]) -> None:
-        """Reorder batch rows for beam search; the same operation as :meth:`select`."""
-        self.select(beam_idx)
+        """Make row ``i`` hold what row ``beam_idx[i]`` held (beam search following its beams), in place.
+
+        Unlike :meth:`select`, the batch size stays and the buffers stay the same tensors (a decoder
+        holding pointers into them, such as the C step, keeps working): only the filled positions of
+        the rows that change are written, from copies of their source rows read first, so a row that
+        two beams continue is read before it is overwritten.
+        """
+        indices = beam_idx.tolist() if isinstance(beam_idx, torch.Tensor) else list(beam_idx)
+        if len(indices) != self.batch_size or not all(isinstance(i, int) for i in indices):
+            raise ValueError(
+                f"reorder expects one source row per batch row ({self.batch_size} integers), got "
+                f"{beam_idx!r}; use select() to change the batch size"
+            )
+        if indices and (min(indices) < 0 or max(indices) >= self.batch_size):
+            raise IndexError(f"batch rows {indices} out of range for a cache of batch size {self.batch_size}")
+        moved = [row for row, source in enumerate(indices) if source != row]
+        if not moved or self.length == 0:
+            return
+        targets = torch.tensor(moved, dtype=torch.long, device=self.device)
+        sources = torch.tensor([indices[row] for row in moved], dtype=torch.long, device=self.device)
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                if buffer is not None:
+                    gather_rows_(buffer.narrow(2, 0, self.length), targets, sources)
 
     def __repr__(self) -> str:
         return (
             f"KVCache(layers={self.num_layers}, batch={self.batch_size}, heads={self.num_heads}, "
             f"length={self.length}, capacity={self.capacity}, dtype={self.dtype})"
         )
+
+
+def gather_rows_(tensor: torch.Tensor, targets: torch.Tensor, sources: torch.Tensor) -> None:
+    """``tensor[targets[j]] = tensor[sources[j]]`` for every ``j``, in place along dim 0: the source rows
+    are read (copied out) before any target is written, so a source that is also a target is safe."""
+    tensor.index_copy_(0, targets, tensor.index_select(0, sources))
