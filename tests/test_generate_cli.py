@@ -220,6 +220,10 @@ def test_help_shows_defaults_aliases_and_examples(command: str, capsys) -> None:
         assert shown in text
     assert "(default: the model's generation_config.json, else 50)" in text and "examples:" in text
     assert ("--num-return-sequences N" in text) == (command == "generate")
+    assert "--prompt-lookup N" in text and "--assistant-model PATH_OR_ID" in text
+    assert "--max-matching-ngram-size N" in text and "(default: 2, transformers')" in text
+    beams = ("--num-beams N", "(default: 1)", "--early-stopping {true,false,never}", "not streamed")
+    assert all((shown in text) == (command == "generate") for shown in beams)
     assert ("--system TEXT" in text and "--chat-template FILE" in text) == (command == "chat")
 
 
@@ -240,6 +244,7 @@ def test_the_cli_defaults_are_the_pipelines() -> None:
         "temperature": 0.7,
         "do_sample": True,
         "num_return_sequences": 1,
+        "num_beams": 1,
     }
     assert (args.top_k, args.top_p, args.min_p, args.repetition_penalty) == (
         None,

@@ -205,3 +205,19 @@ def test_batched_sampling_groups_sequences_per_prompt(pipe: TextGenerationPipeli
     assert [len(row) for row in out] == [2, 2, 2]
     for prompt, row in zip(PROMPTS + ["猫"], out, strict=True):
         assert all(record["generated_text"].startswith(prompt) for record in row)
+
+
+def test_return_dict_in_generate_adds_per_sequence_outputs_as_transformers(
+    pipe: TextGenerationPipeline, reference
+) -> None:
+    args = {"do_sample": False, "max_new_tokens": 3, "return_dict_in_generate": True}
+    args.update(output_scores=True, output_logits=True)
+    ours, theirs = pipe(PROMPTS, **args), reference(PROMPTS, **args)
+    assert [[set(record) for record in row] for row in ours] == [[{"generated_text", "scores", "logits"}]] * 2
+    for mine, expected in zip(ours, theirs, strict=True):
+        assert mine[0]["generated_text"] == expected[0]["generated_text"]
+        for key in ("scores", "logits"):  # one [vocab] list per new token
+            assert len(mine[0][key]) == 3
+            torch.testing.assert_close(torch.tensor(mine[0][key]), torch.tensor(expected[0][key]))
+    plain = pipe(PROMPTS[0], return_tensors=True, do_sample=False, max_new_tokens=3)
+    assert pipe(PROMPTS[0], return_tensors=True, **args) == plain  # token ids only, as in transformers

@@ -81,7 +81,12 @@ class TextGenerationPipeline:
     ``skip_special_tokens``, ``clean_up_tokenization_spaces``, ``prefix`` and ``stop_sequence``
     (text that ends generation, kept in the output), every keyword goes to
     ``model.generate`` (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-    ``repetition_penalty``, ``num_return_sequences``, ``streamer``, ...).
+    ``repetition_penalty``, ``num_return_sequences``, ``num_beams``, ``length_penalty``,
+    ``early_stopping``, ``prompt_lookup_num_tokens``, ``max_matching_ngram_size``, ``streamer``, ...).
+    ``assistant_model`` is a model or a directory/Hub id, loaded once on the model's device and dtype
+    (as transformers' pipeline does). With ``return_dict_in_generate=True`` each text record also
+    holds its sequence's share of the per-sequence outputs (``sequences_scores``, ``beam_indices``,
+    ``scores``, ``logits``, as lists), as in transformers.
     """
 
     task = "text-generation"
@@ -92,12 +97,29 @@ class TextGenerationPipeline:
         if device is not None:
             self.model.to(resolve_device(device))
         self.model.eval()
+        self._assistants: dict[str, Any] = {}
+        if kwargs.get("assistant_model") is not None:
+            kwargs["assistant_model"] = self._assistant(kwargs["assistant_model"])
         self._call_defaults = kwargs
 
     @property
     def device(self) -> torch.device:
         """Where the model's weights (and so the inputs) live."""
         return next(self.model.parameters()).device
+
+    def _assistant(self, assistant: Any) -> Any:
+        """An assistant model given by name loaded (once) like the model, on its device and dtype; a
+        model object as it is."""
+        if not isinstance(assistant, (str, os.PathLike)):
+            return assistant
+        key = os.fspath(assistant)
+        if key not in self._assistants:
+            parameter = next(self.model.parameters())
+            loaded, _ = load_model_and_tokenizer(
+                key, self.tokenizer, dtype=parameter.dtype, device=parameter.device
+            )
+            self._assistants[key] = loaded.eval()
+        return self._assistants[key]
 
     def __call__(self, text_inputs: str | list[str], **kwargs: Any) -> list:
         """Generate for one prompt (-> list of dicts) or a list of prompts (-> list of lists of dicts).
@@ -106,6 +128,8 @@ class TextGenerationPipeline:
         list through ``generate`` together, left-padded; greedy results equal one at a time.
         """
         options = {**self._call_defaults, **kwargs}
+        if options.get("assistant_model") is not None:
+            options["assistant_model"] = self._assistant(options["assistant_model"])
         batch_size = options.pop("batch_size", 1)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -156,9 +180,13 @@ class TextGenerationPipeline:
         attention_mask = encoded["attention_mask"].to(self.device)
         generate_kwargs = self._with_defaults(generate_kwargs)
         with torch.inference_mode():
-            sequences = self.model.generate(
+            output = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
             )
+        sequences, per_row = output, {}
+        if not isinstance(output, torch.Tensor):  # return_dict_in_generate
+            sequences = output.sequences
+            per_row = _per_sequence_outputs(output, sequences.shape[0])
         prompt_length = input_ids.shape[-1]
         padding = [prompt_length - int(n) for n in attention_mask.sum(-1).tolist()]
         copies = sequences.shape[0] // len(prompts)
@@ -178,7 +206,9 @@ class TextGenerationPipeline:
             if clean_up_tokenization_spaces is not None:
                 decode_kwargs["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
             text = self.tokenizer.decode(new, **decode_kwargs)
-            results[row // copies].append({"generated_text": prompt + text if return_full_text else text})
+            record = {"generated_text": prompt + text if return_full_text else text}
+            record.update({key: values[row] for key, values in per_row.items()})
+            results[row // copies].append(record)
         return results
 
     def _eos_ids(self, generate_kwargs: dict[str, Any]) -> set[int]:
@@ -200,6 +230,22 @@ class TextGenerationPipeline:
         if pad_token_id is not None and "pad_token_id" not in generate_kwargs:
             added["pad_token_id"] = pad_token_id
         return {**generate_kwargs, **added}
+
+
+def _per_sequence_outputs(output: Any, rows: int) -> dict[str, list]:
+    """The fields of a ``return_dict_in_generate`` output that have one entry per returned sequence,
+    split by sequence (as transformers' pipeline adds them to its records): a tensor of ``rows``
+    rows, or a tuple of per-step tensors of ``rows`` rows (stacked by step). Per-beam step scores of
+    beam search (batch x beams rows) follow no returned sequence and are left out, as in transformers."""
+    fields: dict[str, list] = {}
+    for key, value in output.items():
+        if key == "sequences" or value is None:
+            continue
+        if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+            value = torch.stack(value, dim=1) if value[0].shape[0] == rows else None
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+            fields[key] = value.tolist()
+    return fields
 
 
 def pipeline(

@@ -1,13 +1,16 @@
 """``neoxja generate`` (continue one prompt) and ``neoxja chat`` (continue text interactively).
 
-Both stream the continuation to stdout as it is decoded. Length and sampling options are checked
-by the Python API's own rules (``GenerationConfig.validate``) before any model is loaded, and a bad
-value is reported with its option name.
+Both stream the continuation to stdout as it is decoded (assisted decoding too: ``--prompt-lookup``,
+``--assistant-model``), except beam search (``--num-beams``, generate only), whose best beam is
+known only at the end. Length, sampling and decoding options are checked by the Python API's own
+rules (``GenerationConfig.validate`` and its table of bad combinations) before any model is loaded,
+and the error names the options (:func:`in_option_words`).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,10 +27,14 @@ examples:
   neoxja generate --model ./my-model --max-new-tokens 64 --temperature 0 "吾輩は猫である。"
   neoxja generate --min-p 0.05 --stop "。" --num-return-sequences 3 --seed 0 "昔々あるところに"
   echo "今日はいい天気ですね。" | neoxja generate --seed 0 --quiet -
+  neoxja generate --temperature 0 --num-beams 4 --num-return-sequences 2 "吾輩は猫である。"
+  neoxja generate --temperature 0 --prompt-lookup 10 "$(cat article.txt)要約:"
 
 The continuation goes to stdout; on a terminal a summary follows on stderr (prompt and generated
 tokens with tokens/s, peak memory): --verbose always prints it, --quiet never. Sampling defaults are
-those of pipeline("text-generation"); --temperature 0 decodes greedily.
+those of pipeline("text-generation"); --temperature 0 decodes greedily. With --num-beams the text
+is printed at the end, not streamed (the best beam is only known then); --prompt-lookup and
+--assistant-model stream as plain decoding does.
 """
 
 CHAT_EPILOG = """\
@@ -101,10 +108,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, quantize: bool = True) 
 
 def check_directories(args: argparse.Namespace) -> None:
     """Refuse a file given as ``--model``/``--tokenizer``: they name a directory (or a Hub id)."""
-    for option in ("model", "tokenizer"):
+    for option in ("model", "tokenizer", "assistant_model"):
         path = getattr(args, option, None)
         if path is not None and Path(path).is_file():
-            raise ValueError(f"--{option} {path} is a file: pass its directory")
+            raise ValueError(f"--{option.replace('_', '-')} {path} is a file: pass its directory")
 
 
 def read_text(text: str) -> str:
@@ -175,7 +182,60 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# The options of add_sampling_arguments that are GenerationConfig settings of the same name.
+def add_decoding_arguments(parser: argparse.ArgumentParser, beams: bool) -> None:
+    """Beam search (``beams``: generate, whose output need not stream) and assisted decoding options."""
+    model_default = "default: the model's generation_config.json, else {}"
+    if beams:
+        parser.add_argument(
+            "--num-beams",
+            type=int,
+            metavar="N",
+            default=1,
+            help="beam search with N beams (1: none); the text is printed at the end, not streamed: the "
+            "best beam is only known then. With --temperature 0 it is transformers' beam search, else "
+            "beam sampling",
+        )
+        parser.add_argument(
+            "--length-penalty",
+            type=float,
+            default=None,
+            help="beam search: a beam's log-probability is divided by its length to this power (> 0 "
+            f"favours longer texts, < 0 shorter; {model_default.format(1.0)})",
+        )
+        parser.add_argument(
+            "--early-stopping",
+            choices=("true", "false", "never"),
+            default=None,
+            help="beam search: stop when num-beams texts are finished (true), when a better one is unlikely "
+            f"(false: transformers' heuristic) or when none can be better (never) "
+            f"({model_default.format('false')})",
+        )
+    parser.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="N",
+        default=None,
+        help="prompt lookup decoding: draft N tokens copied from where the text's last words appeared "
+        "before and verify them in one step; the same text as without it (greedy), faster when the "
+        "output repeats the prompt (default: off)",
+    )
+    parser.add_argument(
+        "--max-matching-ngram-size",
+        type=int,
+        metavar="N",
+        default=None,
+        help="prompt lookup: the longest n-gram searched for in the prompt (default: 2, transformers')",
+    )
+    parser.add_argument(
+        "--assistant-model",
+        metavar="PATH_OR_ID",
+        default=None,
+        help="a small model with the model's vocabulary that drafts tokens for --model to verify, several "
+        "per step (a directory or Hub id, loaded with --dtype and --device, not quantized; default: none)",
+    )
+
+
+# The options that are GenerationConfig settings of the same name (those a command has).
 SETTINGS = (
     "max_new_tokens",
     "temperature",
@@ -184,37 +244,74 @@ SETTINGS = (
     "min_p",
     "repetition_penalty",
     "num_return_sequences",
+    "num_beams",
+    "length_penalty",
+    "max_matching_ngram_size",
 )
 # The settings that only act when sampling; left out of a greedy run.
-SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "num_return_sequences")
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
+# The generate() arguments that messages name, and the options that set them.
+OPTIONS = {
+    **{name: "--" + name.replace("_", "-") for name in SETTINGS},
+    "early_stopping": "--early-stopping",
+    "stop_strings": "--stop",
+    "seed": "--seed",
+    "prompt_lookup_num_tokens": "--prompt-lookup",
+    "assistant_model": "--assistant-model",
+}
+_ARGUMENT = re.compile(r"\b(" + "|".join(OPTIONS) + r")\b(?:=([^\s:,;)]+))?")
+
+
+def in_option_words(message: str) -> str:
+    """A message of the Python API's rules with each argument spelt as the option that sets it:
+    ``num_beams=2`` -> ``--num-beams 2``, ``do_sample=True`` -> ``sampling (--temperature > 0)``."""
+    message = _ARGUMENT.sub(lambda m: OPTIONS[m[1]] + (f" {m[2]}" if m[2] else ""), message)
+    return message.replace("do_sample=True", "sampling (--temperature > 0)")
+
+
+class AssistantToCome:
+    """Stands for ``--assistant-model`` in the rules checked before it is loaded (its vocabulary,
+    unknown yet, is checked once it is)."""
+
+
+def streams(settings: dict[str, Any]) -> bool:
+    """Whether the command streams the text: one sequence, no beam search."""
+    return settings.get("num_beams", 1) == 1 and settings.get("num_return_sequences", 1) == 1
+
+
+def check_settings(settings: dict[str, Any], assistant: Any = None, vocab_size: int | None = None) -> None:
+    """``GenerationConfig.validate`` on the settings and the run (streamed or not, its assistant), its
+    error in option words."""
+    from neoxja.generation_config import DecodingRequest, GenerationConfig
+
+    request = DecodingRequest(streaming=streams(settings), assistant_model=assistant, vocab_size=vocab_size)
+    try:
+        GenerationConfig(**settings).validate(request)
+    except ValueError as err:
+        raise ValueError(in_option_words(str(err))) from err
 
 
 def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The ``generate`` settings of the options, checked by ``GenerationConfig.validate`` and
-    ``check_seed`` (the Python API's rules) before any model is loaded; errors name the option."""
-    from neoxja.generation_config import GenerationConfig, check_seed
+    ``check_seed`` (the Python API's rules) before any model is loaded; errors name the options."""
+    from neoxja.generation_config import check_seed
 
     settings = {name: getattr(args, name) for name in SETTINGS if getattr(args, name, None) is not None}
     settings["do_sample"] = args.temperature > 0
+    if getattr(args, "early_stopping", None) is not None:
+        settings["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping, "never")
+    if args.prompt_lookup is not None:
+        settings["prompt_lookup_num_tokens"] = args.prompt_lookup
     if args.stop:
         if "" in args.stop:
             raise ValueError("--stop must be a non-empty string, got ''")
         settings["stop_strings"] = list(args.stop)
-    if not settings["do_sample"] and settings.get("num_return_sequences", 1) > 1:
-        raise ValueError(
-            f"--num-return-sequences {args.num_return_sequences} needs sampling (--temperature > 0): "
-            "greedy decoding gives the same text each time"
-        )
-    try:
-        GenerationConfig(**settings).validate()
-        if args.seed is not None:
+    check_settings(settings, AssistantToCome() if args.assistant_model is not None else None)
+    if args.seed is not None:
+        try:
             check_seed(args.seed)
-    except ValueError as err:
-        name, _, rest = str(err).partition(" ")
-        option = {"stop_strings": "stop"}.get(name, name)
-        if name in (*SETTINGS, "stop_strings", "seed"):
-            raise ValueError(f"--{option.replace('_', '-')} {rest}") from err
-        raise
+        except ValueError as err:
+            raise ValueError(in_option_words(str(err))) from err
     if not settings["do_sample"]:
         settings = {name: value for name, value in settings.items() if name not in SAMPLING_ONLY}
     return settings
@@ -231,12 +328,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("prompt", metavar="PROMPT", help="text to continue, or - to read it from stdin")
     add_model_arguments(generate)
     add_sampling_arguments(generate)
+    add_decoding_arguments(generate, beams=True)
     generate.add_argument(
         "--num-return-sequences",
         type=int,
         default=1,
         metavar="N",
-        help="sample N continuations in one batch, each printed after a line '--- i/N ---'",
+        help="sample N continuations in one batch (with --num-beams: the N best beams), each printed "
+        "after a line '--- i/N ---'",
     )
     generate.set_defaults(func=run_generate)
 
@@ -249,6 +348,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(chat)
     add_sampling_arguments(chat)
+    add_decoding_arguments(chat, beams=False)
     chat.add_argument(
         "--system", metavar="TEXT", default=None, help="a system message that opens the conversation"
     )
@@ -301,6 +401,19 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def load_assistant(args: argparse.Namespace, settings: dict[str, Any], model: Any, tokenizer: Any) -> Any:
+    """``--assistant-model`` loaded as ``--model`` is (same --dtype and --device, not quantized), the
+    rules checked again with it (its vocabulary must be the model's); None without the option."""
+    from neoxja.pipelines import load_model_and_tokenizer
+
+    if args.assistant_model is None:
+        return None
+    device, dtype = device_and_dtype(args)
+    assistant, _ = load_model_and_tokenizer(args.assistant_model, tokenizer, dtype=dtype, device=device)
+    check_settings(settings, assistant, model.config.vocab_size)
+    return assistant
+
+
 def generate_kwargs(settings: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     """``model.generate`` keyword arguments: the checked settings and the tokenizer's pad id."""
     if getattr(tokenizer, "pad_token_id", None) is None:
@@ -324,16 +437,20 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("PROMPT is empty; give some text for the model to continue")
     settings = generation_settings(args)
     model, tokenizer = load(args)
+    assistant = load_assistant(args, settings, model, tokenizer)
     input_ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
     kwargs = generate_kwargs(settings, tokenizer)
     if args.seed is not None:
         kwargs["seed"] = args.seed
+    if assistant is not None:
+        kwargs["assistant_model"] = assistant
     stops = list(args.stop or ())
     try:
-        if args.num_return_sequences > 1:
+        if not streams(settings):  # several sequences, or beams: printed when all are done
             texts, timing = textgen.generate_several(model, tokenizer, input_ids, kwargs, stops)
             for number, text in enumerate(texts, 1):
-                print(f"--- {number}/{len(texts)} ---")
+                if len(texts) > 1:
+                    print(f"--- {number}/{len(texts)} ---")
                 print(text)
         else:
             output = textgen.StreamedText(tokenizer, stops, textgen.write_stdout)
@@ -404,6 +521,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.raw and (args.system is not None or args.chat_template is not None):
         raise ValueError("--raw continues plain text: --system and --chat-template need the chat template")
     model, tokenizer = load(args)
+    assistant = load_assistant(args, settings, model, tokenizer)
     if not args.raw:
         template = template or tokenizer.get_chat_template()
         check_template(template, "the tokenizer's chat_template")
@@ -412,6 +530,8 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     kwargs = generate_kwargs(settings, tokenizer)
+    if assistant is not None:
+        kwargs["assistant_model"] = assistant
     stops = list(args.stop or ()) + ([] if template is None else chat_stops(template))
     kwargs["stop_strings"] = stops or None
     room = model.config.max_position_embeddings - args.max_new_tokens
