@@ -26,10 +26,11 @@
 /* One step's rows, set into the model under the pool's lock. token, row, at and pos are the caller's
  * private copies, checked before the step (another thread may change the caller's arrays while the
  * step runs without the GIL): row b feeds token[b] into cache row row[b] at cache position at[b]
- * (it attends to positions 0..at[b]) and RoPE position pos[b]. mask (optional) [rows, > at] with
+ * (it attends to positions 0..at[b]) and RoPE position pos[b]; rows that share a cache row have
+ * distinct positions (verify: consecutive ones). mask (optional) [rows, > at] with
  * unit stride along positions: 0 marks a key row b must not see. */
 typedef struct {
-    int rows;
+    int rows, shared_rows; /* shared_rows: some rows use the same cache row (at distinct positions) */
     const int64_t *token, *row, *at, *pos, *mask;
     int64_t mask_stride, argmax_stride;
     float *logits;
@@ -109,6 +110,43 @@ static PyObject *matmul_py(PyObject *self, PyObject *args) {
 fail:
     args_release(&a);
     return NULL;
+}
+
+/* Bytes of the buffer of the matrices' inputs (as their kernels read them) for steps of `rows` rows. */
+static size_t inputs_bytes(const Model *m, int rows) {
+    size_t bytes = act_bytes(&m->head, rows);
+    for (int l = 0; l < m->layers; l++) {
+        const Weight *each[4] = {&m->layer[l].qkv, &m->layer[l].dense, &m->layer[l].fc1, &m->layer[l].fc2};
+        for (int i = 0; i < 4; i++)
+            if (act_bytes(each[i], rows) > bytes) bytes = act_bytes(each[i], rows);
+    }
+    return bytes;
+}
+
+/* Floats of the row scratch (x, h, attn, qkv, mid) per row. */
+static int64_t row_floats(const Model *m) { return 6 * (int64_t)m->hidden + m->inter; }
+
+/* The scratch buffers of m sized for `rows` rows (x, h, attn, qkv, mid, best_value, best_index,
+ * inputs), replacing smaller ones: 0, or -1 when memory runs out (m keeps its old buffers). The
+ * sizes were checked for overflow by the caller. Runs without the GIL, under the pool's lock. */
+static int grow_rows(Model *m, int rows) {
+    size_t inputs = inputs_bytes(m, rows);
+    float *x = malloc(sizeof(float) * row_floats(m) * rows);
+    float *best_value = malloc(sizeof(float) * MAX_THREADS * rows);
+    int64_t *best_index = malloc(sizeof(int64_t) * MAX_THREADS * rows);
+    void *in = inputs ? aligned_alloc(64, (inputs + 63) / 64 * 64) : NULL;
+    if (!x || !best_value || !best_index || (inputs && !in)) {
+        free(x), free(best_value), free(best_index), free(in);
+        return -1;
+    }
+    free(m->x), free(m->best_value), free(m->best_index), free(m->inputs);
+    m->x = x, m->best_value = best_value, m->best_index = best_index, m->inputs = in;
+    m->max_rows = rows;
+    m->h = m->x + (int64_t)rows * m->hidden;
+    m->attn = m->h + (int64_t)rows * m->hidden;
+    m->qkv = m->attn + (int64_t)rows * m->hidden;
+    m->mid = m->qkv + (int64_t)rows * 3 * m->hidden;
+    return 0;
 }
 
 static void free_model(Model *m) {
@@ -198,7 +236,7 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
         args_product(fn, "table * rotary / 2", table_len, rot / 2, &table) ||
         args_product(fn, "batch * scratch", batch, 6 * (int64_t)hidden + inter, &scratch) ||
         args_product(fn, "threads * batch", MAX_THREADS, batch, &row_scratch) ||
-        args_product(fn, "threads * (head_dim + capacity)", MAX_THREADS, hidden / heads + capacity, &row_scratch))
+        args_product(fn, "threads * capacity", MAX_THREADS, capacity, &row_scratch))
         return NULL;
     if (3 * (int64_t)hidden > INT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "new_model: hidden size too large");
@@ -211,17 +249,10 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
     m->table_len = table_len, m->eps = eps;
     m->layer = calloc(layers, sizeof(Layer));
     m->views = calloc((size_t)layers * (7 + 4 * WEIGHT_VIEWS) + 5 + WEIGHT_VIEWS, sizeof(Py_buffer));
-    m->x = malloc(sizeof(float) * scratch);
-    m->best_value = malloc(sizeof(float) * MAX_THREADS * batch);
-    m->best_index = malloc(sizeof(int64_t) * MAX_THREADS * batch);
-    if (!m->layer || !m->views || !m->x || !m->best_value || !m->best_index) {
+    if (!m->layer || !m->views) {
         free_model(m);
         return PyErr_NoMemory();
     }
-    m->h = m->x + (int64_t)batch * hidden;
-    m->attn = m->h + (int64_t)batch * hidden;
-    m->qkv = m->attn + (int64_t)batch * hidden;
-    m->mid = m->qkv + (int64_t)batch * 3 * hidden;
     /* The layers as a tuple of their own: nothing run while the arrays are taken can change it. */
     PyObject *layer_tuple = PyList_AsTuple(layer_list);
     if (!layer_tuple) {
@@ -264,14 +295,9 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
         }
         if (!(*globals_slots[i] = model_array(m, -1, GLOBAL_NAMES[i], item, global_counts[i], i >= 4, 0))) goto fail;
     }
-    /* one buffer for the inputs of the matrices as their kernels read them (one product at a time) */
-    size_t inputs = act_bytes(&m->head, batch);
-    for (int l = 0; l < layers; l++) {
-        const Weight *each[4] = {&m->layer[l].qkv, &m->layer[l].dense, &m->layer[l].fc1, &m->layer[l].fc2};
-        for (int i = 0; i < 4; i++)
-            if (act_bytes(each[i], batch) > inputs) inputs = act_bytes(each[i], batch);
-    }
-    if (inputs && !(m->inputs = aligned_alloc(64, (inputs + 63) / 64 * 64))) {
+    /* the row scratch, and one buffer for the inputs of the matrices as their kernels read them (one
+     * product at a time), for `batch` rows */
+    if (grow_rows(m, batch) < 0) {
         PyErr_NoMemory();
         goto fail;
     }
@@ -291,18 +317,20 @@ static PyObject *launch(Model *m, const Call *call, long long nth) {
     int threads = clamp_threads(nth);
     Py_BEGIN_ALLOW_THREADS
     pool_lock();
-    m->rows = call->rows, m->token = call->token, m->row = call->row, m->at = call->at, m->pos = call->pos;
+    m->rows = call->rows, m->shared_rows = call->shared_rows;
+    m->token = call->token, m->row = call->row, m->at = call->at, m->pos = call->pos;
     m->mask = call->mask, m->mask_stride = call->mask_stride, m->logits = call->logits;
     m->argmax = call->argmax, m->argmax_stride = call->argmax_stride;
-    int64_t per_thread = m->head_dim + m->capacity;
-    if (m->scratch_threads < threads) {
+    int64_t per_thread = m->capacity;
+    if (m->max_rows < call->rows && grow_rows(m, call->rows) < 0) threads = 0; /* out of memory */
+    if (threads >= 1 && m->scratch_threads < threads) {
         float *grown = realloc(m->thread_scratch, sizeof(float) * per_thread * threads);
         if (grown) {
             m->thread_scratch = grown;
             m->scratch_threads = threads;
         }
     }
-    if (m->scratch_threads < threads) threads = m->scratch_threads; /* out of memory: fewer threads */
+    if (threads > m->scratch_threads) threads = m->scratch_threads; /* out of memory: fewer threads */
     if (threads >= 1) pool_run(model_step, m, threads);
     pool_unlock();
     Py_END_ALLOW_THREADS
@@ -310,37 +338,72 @@ static PyObject *launch(Model *m, const Call *call, long long nth) {
     Py_RETURN_NONE;
 }
 
-/* The model of a capsule, and the output arrays every step writes: logits (C-contiguous float32,
- * at least rows x vocab) and argmax (None, or int64 1-d of `rows`, any stride). */
-static Model *step_outputs(Args *a, PyObject *capsule, PyObject *o_rows, PyObject *o_logits, PyObject *o_argmax,
-                           Call *call) {
+/* The model of a capsule made by new_model; NULL with a TypeError naming fn. */
+static Model *decoder_of(Args *a, PyObject *capsule) {
     if (!PyCapsule_IsValid(capsule, "neoxja._decode.Model")) {
         PyErr_Format(PyExc_TypeError, "%s: model must be a decoder made by new_model, got %.100s", a->fn,
                      Py_TYPE(capsule)->tp_name);
         return NULL;
     }
-    Model *m = PyCapsule_GetPointer(capsule, "neoxja._decode.Model");
-    long long rows;
-    if (args_whole(a->fn, "rows", o_rows, LLONG_MIN, LLONG_MAX, &rows)) return NULL;
-    if (rows <= 0 || rows > m->batch) {
-        PyErr_Format(PyExc_ValueError, "%s: rows: %lld rows, but the decoder was built for 1..%d", a->fn, rows, m->batch);
-        return NULL;
+    return PyCapsule_GetPointer(capsule, "neoxja._decode.Model");
+}
+
+/* Does an output's bytes [lo, hi) share a byte with an array the model holds (a weight, table or
+ * cache)? -1 with a ValueError naming it if so: a step would overwrite what it reads. */
+static int apart_from_model(Args *a, const Model *m, const char *lo, const char *hi, const char *name) {
+    for (int i = 0; i < m->n_views; i++) {
+        const char *p = m->views[i].buf;
+        if (m->views[i].len && lo < p + m->views[i].len && p < hi) {
+            PyErr_Format(PyExc_ValueError, "%s: %s overlaps an array of the model (a weight, table or cache)",
+                         a->fn, name);
+            return -1;
+        }
     }
+    return 0;
+}
+
+/* The output arrays a step of `rows` rows writes: logits (C-contiguous float32, at least rows x
+ * vocab) and argmax (None, or int64 1-d of `rows`, any stride), apart from each other and from the
+ * model's arrays. */
+static int step_outputs(Args *a, Model *m, int rows, PyObject *o_logits, PyObject *o_argmax, Call *call) {
     Py_buffer *logits = args_view(a, "logits", o_logits, 'f', 4, 1, 0);
-    if (!logits) return NULL;
+    if (!logits) return -1;
     if (items(logits) < rows * m->vocab) {
-        PyErr_Format(PyExc_ValueError, "%s: logits holds %lld values, %lld rows need %lld", a->fn,
+        PyErr_Format(PyExc_ValueError, "%s: logits holds %lld values, %d rows need %lld", a->fn,
                      (long long)items(logits), rows, (long long)(rows * m->vocab));
-        return NULL;
+        return -1;
     }
-    call->rows = (int)rows;
+    const char *l0 = logits->buf, *l1 = l0 + logits->len;
+    if (apart_from_model(a, m, l0, l1, "logits") < 0) return -1;
+    call->rows = rows;
     call->logits = logits->buf;
     if (o_argmax != Py_None) {
         Py_buffer *argmax = args_view(a, "argmax", o_argmax, 'i', 8, 1, 1);
-        if (!argmax || rows_of(a, "argmax", argmax, rows, &call->argmax_stride) < 0) return NULL;
+        if (!argmax || rows_of(a, "argmax", argmax, rows, &call->argmax_stride) < 0) return -1;
+        /* its extent from the first to the last item, whatever the sign of its stride */
+        const char *first = argmax->buf, *last = first + (rows - 1) * call->argmax_stride * 8;
+        const char *lo = first < last ? first : last, *hi = (first < last ? last : first) + 8;
+        if (lo < l1 && l0 < hi) {
+            PyErr_Format(PyExc_ValueError, "%s: argmax overlaps logits", a->fn);
+            return -1;
+        }
+        if (apart_from_model(a, m, lo, hi, "argmax") < 0) return -1;
         call->argmax = argmax->buf;
     }
-    return m;
+    return 0;
+}
+
+/* The rows of step and step_slots: 1..the cache's batch. */
+static int batch_rows(Args *a, const Model *m, PyObject *o_rows, int *rows) {
+    long long value;
+    if (args_whole(a->fn, "rows", o_rows, LLONG_MIN, LLONG_MAX, &value)) return -1;
+    if (value <= 0 || value > m->batch) {
+        PyErr_Format(PyExc_ValueError, "%s: rows: %lld rows, but the decoder was built for 1..%d", a->fn, value,
+                     m->batch);
+        return -1;
+    }
+    *rows = (int)value;
+    return 0;
 }
 
 /* step(model, rows, t, tokens, positions, position_delta, mask, logits, argmax, threads). */
@@ -359,9 +422,10 @@ static PyObject *step(PyObject *self, PyObject *args) {
     int64_t *copy = NULL, token_stride, position_stride = 0;
     Py_buffer *tokens, *positions = NULL;
     PyObject *result = NULL;
-    Model *m = step_outputs(&a, capsule, o_rows, o_logits, o_argmax, &call);
-    if (!m) goto done;
-    int rows = call.rows;
+    Model *m = decoder_of(&a, capsule);
+    int rows;
+    if (!m || batch_rows(&a, m, o_rows, &rows) < 0 || step_outputs(&a, m, rows, o_logits, o_argmax, &call) < 0)
+        goto done;
     if (t < 0 || t >= m->capacity) {
         PyErr_Format(PyExc_ValueError, "step: t: cache position %lld outside the cache's capacity %lld", t,
                      (long long)m->capacity);
@@ -433,9 +497,10 @@ static PyObject *step_slots(PyObject *self, PyObject *args) {
     int64_t *copy = NULL, strides[3];
     Py_buffer *in[3];
     PyObject *result = NULL;
-    Model *m = step_outputs(&a, capsule, o_rows, o_logits, o_argmax, &call);
-    if (!m) goto done;
-    int rows = call.rows;
+    Model *m = decoder_of(&a, capsule);
+    int rows;
+    if (!m || batch_rows(&a, m, o_rows, &rows) < 0 || step_outputs(&a, m, rows, o_logits, o_argmax, &call) < 0)
+        goto done;
     const char *names[3] = {"tokens", "slots", "lengths"};
     PyObject *objs[3] = {o_tokens, o_slots, o_lengths};
     for (int i = 0; i < 3; i++)
@@ -481,6 +546,78 @@ done:
     return result;
 }
 
+/* Several tokens per sequence in one step (verifying draft tokens): tokens [n, count] feeds, for each
+ * sequence b < n, tokens[b, 0..count) into cache row b at positions t..t + count - 1 (also their RoPE
+ * positions), each attending causally to the positions up to its own; no padding. The logits of
+ * token (b, i) are row b * count + i. The cache lengths are the caller's to advance. */
+static PyObject *verify(PyObject *self, PyObject *args) {
+    PyObject *capsule, *o_tokens, *o_t, *o_logits, *o_argmax, *o_threads;
+    long long t, threads;
+    if (!PyArg_ParseTuple(args, "OOOOOO:verify", &capsule, &o_tokens, &o_t, &o_logits, &o_argmax, &o_threads))
+        return NULL;
+    if (args_whole("verify", "t", o_t, LLONG_MIN, LLONG_MAX, &t) ||
+        args_whole("verify", "threads", o_threads, LLONG_MIN, LLONG_MAX, &threads))
+        return NULL;
+    Args a = {"verify"};
+    Call call = {0};
+    int64_t *copy = NULL;
+    PyObject *result = NULL;
+    Model *m = decoder_of(&a, capsule);
+    if (!m) goto done;
+    Py_buffer *tokens = args_view(&a, "tokens", o_tokens, 'i', 8, 0, 1);
+    if (!tokens) goto done;
+    if (tokens->ndim != 2 || tokens->shape[0] < 1 || tokens->shape[0] > m->batch || tokens->shape[1] < 1) {
+        PyErr_Format(PyExc_ValueError, "verify: tokens must be int64 [sequences, count] with 1..%d sequences and "
+                     "count >= 1", m->batch);
+        goto done;
+    }
+    const int n = (int)tokens->shape[0];
+    const int64_t count = tokens->shape[1], stride0 = tokens->strides[0] / 8, stride1 = tokens->strides[1] / 8;
+    const int64_t end = t < 0 ? -1 : t + count; /* (count <= the array's size: no overflow) */
+    if (t < 0 || end > m->capacity || end > m->table_len) {
+        PyErr_Format(PyExc_ValueError, "verify: t: %lld tokens at cache position %lld do not fit in the cache's "
+                     "%lld positions (RoPE table: %lld)", (long long)count, t, (long long)m->capacity,
+                     (long long)m->table_len);
+        goto done;
+    }
+    /* rows = n * count <= batch * capacity; the row scratch for that many, checked for overflow */
+    int64_t rows, bytes;
+    if (args_product("verify", "sequences * count", n, count, &rows) ||
+        args_product("verify", "rows * row scratch", rows, 6 * (int64_t)m->hidden + m->inter, &bytes) ||
+        args_product("verify", "threads * rows", MAX_THREADS, rows, &bytes))
+        goto done;
+    if (rows > INT32_MAX / 8) {
+        PyErr_Format(PyExc_ValueError, "verify: tokens: %lld rows are too many", (long long)rows);
+        goto done;
+    }
+    if (step_outputs(&a, m, (int)rows, o_logits, o_argmax, &call) < 0) goto done;
+    copy = malloc(sizeof(int64_t) * 4 * rows);
+    if (!copy) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t *token = copy, *row = copy + rows, *at = copy + 2 * rows, *pos = copy + 3 * rows;
+    for (int b = 0; b < n; b++)
+        for (int64_t i = 0; i < count; i++) {
+            const int64_t r = b * count + i, id = ((const int64_t *)tokens->buf)[b * stride0 + i * stride1];
+            if (id < 0 || id >= m->vocab) {
+                PyErr_Format(PyExc_ValueError, "verify: tokens: token id %lld at [%d, %lld] is outside the "
+                             "vocabulary [0, %lld)", (long long)id, b, (long long)i, (long long)m->vocab);
+                goto done;
+            }
+            token[r] = id;
+            row[r] = b;
+            at[r] = pos[r] = t + i;
+        }
+    call.token = token, call.row = row, call.at = at, call.pos = pos;
+    call.shared_rows = count > 1;
+    result = launch(m, &call, threads);
+done:
+    free(copy);
+    args_release(&a);
+    return result;
+}
+
 static PyObject *kernel(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(f32_kernel_name(weight_isa.f32));
 }
@@ -514,6 +651,12 @@ static PyMethodDef methods[] = {
      "step_slots(model, rows, tokens, slots, lengths, logits, argmax, threads): one token per row, row b\n"
      "in cache row slots[b] at position lengths[b] (int64 [rows] arrays); writes logits and, if argmax is\n"
      "not None, each row's first maximum. The cache lengths are the caller's to advance."},
+    {"verify", verify, METH_VARARGS,
+     "verify(model, tokens, t, logits, argmax, threads): several tokens per sequence in one step; tokens\n"
+     "int64 [n, count] (any strides), sequence b in cache row b at positions t..t + count - 1, each token\n"
+     "attending to the positions up to its own; writes logits (float32, at least n * count x vocab, row\n"
+     "b * count + i for token [b, i]) and, if argmax (int64 [n * count], any stride) is not None, each row's\n"
+     "first maximum. The cache lengths are the caller's to advance."},
     {"matmul", matmul_py, METH_VARARGS,
      "matmul(w, x, y, threads): y [vectors, rows] = x [vectors, cols] @ w [rows, cols]^T (C-contiguous\n"
      "float32 arrays) with the step's float32 kernel, on `threads` threads."},

@@ -394,8 +394,10 @@ class FusedDecoder:
         self._handle = extension.new_model(dims, layers, globals_)
         self._run_step = extension.step
         self._run_slots = extension.step_slots
+        self._run_verify = extension.verify
         self._keys = cache.keys[0]
         self.cache = cache
+        self.max_length = max_length
         self.batch_size = cache.batch_size
         self.logits = torch.empty(cache.batch_size, config.vocab_size)
         self._logits_array = self.logits.numpy()
@@ -498,3 +500,46 @@ class FusedDecoder:
             torch.get_num_threads(),
         )
         return self.logits[:rows]
+
+    def verify(self, tokens: Tensor, argmax_out: Tensor | None = None) -> Tensor:
+        """Feed several tokens per row at once (verifying draft tokens): ``tokens`` int64 ``[rows,
+        count]`` (any strides; ``rows`` at most the cache's batch) go into cache rows ``0..rows-1`` at
+        the cache's next ``count`` positions, each attending to the positions up to its own, as the
+        model's forward over them would (no padding). Returns new float32 logits ``[rows, count,
+        vocab]``, those after each token; ``argmax_out`` (contiguous int64 ``[rows, count]``) receives
+        each one's greedy token. The cache advances by ``count``: crop it to drop rejected tokens. The
+        whole forward is one C call, reading each weight once for all ``rows * count`` tokens.
+        """
+        cache = self.cache
+        self._check_cache()
+        if tokens.dtype != torch.int64 or tokens.dim() != 2 or tokens.numel() == 0:
+            raise ValueError(f"tokens must be int64 [rows, count], got {tokens.dtype} {list(tokens.shape)}")
+        rows, count = tokens.shape
+        if rows > self.batch_size:
+            raise ValueError(f"verify takes 1 to {self.batch_size} rows, got {rows}")
+        start = cache.length
+        if start + count > min(cache.capacity, self.max_length):
+            raise ValueError(
+                f"verify: {count} tokens after the cache's {start} positions exceed the {self.max_length} "
+                "positions the decoder was built for"
+            )
+        if argmax_out is not None and (
+            argmax_out.dtype != torch.int64
+            or argmax_out.shape != (rows, count)
+            or not argmax_out.is_contiguous()
+        ):
+            raise ValueError(
+                f"argmax_out must be contiguous int64 of shape [{rows}, {count}], got {argmax_out.dtype} "
+                f"{list(argmax_out.shape)}"
+            )
+        logits = torch.empty(rows, count, self.logits.shape[1])
+        self._run_verify(
+            self._handle,
+            _array(tokens),
+            start,
+            logits.numpy(),
+            None if argmax_out is None else _array(argmax_out.view(-1)),
+            torch.get_num_threads(),
+        )
+        cache.advance(count)
+        return logits

@@ -18,7 +18,8 @@ does so itself and writes the ids straight into the output buffer. Backends in t
 
 * :class:`TorchBackend` — the model's PyTorch forward; works for every model, device and dtype;
 * :class:`CpuFusedBackend` — each step one C call over the whole model (:mod:`neoxja.cpu_decode`),
-  for neoxja's own modules on the CPU, float32 or quantized (nf4, fp4, int8, bfloat16);
+  for neoxja's own modules on the CPU, float32 or quantized (nf4, fp4, int8, bfloat16); the
+  verification of several tokens too (one call, each weight read once for all of them);
 * :class:`CpuHeadBackend` — the model's PyTorch layers, then the output head on neoxja's C kernels
   (a float32 head by the C step's matrix kernel, a quantized one by its own), on the CPU.
 
@@ -119,10 +120,14 @@ class TorchBackend(DecodingBackend):
 
 class CpuFusedBackend(DecodingBackend):
     """Each step one C call over the whole model (:class:`neoxja.cpu_decode.FusedDecoder`); for greedy
-    decoding without processors the C call also writes the argmax into ``out``."""
+    decoding without processors the C call also writes the argmax into ``out``. Verifying k draft
+    tokens is one C call as well (:meth:`~neoxja.cpu_decode.FusedDecoder.verify`), every model this
+    backend takes included: no fallback to PyTorch."""
 
     name = "cpu-fused"
-    description = "each step one C call over the whole model (neoxja.cpu_decode)"
+    description = (
+        "each step one C call over the whole model (neoxja.cpu_decode), draft tokens verified in one C call"
+    )
 
     @classmethod
     def describe(cls, model: Any) -> str:
@@ -147,6 +152,9 @@ class CpuFusedBackend(DecodingBackend):
         last = history.select(1, history.shape[1] - 1)
         self.decoder.step(last, positions=positions, mask=mask, argmax_out=out)
         return out
+
+    def verify_logits(self, new_ids: Tensor) -> Tensor:
+        return self.decoder.verify(new_ids)
 
 
 class CpuHeadBackend(TorchBackend):

@@ -61,35 +61,51 @@ static void product(Model *m, const Weight *w, const float *x, float *y, int64_t
     weight_product(w, &a, y, ldy, *r0, *r1);
 }
 
-/* RoPE, cache write and attention for the (row, head) pairs of this thread. */
-static void attention(Model *m, Layer *L, int ith, int nth) {
+/* RoPE and cache write for the (row, head) pairs [u0, u1): q is rotated in place in m->qkv, k and v
+ * are stored at the row's cache position. */
+static void rotate_and_store(Model *m, Layer *L, int64_t u0, int64_t u1) {
     const int H = m->hidden, hd = m->head_dim, half = m->rot / 2;
     const int64_t cap = m->capacity;
-    const float scale = 1.0f / sqrtf((float)hd);
-    float *q = m->thread_scratch + (int64_t)ith * (hd + cap), *scores = q + hd;
-    int64_t u0, u1;
-    split((int64_t)m->rows * m->heads, ith, nth, 1, &u0, &u1);
     for (int64_t u = u0; u < u1; u++) {
         int b = (int)(u / m->heads), head = (int)(u % m->heads);
-        const int64_t t = m->at[b], row = m->row[b];
-        const float *src = m->qkv + (int64_t)b * 3 * H + (int64_t)head * 3 * hd;
-        const float *ks = src + hd, *vs = src + 2 * hd;
-        int64_t pos = m->pos[b];
-        const float *c = m->cos + pos * half, *s = m->sin + pos * half;
-        int64_t slot = (row * m->heads + head) * cap;
-        float *K = L->k + slot * hd, *V = L->v + slot * hd, *k = K + t * hd;
+        const int64_t t = m->at[b];
+        float *q = m->qkv + (int64_t)b * 3 * H + (int64_t)head * 3 * hd;
+        const float *ks = q + hd, *vs = q + 2 * hd;
+        const float *c = m->cos + m->pos[b] * half, *s = m->sin + m->pos[b] * half;
+        const int64_t slot = (m->row[b] * m->heads + head) * cap;
+        float *k = L->k + (slot + t) * hd;
         for (int i = 0; i < half; i++) {
-            q[i] = src[i] * c[i] - src[i + half] * s[i];
-            q[i + half] = src[i + half] * c[i] + src[i] * s[i];
+            float q0 = q[i], q1 = q[i + half];
+            q[i] = q0 * c[i] - q1 * s[i];
+            q[i + half] = q1 * c[i] + q0 * s[i];
             k[i] = ks[i] * c[i] - ks[i + half] * s[i];
             k[i + half] = ks[i + half] * c[i] + ks[i] * s[i];
         }
-        for (int i = 2 * half; i < hd; i++) {
-            q[i] = src[i];
-            k[i] = ks[i];
-        }
-        memcpy(V + t * hd, vs, sizeof(float) * hd);
+        for (int i = 2 * half; i < hd; i++) k[i] = ks[i];
+        memcpy(L->v + (slot + t) * hd, vs, sizeof(float) * hd);
+    }
+}
 
+/* Attention of the (row, head) pairs of this thread over their cache positions 0..at[b] (causal:
+ * rows that share a cache row see only the positions up to their own). When rows share a cache
+ * row, every row's keys and values are stored first and the threads meet at a barrier, so that no
+ * row reads a position another thread has yet to write; otherwise each pair reads only what this
+ * thread itself stored. */
+static void attention(Model *m, Layer *L, int ith, int nth) {
+    const int H = m->hidden, hd = m->head_dim;
+    const int64_t cap = m->capacity;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *scores = m->thread_scratch + (int64_t)ith * cap;
+    int64_t u0, u1;
+    split((int64_t)m->rows * m->heads, ith, nth, 1, &u0, &u1);
+    rotate_and_store(m, L, u0, u1);
+    if (m->shared_rows) pool_barrier(nth);
+    for (int64_t u = u0; u < u1; u++) {
+        int b = (int)(u / m->heads), head = (int)(u % m->heads);
+        const int64_t t = m->at[b];
+        const float *q = m->qkv + (int64_t)b * 3 * H + (int64_t)head * 3 * hd;
+        const int64_t slot = (m->row[b] * m->heads + head) * cap;
+        const float *K = L->k + slot * hd, *V = L->v + slot * hd;
         const int64_t *mask = m->mask ? m->mask + b * m->mask_stride : NULL;
         float best = -INFINITY;
         for (int64_t j = 0; j <= t; j++) {

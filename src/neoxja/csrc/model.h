@@ -16,6 +16,10 @@
  * an input that a weight's kernel reads in another form (int8 blocks, bfloat16) is prepared once per
  * step, shared between the threads. Everything else is float32. Every kernel computes a row's
  * values the same way whatever the other rows, so each row's logits are those of a batch of one.
+ *
+ * Several tokens of one sequence in one step (verifying draft tokens) are several rows on the same
+ * cache row at consecutive positions: each row stores its k, v at its own position and attends to
+ * the positions up to it (causal), and the rows' keys are all stored before any row reads them.
  */
 #ifndef NEOXJA_MODEL_H
 #define NEOXJA_MODEL_H
@@ -40,17 +44,19 @@ typedef struct {
     const float *embed_in, *lnf_w, *lnf_b, *cos, *sin; /* cos/sin [table_len, rot / 2] */
     Weight head;
     Layer *layer;
-    /* scratch: x, h, attn [batch, hidden]; qkv [batch, 3 hidden]; mid [batch, inter] */
+    /* scratch for up to max_rows rows (at least batch; grown for steps of more rows): x, h, attn
+     * [max_rows, hidden]; qkv [max_rows, 3 hidden]; mid [max_rows, inter] */
+    int max_rows;
     float *x, *h, *qkv, *attn, *mid;
     void *inputs;          /* the inputs of the matrices as their kernels read them (64-byte aligned) */
-    float *thread_scratch; /* [threads, head_dim + capacity] */
+    float *thread_scratch; /* [threads, capacity]: attention scores */
     int scratch_threads;
-    float *best_value; /* [MAX_THREADS, batch] */
+    float *best_value; /* [MAX_THREADS, max_rows] */
     int64_t *best_index;
     Py_buffer *views; /* every array the model reads (weights, tables) or writes (caches), held */
     int n_views;
-    /* this step (see Call) */
-    int rows;
+    /* this step (see Call); shared_rows: some rows use the same cache row */
+    int rows, shared_rows;
     const int64_t *token, *row, *at, *pos, *mask;
     int64_t mask_stride, argmax_stride;
     float *logits;
