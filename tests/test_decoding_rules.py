@@ -230,3 +230,48 @@ def test_cli_refuses_each_bad_combination_in_one_line(
     out, err = capsys.readouterr()
     assert status == 2 and out == ""
     assert err.startswith(f"neoxja generate: error: {message}") and err.count("\n") == 1
+
+
+# Each rule's valid neighbours: the nearest calls that break no rule, and run.
+NEIGHBOURS = [
+    ({"num_return_sequences": 2, "do_sample": True}, ()),
+    ({"num_return_sequences": 2, "num_beams": 2, "do_sample": False}, ()),  # == num_beams
+    ({"num_beams": 2, "do_sample": False}, ()),  # beams, not streamed
+    ({"do_sample": False}, ("stream",)),  # streamed, no beams
+    ({"do_sample": False, "stop_strings": "。"}, ()),  # stop strings without beams
+    ({"prompt_lookup_num_tokens": 3, "do_sample": False}, ()),  # one drafter, no beams, one prompt
+    ({"do_sample": False}, ("assistant",)),  # an assistant of the same vocabulary
+    ({"prompt_lookup_num_tokens": 3, "do_sample": True, "seed": 0}, ()),  # assisted sampling, one copy
+    ({"num_beams": 2, "do_sample": False}, ("batch",)),  # beams take a batch
+]
+
+
+@pytest.mark.parametrize(("settings", "needs"), NEIGHBOURS)
+def test_the_neighbours_of_each_rule_are_accepted(
+    settings: dict, needs: tuple, tiny_loaded, assistants
+) -> None:
+    model, tokenizer = tiny_loaded
+    prompts = [tokenizer.encode(PROMPT)] * (2 if "batch" in needs else 1)
+    ids = torch.tensor(prompts)
+    extra = _call_arguments(needs, tokenizer, assistants)
+    out = model.generate(ids, tokenizer=tokenizer, **settings, max_new_tokens=4, **extra)
+    assert out.shape[0] == len(prompts) * settings.get("num_return_sequences", 1)
+    assert torch.equal(out[:, : ids.shape[1]], ids.repeat_interleave(out.shape[0] // len(prompts), dim=0))
+    if not settings["do_sample"] and settings.get("num_beams", 1) == 1:  # greedy: assisted or not, the same
+        stops = {"stop_strings": settings["stop_strings"]} if "stop_strings" in settings else {}
+        assert torch.equal(
+            out, model.generate(ids, tokenizer=tokenizer, do_sample=False, max_new_tokens=4, **stops)
+        )
+
+
+def test_stream_generate_streams_assisted_decoding(tiny_loaded, assistants) -> None:
+    """Prompt lookup and an assistant stream their accepted tokens: the pieces join to the text of
+    plain greedy decoding, and arrive one verified token at a time, not at the end."""
+    model, tokenizer = tiny_loaded
+    prompt = PROMPT * 3  # the text repeats itself: prompt lookup finds drafts
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    greedy = model.generate(ids, do_sample=False, max_new_tokens=12)[0, ids.shape[1] :]
+    expected = tokenizer.decode(greedy, skip_special_tokens=True)
+    for extra in ({"prompt_lookup_num_tokens": 4}, {"assistant_model": assistants["assistant"]}):
+        pieces = list(stream_generate(model, tokenizer, prompt, do_sample=False, max_new_tokens=12, **extra))
+        assert "".join(pieces) == expected and len(pieces) > 1, extra

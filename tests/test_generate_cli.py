@@ -293,3 +293,65 @@ def test_every_command_with_the_shared_model_options_takes_tokenizer() -> None:
         options = sub._option_string_actions
         assert "--tokenizer" in options, name
         assert options["--model"].default == "abeja/gpt-neox-japanese-2.7b", name
+
+
+# ---------------------------------------------------------------- beam search and assisted decoding
+
+
+def test_num_beams_prints_model_generates_best_beams_at_the_end(
+    tiny_dir: Path, loaded, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tokenizer = loaded
+    seen = record_prompts(monkeypatch)  # beams are not streamed
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    base = ["generate", "--model", str(tiny_dir), "--max-new-tokens", "8", *GREEDY, PROMPT]
+    for options, settings in (
+        (["--num-beams", "4", "--num-return-sequences", "2"], {"num_beams": 4, "num_return_sequences": 2}),
+        (["--num-beams", "2", "--length-penalty", "-1.5", "--early-stopping", "never"],
+         {"num_beams": 2, "length_penalty": -1.5, "early_stopping": "never"}),
+    ):  # fmt: skip
+        status, out, _ = run(capsys, *base, *options)
+        expected = model.generate(ids, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id, **settings)
+        texts = [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in expected.tolist()]
+        assert status == 0
+        if len(texts) == 1:
+            assert out == texts[0] + "\n"
+        else:
+            assert out == "".join(f"--- {i}/{len(texts)} ---\n{text}\n" for i, text in enumerate(texts, 1))
+    assert seen == []
+
+
+def test_prompt_lookup_and_assistant_stream_what_model_generate_gives(
+    tiny_dir: Path, loaded, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tokenizer = loaded
+    prompt = PROMPT * 3  # the text repeats itself: prompt lookup finds drafts
+    seen = record_prompts(monkeypatch)
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    greedy = continuation(loaded, prompt, 12)
+    base = ["generate", "--model", str(tiny_dir), "--max-new-tokens", "12", prompt]
+    for options in (
+        ["--prompt-lookup", "4"],
+        ["--prompt-lookup", "2", "--max-matching-ngram-size", "3"],
+        ["--assistant-model", str(tiny_dir)],
+    ):
+        assert run(capsys, *base, *GREEDY, *options)[:2] == (0, greedy + "\n"), options
+    # sampling: the text model.generate samples with the same settings and seed
+    status, out, _ = run(capsys, *base, "--prompt-lookup", "4", "--seed", "7", "--top-k", "20")
+    sampled = model.generate(ids, max_new_tokens=12, do_sample=True, temperature=0.7, top_k=20, seed=7,
+                             prompt_lookup_num_tokens=4, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    assert (
+        status == 0 and out == tokenizer.decode(sampled[0, ids.shape[1] :], skip_special_tokens=True) + "\n"
+    )
+    assert [kwargs.get("prompt_lookup_num_tokens") for _, kwargs in seen] == [4, 2, None, 4]  # all streamed
+    assert type(seen[2][1]["assistant_model"]) is type(model)
+
+
+def test_chat_takes_prompt_lookup(tiny_dir: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = record_prompts(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("こんにちは\n"))
+    args = ["chat", "--model", str(tiny_dir), "--max-new-tokens", "4", *GREEDY]
+    status, plain, _ = run(capsys, *args)
+    monkeypatch.setattr("sys.stdin", io.StringIO("こんにちは\n"))
+    assert run(capsys, *args, "--prompt-lookup", "3")[:2] == (status, plain) == (0, plain)
+    assert seen[1][1]["prompt_lookup_num_tokens"] == 3

@@ -221,3 +221,66 @@ def test_return_dict_in_generate_adds_per_sequence_outputs_as_transformers(
             torch.testing.assert_close(torch.tensor(mine[0][key]), torch.tensor(expected[0][key]))
     plain = pipe(PROMPTS[0], return_tensors=True, do_sample=False, max_new_tokens=3)
     assert pipe(PROMPTS[0], return_tensors=True, **args) == plain  # token ids only, as in transformers
+
+
+@pytest.mark.parametrize(("num_beams", "copies"), [(2, 1), (4, 2)])
+def test_beam_search_matches_transformers(pipe: TextGenerationPipeline, reference, num_beams, copies) -> None:
+    """The best ``copies`` beams per prompt, as records; batched beams (left-padded) give the same."""
+    args = {"do_sample": False, "max_new_tokens": 8, "num_beams": num_beams, "num_return_sequences": copies}
+    expected = reference(PROMPTS, **args)
+    assert [len(row) for row in expected] == [copies, copies]
+    assert pipe(PROMPTS, **args) == expected
+    assert pipe(PROMPTS, batch_size=2, **args) == expected
+    scored = {**args, "return_dict_in_generate": True, "output_scores": True}
+    ours, theirs = pipe(PROMPTS[1], **scored), reference(PROMPTS[1], **scored)
+    assert [set(record) for record in ours] == [
+        {"generated_text", "sequences_scores", "beam_indices"}
+    ] * copies
+    for mine, record in zip(ours, theirs, strict=True):
+        assert mine["generated_text"] == record["generated_text"]
+        assert mine["sequences_scores"] == pytest.approx(record["sequences_scores"], abs=1e-5)
+        assert mine["beam_indices"] == record["beam_indices"]
+
+
+def test_beams_take_the_pipeline_defaults_as_transformers_does(
+    pipe: TextGenerationPipeline, reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pipe(text, num_beams=4)`` is beam sampling at the pipeline's temperature in both libraries;
+    ``do_sample=False`` makes it beam search."""
+    seen: dict = {}
+
+    def fake_generate(input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        seen.clear()
+        seen.update(kwargs)
+        return input_ids
+
+    monkeypatch.setattr(pipe.model, "generate", fake_generate)
+    for call in ({"num_beams": 4}, {"num_beams": 4, "do_sample": False}):
+        pipe(PROMPTS[0], **call)
+        expected = reference._prepare_generate_kwargs(dict(call))
+        assert {key: seen[key] for key in expected} == expected
+        assert set(seen) - set(expected) <= {"attention_mask", "input_ids"}
+    assert seen["do_sample"] is False and "temperature" not in seen
+
+
+def test_assisted_decoding_gives_greedy_text_and_loads_a_named_assistant_once(
+    tiny_dir: Path, pipe: TextGenerationPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompt = PROMPTS[1] * 3  # the text repeats itself: prompt lookup finds drafts
+    args = {"do_sample": False, "max_new_tokens": 12}
+    greedy = pipe(prompt, **args)
+    assert pipe(prompt, prompt_lookup_num_tokens=4, **args) == greedy
+    assert pipe(prompt, prompt_lookup_num_tokens=2, max_matching_ngram_size=3, **args) == greedy
+    loads = []
+    load = neoxja.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        neoxja.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(k) or load(*a, **k)
+    )
+    assisted = pipeline(
+        "text-generation", model=str(tiny_dir), dtype=torch.bfloat16, assistant_model=str(tiny_dir)
+    )
+    assert len(loads) == 2 and loads[1]["dtype"] == torch.bfloat16  # the assistant, as the model
+    plain = assisted(prompt, assistant_model=None, **args)  # the call's None replaces the default
+    assert assisted(prompt, **args) == plain
+    assert assisted(prompt, assistant_model=tiny_dir, **args) == plain  # named again: the one loaded
+    assert len(loads) == 2
