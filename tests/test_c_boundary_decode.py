@@ -6,13 +6,14 @@ quantized: nf4, fp4, int8, bfloat16 in either arithmetic, sometimes with an int8
 built with PyTorch, their arrays handed to ``new_model`` with at most one defect (an array short,
 long, float64, strided, read-only where it is written, missing or not an array; a weight
 descriptor of an unknown kind, of the wrong length, with a bad arithmetic or blocksize;
-dimensions that disagree with the arrays), then one ``step`` or ``step_slots`` with at most one
-defect in its arguments
+dimensions that disagree with the arrays), then one ``step``, ``step_slots`` or ``verify`` (several
+tokens per sequence) with at most one defect in its arguments
 (token ids out of the vocabulary, positions beyond the RoPE table or overflowing, masks, logits and
-argmax buffers of the wrong size, type or layout, duplicate or absent cache slots, rows and cache
-positions out of range). A valid case must give the logits of the PyTorch forward on the same
-tokens (of its arithmetic: ``quant_reference``'s model for the fast one) and the first maximum of
-each row; a defective one must be refused naming the argument.
+argmax buffers of the wrong size, type or layout, overlapping each other or the model's cache,
+duplicate or absent cache slots, rows and cache positions out of range, no tokens to verify or more
+than the cache holds). A valid case must give the logits of the PyTorch forward on the same tokens
+(of its arithmetic: ``quant_reference``'s model for the fast one) and the first maximum of each row;
+a defective one must be refused naming the argument.
 ``_decode.matmul`` is fuzzed on its own against ``x @ w.T``.
 """
 
@@ -96,6 +97,29 @@ SLOT_DEFECTS = {
     "lengths_negative": {"lengths"},
     "lengths_short": {"lengths"},
 }
+VERIFY_DEFECTS = {
+    "tokens_out_of_vocab": {"tokens"},
+    "tokens_negative": {"tokens"},
+    "tokens_int32": {"tokens"},
+    "tokens_none": {"tokens"},
+    "tokens_flat": {"tokens"},
+    "tokens_no_count": {"tokens"},
+    "sequences_beyond": {"tokens"},
+    "t_negative": {"t"},
+    "t_float": {"t"},
+    "t_past_capacity": {"t"},
+    "t_past_table": {"t"},
+    "logits_short": {"logits"},
+    "logits_float64": {"logits"},
+    "logits_readonly": {"logits"},
+    "logits_overlaps_cache": {"logits"},
+    "argmax_int32": {"argmax"},
+    "argmax_short": {"argmax"},
+    "argmax_readonly": {"argmax"},
+    "argmax_overlaps_logits": {"argmax"},
+    "model_not_capsule": {"model"},
+    "threads_text": {"threads"},
+}
 ACTS = ["gelu", "gelu_new", "relu", "silu"]
 FORMATS = ["float32", "float32", "nf4", "fp4", "int8", "bfloat16"]
 FOUR_BIT = ("nf4", "fp4")
@@ -121,8 +145,11 @@ def decode_cases(draw: st.DrawFn) -> dict:
     if fmt in FOUR_BIT:  # blocks of 32 within each row of every matrix
         heads, head_dim = 2, 16
     capacity = draw(st.integers(2, 9))
-    mode = draw(st.sampled_from(["step", "step_slots"]))
-    step_defects = {**STEP_DEFECTS, **(POSITIONAL_DEFECTS if mode == "step" else SLOT_DEFECTS)}
+    mode = draw(st.sampled_from(["step", "step_slots", "verify"]))
+    if mode == "verify":
+        step_defects = VERIFY_DEFECTS
+    else:
+        step_defects = {**STEP_DEFECTS, **(POSITIONAL_DEFECTS if mode == "step" else SLOT_DEFECTS)}
     layers = draw(st.integers(1, 2))
     model_defect = draw(
         st.one_of(
@@ -173,6 +200,7 @@ def decode_cases(draw: st.DrawFn) -> dict:
         "max_length": draw(st.integers(1, capacity)),
         "mode": mode,
         "rows": draw(st.integers(1, 4)),
+        "count": draw(st.integers(1, 5)),
         "t": draw(st.integers(0, capacity - 1)),
         "positions": draw(st.booleans()),
         "mask": draw(st.booleans()),
@@ -187,6 +215,9 @@ def _clamp(p: dict) -> dict:
     p = dict(p)
     p["rows"] = min(p["rows"], p["batch"])
     p["t"] = min(p["t"], p["max_length"] - 1)
+    if p["mode"] == "verify":  # count tokens at t..t + count - 1, within the RoPE table
+        p["count"] = min(p["count"], p["max_length"])
+        p["t"] = min(p["t"], p["max_length"] - p["count"])
     return p
 
 
@@ -211,7 +242,7 @@ def _model_defect_names(p: dict) -> set[str]:
 def decode_expected(p: dict) -> set[str]:
     """The names a refusal must mention (empty: the case must run and match the reference)."""
     names = _model_defect_names(p) if p["model_defect"] is not None else set()
-    defects = {**STEP_DEFECTS, **POSITIONAL_DEFECTS, **SLOT_DEFECTS}
+    defects = {**STEP_DEFECTS, **POSITIONAL_DEFECTS, **SLOT_DEFECTS, **VERIFY_DEFECTS}
     return names or defects.get(p["step_defect"], set())
 
 
@@ -354,7 +385,11 @@ def run_decode(p: dict) -> str:
                       past_key_values=cache)  # fmt: skip
         elif p["mode"] == "step_slots" and capacity > 1:
             reference(prefix[:, : capacity - 1], past_key_values=cache)
+        elif p["mode"] == "verify" and t > 0:
+            reference(prefix[:, :t], past_key_values=cache)
     decoder = _build(p, model, cache)
+    if p["mode"] == "verify":
+        return _run_verify(p, decoder, reference, reference is not model, prefix, cache, g)
     tokens = torch.randint(0, vocab, (rows,), generator=g)
     logits = torch.full((batch, vocab), float("nan"))
     argmax = None
@@ -443,6 +478,77 @@ def run_decode(p: dict) -> str:
 def test_decode_step_refuses_or_matches_pytorch(workers: Workers, case: dict) -> None:
     result = workers.run(case["variant"], MODULE, "run_decode", case)
     check_outcome(result, decode_expected(case), case)
+
+
+def _run_verify(
+    p: dict,
+    decoder: object,
+    reference: torch.nn.Module,
+    fast: bool,
+    prefix: torch.Tensor,
+    cache: KVCache,
+    g: torch.Generator,
+) -> str:
+    """``verify`` of ``count`` tokens for ``rows`` sequences after ``t`` cache positions (with the
+    case's one defect): the logits of the PyTorch forward over prefix + tokens at each new token."""
+    from neoxja import _decode
+
+    batch, rows, count, t, vocab = p["batch"], p["rows"], p["count"], p["t"], p["vocab"]
+    tokens = torch.randint(0, vocab, (rows, count), generator=g)
+    logits = torch.full((batch * count, vocab), float("nan"))
+    argmax = None
+    if p["argmax"] is not None:
+        argmax = (
+            torch.full((rows * count, 2), -5)[:, 0]
+            if p["argmax"] == "strided"
+            else torch.full((rows * count,), -5)
+        )
+    shared = np.zeros(rows * count * vocab + 1, np.int64)  # an argmax on the logits' own bytes
+    args = {"model": decoder, "tokens": tokens.numpy(), "t": t, "logits": logits.numpy(),
+            "argmax": None if argmax is None else argmax.numpy(), "threads": p["threads"]}  # fmt: skip
+    args.update(
+        {
+            "tokens_out_of_vocab": {"tokens": np.full((rows, count), vocab)},
+            "tokens_negative": {"tokens": np.full((rows, count), -1)},
+            "tokens_int32": {"tokens": tokens.numpy().astype(np.int32)},
+            "tokens_none": {"tokens": None},
+            "tokens_flat": {"tokens": tokens.numpy().reshape(-1)},
+            "tokens_no_count": {"tokens": np.zeros((rows, 0), np.int64)},
+            "sequences_beyond": {"tokens": np.zeros((batch + 1, count), np.int64)},
+            "t_negative": {"t": -1},
+            "t_float": {"t": float(t)},
+            "t_past_capacity": {"t": p["capacity"] - count + 1},
+            "t_past_table": {"t": p["max_length"] - count + 1},
+            "logits_short": {"logits": logits.numpy().reshape(-1)[: rows * count * vocab - 1]},
+            "logits_float64": {"logits": logits.numpy().astype(np.float64)},
+            "logits_readonly": {"logits": _defective(logits.numpy(), "readonly")},
+            "logits_overlaps_cache": {"logits": cache.keys[0].numpy().reshape(-1)},
+            "argmax_int32": {"argmax": np.zeros(rows * count, np.int32)},
+            "argmax_short": {"argmax": np.zeros(rows * count - 1, np.int64)},
+            "argmax_readonly": {"argmax": _defective(np.zeros(rows * count, np.int64), "readonly")},
+            "argmax_overlaps_logits": {
+                "logits": shared.view(np.float32)[: rows * count * vocab],
+                "argmax": shared[rows * count * vocab // 2 :][: rows * count],
+            },
+            "model_not_capsule": {"model": object()},
+            "threads_text": {"threads": "2"},
+        }.get(p["step_defect"], {})
+    )
+    a = args
+    _decode.verify(a["model"], a["tokens"], a["t"], a["logits"], a["argmax"], a["threads"])
+    expected = []
+    for b in range(rows):
+        ids = torch.cat([prefix[b, :t], tokens[b]])[None]
+        with torch.inference_mode():
+            expected.append(reference(ids).logits[0, t:])
+    ours = logits[: rows * count]
+    torch.testing.assert_close(
+        ours, torch.cat(expected), rtol=2e-3 if fast else 2e-4, atol=2e-3 if fast else 2e-4
+    )
+    assert torch.isnan(logits[rows * count :]).all(), "verify wrote logits beyond its rows"
+    if argmax is not None:
+        assert torch.equal(argmax, ours.argmax(-1)), "argmax is not the first maximum of the logits"
+    return f"verify of {rows} x {count} tokens at {t}"
 
 
 # ----- _decode.matmul ------------------------------------------------------------------------------

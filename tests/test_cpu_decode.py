@@ -607,6 +607,22 @@ def test_verify_refuses_bad_input_by_name() -> None:
             with pytest.raises(ValueError, match=message):
                 decoder.verify(tokens, argmax_out)
             assert cache.length == 2
+        # the C entry points refuse outputs on the model's own arrays (weights, caches), which a step
+        # would overwrite while reading them, and an argmax on the logits
+        from neoxja import _decode
+
+        weights = model.gpt_neox_japanese.embed_in.weight.detach()
+        before, keys = weights.clone(), cache.keys[0].numpy().reshape(-1)  # 1024 values: two rows' logits
+        two = np.array([[5, 6]])
+        with pytest.raises(ValueError, match="verify: logits overlaps an array of the model"):
+            _decode.verify(decoder._handle, two, 2, weights.numpy(), None, 1)
+        with pytest.raises(ValueError, match="step: logits overlaps an array of the model"):
+            _decode.step(decoder._handle, 2, 2, two[0], None, 0, None, keys, None, 1)
+        logits = np.zeros(2 * VOCAB + 2, np.float32)
+        with pytest.raises(ValueError, match="step_slots: argmax overlaps logits"):
+            argmax = logits.view(np.int64)[:2]
+            _decode.step_slots(decoder._handle, 2, two[0], np.arange(2), np.full(2, 2), logits, argmax, 1)
+        assert torch.equal(weights, before) and cache.length == 2
         decoder.verify(torch.ones(2, 6, dtype=torch.long))  # exactly up to max_length
         assert cache.length == 8
 
