@@ -113,6 +113,20 @@ def test_prompt_lookup_ngram_size_and_no_match(models) -> None:
     )
 
 
+def test_left_padded_prompt(models) -> None:
+    """A single prompt with left padding: the drafts and the cache skip the padding, the processors and
+    the lookup see the whole row, as in transformers."""
+    reference, ours, _, _, twin = models
+    ids = torch.cat([torch.full((1, 3), 5), _repeating_prompt(seed=12)], dim=1)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, pad_token_id=5, repetition_penalty=1.2)
+    plain = ours.generate(ids, **kwargs)
+    assert torch.equal(plain, _reference(reference, ids, **kwargs))
+    assert torch.equal(ours.generate(ids, prompt_lookup_num_tokens=4, **kwargs), plain)
+    assert torch.equal(ours.generate(ids, assistant_model=twin, **kwargs), plain)
+
+
 def test_assistant_is_plain_greedy_and_transformers(models) -> None:
     reference, ours, reference_assistant, assistant, _ = models
     ids = _repeating_prompt(seed=2)
