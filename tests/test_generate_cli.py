@@ -355,3 +355,25 @@ def test_chat_takes_prompt_lookup(tiny_dir: Path, capsys, monkeypatch: pytest.Mo
     monkeypatch.setattr("sys.stdin", io.StringIO("こんにちは\n"))
     assert run(capsys, *args, "--prompt-lookup", "3")[:2] == (status, plain) == (0, plain)
     assert seen[1][1]["prompt_lookup_num_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--length-penalty", "2"], "--length-penalty only acts with --num-beams N (N > 1)"),
+        (["--num-beams", "1", "--early-stopping", "never"], "--early-stopping only acts with --num-beams N"),
+        (["--max-matching-ngram-size", "3"], "--max-matching-ngram-size only acts with --prompt-lookup N"),
+        (["--num-beams", "0"], "--num-beams must be a positive integer (1: no beam search), got 0"),
+        (["--prompt-lookup", "0"], "--prompt-lookup must be a positive integer"),
+        (["--assistant-model", "{file}"], "--assistant-model {file} is a file: pass its directory"),
+    ],
+)
+def test_decoding_options_that_cannot_act_fail_before_the_model_loads(
+    tmp_path: Path, capsys, options: list, message: str
+) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"")
+    paths = {"file": str(tmp_path / "weights.bin")}
+    options = [option.format(**paths) for option in options]
+    status, out, err = run(capsys, "generate", "--model", str(tmp_path / "no-model"), *options, PROMPT)
+    assert status == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"neoxja generate: error: {message.format(**paths)}")

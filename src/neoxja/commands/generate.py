@@ -269,9 +269,8 @@ def in_option_words(message: str) -> str:
     return message.replace("do_sample=True", "sampling (--temperature > 0)")
 
 
-class AssistantToCome:
-    """Stands for ``--assistant-model`` in the rules checked before it is loaded (its vocabulary,
-    unknown yet, is checked once it is)."""
+# Stands for --assistant-model in the rules checked before it loads (its vocabulary is checked after).
+ASSISTANT_TO_COME = object()
 
 
 def streams(settings: dict[str, Any]) -> bool:
@@ -306,7 +305,14 @@ def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
         if "" in args.stop:
             raise ValueError("--stop must be a non-empty string, got ''")
         settings["stop_strings"] = list(args.stop)
-    check_settings(settings, AssistantToCome() if args.assistant_model is not None else None)
+    check_settings(settings, ASSISTANT_TO_COME if args.assistant_model is not None else None)
+    for name, needs, alone in (
+        ("length_penalty", settings.get("num_beams", 1) > 1, "--num-beams N (N > 1)"),
+        ("early_stopping", settings.get("num_beams", 1) > 1, "--num-beams N (N > 1)"),
+        ("max_matching_ngram_size", "prompt_lookup_num_tokens" in settings, "--prompt-lookup N"),
+    ):
+        if name in settings and not needs:  # generate() would ignore it (with a warning)
+            raise ValueError(f"{OPTIONS[name]} only acts with {alone}")
     if args.seed is not None:
         try:
             check_seed(args.seed)
