@@ -114,9 +114,9 @@ class TextGenerationPipeline:
             return assistant
         key = os.fspath(assistant)
         if key not in self._assistants:
-            parameter = next(self.model.parameters())
+            # The model's float dtype (a quantized model's packed weights are not what to load in).
             loaded, _ = load_model_and_tokenizer(
-                key, self.tokenizer, dtype=parameter.dtype, device=parameter.device
+                key, self.tokenizer, dtype=self.model.dtype, device=self.model.device
             )
             self._assistants[key] = loaded.eval()
         return self._assistants[key]
