@@ -100,22 +100,24 @@ def assisted_steps(
             f"assisted decoding continues one sequence, got a batch of {plan.input_ids.shape[0]}"
         )
     offset = 0 if plan.attention_mask is None else int((plan.attention_mask[0] == 0).sum())
-    cache = KVCache(model.config, 1, plan.max_length, dtype=model.dtype, device=tokens.device)
-    backend = start_decoding(model, cache, plan.max_length, plan.sampler)
-    stats = AssistedStats()
-    if assistant_model is not None:
-        drafter: AssistantDrafter | PromptLookupDrafter = _assistant_drafter(
-            assistant_model, plan, config, offset
-        )
-        stats.num_assistant_tokens = drafter.num_tokens
-    else:
-        drafter = PromptLookupDrafter(
-            config.prompt_lookup_num_tokens,
-            config.max_matching_ngram_size or DEFAULT_MAX_MATCHING_NGRAM_SIZE,
-            plan.sampler.processors,
-            plan.eos_ids,
-            model.config.vocab_size,
-        )
+    # Caches and backends are built as the loop that uses them runs: in inference mode.
+    with torch.inference_mode():
+        cache = KVCache(model.config, 1, plan.max_length, dtype=model.dtype, device=tokens.device)
+        backend = start_decoding(model, cache, plan.max_length, plan.sampler)
+        stats = AssistedStats()
+        if assistant_model is not None:
+            drafter: AssistantDrafter | PromptLookupDrafter = _assistant_drafter(
+                assistant_model, plan, config, offset
+            )
+            stats.num_assistant_tokens = drafter.num_tokens
+        else:
+            drafter = PromptLookupDrafter(
+                config.prompt_lookup_num_tokens,
+                config.max_matching_ngram_size or DEFAULT_MAX_MATCHING_NGRAM_SIZE,
+                plan.sampler.processors,
+                plan.eos_ids,
+                model.config.vocab_size,
+            )
     steps = _verify_drafts(backend, plan, config.do_sample, tokens, record, drafter, offset, stats)
     return AssistedSteps(steps, stats)
 
