@@ -203,7 +203,7 @@ def test_max_new_tokens_ending_inside_a_draft(models) -> None:
     _, ours, _, assistant, twin = models
     ids = _repeating_prompt(seed=6)
     full = ours.generate(ids, max_new_tokens=13)
-    for max_new_tokens in (1, 2, 6, 13):
+    for max_new_tokens in (1, 6, 13):
         plain = full[:, : ids.shape[1] + max_new_tokens]
         for extra in (
             dict(assistant_model=twin, num_assistant_tokens=5),
@@ -291,8 +291,7 @@ def test_sampling_is_reproducible_and_keeps_to_the_processors(models, drafter) -
     )
     first = ours.generate(ids, seed=5, output_scores=True, **kwargs, **extra)
     assert torch.equal(first.sequences, ours.generate(ids, seed=5, **kwargs, **extra).sequences)
-    others = [ours.generate(ids, seed=seed, **kwargs, **extra).sequences for seed in (6, 7)]
-    assert any(not torch.equal(first.sequences, other) for other in others)
+    assert not torch.equal(first.sequences, ours.generate(ids, seed=6, **kwargs, **extra).sequences)
     # Every token had a finite processed score: inside the top 3, never completing a seen 3-gram.
     chosen = ours.compute_transition_scores(first.sequences, first.scores)
     assert torch.isfinite(chosen).all()
