@@ -8,7 +8,9 @@ decoding, the argmax) in C, on the model's own weights, dense float32 or quantiz
 (:mod:`neoxja.quantization.layers`: nf4, fp4, int8, bfloat16, each layer in its own arithmetic,
 ``fast`` or ``exact``), and the generation's :class:`~neoxja.cache.KVCache`, with its own threads
 (as many as ``torch.get_num_threads()``). The prompt (prefill) still goes through the model's
-PyTorch forward, which fills the same cache.
+PyTorch forward, which fills the same cache. :meth:`FusedDecoder.verify` feeds several tokens of
+each row in one call (assisted decoding's verification of its drafts): each weight is read once for
+all of them, and each token's logits are, bit for bit, those of feeding it alone in a step.
 
 ``generate()`` uses it by itself (the ``cpu-fused`` backend of :mod:`neoxja.decoding`) when
 
@@ -373,7 +375,8 @@ class FusedDecodingUnsupported(ValueError):
 
 
 class FusedDecoder:
-    """One token per row through the whole model in one C call, into a preallocated ``cache``.
+    """One token per row (or several: :meth:`verify`) through the whole model in one C call, into a
+    preallocated ``cache``.
 
     ``cache`` must hold every position up to ``max_length`` (generate() allocates it so) and keep
     its buffers: a cache that grew or had rows selected since is refused. The decoder reads the
