@@ -144,13 +144,17 @@ def test_reorder_gathers_rows_in_place_like_index_select() -> None:
     buffers = list(cache.keys) + list(cache.values)
     pointers = [t.data_ptr() for t in buffers]
     before = [t.clone() for t in buffers]
-    order = [2, 2, 0, 3]  # row 2 continues twice and is overwritten itself, row 3 keeps its place
-    cache.reorder(torch.tensor(order))
-    assert all(a is b for a, b in zip(cache.keys + cache.values, buffers, strict=True))
-    assert [t.data_ptr() for t in cache.keys + cache.values] == pointers
-    for old, new in zip(before, cache.keys + cache.values, strict=True):
-        assert torch.equal(new[:, :, :6], old.index_select(0, torch.tensor(order))[:, :, :6])
-        assert torch.equal(new[:, :, 6:], old[:, :, 6:])  # past the filled length nothing is moved
+    # Row 2 continues twice and is overwritten itself, row 3 keeps its place; then rows 1 and 3 swap
+    # (targets that are not consecutive).
+    for order in ([2, 2, 0, 3], [0, 3, 2, 1]):
+        cache.reorder(torch.tensor(order))
+        assert all(a is b for a, b in zip(cache.keys + cache.values, buffers, strict=True))
+        assert [t.data_ptr() for t in cache.keys + cache.values] == pointers
+        expected = [old.index_select(0, torch.tensor(order)) for old in before]
+        for old, want, new in zip(before, expected, cache.keys + cache.values, strict=True):
+            assert torch.equal(new[:, :, :6], want[:, :, :6])
+            assert torch.equal(new[:, :, 6:], old[:, :, 6:])  # past the filled length nothing is moved
+        before = [torch.cat((want[:, :, :6], old[:, :, 6:]), dim=2) for old, want in zip(before, expected)]
     assert cache.batch_size == 4 and cache.get_seq_length() == 6
 
 

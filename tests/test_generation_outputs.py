@@ -163,3 +163,18 @@ def test_transition_scores_name_bad_beam_indices() -> None:
         compute_transition_scores(sequences, scores, beam_indices=torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="scores is empty"):
         compute_transition_scores(sequences, ())
+
+
+def test_assisted_decoding_reports_its_drafts_in_the_output(models) -> None:
+    """Prompt lookup on a prompt that repeats: the output carries the verification counts (neoxja's
+    assisted_stats) and the greedy tokens; plain decoding has no such counts."""
+    _, ours = models
+    block = torch.randint(4, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    ids = block.repeat(1, 4)
+    plain = ours.generate(ids, max_new_tokens=20, return_dict_in_generate=True)
+    assisted = ours.generate(ids, max_new_tokens=20, prompt_lookup_num_tokens=5, return_dict_in_generate=True)
+    assert torch.equal(assisted.sequences, plain.sequences)
+    assert plain.assisted_stats is None and "assisted_stats" not in plain.keys()
+    stats = assisted.assisted_stats
+    assert stats.emitted == 20 and stats.drafted > 0 and 0 <= stats.accepted <= stats.drafted
+    assert stats.emitted <= stats.accepted + stats.rounds  # a round emits its accepted drafts + 1

@@ -165,9 +165,8 @@ def beam_search(
         moved = [row for row, source in enumerate(sources) if source != row]
         if moved:
             cache.reorder(sources)
-            targets = torch.tensor(moved, dtype=torch.long, device=device)
             origins = torch.tensor([sources[row] for row in moved], dtype=torch.long, device=device)
-            gather_rows_(history.narrow(1, 0, length), targets, origins)
+            gather_rows_(history.narrow(1, 0, length), moved, origins)
             plan.sampler.forget()  # the stateful processors rebuild from the reordered rows
         history.select(1, length).copy_(new_tokens)
         length += 1

@@ -170,12 +170,11 @@ class KVCache:
         moved = [row for row, source in enumerate(indices) if source != row]
         if not moved or self.length == 0:
             return
-        targets = torch.tensor(moved, dtype=torch.long, device=self.device)
         sources = torch.tensor([indices[row] for row in moved], dtype=torch.long, device=self.device)
         for buffers in (self.keys, self.values):
             for buffer in buffers:
                 if buffer is not None:
-                    gather_rows_(buffer.narrow(2, 0, self.length), targets, sources)
+                    gather_rows_(buffer.narrow(2, 0, self.length), moved, sources)
 
     def __repr__(self) -> str:
         return (
@@ -184,7 +183,15 @@ class KVCache:
         )
 
 
-def gather_rows_(tensor: torch.Tensor, targets: torch.Tensor, sources: torch.Tensor) -> None:
-    """``tensor[targets[j]] = tensor[sources[j]]`` for every ``j``, in place along dim 0: the source rows
-    are read (copied out) before any target is written, so a source that is also a target is safe."""
-    tensor.index_copy_(0, targets, tensor.index_select(0, sources))
+def gather_rows_(tensor: torch.Tensor, targets: list[int], sources: torch.Tensor) -> None:
+    """``tensor[targets[j]] = tensor[sources[j]]`` for every ``j``, in place along dim 0 (``targets``
+    ascending, ``sources`` an index tensor on the tensor's device): the source rows are read (copied
+    out) before any target is written, so a source that is also a target is safe. Each run of
+    consecutive targets is one slice copy (on the CPU, several times faster than ``index_copy_`` into a
+    strided view)."""
+    rows = tensor.index_select(0, sources)
+    start = 0
+    for end in range(1, len(targets) + 1):
+        if end == len(targets) or targets[end] != targets[end - 1] + 1:
+            tensor.narrow(0, targets[start], end - start).copy_(rows.narrow(0, start, end - start))
+            start = end

@@ -230,8 +230,9 @@ class GenerationMixin:
         if streamer is not None:
             streamer.put(plan.input_ids.cpu())
         length = plan.input_ids.shape[1]
+        steps = _steps(self, plan, config, tokens, record, assistant_model)
         try:
-            for step_length, next_tokens in _steps(self, plan, config, tokens, record, assistant_model):
+            for step_length, next_tokens in steps:
                 length = step_length
                 if streamer is not None:
                     streamer.put(next_tokens.cpu())
@@ -242,7 +243,10 @@ class GenerationMixin:
         if not config.return_dict_in_generate:
             return sequences
         scores, logits = record.as_tuples()
-        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits)
+        stats = getattr(steps, "stats", None)
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences, scores=scores, logits=logits, assisted_stats=stats
+        )
 
     def compute_transition_scores(
         self,
@@ -312,6 +316,7 @@ def stream_generate(
             seed=seed,
             logits_processor=logits_processor,
             streaming=True,
+            yields_text=True,
             assistant_model=assistant_model,
         )
     if plan.input_ids.shape[0] != 1:

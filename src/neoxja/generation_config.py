@@ -170,6 +170,8 @@ class GenerationConfig:
             unused["num_beams=1"] = ("length_penalty", "early_stopping")
         if not self.return_dict_in_generate:
             unused["return_dict_in_generate=False"] = ("output_scores", "output_logits")
+        if self.prompt_lookup_num_tokens is None:
+            unused["prompt_lookup_num_tokens=None"] = ("max_matching_ngram_size",)
         for cause, names in unused.items():
             ignored = [n for n in names if n in changed]
             if ignored:
@@ -256,10 +258,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 @dataclass(frozen=True)
 class DecodingRequest:
     """What a call asks for beyond its settings, for the rules between settings and arguments:
-    ``streaming`` (a ``streamer`` or ``stream_generate``), the ``assistant_model`` (or None), the
-    number of prompts, and the model's vocabulary size."""
+    ``streaming`` (a ``streamer`` or ``stream_generate``), ``yields_text`` (``stream_generate``, which
+    returns no output object), the ``assistant_model`` (or None), the number of prompts, and the
+    model's vocabulary size."""
 
     streaming: bool = False
+    yields_text: bool = False
     assistant_model: Any = None
     batch_size: int = 1
     vocab_size: int | None = None
@@ -287,6 +291,13 @@ _COMBINATIONS: list[tuple[Callable[[GenerationConfig, DecodingRequest], bool], C
         lambda c, r: (
             f"num_beams={c.num_beams} cannot stream (a streamer or stream_generate): the best "
             "beam is only known at the end, as in transformers; generate without streaming"
+        ),
+    ),
+    (
+        lambda c, r: r.yields_text and c.return_dict_in_generate,
+        lambda c, r: (
+            "return_dict_in_generate=True with stream_generate: it yields text pieces, not an "
+            "output with sequences and scores; use generate(..., return_dict_in_generate=True)"
         ),
     ),
     (

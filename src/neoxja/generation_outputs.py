@@ -11,6 +11,7 @@ the model's raw float32 logits; one [rows, vocab] tensor per generated position.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,7 +23,9 @@ from neoxja.sample_utils import Sampler
 @dataclass
 class GenerateDecoderOnlyOutput(ModelOutput):
     """Greedy decoding, sampling and assisted decoding: the sequences and, when asked, each step's
-    processed ``scores`` and raw ``logits`` (tuples of [batch, vocab] float32 tensors)."""
+    processed ``scores`` and raw ``logits`` (tuples of [batch, vocab] float32 tensors). Assisted
+    decoding also fills ``assisted_stats`` (neoxja's own field, last so that transformers' positions
+    hold): verification rounds, drafted and accepted tokens, :class:`neoxja.assisted.AssistedStats`."""
 
     sequences: torch.Tensor | None = None
     scores: tuple[torch.Tensor, ...] | None = None
@@ -30,6 +33,7 @@ class GenerateDecoderOnlyOutput(ModelOutput):
     attentions: None = None
     hidden_states: None = None
     past_key_values: KVCache | None = None
+    assisted_stats: Any = None
 
 
 @dataclass

@@ -184,14 +184,17 @@ def plan_generation(
     seed: int | None = None,
     logits_processor: Sequence[Processor] = (),
     streaming: bool = False,
+    yields_text: bool = False,
     assistant_model: Any = None,
 ) -> Plan:
-    """Check and resolve everything one generation needs, in the named steps above. ``streaming``
-    and ``assistant_model`` are the call's, for the rules between settings and arguments."""
+    """Check and resolve everything one generation needs, in the named steps above. ``streaming``,
+    ``yields_text`` and ``assistant_model`` describe the call, for the rules between settings and
+    arguments (:class:`~neoxja.generation_config.DecodingRequest`)."""
     check_setting("num_beams", config.num_beams)  # the batch-size rule below reads it
     input_ids = _prompt_ids(model, input_ids, config)
     request = DecodingRequest(
         streaming=streaming,
+        yields_text=yields_text,
         assistant_model=assistant_model,
         batch_size=input_ids.shape[0],
         vocab_size=model.config.vocab_size,
