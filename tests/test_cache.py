@@ -154,7 +154,10 @@ def test_reorder_gathers_rows_in_place_like_index_select() -> None:
         for old, want, new in zip(before, expected, cache.keys + cache.values, strict=True):
             assert torch.equal(new[:, :, :6], want[:, :, :6])
             assert torch.equal(new[:, :, 6:], old[:, :, 6:])  # past the filled length nothing is moved
-        before = [torch.cat((want[:, :, :6], old[:, :, 6:]), dim=2) for old, want in zip(before, expected)]
+        before = [
+            torch.cat((want[:, :, :6], old[:, :, 6:]), dim=2)
+            for old, want in zip(before, expected, strict=True)
+        ]
     assert cache.batch_size == 4 and cache.get_seq_length() == 6
 
 
