@@ -1,4 +1,5 @@
-/* One decoding step of GPT-NeoX-Japanese in C: CPU, one new token per batch row (Python interface).
+/* One decoding step of GPT-NeoX-Japanese in C: CPU, one new token per batch row, or several tokens
+ * of each sequence at once to verify drafts (verify) (Python interface).
  *
  * Why C: a decoding step of a small model is a few dozen PyTorch ops on vectors, and each op costs
  * several microseconds of dispatch however little it computes; a large model's step is reading its
