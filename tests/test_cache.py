@@ -179,3 +179,21 @@ def test_reorder_then_continue_equals_the_reordered_prompts(model: GPTNeoXJapane
     stepped = model(ids[order, 6:], past_key_values=cache, use_cache=True).logits
     full = model(ids[order]).logits[:, 6:]
     torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
+
+
+def test_reorder_of_a_lazy_cache_moves_its_adopted_buffers() -> None:
+    """A cache made without max_length holds the first forward's tensors (no single allocation yet):
+    reorder moves their rows the same way, and after growing the content is still in place."""
+    cache = KVCache(CONFIG, batch_size=3, max_length=None)
+    k, v = kv(3, 4, 7)
+    for layer in range(2):
+        cache.update(layer, k.clone(), v.clone())  # each layer adopts its own tensors, as in the model
+    cache.advance(4)
+    adopted = cache.keys[1]
+    moved_k, moved_v = k[[1, 0, 0]], v[[1, 0, 0]]
+    cache.reorder([1, 0, 0])
+    assert cache.keys[1] is adopted and torch.equal(cache.keys[1], moved_k)
+    k2, v2 = kv(3, 1, 8)
+    keys, values = cache.update(1, k2, v2)  # grows into one allocation
+    assert torch.equal(keys, torch.cat((moved_k, k2), dim=2))
+    assert torch.equal(values, torch.cat((moved_v, v2), dim=2))

@@ -2,16 +2,19 @@
 
 Design
 ------
-One pair of preallocated buffers per layer, ``keys[i]`` and ``values[i]`` of shape
-``[batch, heads, capacity, head_dim]``. A forward pass over ``T`` new tokens writes them at
-``[:, :, length : length + T]`` (an in-place slice copy, no concatenation) and attends to the
-view ``[:, :, : length + T]``; after the last layer the model calls :meth:`KVCache.advance` once,
-so every layer of one forward sees the same offset. A decoding step therefore costs the same
-Python work whatever the sequence length. If ``length + T`` exceeds the capacity, the buffers are
-reallocated at (at least) twice the capacity, so appends are amortised O(1). A cache created
-without ``max_length`` (what the model makes for a plain ``forward(use_cache=True)``) allocates
-nothing up front and adopts each layer's first keys/values as its buffers, so a single forward
-pays no copy; it grows on the first append like any other.
+One pair of preallocated buffers per layer, ``keys[i]`` and ``values[i]`` of shape ``[batch, heads,
+capacity, head_dim]``, all views of one allocation ``[layers, 2, batch, heads, capacity, head_dim]``
+(each view contiguous), so that a row operation over every layer (beam search's
+:meth:`KVCache.reorder`) is a few tensor operations, not a few per layer. A forward pass over ``T``
+new tokens writes them at ``[:, :, length : length + T]`` (an in-place slice copy, no concatenation)
+and attends to the view ``[:, :, : length + T]``; after the last layer the model calls
+:meth:`KVCache.advance` once, so every layer of one forward sees the same offset. A decoding step
+therefore costs the same Python work whatever the sequence length. If ``length + T`` exceeds the
+capacity, the buffers are reallocated at (at least) twice the capacity, so appends are amortised
+O(1). A cache created without ``max_length`` (what the model makes for a plain
+``forward(use_cache=True)``) allocates nothing up front and adopts each layer's first keys/values as
+its buffers, so a single forward pays no copy (its buffers are then separate tensors); it grows into
+one allocation on the first append like any other.
 
 The layout is chosen so that two later extensions need no change to the model:
 
@@ -56,10 +59,19 @@ class KVCache:
         self.length = 0
         self.keys: list[torch.Tensor | None] = [None] * self.num_layers
         self.values: list[torch.Tensor | None] = [None] * self.num_layers
+        self._storage: torch.Tensor | None = None  # [layers, 2, batch, heads, capacity, head_dim]
         if max_length is not None:
-            shape = (batch_size, self.num_heads, max_length, self.head_dim)
-            self.keys = [torch.empty(shape, dtype=dtype, device=self.device) for _ in self.keys]
-            self.values = [torch.empty(shape, dtype=dtype, device=self.device) for _ in self.values]
+            self._use_storage(self._new_storage(batch_size, max_length))
+
+    def _new_storage(self, batch_size: int, capacity: int) -> torch.Tensor:
+        shape = (self.num_layers, 2, batch_size, self.num_heads, capacity, self.head_dim)
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    def _use_storage(self, storage: torch.Tensor) -> None:
+        """Make ``storage`` the cache's one allocation, ``keys[i]``/``values[i]`` its views."""
+        self._storage = storage
+        self.keys = [storage[i, 0] for i in range(self.num_layers)]
+        self.values = [storage[i, 1] for i in range(self.num_layers)]
 
     @classmethod
     def from_config(cls, config: Any, *args: Any, **kwargs: Any) -> KVCache:
@@ -115,14 +127,12 @@ class KVCache:
         self.length += num_tokens
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self.capacity)
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                if old is None:
-                    continue
-                new = old.new_empty(old.shape[:2] + (capacity,) + old.shape[3:])
-                new[:, :, : self.length] = old[:, :, : self.length]
-                buffers[i] = new
+        old_keys, old_values = self.keys, self.values
+        self._use_storage(self._new_storage(self.batch_size, max(needed, 2 * self.capacity)))
+        for old_buffers, buffers in ((old_keys, self.keys), (old_values, self.values)):
+            for old, new in zip(old_buffers, buffers, strict=True):
+                if old is not None:
+                    new.narrow(2, 0, self.length).copy_(old.narrow(2, 0, self.length))
 
     def reset(self) -> None:
         """Forget every stored position; the buffers are kept for reuse."""
@@ -145,10 +155,13 @@ class KVCache:
             raise IndexError(
                 f"batch rows {indices.tolist()} out of range for a cache of batch size {self.batch_size}"
             )
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                if old is not None:
-                    buffers[i] = old.index_select(0, indices)
+        if self._storage is not None:
+            self._use_storage(self._storage.index_select(2, indices))
+        else:
+            for buffers in (self.keys, self.values):
+                for i, old in enumerate(buffers):
+                    if old is not None:
+                        buffers[i] = old.index_select(0, indices)
         self.batch_size = indices.numel()
 
     def reorder(self, beam_idx: torch.Tensor | list[int]) -> None:
@@ -171,6 +184,9 @@ class KVCache:
         if not moved or self.length == 0:
             return
         sources = torch.tensor([indices[row] for row in moved], dtype=torch.long, device=self.device)
+        if self._storage is not None:  # every layer's keys and values at once
+            gather_rows_(self._storage.narrow(4, 0, self.length), moved, sources, dim=2)
+            return
         for buffers in (self.keys, self.values):
             for buffer in buffers:
                 if buffer is not None:
@@ -183,15 +199,15 @@ class KVCache:
         )
 
 
-def gather_rows_(tensor: torch.Tensor, targets: list[int], sources: torch.Tensor) -> None:
-    """``tensor[targets[j]] = tensor[sources[j]]`` for every ``j``, in place along dim 0 (``targets``
+def gather_rows_(tensor: torch.Tensor, targets: list[int], sources: torch.Tensor, dim: int = 0) -> None:
+    """``tensor[targets[j]] = tensor[sources[j]]`` for every ``j``, in place along ``dim`` (``targets``
     ascending, ``sources`` an index tensor on the tensor's device): the source rows are read (copied
     out) before any target is written, so a source that is also a target is safe. Each run of
     consecutive targets is one slice copy (on the CPU, several times faster than ``index_copy_`` into a
     strided view)."""
-    rows = tensor.index_select(0, sources)
+    rows = tensor.index_select(dim, sources)
     start = 0
     for end in range(1, len(targets) + 1):
         if end == len(targets) or targets[end] != targets[end - 1] + 1:
-            tensor.narrow(0, targets[start], end - start).copy_(rows.narrow(0, start, end - start))
+            tensor.narrow(dim, targets[start], end - start).copy_(rows.narrow(dim, start, end - start))
             start = end
