@@ -113,43 +113,6 @@ fail:
     return NULL;
 }
 
-/* Bytes of the buffer of the matrices' inputs (as their kernels read them) for steps of `rows` rows. */
-static size_t inputs_bytes(const Model *m, int rows) {
-    size_t bytes = act_bytes(&m->head, rows);
-    for (int l = 0; l < m->layers; l++) {
-        const Weight *each[4] = {&m->layer[l].qkv, &m->layer[l].dense, &m->layer[l].fc1, &m->layer[l].fc2};
-        for (int i = 0; i < 4; i++)
-            if (act_bytes(each[i], rows) > bytes) bytes = act_bytes(each[i], rows);
-    }
-    return bytes;
-}
-
-/* Floats of the row scratch (x, h, attn, qkv, mid) per row. */
-static int64_t row_floats(const Model *m) { return 6 * (int64_t)m->hidden + m->inter; }
-
-/* The scratch buffers of m sized for `rows` rows (x, h, attn, qkv, mid, best_value, best_index,
- * inputs), replacing smaller ones: 0, or -1 when memory runs out (m keeps its old buffers). The
- * sizes were checked for overflow by the caller. Runs without the GIL, under the pool's lock. */
-static int grow_rows(Model *m, int rows) {
-    size_t inputs = inputs_bytes(m, rows);
-    float *x = malloc(sizeof(float) * row_floats(m) * rows);
-    float *best_value = malloc(sizeof(float) * MAX_THREADS * rows);
-    int64_t *best_index = malloc(sizeof(int64_t) * MAX_THREADS * rows);
-    void *in = inputs ? aligned_alloc(64, (inputs + 63) / 64 * 64) : NULL;
-    if (!x || !best_value || !best_index || (inputs && !in)) {
-        free(x), free(best_value), free(best_index), free(in);
-        return -1;
-    }
-    free(m->x), free(m->best_value), free(m->best_index), free(m->inputs);
-    m->x = x, m->best_value = best_value, m->best_index = best_index, m->inputs = in;
-    m->max_rows = rows;
-    m->h = m->x + (int64_t)rows * m->hidden;
-    m->attn = m->h + (int64_t)rows * m->hidden;
-    m->qkv = m->attn + (int64_t)rows * m->hidden;
-    m->mid = m->qkv + (int64_t)rows * 3 * m->hidden;
-    return 0;
-}
-
 static void free_model(Model *m) {
     if (!m) return;
     for (int i = 0; i < m->n_views; i++) PyBuffer_Release(&m->views[i]);
@@ -298,7 +261,7 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
     }
     /* the row scratch, and one buffer for the inputs of the matrices as their kernels read them (one
      * product at a time), for `batch` rows */
-    if (grow_rows(m, batch) < 0) {
+    if (model_grow_rows(m, batch) < 0) {
         PyErr_NoMemory();
         goto fail;
     }
@@ -323,7 +286,7 @@ static PyObject *launch(Model *m, const Call *call, long long nth) {
     m->mask = call->mask, m->mask_stride = call->mask_stride, m->logits = call->logits;
     m->argmax = call->argmax, m->argmax_stride = call->argmax_stride;
     int64_t per_thread = m->capacity;
-    if (m->max_rows < call->rows && grow_rows(m, call->rows) < 0) threads = 0; /* out of memory */
+    if (m->max_rows < call->rows && model_grow_rows(m, call->rows) < 0) threads = 0; /* out of memory */
     if (threads >= 1 && m->scratch_threads < threads) {
         float *grown = realloc(m->thread_scratch, sizeof(float) * per_thread * threads);
         if (grown) {

@@ -4,13 +4,49 @@
 #include "model.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "args.h" /* MAX_THREADS */
 #include "f32.h"
 #include "pool.h"
 
 /* Below this many weight elements per layer (times batch rows) the layers run on one thread. */
 #define PARALLEL_MIN_ELEMENTS (1 << 18)
+
+/* Bytes of the buffer of the matrices' inputs (as their kernels read them) for steps of `rows` rows. */
+static size_t inputs_bytes(const Model *m, int rows) {
+    size_t bytes = act_bytes(&m->head, rows);
+    for (int l = 0; l < m->layers; l++) {
+        const Weight *each[4] = {&m->layer[l].qkv, &m->layer[l].dense, &m->layer[l].fc1, &m->layer[l].fc2};
+        for (int i = 0; i < 4; i++)
+            if (act_bytes(each[i], rows) > bytes) bytes = act_bytes(each[i], rows);
+    }
+    return bytes;
+}
+
+/* Floats of the row scratch (x, h, attn, qkv, mid) per row. */
+static int64_t row_floats(const Model *m) { return 6 * (int64_t)m->hidden + m->inter; }
+
+int model_grow_rows(Model *m, int rows) {
+    size_t inputs = inputs_bytes(m, rows);
+    float *x = malloc(sizeof(float) * row_floats(m) * rows);
+    float *best_value = malloc(sizeof(float) * MAX_THREADS * rows);
+    int64_t *best_index = malloc(sizeof(int64_t) * MAX_THREADS * rows);
+    void *in = inputs ? aligned_alloc(64, (inputs + 63) / 64 * 64) : NULL;
+    if (!x || !best_value || !best_index || (inputs && !in)) {
+        free(x), free(best_value), free(best_index), free(in);
+        return -1;
+    }
+    free(m->x), free(m->best_value), free(m->best_index), free(m->inputs);
+    m->x = x, m->best_value = best_value, m->best_index = best_index, m->inputs = in;
+    m->max_rows = rows;
+    m->h = m->x + (int64_t)rows * m->hidden;
+    m->attn = m->h + (int64_t)rows * m->hidden;
+    m->qkv = m->attn + (int64_t)rows * m->hidden;
+    m->mid = m->qkv + (int64_t)rows * 3 * m->hidden;
+    return 0;
+}
 
 static void layer_norm(const float *x, const float *w, const float *b, float *y, int n, float eps) {
     double sum = 0.0;

@@ -63,6 +63,11 @@ typedef struct {
     int64_t *argmax;
 } Model;
 
+/* The scratch buffers of m sized for `rows` rows (x, h, attn, qkv, mid, best_value, best_index,
+ * inputs), replacing smaller ones: 0, or -1 when memory runs out (m keeps its old buffers). The
+ * caller checked the sizes for overflow; no GIL needed (plain allocation), but no step may run. */
+int model_grow_rows(Model *m, int rows);
+
 /* The step of the rows set into m (rows, token, row, at, pos, mask, logits, argmax), as a pool task. */
 void model_step(void *model, int ith, int nth);
 
