@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from conftest import force_backend
 
 import neoxja
-from neoxja import decoding
 
 VOCAB = 384
 PAD = 5
@@ -43,19 +43,7 @@ def models(tmp_path_factory) -> tuple[torch.nn.Module, torch.nn.Module]:
 @pytest.fixture(autouse=True, params=["torch", "cpu-fused"])
 def backend(request, monkeypatch) -> str:
     """Run the test with this decoding backend first in line and check that beam search chose it."""
-    chosen = next(b for b in decoding.BACKENDS if b.name == request.param)
-    if chosen.name == "cpu-fused" and not neoxja.cpu_decode.extension_available():
-        pytest.fail("the C extension neoxja._decode is not built")
-    monkeypatch.setattr(decoding, "BACKENDS", (chosen, decoding.TorchBackend))
-    used = []
-    start = decoding.start_decoding
-
-    def recording_start(*args, **kwargs):
-        backend = start(*args, **kwargs)
-        used.append(backend.name)
-        return backend
-
-    monkeypatch.setattr(neoxja.beam_search, "start_decoding", recording_start)
+    used = force_backend(monkeypatch, request.param)
     yield request.param
     assert used and set(used) == {request.param}, f"beam search decoded with {used}, not {request.param}"
 
@@ -216,3 +204,24 @@ def test_beam_sampling_is_reproducible_and_scores_its_beams(models) -> None:
     transition = ours.compute_transition_scores(first.sequences, first.scores, first.beam_indices)
     assert torch.isfinite(transition).all()  # every chosen token was inside top_k
     torch.testing.assert_close(transition.sum(dim=1) / 20, first.sequences_scores)
+
+
+def test_beam_sampling_keeps_a_token_beside_eos_as_transformers(models) -> None:
+    """top_k=1 would leave one candidate per beam; beam sampling keeps eos ids + 1 (transformers'
+    min_tokens_to_keep), so all beams get a finite score and differ."""
+    _, ours = models
+    ids, _ = _prompts(1)
+    out = ours.generate(
+        ids,
+        num_beams=3,
+        num_return_sequences=3,
+        do_sample=True,
+        top_k=1,
+        max_new_tokens=8,
+        seed=0,
+        pad_token_id=PAD,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    assert torch.isfinite(out.sequences_scores).all() and bool((out.sequences_scores > -1e8).all())
+    assert len({tuple(row.tolist()) for row in out.sequences}) == 3

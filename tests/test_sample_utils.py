@@ -362,3 +362,28 @@ def test_forget_after_reordered_or_shortened_rows_equals_a_fresh_processor(build
         scores = torch.randn(3, 12)
         expected = build()(changed, scores.clone())
         assert torch.equal(sampler.process(changed, scores.clone()), expected)
+
+
+@pytest.mark.parametrize("keep", [2, 3])
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (lambda keep: TopKProcessor(1, keep), lambda keep: ref.TopKLogitsWarper(1, min_tokens_to_keep=keep)),
+        (
+            lambda keep: TopPProcessor(1e-6, keep),
+            lambda keep: ref.TopPLogitsWarper(1e-6, min_tokens_to_keep=keep),
+        ),
+        (
+            lambda keep: MinPProcessor(1.0, keep),
+            lambda keep: ref.MinPLogitsWarper(1.0, min_tokens_to_keep=keep),
+        ),
+    ],
+    ids=["top-k", "top-p", "min-p"],
+)
+def test_min_tokens_to_keep_matches_reference(ours, theirs, keep: int) -> None:
+    """Beam sampling keeps at least (eos ids + 1) tokens through every warper, as transformers does:
+    at settings that would keep one token, ``keep`` survive."""
+    scores, ids = _scores(0), _ids(0)
+    got = ours(keep)(ids, scores.clone())
+    _same(got, theirs(keep)(ids, scores))
+    assert bool(((got > -math.inf).sum(-1) == keep).all())

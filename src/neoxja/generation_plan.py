@@ -170,6 +170,7 @@ def _sampler(
         prompt_padding=prompt_padding,
         generator=generator,
         extra_processors=logits_processor,
+        min_tokens_to_keep=max(len(eos_ids), 1) + 1 if config.is_beam_search else 1,
     )
 
 

@@ -172,15 +172,21 @@ class PresenceFrequencyProcessor:
 
 
 class MinPProcessor:
-    """Keep the tokens whose probability is at least ``min_p`` times the most likely one's."""
+    """Keep the tokens whose probability is at least ``min_p`` times the most likely one's (and at
+    least the ``min_tokens_to_keep`` most likely)."""
 
-    def __init__(self, min_p: float) -> None:
+    def __init__(self, min_p: float, min_tokens_to_keep: int = 1) -> None:
         self.min_p = float(check_setting("min_p", min_p))
+        self.min_tokens_to_keep = min_tokens_to_keep
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         probs = scores.softmax(dim=-1)
         floor = probs.amax(dim=-1, keepdim=True) * self.min_p
-        return scores.masked_fill_(probs < floor, -math.inf)
+        drop = probs < floor
+        if self.min_tokens_to_keep > 1:
+            kept = torch.topk(probs, min(self.min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
+            drop.scatter_(-1, kept, False)
+        return scores.masked_fill_(drop, -math.inf)
 
 
 class NoRepeatNGramProcessor:
@@ -319,13 +325,16 @@ def make_sampler(
     prompt_padding: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     extra_processors: Sequence[Processor] = (),
+    min_tokens_to_keep: int = 1,
 ) -> Sampler:
     """Build the reference's processor chain for these settings.
 
     Order as in transformers: repetition penalty, no-repeat-ngram, min length, user processors, then,
     only when sampling, temperature, top-k, top-p, min-p. ``prompt_padding`` [batch] is the number of left
-    pad positions per row (kept out of the repetition penalty). Settings equal to their neutral value
-    add no processor.
+    pad positions per row (kept out of the repetition penalty). ``min_tokens_to_keep`` is the fewest
+    tokens top-k, top-p and min-p leave (beam sampling keeps one more than there are eos ids, as
+    transformers does, so a beam can always continue). Settings equal to their neutral value add no
+    processor.
     """
     processors: list[Processor] = []
     if repetition_penalty != 1.0:
@@ -341,9 +350,9 @@ def make_sampler(
     if temperature != 1.0:
         processors.append(TemperatureProcessor(temperature))
     if top_k:
-        processors.append(TopKProcessor(top_k))
+        processors.append(TopKProcessor(top_k, min_tokens_to_keep))
     if top_p < 1.0:
-        processors.append(TopPProcessor(top_p))
+        processors.append(TopPProcessor(top_p, min_tokens_to_keep))
     if min_p > 0.0:
-        processors.append(MinPProcessor(min_p))
+        processors.append(MinPProcessor(min_p, min_tokens_to_keep))
     return Sampler(processors, make_multinomial(generator))
