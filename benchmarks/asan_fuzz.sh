@@ -24,11 +24,18 @@ include=$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 suffix=$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 flags=(-shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined
        -fno-sanitize-recover=undefined -I"$include")
-for ext in _segment _decode _dropout _quant; do
-    extra=()
-    [ "$ext" = _quant ] && extra=(-fopenmp -ffp-contract=off)  # as pyproject.toml builds it
-    gcc "${flags[@]}" "${extra[@]}" "$tree/src/neoxja/$ext.c" -o "$tree/src/neoxja/$ext$suffix"
-done
+# Each extension from the sources and flags pyproject.toml lists for it (its -O level replaced).
+while IFS=$'\t' read -r name sources args; do
+    read -ra extra <<< "$args"
+    read -ra files <<< "$sources"
+    gcc "${flags[@]}" "${extra[@]}" "${files[@]/#/$tree/}" -lm -lpthread -o "$tree/src/${name//.//}$suffix"
+done < <(python - "$tree/pyproject.toml" <<'EOF'
+import sys, tomllib
+for ext in tomllib.load(open(sys.argv[1], "rb"))["tool"]["setuptools"]["ext-modules"]:
+    args = [a for a in ext.get("extra-compile-args", []) if not a.startswith("-O")]
+    print(ext["name"], " ".join(ext["sources"]), " ".join(args), sep="\t")
+EOF
+)
 
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 # Python and torch keep memory until exit (no leak reports); a report aborts the process.
@@ -47,4 +54,5 @@ for module in (neoxja._decode, neoxja._dropout, neoxja._quant, neoxja._segment):
 EOF
 python -m pytest -q -p no:cacheprovider tests/test_c_boundary_quant.py tests/test_c_boundary_text.py \
     tests/test_c_boundary_decode.py tests/test_c_boundary_dropout.py tests/test_cpu_decode.py \
+    tests/test_cpu_decode_verify.py \
     tests/test_dropout_attention.py "$@"
