@@ -197,3 +197,23 @@ def test_reorder_of_a_lazy_cache_moves_its_adopted_buffers() -> None:
     keys, values = cache.update(1, k2, v2)  # grows into one allocation
     assert torch.equal(keys, torch.cat((moved_k, k2), dim=2))
     assert torch.equal(values, torch.cat((moved_v, v2), dim=2))
+
+
+def test_fill_repeated_gives_each_row_to_its_copies() -> None:
+    """Beam search runs each prompt once: fill_repeated copies row r of the prompt cache into rows
+    r * repeats ... r * repeats + repeats - 1 of the beam cache, in its own buffers."""
+    config = type("Config", (), dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=8))()
+    source = KVCache(config, 2, 5)
+    for layer in range(2):
+        source.update(layer, torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4))
+    source.advance(3)
+    beams = KVCache(config, 6, 10)
+    keys = beams.keys[0]
+    beams.fill_repeated(source, 3)
+    assert beams.length == 3 and beams.keys[0] is keys
+    for layer in range(2):
+        for buffers, originals in ((beams.keys, source.keys), (beams.values, source.values)):
+            expected = originals[layer][:, :, :3].repeat_interleave(3, dim=0)
+            assert torch.equal(buffers[layer][:, :, :3], expected)
+    with pytest.raises(ValueError, match="cannot hold"):
+        KVCache(config, 4, 10).fill_repeated(source, 3)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from neoxja.cache import KVCache, gather_rows_
-from neoxja.decoding import start_decoding
+from neoxja.decoding import DecodingBackend, TorchBackend, start_decoding
 from neoxja.generation_config import GenerationConfig
 from neoxja.generation_outputs import GenerateBeamDecoderOnlyOutput, StepRecord
 from neoxja.generation_plan import Plan
@@ -73,6 +73,29 @@ def _penalty(generated: int, length_penalty: float) -> float:
     return generated**length_penalty
 
 
+def _prefill_once(
+    model: Any,
+    backend: DecodingBackend,
+    plan: Plan,
+    beams: int,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+) -> torch.Tensor:
+    """Run each prompt once (its first beam's row) through the model's PyTorch forward into a cache
+    of its own, then give its keys, values and logits to all its beams (the beams of a prompt start
+    equal): the prompt's work is not multiplied by the beams."""
+    first = slice(None, None, beams)
+    prompts = plan.input_ids[first]
+    single = KVCache(
+        model.config, prompts.shape[0], prompts.shape[1], dtype=model.dtype, device=prompts.device
+    )
+    logits = TorchBackend(model, single, prompts.shape[1], plan.sampler).prefill_logits(
+        prompts, None if mask is None else mask[first], None if positions is None else positions[first]
+    )
+    backend.cache.fill_repeated(single, beams)
+    return logits.repeat_interleave(beams, dim=0)
+
+
 @torch.no_grad()
 def beam_search(
     model: Any, plan: Plan, config: GenerationConfig, record: StepRecord
@@ -111,7 +134,7 @@ def beam_search(
     trace_rows = torch.empty(max_length - prompt_len, rows, dtype=torch.long, device=device)
     trace_tokens = torch.empty_like(trace_rows)
 
-    logits = backend.prefill_logits(plan.input_ids, prompt_mask, prompt_positions)
+    logits = _prefill_once(model, backend, plan, beams, prompt_mask, prompt_positions)
     length = prompt_len
     step = 0
     while True:

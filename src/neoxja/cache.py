@@ -146,6 +146,21 @@ class KVCache:
             raise ValueError(f"cannot crop a cache of length {self.length} to {max_length}")
         self.length = min(self.length, max_length)
 
+    def fill_repeated(self, source: KVCache, repeats: int) -> None:
+        """Become ``source``'s filled positions with each of its rows repeated ``repeats`` times in a
+        row (row ``r`` holds source row ``r // repeats``), in this cache's own buffers: beam search runs
+        each prompt once and gives its keys and values to all its beams."""
+        if self._storage is None or source._storage is None:
+            raise ValueError("fill_repeated needs two preallocated caches (made with max_length)")
+        if source.batch_size * repeats != self.batch_size or source.length > self.capacity:
+            raise ValueError(
+                f"a cache of {self.batch_size} rows and {self.capacity} positions cannot hold {source!r} "
+                f"repeated {repeats} times"
+            )
+        filled = source._storage.narrow(4, 0, source.length)
+        self._storage.narrow(4, 0, source.length).copy_(filled.repeat_interleave(repeats, dim=2))
+        self.length = source.length
+
     def select(self, indices: torch.Tensor | list[int]) -> None:
         """Keep (repeat, reorder) batch rows ``indices``: drop finished sequences, follow beams."""
         indices = torch.as_tensor(indices, dtype=torch.long, device=self.device)
