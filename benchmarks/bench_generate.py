@@ -20,6 +20,7 @@ without the extension), on fresh copies of the weights: the speed with every oth
 the step removed.
 
     python benchmarks/bench_generate.py            # prints a markdown table
+    python benchmarks/bench_generate.py --strategies   # beam search, prompt lookup, an assistant
 """
 
 from __future__ import annotations
@@ -143,10 +144,24 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--strategies",
+        action="store_true",
+        help="print the decoding-strategies table instead (bench_strategies.py)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
+    if args.strategies:
+        from bench_strategies import strategy_table
+
+        print(
+            f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
+            "float32\n"
+        )
+        strategy_table(args.repeats)
+        return
     bandwidths = matvec_gbps()
     gbps = max(bandwidths.values())
     rows = []
@@ -180,8 +195,11 @@ def main() -> None:
                     f"{our_tps / ref_tps:.2f}x",
                     "yes" if torch.equal(ref_out, our_out) else "NO",
                     f"{limit:.1f}" if batch == 1 else "-",
-                    (f"{100 * our_tps / limit:.0f}% ({100 * our_tps / default_limit:.0f}%)"
-                     if batch == 1 else "-"),
+                    (
+                        f"{100 * our_tps / limit:.0f}% ({100 * our_tps / default_limit:.0f}%)"
+                        if batch == 1
+                        else "-"
+                    ),
                     f"{matvec_rate:.1f}" if batch == 1 else "-",
                     f"{100 * our_tps / matvec_rate:.0f}%" if batch == 1 else "-",
                 )
