@@ -91,7 +91,9 @@ def test_unreachable_default_model_says_how_to_pass_a_directory(
 
 
 def python_api_error(option: str, value: float) -> str:
-    """What the Python API says of ``value`` for the setting of ``option``, after the setting's name."""
+    """What the Python API says of ``value`` for the setting of ``option``, after the setting's name,
+    in the CLI's option words (``do_sample=True`` is ``--temperature > 0`` there)."""
+    from neoxja.commands.generate import in_option_words
     from neoxja.generation_config import GenerationConfig, check_seed
 
     name = option.removeprefix("--").replace("-", "_")
@@ -100,7 +102,7 @@ def python_api_error(option: str, value: float) -> str:
             check_seed(value)
         else:
             GenerationConfig(**{name: value}).validate()
-    return str(info.value).removeprefix(name)
+    return in_option_words(str(info.value).removeprefix(name))
 
 
 @pytest.mark.parametrize(

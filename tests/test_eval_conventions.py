@@ -210,7 +210,7 @@ def test_quantize_and_dtype_load_the_model_as_asked_and_are_recorded(lm_eval_sty
     ("extra", "message"),
     [
         (["--gen-kwargs", "temperature"], "--gen-kwargs: expected key=value, got 'temperature'"),
-        (["--gen-kwargs", "num_beams=4"], "--gen-kwargs: unknown generation setting num_beams"),
+        (["--gen-kwargs", "num_beam_groups=4"], "--gen-kwargs: unknown generation setting num_beam_groups"),
         (["--gen-kwargs", "max_gen_toks=0"], "--gen-kwargs: max_gen_toks must be a positive integer"),
         (["--gen-kwargs", "do_sample=true,top_p=2"], "--gen-kwargs: top_p"),
         (["--seed", "1,2"], "--seed 1,2: give one integer, or 3 or 4"),
