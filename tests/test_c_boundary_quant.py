@@ -147,7 +147,9 @@ def run_op_4bit(p: dict) -> str:
     defect = p["defect"]
     wider = torch.ones(*p["lead"], in_ + 1).to(x.dtype)
     changed = {
-        "out_features_more": {"out": out + 1},
+        # Two more rows: one more row of a one-column weight can fit the same bytes and blocks (a
+        # 2x1 weight is stored exactly as a 1x1 one is, padding nibble included), which is no defect.
+        "out_features_more": {"out": out + 2},
         "out_features_fewer": {"out": out - 1},
         "x_wider": {"x": wider},
         "x_narrower": {"x": x[..., :-1]},
