@@ -22,7 +22,6 @@ from typing import Any
 
 from neoxja.tokenizer import GPTNeoXJapaneseTokenizer
 from neoxja.tokenizer.detokenize import IdDecoder
-from neoxja.tokenizer.vocab import as_id_list
 
 TOKENIZER_MODE = "neoxja"
 
@@ -114,20 +113,9 @@ class NeoXJaVllmTokenizer(GPTNeoXJapaneseTokenizer):
         id_byte = self._decoding[1]
         return {self._lines[i]: bytes((b,)) for i, b in enumerate(id_byte) if b >= 0}
 
-    def convert_ids_to_tokens(  # type: ignore[override]
-        self, ids: int | Sequence[int], skip_special_tokens: bool = False
-    ) -> str | list[str]:
-        """Id(s) -> token strings that :meth:`convert_tokens_to_string` joins into ``decode()``'s
-        text: a text token's text, a byte token's vocabulary name."""
-        if isinstance(ids, int):
-            return self._token_string(self._check_id(ids))
-        return [
-            self._token_string(i)
-            for i in map(self._check_id, as_id_list(ids))
-            if not (skip_special_tokens and i in self.added_tokens_decoder)
-        ]
-
-    def _token_string(self, idx: int) -> str:
+    def _id_to_token(self, idx: int) -> str:
+        """The token string ``convert_ids_to_tokens`` gives for ``idx``: a text token's text, a byte
+        token's vocabulary name, which :meth:`convert_tokens_to_string` joins into ``decode()``'s text."""
         id_text, id_byte = self._decoding
         if id_byte[idx] >= 0:
             return self._lines[idx]
