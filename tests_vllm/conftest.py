@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,3 +127,52 @@ def neoxja_greedy(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> 
             generated = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
         out.append(generated[0, ids.shape[1] :].tolist())
     return out
+
+
+@contextmanager
+def engine(
+    checkpoint: Path, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, **options: Any
+) -> Iterator[Any]:
+    """A vLLM engine (``vllm.LLM``) on ``checkpoint`` (float32, eager, 256 positions, seed 0 unless
+    ``options`` say otherwise), shut down on exit so the next can use the cores.
+
+    One process means one: the engine and its worker run inside this one (a start of seconds, not
+    the ~20 s of spawning both), so a loader's exception reaches the test as itself. Parallel runs go
+    vLLM's own way, a worker process per rank, each bound to a core."""
+    from vllm import LLM
+
+    workers = tensor_parallel_size * pipeline_parallel_size
+    with pytest.MonkeyPatch.context() as patch:
+        if workers == 1:
+            patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            options.setdefault("distributed_executor_backend", "uni")
+        else:
+            patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, range(workers))))
+            options.update(
+                tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size
+            )
+        llm = LLM(
+            model=str(checkpoint),
+            **{"dtype": "float32", "enforce_eager": True, "max_model_len": 256, "seed": 0, **options},
+        )
+        try:
+            yield llm
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+
+
+def greedy(llm: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """vLLM's greedy continuation ids of ``prompts`` (token ids, one batch)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
+def prompt_ids(checkpoint: Path, prompts: list[str] = PROMPTS) -> list[list[int]]:
+    """neoxja's ids of ``prompts`` with the checkpoint's tokenizer."""
+    from neoxja import GPTNeoXJapaneseTokenizer
+
+    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(checkpoint)
+    return [tokenizer.encode(prompt) for prompt in prompts]

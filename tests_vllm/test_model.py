@@ -8,65 +8,15 @@ tokenizer has its own tests).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, neoxja_greedy, write_checkpoint
+from conftest import PROMPTS, engine, greedy, neoxja_greedy, prompt_ids, write_checkpoint
 
 MAX_NEW_TOKENS = 24
 TOP = 5  # prompt log-probabilities compared per position: the prompt's own token and the top 5
-
-
-@contextmanager
-def engine(
-    checkpoint: Path,
-    tensor_parallel_size: int = 1,
-    pipeline_parallel_size: int = 1,
-    enforce_eager: bool = True,
-) -> Iterator[object]:
-    """A vLLM engine on ``checkpoint`` (float32), shut down on exit so the next can use the cores.
-
-    One process means one: the engine and its worker run inside this one (a start of seconds, not
-    the ~20 s of spawning both). Parallel runs go vLLM's own way, a worker process per rank, each
-    bound to a core."""
-    from vllm import LLM
-
-    workers = tensor_parallel_size * pipeline_parallel_size
-    with pytest.MonkeyPatch.context() as patch:
-        if workers == 1:
-            patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            options: dict[str, object] = {"distributed_executor_backend": "uni"}
-        else:
-            patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, range(workers))))
-            options = {
-                "tensor_parallel_size": tensor_parallel_size,
-                "pipeline_parallel_size": pipeline_parallel_size,
-            }
-        llm = LLM(
-            model=str(checkpoint),
-            dtype="float32",
-            enforce_eager=enforce_eager,
-            max_model_len=256,
-            seed=0,
-            **options,
-        )
-        try:
-            yield llm
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-
-
-def greedy(llm: object, prompts: list[list[int]]) -> list[list[int]]:
-    """vLLM's greedy continuation ids of ``prompts`` (one batch)."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0)
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
-    return [list(out.outputs[0].token_ids) for out in outputs]
 
 
 @dataclass
@@ -78,13 +28,6 @@ class Served:
     batched: list[list[int]]  # all prompts in one generate() call
     one_by_one: list[list[int]]  # one generate() call per prompt
     prompt_logprobs: list[list[dict | None]] | None  # per prompt position: {token id: Logprob}
-
-
-def prompt_ids(checkpoint: Path) -> list[list[int]]:
-    from neoxja import GPTNeoXJapaneseTokenizer
-
-    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(checkpoint)
-    return [tokenizer.encode(prompt) for prompt in PROMPTS]
 
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
@@ -99,8 +42,8 @@ def serve(checkpoint: Path) -> Served:
 
     ids = prompt_ids(checkpoint)
     with engine(checkpoint) as llm:
-        batched = greedy(llm, ids)
-        one_by_one = [greedy(llm, [prompt])[0] for prompt in ids]
+        batched = greedy(llm, ids, MAX_NEW_TOKENS)
+        one_by_one = [greedy(llm, [prompt], MAX_NEW_TOKENS)[0] for prompt in ids]
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=TOP)
         outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
     return Served(checkpoint, ids, batched, one_by_one, [out.prompt_logprobs for out in outputs])
@@ -139,7 +82,7 @@ def two_processes(served_checkpoint: Path) -> Served:
     """The checkpoint served with tensor_parallel_size=2 on the CPU build, one worker bound per core."""
     ids = prompt_ids(served_checkpoint)
     with engine(served_checkpoint, tensor_parallel_size=2) as llm:
-        batched = greedy(llm, ids)
+        batched = greedy(llm, ids, MAX_NEW_TOKENS)
     return Served(served_checkpoint, ids, batched, [], None)
 
 
@@ -169,7 +112,7 @@ def test_pipeline_parallel_compiled_equals_neoxja(tied_checkpoint: Path) -> None
     (its warm-up run, which does, is skipped without compilation)."""
     ids = prompt_ids(tied_checkpoint)
     with engine(tied_checkpoint, pipeline_parallel_size=2, enforce_eager=False) as llm:
-        tokens = greedy(llm, ids)
+        tokens = greedy(llm, ids, MAX_NEW_TOKENS)
     assert tokens == neoxja_greedy(tied_checkpoint, PROMPTS, MAX_NEW_TOKENS)
 
 

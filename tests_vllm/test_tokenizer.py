@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import PROMPTS, neoxja_greedy
+from conftest import PROMPTS, engine, neoxja_greedy
 
 MAX_TOKENS = 16
 # Text whose ids hold what a detokenizer can get wrong: byte tokens (ɐ, ʘ are spelt in bytes),
@@ -34,23 +34,8 @@ def tokenizers(untied_checkpoint: Path):
 def llm(untied_checkpoint: Path):
     """vLLM with the plugin's model and neoxja's tokenizer, engine and worker in this process (a
     start of seconds instead of the ~20 s of spawning both)."""
-    from vllm import LLM
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        engine = LLM(
-            model=str(untied_checkpoint),
-            tokenizer_mode="neoxja",
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=512,
-            seed=0,
-            distributed_executor_backend="uni",
-        )
-        try:
-            yield engine
-        finally:
-            engine.llm_engine.engine_core.shutdown()
+    with engine(untied_checkpoint, tokenizer_mode="neoxja", max_model_len=512) as llm:
+        yield llm
 
 
 def incremental_text(tokenizer, prompt_ids: list[int], output_ids: list[int]) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, TINY_VLLM, neoxja_greedy
+from conftest import PROMPTS, TINY_VLLM, engine, greedy, neoxja_greedy, prompt_ids
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -23,40 +23,11 @@ from neoxja.vllm_plugin.weights import HEAD, CheckpointKeyError, expected_shapes
 LAST = "gpt_neox_japanese.layers.1"  # the tiny checkpoints have two layers
 
 
-def load_in_vllm(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
-    """An in-process vLLM engine on ``checkpoint`` (float32); the caller shuts it down."""
-    from vllm import LLM
-
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    return LLM(
-        model=str(checkpoint),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=256,
-        distributed_executor_backend="uni",
-    )
-
-
-def vllm_greedy(
-    checkpoint: Path, prompts: list[str], new: int, monkeypatch: pytest.MonkeyPatch
-) -> list[list[int]]:
+def vllm_greedy(checkpoint: Path, prompts: list[str], new: int) -> list[list[int]]:
     """The greedy continuations (ids) of ``prompts`` by an in-process vLLM engine on ``checkpoint``,
     prompted with neoxja's ids of the checkpoint's tokenizer."""
-    from vllm import SamplingParams
-
-    from neoxja import GPTNeoXJapaneseTokenizer
-
-    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(checkpoint)
-    llm = load_in_vllm(checkpoint, monkeypatch)
-    try:
-        outputs = llm.generate(
-            [{"prompt_token_ids": tokenizer.encode(p)} for p in prompts],
-            SamplingParams(max_tokens=new, temperature=0.0),
-            use_tqdm=False,
-        )
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    return [list(out.outputs[0].token_ids) for out in outputs]
+    with engine(checkpoint) as llm:
+        return greedy(llm, prompt_ids(checkpoint, prompts), new)
 
 
 def edited(source: Path, target: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
@@ -95,7 +66,7 @@ def test_expected_shapes_describe_a_transformers_checkpoint(checkpoint: Path) ->
 
 
 def test_transformers4_buffers_and_a_tied_heads_copy_are_skipped(
-    tmp_path: Path, tied_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tied_checkpoint: Path
 ) -> None:
     """transformers 4 saved each attention's rotary inv_freq, causal-mask bias and masked_bias, and
     some writers a tied head's copy: such a checkpoint loads and generates as the clean one."""
@@ -110,12 +81,10 @@ def test_transformers4_buffers_and_a_tied_heads_copy_are_skipped(
 
     old = edited(tied_checkpoint, tmp_path / "old", add_old_tensors)
     prompts = PROMPTS[:2]
-    assert vllm_greedy(old, prompts, 12, monkeypatch) == neoxja_greedy(tied_checkpoint, prompts, 12)
+    assert vllm_greedy(old, prompts, 12) == neoxja_greedy(tied_checkpoint, prompts, 12)
 
 
-def test_a_checkpoint_neoxja_saved_loads(
-    tmp_path: Path, assets_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_checkpoint_neoxja_saved_loads(tmp_path: Path, assets_dir: Path) -> None:
     """neoxja's own save_pretrained (its config.json in transformers-5 form, a tied head) serves with
     the same greedy tokens as neoxja's generate()."""
     from neoxja import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseTokenizer
@@ -129,7 +98,7 @@ def test_a_checkpoint_neoxja_saved_loads(
     model.save_pretrained(saved)
     GPTNeoXJapaneseTokenizer.from_pretrained(assets_dir).save_pretrained(saved)
     prompts = PROMPTS[:2]
-    assert vllm_greedy(saved, prompts, 12, monkeypatch) == neoxja_greedy(saved, prompts, 12)
+    assert vllm_greedy(saved, prompts, 12) == neoxja_greedy(saved, prompts, 12)
 
 
 def _drop(key: str) -> Callable[[dict[str, torch.Tensor]], None]:
@@ -166,9 +135,9 @@ BAD = {
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_checkpoint_fails_at_load_naming_the_key(
-    case: str, tmp_path: Path, untied_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+    case: str, tmp_path: Path, untied_checkpoint: Path
 ) -> None:
     edit, message = BAD[case]
     bad = edited(untied_checkpoint, tmp_path / "bad", edit)
-    with pytest.raises(CheckpointKeyError, match=message):
-        load_in_vllm(bad, monkeypatch)
+    with pytest.raises(CheckpointKeyError, match=message), engine(bad):
+        pass
