@@ -30,7 +30,7 @@ from neoxja.cache import KVCache, gather_rows_
 from neoxja.decoding import DecodingBackend, TorchBackend, start_decoding
 from neoxja.generation_config import GenerationConfig
 from neoxja.generation_outputs import GenerateBeamDecoderOnlyOutput, StepRecord
-from neoxja.generation_plan import Plan
+from neoxja.generation_plan import Plan, padding_views
 
 _OUT = -1.0e9  # the score that keeps a beam or hypothesis out of a top-k, as in transformers
 
@@ -119,13 +119,8 @@ def beam_search(
     history[:, :prompt_len] = plan.input_ids
     cache = KVCache(model.config, rows, max_length, dtype=model.dtype, device=device)
     backend = start_decoding(model, cache, max_length, plan.sampler)
-    mask = positions = prompt_mask = prompt_positions = None
-    if plan.attention_mask is not None:  # beams of one prompt share its padding: reorders keep it
-        mask = torch.ones(rows, max_length, dtype=torch.long, device=device)
-        mask[:, :prompt_len] = plan.attention_mask
-        prompt_mask = mask[:, :prompt_len]
-        prompt_positions = (plan.attention_mask.cumsum(-1) - 1).masked_fill_(plan.attention_mask == 0, 0)
-        positions = plan.attention_mask.sum(-1, keepdim=True)
+    # The beams of one prompt share its padding, so reordering beams leaves these as they are.
+    mask, positions, prompt_mask, prompt_positions = padding_views(plan)
 
     running = torch.zeros(batch, beams, device=device)
     running[:, 1:] = _OUT  # all beams start equal: only the first one's continuations count

@@ -40,7 +40,7 @@ from neoxja.generation_outputs import (
     StepRecord,
     compute_transition_scores,
 )
-from neoxja.generation_plan import Plan, plan_generation
+from neoxja.generation_plan import Plan, padding_views, plan_generation
 from neoxja.sample_utils import Processor
 from neoxja.streamers import make_detokenizer
 
@@ -69,13 +69,7 @@ def _decode_steps(model: Any, plan: Plan, tokens: torch.Tensor) -> Iterator[tupl
     cache = KVCache(model.config, batch, max_length, dtype=model.dtype, device=device)
     backend = start_decoding(model, cache, max_length, plan.sampler)
 
-    mask = positions = prompt_mask = prompt_positions = None
-    if plan.attention_mask is not None:
-        mask = torch.ones(batch, max_length, dtype=torch.long, device=device)
-        mask[:, :prompt_len] = plan.attention_mask
-        prompt_mask = mask[:, :prompt_len]
-        prompt_positions = (plan.attention_mask.cumsum(-1) - 1).masked_fill_(plan.attention_mask == 0, 0)
-        positions = plan.attention_mask.sum(-1, keepdim=True)  # [batch, 1]: the next token's position
+    mask, positions, prompt_mask, prompt_positions = padding_views(plan)
 
     # The stop bookkeeping is plain Python on one list of ids per step (one device sync, no small
     # kernels); the device mask that pads finished rows exists only once a row has finished.

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from neoxja.generation_config import DecodingRequest, GenerationConfig, check_seed, check_setting
+from neoxja.generation_config import DecodingRequest, GenerationConfig, check_seed
 from neoxja.network import check_token_ids
 from neoxja.sample_utils import Processor, Sampler, make_sampler
 from neoxja.streamers import make_detokenizer
@@ -38,6 +38,24 @@ class Plan:
     pad_token_id: int
     stop_strings: StopStrings | None
     generator: torch.Generator | None  # the RNG of sampling (None: torch's global one)
+
+
+def padding_views(
+    plan: Plan,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """What a decoding loop over left-padded rows passes the model (all None without padding):
+    ``mask`` [rows, max_length] (the prompt's padding, then 1s for every new token; loops pass its
+    first ``length`` columns), ``positions`` [rows, 1] (the next token's RoPE position, counted from
+    each row's first real token; loops add 1 per step), and the prompt's own ``prompt_mask`` (a view
+    of ``mask``) and ``prompt_positions`` for the prefill."""
+    if plan.attention_mask is None:
+        return None, None, None, None
+    rows, prompt_len = plan.input_ids.shape
+    mask = torch.ones(rows, plan.max_length, dtype=torch.long, device=plan.input_ids.device)
+    mask[:, :prompt_len] = plan.attention_mask
+    prompt_positions = (plan.attention_mask.cumsum(-1) - 1).masked_fill_(plan.attention_mask == 0, 0)
+    positions = plan.attention_mask.sum(-1, keepdim=True)
+    return mask, positions, mask[:, :prompt_len], prompt_positions
 
 
 def _prompt_ids(model: Any, input_ids: Any, config: GenerationConfig) -> torch.Tensor:
@@ -191,7 +209,6 @@ def plan_generation(
     """Check and resolve everything one generation needs, in the named steps above. ``streaming``,
     ``yields_text`` and ``assistant_model`` describe the call, for the rules between settings and
     arguments (:class:`~neoxja.generation_config.DecodingRequest`)."""
-    check_setting("num_beams", config.num_beams)  # the batch-size rule below reads it
     input_ids = _prompt_ids(model, input_ids, config)
     request = DecodingRequest(
         streaming=streaming,
