@@ -114,18 +114,21 @@ def checkpoint(request: pytest.FixtureRequest) -> Path:
 
 def neoxja_greedy(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
     """neoxja's own greedy continuation ids of each prompt (float32, one prompt at a time)."""
+    return neoxja_greedy_ids(checkpoint, prompt_ids(checkpoint, prompts), max_new_tokens)
+
+
+def neoxja_greedy_ids(checkpoint: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """:func:`neoxja_greedy` of prompts given as token ids."""
     import torch
 
-    from neoxja import GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseTokenizer
+    from neoxja import GPTNeoXJapaneseForCausalLM
 
     model = GPTNeoXJapaneseForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    tokenizer = GPTNeoXJapaneseTokenizer.from_pretrained(checkpoint)
     out = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt, return_tensors="pt")
+    for ids in prompts:
         with torch.no_grad():
-            generated = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-        out.append(generated[0, ids.shape[1] :].tolist())
+            generated = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+        out.append(generated[0, len(ids) :].tolist())
     return out
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import PROMPTS, neoxja_greedy
+from conftest import PROMPTS, neoxja_greedy, neoxja_greedy_ids
 
 NAME = "tiny"
 MAX_TOKENS = 16
@@ -151,22 +151,11 @@ def test_chat_with_template_same_prompt_ids_and_reply(servers, untied_checkpoint
     theirs = neoxja.client().chat.completions.create(**request)
     assert _extra(ours, "prompt_token_ids") == prompt_ids
     ids = _extra(ours.choices[0], "token_ids")
-    assert ids == neoxja_greedy_ids(untied_checkpoint, prompt_ids)
+    assert [ids] == neoxja_greedy_ids(untied_checkpoint, [prompt_ids], MAX_TOKENS)
     assert ours.choices[0].message.role == theirs.choices[0].message.role == "assistant"
     assert ours.choices[0].message.content == theirs.choices[0].message.content
     assert ours.choices[0].message.content == tokenizer.decode(ids, skip_special_tokens=True)
     assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens == len(prompt_ids)
-
-
-def neoxja_greedy_ids(checkpoint: Path, prompt_ids: list[int]) -> list[int]:
-    """neoxja's greedy continuation of a prompt given as ids."""
-    import torch
-
-    from neoxja import GPTNeoXJapaneseForCausalLM
-
-    model = GPTNeoXJapaneseForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    generated = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
-    return generated[0, len(prompt_ids) :].tolist()
 
 
 def test_streaming_same_text_as_whole_and_as_neoxja(servers) -> None:
