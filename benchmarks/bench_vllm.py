@@ -26,46 +26,31 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from server_client import ServerProcess, free_port  # noqa: E402
+
 NAME = "small"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(command: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    """Start a server process and wait for its /health; returns (process, base url)."""
+def start(command: list[str], env: dict[str, str], log: Path) -> ServerProcess:
+    """Start a server process with ``env`` added to this one's environment and wait for its /health."""
     port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*command, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{command[:4]} exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"{command[:4]} did not start in 600 s; see {log}")
+    with mock.patch.dict(os.environ, env):
+        server = ServerProcess([*command, "--port", str(port)], port, log)
+    server.wait_ready()
+    return server
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, new: int) -> tuple[int, float]:
@@ -134,6 +119,7 @@ def main() -> None:
         "--corpus", type=Path, default=Path(os.environ.get("NEOXJA_CORPUS", REPO.parent / "shared/corpus"))
     )
     args = parser.parse_args()
+    os.environ.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)  # only --vllm-reserved sets it
 
     lines = (args.corpus / "gsd-test.txt").read_text(encoding="utf-8").splitlines()
     prompts = [line for line in lines if 10 <= len(line) <= 40][: 2 * max(args.streams) + 4]
@@ -184,9 +170,8 @@ def main() -> None:
         )
         rows = []
         for number, (label, command, extra_env) in enumerate(runs):
-            env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_NUM_OF_RESERVED_CPU"}
-            proc, url = start(command, env | extra_env, Path(tmp) / f"server-{number}.log")
-            try:
+            with start(command, extra_env, Path(tmp) / f"server-{number}.log") as server:
+                url = server.base
                 asyncio.run(one_request_warm(url))
                 for streams in args.streams:
                     tps, ttft = asyncio.run(level(url, prompts, streams, args.new))
@@ -195,9 +180,7 @@ def main() -> None:
                         f"{label}: {streams} streams {tps:.1f} tok/s, TTFT p50 {ttft * 1000:.0f} ms",
                         file=sys.stderr,
                     )
-            finally:
-                proc.terminate()
-                proc.wait(60)
+                server.stop()
     print(f"| server (small, {args.new} new tokens, float32) | streams | tok/s | TTFT p50 ms |")
     print("|---|---:|---:|---:|")
     for label, streams, tps, ttft in rows:
