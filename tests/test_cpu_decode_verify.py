@@ -176,6 +176,8 @@ def test_verify_refuses_bad_input_by_name() -> None:
         two = np.array([[5, 6]])
         with pytest.raises(ValueError, match="verify: logits overlaps an array of the model"):
             _decode.verify(decoder._handle, two, 2, weights.numpy(), None, 1)
+        with pytest.raises(ValueError, match="verify: t: 2 tokens at cache position 9223372036854775807"):
+            _decode.verify(decoder._handle, two, 2**63 - 1, np.zeros((2, VOCAB), np.float32), None, 1)
         with pytest.raises(ValueError, match="step: logits overlaps an array of the model"):
             _decode.step(decoder._handle, 2, 2, two[0], None, 0, None, keys, None, 1)
         logits = np.zeros(2 * VOCAB + 2, np.float32)

@@ -537,8 +537,8 @@ static PyObject *verify(PyObject *self, PyObject *args) {
     }
     const int n = (int)tokens->shape[0];
     const int64_t count = tokens->shape[1], stride0 = tokens->strides[0] / 8, stride1 = tokens->strides[1] / 8;
-    const int64_t end = t < 0 ? -1 : t + count; /* (count <= the array's size: no overflow) */
-    if (t < 0 || end > m->capacity || end > m->table_len) {
+    /* t + count <= capacity and table_len, written so that no sum can overflow (t may be huge) */
+    if (t < 0 || t > m->capacity - count || t > m->table_len - count) {
         PyErr_Format(PyExc_ValueError, "verify: t: %lld tokens at cache position %lld do not fit in the cache's "
                      "%lld positions (RoPE table: %lld)", (long long)count, t, (long long)m->capacity,
                      (long long)m->table_len);
