@@ -28,7 +28,7 @@ import torch
 from neoxja.saving import remove_stale_saves, replace_directory, temporary_sibling
 
 STATE_FILE = "trainer_state.pt"
-_NAME = re.compile(r"checkpoint-(\d+)")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # a checkpoint folder; its step
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,14 +68,20 @@ def prune_checkpoints(output_dir: Path, limit: int, latest: Path) -> list[Path]:
     found = sorted(
         (int(m.group(1)), p)
         for p in output_dir.iterdir()
-        if (m := _NAME.fullmatch(p.name)) and p.is_dir() and not p.is_symlink() and p != latest
+        if (m := CHECKPOINT_NAME.fullmatch(p.name)) and p.is_dir() and not p.is_symlink() and p != latest
     )
     removed = [p for _, p in found[: max(0, len(found) - (limit - 1))]]
     for path in removed:
-        aside = temporary_sibling(path, "partial")
-        os.rename(path, aside)
-        shutil.rmtree(aside)
+        remove_folder(path)
     return removed
+
+
+def remove_folder(path: Path) -> None:
+    """Delete the folder ``path``, renamed to a temporary name first: an interrupted removal leaves
+    nothing under its name (no half checkpoint for ``--resume`` to find)."""
+    aside = temporary_sibling(path, "partial")
+    os.rename(path, aside)
+    shutil.rmtree(aside)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -86,7 +92,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"--resume {path}: no such directory")
-    found = [(int(m.group(1)), p) for p in path.iterdir() if (m := _NAME.fullmatch(p.name))]
+    found = [(int(m.group(1)), p) for p in path.iterdir() if (m := CHECKPOINT_NAME.fullmatch(p.name))]
     found = [(step, p) for step, p in found if (p / STATE_FILE).is_file()]
     if not found:
         raise FileNotFoundError(f"--resume {path}: neither a checkpoint nor a directory holding checkpoint-N")
@@ -130,7 +136,7 @@ def check_state(state: Any, path: Path, total_steps: int) -> None:
         raise _fail(path, "'step'", f"is {step}, below 0")
     if step > total_steps:
         raise _fail(path, "'step'", f"is {step}, beyond this run's {total_steps} steps (--steps/--epochs)")
-    folder = _NAME.fullmatch(path.parent.name)
+    folder = CHECKPOINT_NAME.fullmatch(path.parent.name)
     if folder is not None and int(folder.group(1)) != step:
         raise _fail(path, "'step'", f"is {step}, but the checkpoint is {path.parent.name}")
     for key in ("total_steps", "world_size"):

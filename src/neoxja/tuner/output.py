@@ -11,13 +11,10 @@ what an earlier run wrote there is removed, and nothing else).
 from __future__ import annotations
 
 import os
-import re
-import shutil
 from pathlib import Path
 
-from neoxja.saving import temporary_sibling
+from neoxja.tuner.checkpoints import CHECKPOINT_NAME, remove_folder
 
-_CHECKPOINT = re.compile(r"checkpoint-\d+")
 # What a run writes at the top of its directory besides checkpoints and the model's own files: the
 # log, the summary, and the files of a LoRA result.
 _RUN_FILES = ("metrics.jsonl", "training_args.json")
@@ -35,7 +32,7 @@ def continues_run(resume: str | os.PathLike | None, output_dir: str | os.PathLik
         return False
     resume = Path(resume)
     return same_directory(resume, output_dir) or (
-        _CHECKPOINT.fullmatch(resume.name) is not None and same_directory(resume.parent, output_dir)
+        CHECKPOINT_NAME.fullmatch(resume.name) is not None and same_directory(resume.parent, output_dir)
     )
 
 
@@ -76,10 +73,8 @@ def clear_earlier_run(output_dir: str | os.PathLike, *, keep_adapter: bool) -> l
     for entry in sorted(path.iterdir()):
         name = entry.name
         if entry.is_dir() and not entry.is_symlink():
-            if _CHECKPOINT.fullmatch(name) or (name == "merged" and (entry / "config.json").is_file()):
-                aside = temporary_sibling(entry, "partial")
-                os.rename(entry, aside)
-                shutil.rmtree(aside)
+            if CHECKPOINT_NAME.fullmatch(name) or (name == "merged" and (entry / "config.json").is_file()):
+                remove_folder(entry)
                 removed.append(entry)
         elif name in _RUN_FILES or (name in _ADAPTER_FILES and not keep_adapter):
             entry.unlink()
