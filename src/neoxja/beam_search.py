@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from neoxja.cache import KVCache, gather_rows_
+from neoxja.cache import KVCache, reorder_rows_
 from neoxja.decoding import DecodingBackend, TorchBackend, start_decoding
 from neoxja.generation_config import GenerationConfig
 from neoxja.generation_outputs import GenerateBeamDecoderOnlyOutput, StepRecord
@@ -180,11 +180,8 @@ def beam_search(
         sources = torch.cat((new_rows, go_on.view(1).long())).tolist()  # the step's one sync
         if not sources.pop():
             break
-        moved = [row for row, source in enumerate(sources) if source != row]
-        if moved:
+        if reorder_rows_(history.narrow(1, 0, length), sources):
             cache.reorder(sources)
-            origins = torch.tensor([sources[row] for row in moved], dtype=torch.long, device=device)
-            gather_rows_(history.narrow(1, 0, length), moved, origins)
             plan.sampler.forget()  # the stateful processors rebuild from the reordered rows
         history.select(1, length).copy_(new_tokens)
         length += 1

@@ -195,17 +195,15 @@ class KVCache:
             )
         if indices and (min(indices) < 0 or max(indices) >= self.batch_size):
             raise IndexError(f"batch rows {indices} out of range for a cache of batch size {self.batch_size}")
-        moved = [row for row, source in enumerate(indices) if source != row]
-        if not moved or self.length == 0:
+        if self.length == 0:
             return
-        sources = torch.tensor([indices[row] for row in moved], dtype=torch.long, device=self.device)
         if self._storage is not None:  # every layer's keys and values at once
-            gather_rows_(self._storage.narrow(4, 0, self.length), moved, sources, dim=2)
+            reorder_rows_(self._storage.narrow(4, 0, self.length), indices, dim=2)
             return
         for buffers in (self.keys, self.values):
             for buffer in buffers:
                 if buffer is not None:
-                    gather_rows_(buffer.narrow(2, 0, self.length), moved, sources)
+                    reorder_rows_(buffer.narrow(2, 0, self.length), indices)
 
     def __repr__(self) -> str:
         return (
@@ -214,15 +212,19 @@ class KVCache:
         )
 
 
-def gather_rows_(tensor: torch.Tensor, targets: list[int], sources: torch.Tensor, dim: int = 0) -> None:
-    """``tensor[targets[j]] = tensor[sources[j]]`` for every ``j``, in place along ``dim`` (``targets``
-    ascending, ``sources`` an index tensor on the tensor's device): the source rows are read (copied
-    out) before any target is written, so a source that is also a target is safe. Each run of
-    consecutive targets is one slice copy (on the CPU, several times faster than ``index_copy_`` into a
-    strided view)."""
+def reorder_rows_(tensor: torch.Tensor, indices: list[int], dim: int = 0) -> bool:
+    """Make index ``i`` of ``tensor`` along ``dim`` hold what index ``indices[i]`` held, in place; return
+    whether anything moved. Only the indices that change are written, from copies of their sources
+    read first (so a source that is also a target is safe); each run of consecutive targets is one
+    slice copy (on the CPU, several times faster than ``index_copy_`` into a strided view)."""
+    targets = [i for i, source in enumerate(indices) if source != i]
+    if not targets:
+        return False
+    sources = torch.tensor([indices[i] for i in targets], dtype=torch.long, device=tensor.device)
     rows = tensor.index_select(dim, sources)
     start = 0
     for end in range(1, len(targets) + 1):
         if end == len(targets) or targets[end] != targets[end - 1] + 1:
             tensor.narrow(dim, targets[start], end - start).copy_(rows.narrow(dim, start, end - start))
             start = end
+    return True
