@@ -231,8 +231,5 @@ def _verify_drafts(
         backend.cache.crop(length - offset - 1)
         if accepted < count:
             sampler.forget()
-            if isinstance(drafter, AssistantDrafter):
-                drafter.forget()
-        drafter.update(accepted, count)
-        if isinstance(drafter, AssistantDrafter):
-            stats.num_assistant_tokens = drafter.num_tokens
+            drafter.forget()
+        stats.num_assistant_tokens = drafter.update(accepted, count)

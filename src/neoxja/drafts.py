@@ -106,7 +106,10 @@ class PromptLookupDrafter:
         return chosen
 
     def update(self, accepted: int, drafted: int) -> None:
-        """Prompt lookup keeps no strategy to adjust."""
+        """Prompt lookup keeps no draft length to adjust (None: no assistant's length to report)."""
+
+    def forget(self) -> None:
+        """Prompt lookup keeps no state about the rejected drafts."""
 
 
 class AssistantDrafter:
@@ -195,10 +198,11 @@ class AssistantDrafter:
             )
         return count, torch.cat(kept) if kept else None
 
-    def update(self, accepted: int, drafted: int) -> None:
-        """Adjust the draft length to how the last round went (the heuristic schedules)."""
+    def update(self, accepted: int, drafted: int) -> int:
+        """Adjust the draft length to how the last round went (the heuristic schedules); return it."""
         if self.schedule in ("heuristic", "heuristic_transient"):
             self.num_tokens = self.num_tokens + 2 if accepted == drafted else max(1, self.num_tokens - 1)
+        return self.num_tokens
 
     def forget(self) -> None:
         """The model rejected drafts: the assistant's stateful processors rebuild from the whole
