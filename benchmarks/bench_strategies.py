@@ -145,10 +145,7 @@ def lookup_rows(name: str, directory: Path, tokenizer: object, repeats: int) -> 
         greedy = _run_all(ours, prompts)
         for drafts in LOOKUP_TOKENS:
             lookup = dict(prompt_lookup_num_tokens=drafts)
-            same = all(
-                torch.equal(a, b) for a, b in zip(greedy, _run_all(ours, prompts, **lookup), strict=True)
-            )
-            stats = _stats(ours, prompts, lookup)
+            same, stats = _check(ours, prompts, lookup, greedy)
             times = _best(
                 [
                     partial(_run_all, ours, prompts),
@@ -174,16 +171,22 @@ def lookup_rows(name: str, directory: Path, tokenizer: object, repeats: int) -> 
     return rows
 
 
-def _stats(model: torch.nn.Module, prompts: list[tuple[list[int], int]], settings: dict) -> str:
-    """Acceptance over ``prompts``: accepted / drafted, and new tokens per verifying forward."""
-    stats = [
+def _check(
+    model: torch.nn.Module, prompts: list[tuple[list[int], int]], settings: dict, greedy: list[torch.Tensor]
+) -> tuple[bool, str]:
+    """One assisted run per prompt: whether every output equals ``greedy``'s, and the acceptance
+    (accepted / drafted, new tokens per verifying forward) from its ``assisted_stats``."""
+    outputs = [
         model.generate(
-            torch.tensor([ids]), max_new_tokens=new, return_dict_in_generate=True, **settings
-        ).assisted_stats
+            torch.tensor([ids]), max_new_tokens=new, do_sample=False, return_dict_in_generate=True, **settings
+        )
         for ids, new in prompts
     ]
+    same = all(torch.equal(out.sequences, plain) for out, plain in zip(outputs, greedy, strict=True))
+    stats = [out.assisted_stats for out in outputs]
     accepted = sum(s.accepted for s in stats) / max(sum(s.drafted for s in stats), 1)
-    return f"{accepted:.0%}, {sum(s.emitted for s in stats) / sum(s.rounds for s in stats):.1f} tokens/round"
+    per_round = sum(s.emitted for s in stats) / sum(s.rounds for s in stats)
+    return same, f"{accepted:.0%}, {per_round:.1f} tokens/round"
 
 
 def assistant_rows(reference_dir: Path, small_dir: Path, repeats: int) -> list[tuple]:
@@ -201,11 +204,7 @@ def assistant_rows(reference_dir: Path, small_dir: Path, repeats: int) -> list[t
     rows = []
     for name, (assistant, target) in pairs.items():
         helped = dict(assistant_model=assistant)
-        same = all(
-            torch.equal(a, b)
-            for a, b in zip(_run_all(target, prompts), _run_all(target, prompts, **helped), strict=True)
-        )
-        stats = _stats(target, prompts, helped)
+        same, stats = _check(target, prompts, helped, _run_all(target, prompts))
         plain, assisted = _best(
             [partial(_run_all, target, prompts), partial(_run_all, target, prompts, **helped)], repeats
         )
