@@ -96,9 +96,9 @@ class RecordingSampler(Sampler):
         return False
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        raw = scores.clone() if self.record.logits is not None else None
+        self.record.add(scores, None)  # copied before the processors change the scores in place
         scores = self.process(input_ids, scores)
-        self.record.add(raw, scores)
+        self.record.add(None, scores)
         return self.pick(scores)
 
 
