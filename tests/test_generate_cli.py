@@ -15,6 +15,7 @@ import torch
 from conftest import build_tiny_checkpoint
 
 import neoxja.commands.generate as generate_command
+import neoxja.commands.textgen as textgen
 from neoxja import GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseTokenizer
 from neoxja.cli import build_parser, main
 from neoxja.commands.textgen import StreamedText
@@ -130,13 +131,13 @@ def test_max_tokens_is_an_alias_of_max_new_tokens(tiny_dir: Path, capsys) -> Non
 
 def record_prompts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[int], dict]]:
     seen: list[tuple[list[int], dict]] = []
-    real_stream = generate_command.stream
+    real_stream = textgen.stream_one
 
     def recording(model, tokenizer, input_ids, kwargs, output):
         seen.append((input_ids[0].tolist(), dict(kwargs)))
         return real_stream(model, tokenizer, input_ids, kwargs, output)
 
-    monkeypatch.setattr(generate_command, "stream", recording)
+    monkeypatch.setattr(textgen, "stream_one", recording)
     return seen
 
 

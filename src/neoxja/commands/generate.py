@@ -460,7 +460,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 print(text)
         else:
             output = textgen.StreamedText(tokenizer, stops, textgen.write_stdout)
-            timing = stream(model, tokenizer, input_ids, kwargs, output)
+            timing = textgen.stream_one(model, tokenizer, input_ids, kwargs, output)
             print()
     except KeyboardInterrupt:
         print()
@@ -488,9 +488,7 @@ def check_template(template: str, source: str) -> None:
 
     try:
         compile_template(template)
-    except ImportError as err:
-        raise ValueError(f"{source}: {err}") from None
-    except Exception as err:  # jinja2's TemplateSyntaxError, whose class needs jinja2 to name
+    except Exception as err:  # ImportError, or jinja2's TemplateSyntaxError (whose class needs jinja2)
         raise ValueError(f"{source}: {err}") from None
 
 
@@ -578,7 +576,7 @@ def run_chat(args: argparse.Namespace) -> int:
                 continue
         output = textgen.StreamedText(tokenizer, stops, textgen.write_stdout)
         try:
-            stream(model, tokenizer, torch.tensor([ids], dtype=torch.long), kwargs, output)
+            textgen.stream_one(model, tokenizer, torch.tensor([ids], dtype=torch.long), kwargs, output)
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
         else:
@@ -590,11 +588,3 @@ def run_chat(args: argparse.Namespace) -> int:
             history += reply
         else:
             messages.append({"role": "assistant", "content": reply})
-
-
-def stream(model: Any, tokenizer: Any, input_ids: Any, kwargs: dict[str, Any], output: Any) -> Any:
-    """Generate from ``input_ids`` (1 x T) into ``output`` (a :class:`textgen.StreamedText`, which
-    writes the text); returns the run's :class:`textgen.Timing`."""
-    from neoxja.commands import textgen
-
-    return textgen.stream_one(model, tokenizer, input_ids, kwargs, output)
