@@ -18,7 +18,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from neoxja.commands.generate import add_model_arguments, check_directories, load, positive
+from neoxja.commands.generate import (
+    add_model_arguments,
+    check_directories,
+    load,
+    positive,
+    read_chat_template,
+)
 
 logger = logging.getLogger("neoxja.server")
 
@@ -204,18 +210,7 @@ def _serve(args: argparse.Namespace, signals: _Signals) -> int:
         from neoxja.quantization.loading import check_requested_format
 
         check_requested_format(args.model, args.quantize, "--quantize")  # a quantized --model's own format
-    template = None
-    if args.chat_template is not None:
-        try:
-            template = args.chat_template.read_text(encoding="utf-8")
-        except OSError as err:
-            raise ValueError(f"--chat-template {args.chat_template}: {err.strerror}") from None
-        from neoxja.serving.chat import compile_chat_template
-
-        try:
-            compile_chat_template(template)
-        except Exception as err:
-            raise ValueError(f"--chat-template {args.chat_template}: {err}") from None
+    template = read_chat_template(args)
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535] (0: any free port), got {args.port}")
     api_key = args.api_key
