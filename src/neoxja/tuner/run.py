@@ -15,11 +15,11 @@ from neoxja.tuner.data import PackedDataset, check_data, load_dataset
 from neoxja.tuner.distributed import is_main_process
 from neoxja.tuner.lora import LoraArguments, check_peft
 from neoxja.tuner.output import check_output_dir, same_directory
-from neoxja.tuner.trainer import FLOAT16_WEIGHTS, TrainingArguments, TrainResult
+from neoxja.tuner.trainer import DTYPE_MIXED_PRECISION, FLOAT16_WEIGHTS, TrainingArguments, TrainResult
 from neoxja.tuner.trainer import train as train_blocks
 
 DataArg = str | os.PathLike | Sequence[str | os.PathLike] | PackedDataset
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_DTYPES = tuple(DTYPE_MIXED_PRECISION)
 
 
 def _paths(data: DataArg) -> list[str | os.PathLike]:
@@ -40,7 +40,7 @@ def check_weight_dtype(dtype: str | None, mixed_precision_given: bool) -> None:
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
     if dtype not in (None, "float32") and not mixed_precision_given:
-        short = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
+        short = DTYPE_MIXED_PRECISION[dtype]
         raise ValueError(
             f"dtype {dtype} is the dtype of the weights now; for the autocast it meant before, use "
             f"mixed precision {short} (--mixed-precision {short}); to train {dtype} weights, say "

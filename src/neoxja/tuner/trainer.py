@@ -36,8 +36,9 @@ from neoxja.tuner.output import check_output_dir, clear_earlier_run, same_direct
 
 # --mixed-precision (accelerate's and TRL's values): the dtype the forward autocasts to.
 MIXED_PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# TrainingArguments(dtype=...), the name of mixed_precision before issue 24, and its values.
-_OLD_DTYPES = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+# A dtype's name -> the mixed precision of that dtype: TrainingArguments(dtype=...), the name of
+# mixed_precision before issue 24, and its values (and the weights' dtypes neoxja.train loads in).
+DTYPE_MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 # Held-out loss this many times a run when eval data is given without eval_every.
 EVALS_PER_RUN = 10
 
@@ -74,9 +75,9 @@ class TrainingArguments:
     def __post_init__(self) -> None:
         if self.dtype is None:
             return
-        if self.dtype not in _OLD_DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_OLD_DTYPES)}, got {self.dtype!r}")
-        meant = _OLD_DTYPES[self.dtype]
+        if self.dtype not in DTYPE_MIXED_PRECISION:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_MIXED_PRECISION)}, got {self.dtype!r}")
+        meant = DTYPE_MIXED_PRECISION[self.dtype]
         if self.mixed_precision not in ("no", meant):
             raise ValueError(
                 f"dtype={self.dtype!r} (the old name of mixed_precision) contradicts "
