@@ -42,11 +42,9 @@ def test_greedy_outputs_match_transformers(pipe: TextGenerationPipeline, referen
     assert ours[1][0]["generated_text"].startswith(PROMPTS[1])
 
 
-def test_defaults_are_those_of_the_transformers_pipeline(
-    pipe: TextGenerationPipeline, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from transformers.pipelines.text_generation import TextGenerationPipeline as Reference
-
+def record_generate_kwargs(pipe: TextGenerationPipeline, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Replace ``pipe.model.generate`` by one that returns its input; the dict holds the keyword
+    arguments of the latest call."""
     seen: dict = {}
 
     def fake_generate(input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -55,6 +53,15 @@ def test_defaults_are_those_of_the_transformers_pipeline(
         return input_ids
 
     monkeypatch.setattr(pipe.model, "generate", fake_generate)
+    return seen
+
+
+def test_defaults_are_those_of_the_transformers_pipeline(
+    pipe: TextGenerationPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers.pipelines.text_generation import TextGenerationPipeline as Reference
+
+    seen = record_generate_kwargs(pipe, monkeypatch)
     expected = Reference._default_generation_config
     pipe(PROMPTS[0])
     assert (seen["max_new_tokens"], seen["do_sample"], seen["temperature"]) == (
@@ -247,14 +254,7 @@ def test_beams_take_the_pipeline_defaults_as_transformers_does(
 ) -> None:
     """``pipe(text, num_beams=4)`` is beam sampling at the pipeline's temperature in both libraries;
     ``do_sample=False`` makes it beam search."""
-    seen: dict = {}
-
-    def fake_generate(input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        seen.clear()
-        seen.update(kwargs)
-        return input_ids
-
-    monkeypatch.setattr(pipe.model, "generate", fake_generate)
+    seen = record_generate_kwargs(pipe, monkeypatch)
     for call in ({"num_beams": 4}, {"num_beams": 4, "do_sample": False}):
         pipe(PROMPTS[0], **call)
         expected = reference._prepare_generate_kwargs(dict(call))
