@@ -200,6 +200,13 @@ T512_INLINE void q4_group(const uint8_t *bytes, int64_t g, int64_t left, __m512 
     }
 }
 
+/* The block scales of output row o's chunk from group c0 (CHUNK_GROUPS groups, or to the row's end)
+ * decoded into table: its first block's at table[0]. */
+T512_INLINE void chunk_scales(const Weight *w, int64_t o, int64_t c0, int64_t groups, int shift, float *table) {
+    const int64_t in = w->in, end = c0 + CHUNK_GROUPS < groups ? (c0 + CHUNK_GROUPS) * Q4_GROUP : in;
+    nested_scales(w, (o * in + c0 * Q4_GROUP) >> shift, ((o * in + end - 1) >> shift) + 1, table);
+}
+
 /* Output rows [o0, o1) chunk by chunk (CHUNK_GROUPS groups of a row). The block scales are read
  * straight from absmax; with double quantization, each chunk's are decoded into one of two tables
  * one chunk ahead, so a table is never read right after it is written. */
@@ -227,17 +234,11 @@ T512_INLINE void q4_rows(const Weight *w, const Act *a, int r0, float *y, int64_
     __m512 acc[ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     int64_t o = o0, c0 = 0, chunk = 0;
-    if (nested && o < o1)
-        nested_scales(w, (o * in) >> shift, ((o * in + (groups < CHUNK_GROUPS ? in : CHUNK_GROUPS * Q4_GROUP) - 1) >> shift) + 1,
-                      tables[0]);
+    if (nested && o < o1) chunk_scales(w, o, 0, groups, shift, tables[0]);
     while (o < o1) {
         const int64_t c1 = c0 + CHUNK_GROUPS < groups ? c0 + CHUNK_GROUPS : groups;
         const int64_t next_o = c1 < groups ? o : o + 1, next_c0 = c1 < groups ? c1 : 0;
-        if (nested && next_o < o1) {
-            int64_t end = next_c0 + CHUNK_GROUPS < groups ? (next_c0 + CHUNK_GROUPS) * Q4_GROUP : in;
-            nested_scales(w, (next_o * in + next_c0 * Q4_GROUP) >> shift, ((next_o * in + end - 1) >> shift) + 1,
-                          tables[(chunk + 1) & 1]);
-        }
+        if (nested && next_o < o1) chunk_scales(w, next_o, next_c0, groups, shift, tables[(chunk + 1) & 1]);
         const float *source = nested ? tables[chunk & 1] : w->absmax;
         const int64_t base = nested ? (o * in + c0 * Q4_GROUP) >> shift : 0, limit = nested ? INT64_MAX : total;
         const uint8_t *bytes = (const uint8_t *)w->w + o * in / 2;
