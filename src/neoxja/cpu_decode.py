@@ -521,7 +521,7 @@ class FusedDecoder:
         if rows > self.batch_size:
             raise ValueError(f"verify takes 1 to {self.batch_size} rows, got {rows}")
         start = cache.length
-        if start + count > min(cache.capacity, self.max_length):
+        if start + count > self.max_length:  # (the cache holds max_length positions: __init__)
             raise ValueError(
                 f"verify: {count} tokens after the cache's {start} positions exceed the {self.max_length} "
                 "positions the decoder was built for"
