@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import build_tiny_checkpoint
 
-import neoxja.commands.generate as generate_command
+import neoxja.commands.textgen as textgen
 from neoxja import GPTNeoXJapaneseTokenizer
 from neoxja.cli import main
 from neoxja.commands.init import build_config
@@ -188,7 +188,7 @@ def test_generate_ctrl_c_ends_the_line_and_exits_130(
         print("途中", end="")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(generate_command, "stream", interrupted)
+    monkeypatch.setattr(textgen, "stream_one", interrupted)
     assert main(["generate", "--model", str(tiny_dir), PROMPT]) == 130
     assert capsys.readouterr() == ("途中\n", "")
 
@@ -207,13 +207,13 @@ def test_chat_keeps_the_conversation_and_quits_on_eof(
     tiny_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[list[int]] = []
-    real_stream = generate_command.stream
+    real_stream = textgen.stream_one
 
     def recording_stream(model, tokenizer, input_ids, kwargs, output):
         seen.append(input_ids[0].tolist())
         return real_stream(model, tokenizer, input_ids, kwargs, output)
 
-    monkeypatch.setattr(generate_command, "stream", recording_stream)
+    monkeypatch.setattr(textgen, "stream_one", recording_stream)
     monkeypatch.setattr("sys.stdin", io.StringIO("吾輩は\n猫である\n"))  # then EOF
     assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "4", "--temperature", "0"]) == 0
     assert len(seen) == 2
@@ -224,7 +224,7 @@ def test_chat_ctrl_c_stops_the_generation_not_the_program(
     tiny_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[list[int]] = []
-    real_stream = generate_command.stream
+    real_stream = textgen.stream_one
 
     def interrupted_once(model, tokenizer, input_ids, kwargs, output):
         seen.append(input_ids[0].tolist())
@@ -233,7 +233,7 @@ def test_chat_ctrl_c_stops_the_generation_not_the_program(
             raise KeyboardInterrupt
         return real_stream(model, tokenizer, input_ids, kwargs, output)
 
-    monkeypatch.setattr(generate_command, "stream", interrupted_once)
+    monkeypatch.setattr(textgen, "stream_one", interrupted_once)
     monkeypatch.setattr("sys.stdin", io.StringIO("一行目\n二行目\n"))
     args = ["chat", "--model", str(tiny_dir), "--max-new-tokens", "3", "--temperature", "0", "--raw"]
     assert main(args) == 0
