@@ -275,6 +275,16 @@ def test_png_labels_are_readable_and_inside_the_image(
         visualizer.save_png(tmp_path / "x.png", text, dpi=0)
 
 
+def test_the_command_line_defaults_are_the_visualizers() -> None:
+    # neoxja.commands.visualize repeats them (importing this module would import torch at start-up).
+    from neoxja.commands import visualize
+
+    assert (visualize.DEFAULT_DPI, visualize.DEFAULT_FONT_SIZE) == (
+        attention_visualizer.DEFAULT_DPI,
+        attention_visualizer.DEFAULT_FONT_SIZE,
+    )
+
+
 @pytest.mark.parametrize("spelling", ["--output", "-o", "--png"])
 def test_visualize_mask_output_spellings_and_dpi(
     spelling: str, tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
