@@ -198,7 +198,7 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
         args_product(fn, "cache * hidden", cache, hidden, &cache) ||
         args_product(fn, "vocab * hidden", vocab, hidden, &embed) ||
         args_product(fn, "table * rotary / 2", table_len, rot / 2, &table) ||
-        args_product(fn, "batch * scratch", batch, 6 * (int64_t)hidden + inter, &scratch) ||
+        args_product(fn, "batch * scratch", batch, model_row_floats(hidden, inter), &scratch) ||
         args_product(fn, "threads * batch", MAX_THREADS, batch, &row_scratch) ||
         args_product(fn, "threads * capacity", MAX_THREADS, capacity, &row_scratch))
         return NULL;
@@ -547,7 +547,7 @@ static PyObject *verify(PyObject *self, PyObject *args) {
     /* rows = n * count <= batch * capacity; the row scratch for that many, checked for overflow */
     int64_t rows, bytes;
     if (args_product("verify", "sequences * count", n, count, &rows) ||
-        args_product("verify", "rows * row scratch", rows, 6 * (int64_t)m->hidden + m->inter, &bytes) ||
+        args_product("verify", "rows * row scratch", rows, model_row_floats(m->hidden, m->inter), &bytes) ||
         args_product("verify", "threads * rows", MAX_THREADS, rows, &bytes))
         goto done;
     if (rows > INT32_MAX / 8) {

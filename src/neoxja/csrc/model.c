@@ -25,12 +25,9 @@ static size_t inputs_bytes(const Model *m, int rows) {
     return bytes;
 }
 
-/* Floats of the row scratch (x, h, attn, qkv, mid) per row. */
-static int64_t row_floats(const Model *m) { return 6 * (int64_t)m->hidden + m->inter; }
-
 int model_grow_rows(Model *m, int rows) {
     size_t inputs = inputs_bytes(m, rows);
-    float *x = malloc(sizeof(float) * row_floats(m) * rows);
+    float *x = malloc(sizeof(float) * model_row_floats(m->hidden, m->inter) * rows);
     float *best_value = malloc(sizeof(float) * MAX_THREADS * rows);
     int64_t *best_index = malloc(sizeof(int64_t) * MAX_THREADS * rows);
     void *in = inputs ? aligned_alloc(64, (inputs + 63) / 64 * 64) : NULL;

@@ -63,6 +63,10 @@ typedef struct {
     int64_t *argmax;
 } Model;
 
+/* Floats of the row scratch (x, h, attn, qkv, mid) per row: what model_grow_rows allocates per row,
+ * and what its callers check for overflow. */
+static inline int64_t model_row_floats(int hidden, int inter) { return 6 * (int64_t)hidden + inter; }
+
 /* The scratch buffers of m sized for `rows` rows (x, h, attn, qkv, mid, best_value, best_index,
  * inputs), replacing smaller ones: 0, or -1 when memory runs out (m keeps its old buffers). The
  * caller checked the sizes for overflow; no GIL needed (plain allocation), but no step may run. */
