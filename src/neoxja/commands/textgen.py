@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from neoxja.serving.sequences import StopMatcher
-from neoxja.streamers import make_detokenizer
+from neoxja.streamers import TextStreamer
 
 
 @dataclass
@@ -64,13 +64,14 @@ def peak_memory(device: torch.device) -> str | None:
     return f"{peak * scale / 1e9:.2f} GB (process RSS)"
 
 
-class StreamedText:
-    """``generate()``'s streamer for one sequence: writes the new text as it is decoded, cut before
-    the first stop string (the text that could begin one is held back until it is decided), and
-    times the run. ``shown`` is the text written so far, complete even after a Ctrl-C."""
+class StreamedText(TextStreamer):
+    """``generate()``'s streamer for one sequence (:class:`~neoxja.streamers.TextStreamer`, the prompt
+    skipped): writes the new text as it is decoded, cut before the first stop string (the text that
+    could begin one is held back until it is decided), and times the run. ``shown`` is the text
+    written so far, complete even after a Ctrl-C."""
 
     def __init__(self, tokenizer: Any, stops: list[str], write: Callable[[str], None]) -> None:
-        self.detokenizer = make_detokenizer(tokenizer, skip_special_tokens=True)
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.matcher = StopMatcher(stops)
         self.write = write
         self.shown: list[str] = []
@@ -78,29 +79,28 @@ class StreamedText:
         self.timing: Timing | None = None
 
     def put(self, value: torch.Tensor) -> None:
-        """The prompt (first call), then each new token."""
-        ids = value.reshape(-1).tolist()
+        """The prompt (first call), then the new tokens."""
         if self.timing is None:
-            self.timing = Timing(prompt_tokens=len(ids))
-            return
-        timing = self.timing
-        timing.first = timing.first or time.perf_counter()
-        timing.generated_tokens += len(ids)
-        for token in ids:
-            self._show(self.detokenizer.add(token))
+            self.timing = Timing(prompt_tokens=value.numel())
+        else:
+            self.timing.first = self.timing.first or time.perf_counter()
+            self.timing.generated_tokens += value.numel()
+        super().put(value)
 
     def end(self) -> None:
         """The run is over: write what the detokenizer and the stop check still hold."""
         if self.timing is not None:
             self.timing.end = time.perf_counter()
-        self._show(self.detokenizer.finish())
-        if not self.stopped:
-            self._emit(self.matcher.flush())
+        super().end()
 
-    def _show(self, piece: str) -> None:
-        if piece and not self.stopped:
-            text, self.stopped = self.matcher.feed(piece)
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.stopped:
+            return
+        if text:
+            text, self.stopped = self.matcher.feed(text)
             self._emit(text)
+        if stream_end and not self.stopped:
+            self._emit(self.matcher.flush())
 
     def _emit(self, text: str) -> None:
         if text:
