@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -28,6 +30,19 @@ needs_extension = pytest.mark.skipif(
 )
 
 VOCAB = 512
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch.set_num_threads(threads) for the block (the C step takes as many), then the old count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 # hidden 256 has enough weights per layer (x batch) for the layers to run on several threads;
 # the others run their layers on one thread and share only the output head.
 CONFIGS = {
@@ -80,16 +95,12 @@ def test_matmul_kernel_alone(threads: int) -> None:
     """The step's matrix kernel on its own: every tile shape (1-9 vectors, row counts that are not
     multiples of 8, a column tail) against PyTorch; bad operands named."""
     g = torch.Generator().manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for rows, cols in [(1, 1), (37, 19), (64, 64), (203, 130)]:
             weight = torch.randn(rows, cols, generator=g)
             for vectors in range(1, 10):
                 x = torch.randn(vectors, cols, generator=g)
                 torch.testing.assert_close(cpu_decode.matmul(weight, x), x @ weight.T, rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(previous)
     with pytest.raises(ValueError, match="weight must be a 2-d float32"):
         cpu_decode.matmul(torch.ones(3, 4, dtype=torch.float64), torch.ones(1, 4))
     with pytest.raises(ValueError, match="x must be contiguous"):
@@ -165,9 +176,7 @@ def test_step_matches_the_pytorch_forward(name: str, batch: int, threads: int) -
     ids, mask = _padded(batch, prompt, capacity, seed=batch)
     positions = (mask[:, :prompt].cumsum(-1) - 1).clamp(min=0)
     next_position = mask[:, :prompt].sum(-1, keepdim=True)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with torch.inference_mode():  # the C step reads the dense weights
             caches = [KVCache(model.config, batch, capacity) for _ in range(2)]
             for cache in caches:
@@ -194,8 +203,6 @@ def test_step_matches_the_pytorch_forward(name: str, batch: int, threads: int) -
                 torch.testing.assert_close(
                     stored[:, :, : prompt + 6], reference[:, :, : prompt + 6], rtol=1e-4, atol=1e-4
                 )
-    finally:
-        torch.set_num_threads(previous)
 
 
 @needs_extension
@@ -205,9 +212,7 @@ def test_argmax_takes_the_first_maximum_and_nan_like_torch(threads: int) -> None
     vocabulary."""
     model = _model("partial-rotary-untied-tanh")
     head = model.embed_out.weight
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with torch.no_grad():
             head[400] = head[7] = head[5] * 50  # the same, largest logit at 7 and 400 (other half)
             results = []
@@ -220,8 +225,6 @@ def test_argmax_takes_the_first_maximum_and_nan_like_torch(threads: int) -> None
                     picked = torch.empty(1, dtype=torch.long)
                     logits = FusedDecoder(model, cache, 8).step(torch.tensor([9]), argmax_out=picked)
                 results.append((int(picked), int(torch.argmax(logits))))
-    finally:
-        torch.set_num_threads(previous)
     assert results == [(7, 7), (300, 300), (20, 20)]
 
 
@@ -388,9 +391,7 @@ def test_threads_in_parallel_and_after_fork() -> None:
     none of the parent's worker threads) still runs a step, with the parent's result."""
     models = [_model("threaded-layers-silu-yarn", seed) for seed in (1, 2)]
     prompt = torch.tensor([[5, 6, 7]])
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         alone = [m.generate(prompt, max_new_tokens=12).tolist() for m in models]
         together: list = [None, None]
 
@@ -419,8 +420,6 @@ def test_threads_in_parallel_and_after_fork() -> None:
                 child.join(timeout=10)
                 child.kill()
             assert in_child == decoder.step(torch.tensor([8])).tolist()
-    finally:
-        torch.set_num_threads(previous)
 
 
 @needs_extension

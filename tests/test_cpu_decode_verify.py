@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_cpu_decode import VOCAB, _model, needs_extension
+from test_cpu_decode import VOCAB, _model, needs_extension, torch_threads
 
 from neoxja import cpu_decode
 from neoxja.cache import KVCache
@@ -63,10 +63,8 @@ def test_verify_matches_the_pytorch_forward(fmt: str, threads: int) -> None:
     batch = 2 if fmt == "float32" else 1
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, VOCAB, (batch, 6), generator=g)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     close = []
-    try:
+    with torch_threads(threads):
         with torch.inference_mode():
             caches = [KVCache(model.config, batch, 20) for _ in range(3)]
             for cache in caches:
@@ -95,8 +93,6 @@ def test_verify_matches_the_pytorch_forward(fmt: str, threads: int) -> None:
                     assert close[-1], f"count {count}: the stored keys or values differ"
                 for cache in caches:
                     cache.crop(6)
-    finally:
-        torch.set_num_threads(previous)
     assert sum(close) >= 7, close
 
 
@@ -120,9 +116,7 @@ def test_verify_then_crop_continues_like_plain_steps(name: str, fmt: str, thread
     prompt = torch.randint(0, VOCAB, (1, 5), generator=g)
     drafts, accepted = torch.randint(0, VOCAB, (1, 8), generator=g), 3
     then = torch.randint(0, VOCAB, (1, 6), generator=g)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with torch.inference_mode():
             caches = [KVCache(model.config, 1, 24) for _ in range(3)]
             for cache in caches:
@@ -139,8 +133,6 @@ def test_verify_then_crop_continues_like_plain_steps(name: str, fmt: str, thread
             assert torch.equal(torch.stack(got), torch.stack(expected[accepted:]))
             again = verifying.verify(then[:, 3:])
             assert torch.equal(again, torch.stack([plain.step(then[:, i]).clone() for i in range(3, 6)], 1))
-    finally:
-        torch.set_num_threads(previous)
 
 
 @needs_extension
