@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -384,13 +385,30 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, str]:
     return device, args.dtype or ("float32" if device.type == "cpu" else "auto")
 
 
+# What a command loading a model suggests when the Hub cannot be reached: a local directory.
+MODEL_EXAMPLE = (
+    "--model /path/to/gpt-neox-japanese-2.7b ... "
+    "(a directory with config.json, the weights, vocab.txt and emoji.json)."
+)
+
+
+@contextmanager
+def hub_example(example: str) -> Iterator[None]:
+    """A :class:`HubUnavailableError` raised inside gets ``For example: <example>`` added: the
+    command line that would work without the Hub."""
+    try:
+        yield
+    except HubUnavailableError as err:
+        raise HubUnavailableError(f"{err} For example: {example}") from err
+
+
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load the model and tokenizer named by ``--model``/``--tokenizer``/``--dtype``/``--device``."""
     from neoxja.pipelines import load_model_and_tokenizer
 
     check_directories(args)
     device, dtype = device_and_dtype(args)
-    try:
+    with hub_example(f"neoxja {args.command} {MODEL_EXAMPLE}"):
         quantize = {"weight_format": args.quantize} if getattr(args, "quantize", None) else {}
         if quantize:
             from neoxja.quantization.loading import check_requested_format
@@ -399,11 +417,6 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
         model, tokenizer = load_model_and_tokenizer(
             args.model, args.tokenizer, dtype=dtype, device=device, **quantize
         )
-    except HubUnavailableError as err:
-        raise HubUnavailableError(
-            f"{err} For example: neoxja {args.command} --model /path/to/gpt-neox-japanese-2.7b ... "
-            f"(a directory with config.json, the weights, vocab.txt and emoji.json)."
-        ) from err
     return model, tokenizer
 
 

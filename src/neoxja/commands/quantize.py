@@ -12,8 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from neoxja.commands.generate import add_model_arguments, check_directories, device_and_dtype
-from neoxja.hub import HubUnavailableError
+from neoxja.commands.generate import add_model_arguments, check_directories, device_and_dtype, hub_example
 
 FORMATS = ("nf4", "fp4", "int8", "bfloat16")
 EPILOG = """\
@@ -99,14 +98,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     kwargs = (
         {"quantization_config": plan.config} if plan.config is not None else {"weight_format": args.quantize}
     )
-    try:
+    example = f"neoxja quantize --model /path/to/gpt-neox-japanese-2.7b --quantize {args.quantize} -o DIR"
+    with hub_example(example):
         check_requested_format(args.model, args.quantize, "--quantize")  # before any weight is read
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device=device, **kwargs)
-    except HubUnavailableError as err:
-        raise HubUnavailableError(
-            f"{err} For example: neoxja quantize --model /path/to/gpt-neox-japanese-2.7b --quantize "
-            f"{args.quantize} -o DIR"
-        ) from err
     tokenizer = None
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neoxja.commands.generate import check_directories, device_argument, positive
+from neoxja.commands.generate import MODEL_EXAMPLE, check_directories, device_argument, hub_example, positive
 from neoxja.hub import DEFAULT_MODEL
 from neoxja.tuner import LORA_TARGETS, SCHEDULES
 
@@ -178,7 +178,6 @@ def run_train(args: argparse.Namespace) -> int:
     Every check that needs no model or data comes first: the options and peft for --lora here,
     --output and the data files in :func:`neoxja.train`, before it loads the model.
     """
-    from neoxja.hub import HubUnavailableError
     from neoxja.tuner.distributed import is_main_process
     from neoxja.tuner.lora import LoraArguments, check_peft
     from neoxja.tuner.run import check_weight_dtype, train
@@ -204,7 +203,7 @@ def run_train(args: argparse.Namespace) -> int:
         from neoxja.auto import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    try:
+    with hub_example(f"neoxja train {MODEL_EXAMPLE}"):
         result = train(
             args.model,
             args.data,
@@ -240,11 +239,6 @@ def run_train(args: argparse.Namespace) -> int:
             fsdp=args.fsdp,
             progress=not args.no_progress,
         )
-    except HubUnavailableError as err:
-        raise HubUnavailableError(
-            f"{err} For example: neoxja train --model /path/to/gpt-neox-japanese-2.7b ... "
-            f"(a directory with config.json, the weights, vocab.txt and emoji.json)."
-        ) from err
     what = "adapter" if lora is not None else "model"
     summary = f"trained {result.step} steps; {what} written to {args.output}"
     if result.eval_loss is not None:

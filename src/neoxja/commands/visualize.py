@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neoxja.commands.generate import add_model_arguments, check_directories, device_and_dtype, positive
-from neoxja.hub import HubUnavailableError
+from neoxja.commands.generate import (
+    add_model_arguments,
+    check_directories,
+    device_and_dtype,
+    hub_example,
+    positive,
+)
 
 DEFAULT_DPI = 150  # neoxja.utils.attention_visualizer's (that module imports torch: not at start-up)
 DEFAULT_FONT_SIZE = 10.0
@@ -68,14 +73,10 @@ def run_visualize(args: argparse.Namespace) -> int:
         raise ValueError("--layer/--head choose what --output draws; give --output FILE too")
     check_directories(args)
     device, dtype = device_and_dtype(args)
-    try:
+    with hub_example("neoxja visualize-mask --model /path/to/model TEXT"):
         visualizer = AttentionMaskVisualizer(
             args.model, args.tokenizer, dtype=dtype, device=device, color=False if args.no_color else None
         )
-    except HubUnavailableError as err:
-        raise HubUnavailableError(
-            f"{err} For example: neoxja visualize-mask --model /path/to/model TEXT"
-        ) from err
     texts = args.texts[0] if len(args.texts) == 1 else args.texts
     try:
         visualizer(
