@@ -95,6 +95,12 @@ def _results(out: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _samples(out: Path, task: str) -> list[dict]:
+    """The rows of ``task``'s one samples file in ``out``."""
+    (path,) = out.glob(f"samples_{task}_*.jsonl")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def test_tasks_comma_separated_as_lm_eval_writes_them(lm_eval_style_run: tuple[Path, str]) -> None:
     out, table = lm_eval_style_run
     assert set(_results(out)["results"]) == {"conv_mc", "conv_gen"}
@@ -130,8 +136,7 @@ def test_log_samples_writes_each_example_as_lm_eval_logs_it(
     lm_eval_style_run: tuple[Path, str], tiny_checkpoint: Path
 ) -> None:
     out, _ = lm_eval_style_run
-    (mc_file,) = out.glob("samples_conv_mc_*.jsonl")
-    rows = [json.loads(line) for line in mc_file.read_text(encoding="utf-8").splitlines()]
+    rows = _samples(out, "conv_mc")
     assert [row["doc"] for row in rows] == MC_DOCS
     assert [row["target"] for row in rows] == [str(doc["label"]) for doc in MC_DOCS]
     first = rows[0]
@@ -153,8 +158,7 @@ def test_gen_kwargs_override_the_tasks_generation_settings(
     lm_eval_style_run: tuple[Path, str], tiny_checkpoint: Path
 ) -> None:
     out, _ = lm_eval_style_run
-    (gen_file,) = out.glob("samples_conv_gen_*.jsonl")
-    rows = [json.loads(line) for line in gen_file.read_text(encoding="utf-8").splitlines()]
+    rows = _samples(out, "conv_gen")
     settings = rows[0]["arguments"]["gen_args_0"]["arg_1"]
     assert settings["max_gen_toks"] == 2 and settings["until"] == TASK_GEN_KWARGS["until"]
     lm = NeoXJaLM(pretrained=str(tiny_checkpoint), device="cpu", progress=False, **AS_RUN)
