@@ -109,6 +109,7 @@ class Server:
         self.tokenizer: Any = None
         self.limits: Limits | None = None
         self.render: Callable[[list[dict[str, str]]], str] | None = None
+        self.chat_template: str | None = None  # what chat prompts are rendered with, once loaded
         self.chat_stops: list[str] = []  # set once the tokenizer (and its own template) is loaded
         self.metrics = Metrics()
         self.failure: str | None = None
@@ -134,7 +135,7 @@ class Server:
             )
             # --chat-template, else the tokenizer's own (tokenizer_config.json), else neoxja's default:
             # the template `neoxja chat` and apply_chat_template render with.
-            template = config.chat_template or tokenizer.get_chat_template()
+            self.chat_template = template = config.chat_template or tokenizer.get_chat_template()
             self.render = compile_chat_template(template, tokenizer.bos_token, tokenizer.eos_token)
             self.chat_stops = chat_stops(template)
             self.limits = Limits(
@@ -412,7 +413,7 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServerConfig) -> Fas
             "eos_token": tokenizer.eos_token,
             "bos_token": tokenizer.bos_token,
             "pad_token": tokenizer.pad_token,
-            "chat_template": config.chat_template or tokenizer.get_chat_template(),
+            "chat_template": server.chat_template,
             "max_model_len": server.limits.max_model_len,
             "model": config.served_model_name,
         }
