@@ -4,13 +4,6 @@
 
 #define T256_INLINE __attribute__((target(Q256_TARGET), always_inline)) static inline
 
-T256_INLINE float NAME(hsum)(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* The 32 bytes at p, or (tail) the `left` bytes there followed by zeros. */
 T256_INLINE __m256i NAME(load_bytes)(const void *p, int64_t left) {
     if (left >= 32) return _mm256_loadu_si256((const __m256i *)p);
@@ -74,7 +67,7 @@ T256_INLINE void NAME(q4_rows)(const Weight *w, const Act *a, int r0, float *y, 
                 }
             }
         }
-        for (int r = 0; r < R; r++) y[(r0 + r) * ldy + o] = NAME(hsum)(acc[r]);
+        for (int r = 0; r < R; r++) y[(r0 + r) * ldy + o] = hsum8(acc[r]);
     }
 }
 
@@ -106,7 +99,7 @@ T256_INLINE void NAME(i8_rows)(const Weight *w, const Act *a, int r0, float *y, 
             }
         }
         for (int r = 0; r < R; r++)
-            y[(r0 + r) * ldy + o] = NAME(hsum)(_mm256_add_ps(acc[0][r], acc[1][r])) * w->scale[o];
+            y[(r0 + r) * ldy + o] = hsum8(_mm256_add_ps(acc[0][r], acc[1][r])) * w->scale[o];
     }
 }
 
