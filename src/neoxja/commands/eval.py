@@ -170,7 +170,6 @@ def _missing_requirements(task_manager: Any, names: list[str]) -> None:
     folder, whose ``requirements.txt`` (if any) lists what its tasks need.
     """
     import importlib.metadata
-    import importlib.util
 
     from neoxja.evaluation.options import install_hint
 
@@ -182,26 +181,45 @@ def _missing_requirements(task_manager: Any, names: list[str]) -> None:
         folder, missing = Path(path).parent, []
         requirements = folder / "requirements.txt"
         if getattr(entry.kind, "name", "") == "GROUP" and requirements.is_file():
-            for line in requirements.read_text(encoding="utf-8").splitlines():
-                package = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line.split("#")[0])
-                if package is None:
-                    continue
-                try:
-                    importlib.metadata.distribution(package.group(1))
-                except importlib.metadata.PackageNotFoundError:
-                    missing.append(package.group(1))
-        for module in re.findall(r"!function\s+([A-Za-z_]\w*)\.", Path(path).read_text(encoding="utf-8")):
-            spec = importlib.util.spec_from_file_location(module, folder / f"{module}.py")
-            if spec is None or spec.loader is None or not (folder / f"{module}.py").is_file():
-                continue
-            try:
-                spec.loader.exec_module(importlib.util.module_from_spec(spec))
-            except ModuleNotFoundError as err:
-                missing.append(err.name or getattr(err.__cause__, "name", None) or str(err))
+            missing += _uninstalled(requirements)
+        missing += _unimportable_helpers(Path(path))
         if missing:
             extras = importlib.metadata.metadata("lm_eval").get_all("Provides-Extra") or []
             hint = install_hint(folder.name, missing, extras)
             raise ValueError(f"task {name} needs {', '.join(dict.fromkeys(missing))}: {hint}")
+
+
+def _uninstalled(requirements: Path) -> list[str]:
+    """The distributions that ``requirements`` (a requirements.txt) names and that are not installed."""
+    import importlib.metadata
+
+    missing = []
+    for line in requirements.read_text(encoding="utf-8").splitlines():
+        package = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line.split("#")[0])
+        if package is None:
+            continue
+        try:
+            importlib.metadata.distribution(package.group(1))
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(package.group(1))
+    return missing
+
+
+def _unimportable_helpers(yaml_path: Path) -> list[str]:
+    """The modules that the ``!function`` helpers of a task's YAML (modules beside it) fail to import."""
+    import importlib.util
+
+    missing = []
+    for module in re.findall(r"!function\s+([A-Za-z_]\w*)\.", yaml_path.read_text(encoding="utf-8")):
+        source = yaml_path.parent / f"{module}.py"
+        spec = importlib.util.spec_from_file_location(module, source)
+        if spec is None or spec.loader is None or not source.is_file():
+            continue
+        try:
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        except ModuleNotFoundError as err:
+            missing.append(err.name or getattr(err.__cause__, "name", None) or str(err))
+    return missing
 
 
 def _check_options(args: argparse.Namespace) -> tuple[ResultsPaths | None, dict | None, tuple]:
