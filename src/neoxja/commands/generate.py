@@ -1,11 +1,8 @@
 """``neoxja generate`` (continue one prompt) and ``neoxja chat`` (continue text interactively).
 
-Both stream the continuation to stdout as it is decoded (assisted decoding too: ``--prompt-lookup``,
-``--assistant-model``), except beam search (``--num-beams``, generate only), whose best beam is
-known only at the end. Length, sampling and decoding options are checked by the Python API's own
-rules (``GenerationConfig.validate`` and its table of bad combinations) before any model is loaded,
-and the error names the options (:func:`in_option_words`).
-"""
+Both stream to stdout (assisted decoding too) except beam search, printed at the end. Options are
+checked by the Python API's rules (``GenerationConfig.validate``, its table of bad combinations)
+before a model loads, and errors name the options (:func:`in_option_words`)."""
 
 from __future__ import annotations
 
